@@ -1,0 +1,115 @@
+"""Argument validation shared by the CPU kernels, the GPU kernels and the fake (meta) kernels.
+
+Structural checks (rank, shape, dtype, device) use ``torch._check_*`` so they also run under
+FakeTensor tracing; value checks (index ranges, signs, distinctness) read data and therefore only
+run in the real kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other supported float accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    torch._check_type(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}",
+    )
+
+
+def check_index(name: str, t: torch.Tensor, ndim: int) -> None:
+    torch._check_type(
+        t.dtype in INDEX_DTYPES, lambda: f"{name} must be an int64 (or int32) index tensor, got {t.dtype}"
+    )
+    torch._check_value(t.dim() == ndim, lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    torch._check_value(
+        all(d == first for d in devices.values()),
+        lambda: "all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()),
+    )
+
+
+def check_hash(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    """idx [p, s] int, sign [p, s] int8, s >= 1, k > 0 (structure only)."""
+    check_index("idx", idx, 2)
+    torch._check_type(sign.dtype == torch.int8, lambda: f"sign must be int8 (values +-1), got {sign.dtype}")
+    torch._check_value(
+        sign.shape == idx.shape,
+        lambda: f"sign must have idx's shape {tuple(idx.shape)} [p, s], got {tuple(sign.shape)}",
+    )
+    torch._check_value(k > 0, lambda: f"k must be a positive int, got {k}")
+    torch._check_value(idx.shape[1] >= 1, lambda: f"idx must have s >= 1 columns [p, s], got shape {tuple(idx.shape)}")
+    check_same_device(idx=idx, sign=sign)
+
+
+def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    """x [..., p] float, plus :func:`check_hash`."""
+    check_float("x", x)
+    torch._check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., p], got a scalar")
+    check_hash(idx, sign, k)
+    torch._check_value(
+        x.shape[-1] == idx.shape[0],
+        lambda: f"x's last dimension ({x.shape[-1]}) must equal idx's first dimension p ({idx.shape[0]})",
+    )
+    check_same_device(x=x, idx=idx)
+
+
+def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor) -> None:
+    """y [..., k] float, plus :func:`check_hash` with k = y.shape[-1]."""
+    check_float("y", y)
+    torch._check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
+    check_hash(idx, sign, y.shape[-1])
+    check_same_device(y=y, idx=idx)
+
+
+def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    """idx in [0, k) and sign in {-1, +1} (reads the data)."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= k:
+        raise ValueError(f"idx values must lie in [0, k={k}), got values in [{lo}, {hi}]")
+    if not bool(((sign == 1) | (sign == -1)).all()):
+        raise ValueError("sign values must be +1 or -1")
+
+
+def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
+    """x_in [B, T, d_in] and g_out [B, T, d_out] (or both 2-D [B, d])."""
+    check_float("x_in", x_in)
+    check_float("g_out", g_out)
+    torch._check_value(
+        x_in.dim() in (2, 3), lambda: f"x_in must be [B, T, d_in] or [B, d_in], got shape {tuple(x_in.shape)}"
+    )
+    torch._check_value(
+        g_out.dim() == x_in.dim(),
+        lambda: f"g_out must have x_in's rank {x_in.dim()} ([B, T, d_out] or [B, d_out]), got shape {tuple(g_out.shape)}",
+    )
+    torch._check_value(
+        x_in.shape[:-1] == g_out.shape[:-1],
+        lambda: f"x_in and g_out must agree on [B, T], got {tuple(x_in.shape)} and {tuple(g_out.shape)}",
+    )
+    torch._check_type(
+        x_in.dtype == g_out.dtype, lambda: f"x_in and g_out must share a dtype, got {x_in.dtype} and {g_out.dtype}"
+    )
+
+
+def check_mask_values(name: str, mask: torch.Tensor, d: int) -> None:
+    """Hard mask: distinct indices in [0, d) (reads the data)."""
+    if mask.numel() == 0:
+        raise ValueError(f"{name} must select at least one coordinate")
+    lo, hi = int(mask.min()), int(mask.max())
+    if lo < 0 or hi >= d:
+        raise ValueError(f"{name} values must lie in [0, {d}), got values in [{lo}, {hi}]")
+    if torch.unique(mask).numel() != mask.numel():
+        raise ValueError(f"{name} must hold distinct indices, found duplicates")

@@ -1,0 +1,150 @@
+"""Inner products of factorized linear-layer gradients: ``grass::factorized_inner``.
+
+    out[i, q] = < sum_t x_a[i, t] (x) g_a[i, t],  sum_u x_b[q, u] (x) g_b[q, u] >
+              = sum_{t, u} <x_a[i, t], x_b[q, u]> * <g_a[i, t], g_b[q, u]>
+
+This is GradDot between two sets of per-sample linear-layer gradients without forming any
+[d_in * d_out] gradient (<a (x) b, c (x) d> = <a, c> <b, d>); Selective Mask training feeds it the
+soft-masked factors from ``factorized_mask``. Memory is bounded by chunking over the rows of a.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _checks
+from ._common import call_front
+
+_CHUNK_ELEMENTS = 1 << 24  # entries of the [rows_a * T, n_b * U] kernel matrices formed at once
+
+
+def _as_3d(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
+    _checks.check_factors(x_a, g_a)
+    _checks.check_factors(x_b, g_b)
+    torch._check_value(
+        x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
+        lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
+        f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
+    )
+    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
+    _checks.check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
+
+
+def _chunks(x_a: Tensor, x_b: Tensor):
+    n_a, t_a = x_a.shape[0], x_a.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // max(1, t_a * x_b.shape[0] * x_b.shape[1]))
+    return range(0, n_a, step), step
+
+
+def _kernels(xa: Tensor, ga: Tensor, xb: Tensor, gb: Tensor) -> tuple[Tensor, Tensor]:
+    """[n, T, n_b, U] token-pair inner products of the inputs and of the output gradients."""
+    n, t = xa.shape[:2]
+    kx = (xa.reshape(n * t, -1) @ xb.reshape(-1, xb.shape[-1]).T).view(n, t, xb.shape[0], xb.shape[1])
+    kg = (ga.reshape(n * t, -1) @ gb.reshape(-1, gb.shape[-1]).T).view(n, t, gb.shape[0], gb.shape[1])
+    return kx, kg
+
+
+def _acc(*ts: Tensor) -> list[Tensor]:
+    dtype = _checks.accumulation_dtype(ts[0].dtype)
+    return [_as_3d(t).to(dtype) for t in ts]
+
+
+@torch.library.custom_op("grass::factorized_inner", mutates_args=())
+def factorized_inner_op(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
+    """x_a [n_a, T, d_in], g_a [n_a, T, d_out], x_b [n_b, U, d_in], g_b [n_b, U, d_out] -> [n_a, n_b]."""
+    check_factorized_inner_args(x_a, g_a, x_b, g_b)
+    xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
+    out = xa.new_empty(xa.shape[0], xb.shape[0])
+    starts, step = _chunks(xa, xb)
+    for s in starts:
+        kx, kg = _kernels(xa[s : s + step], ga[s : s + step], xb, gb)
+        out[s : s + step] = (kx * kg).sum((1, 3))
+    return out.to(x_a.dtype)
+
+
+@torch.library.custom_op("grass::factorized_inner_backward", mutates_args=())
+def factorized_inner_backward_op(
+    grad: Tensor, x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
+    grad = grad.to(xa.dtype)
+    d_xa, d_ga = torch.empty_like(xa), torch.empty_like(ga)
+    d_xb, d_gb = torch.zeros_like(xb), torch.zeros_like(gb)
+    n_b, u = xb.shape[:2]
+    starts, step = _chunks(xa, xb)
+    for s in starts:
+        kx, kg = _kernels(xa[s : s + step], ga[s : s + step], xb, gb)
+        n, t = kx.shape[:2]
+        w_x = (kg * grad[s : s + step, None, :, None]).reshape(n * t, n_b * u)  # d out / d kx
+        w_g = (kx * grad[s : s + step, None, :, None]).reshape(n * t, n_b * u)
+        d_xa[s : s + step] = (w_x @ xb.reshape(n_b * u, -1)).view(n, t, -1)
+        d_ga[s : s + step] = (w_g @ gb.reshape(n_b * u, -1)).view(n, t, -1)
+        d_xb += (w_x.T @ xa[s : s + step].reshape(n * t, -1)).view(n_b, u, -1)
+        d_gb += (w_g.T @ ga[s : s + step].reshape(n * t, -1)).view(n_b, u, -1)
+    return tuple(d.to(t.dtype).reshape(t.shape) for d, t in zip((d_xa, d_ga, d_xb, d_gb), (x_a, g_a, x_b, g_b)))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    return factorized_inner_backward_op(grad, *ctx.saved_tensors)
+
+
+factorized_inner_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _FactorizedInner(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x_a, g_a, x_b, g_b):
+        return factorized_inner_op(x_a, g_a, x_b, g_b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        primals = ctx.saved_tensors
+        total = None
+        for i, tangent in enumerate(tangents):  # multilinear: one term per tangent
+            if tangent is not None:
+                args = list(primals)
+                args[i] = tangent
+                term = factorized_inner_op(*args)
+                total = term if total is None else total + term
+        return total
+
+    @staticmethod
+    def vmap(info, in_dims, x_a, g_a, x_b, g_b):
+        n = info.batch_size
+        out = torch.stack(
+            [
+                factorized_inner_op(*[t.select(d, i) if d is not None else t for t, d in zip((x_a, g_a, x_b, g_b), in_dims)])
+                for i in range(n)
+            ]
+        )
+        return out, 0
+
+
+def factorized_inner(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
+    """GradDot of factorized linear-layer gradients, [n_a, n_b], never forming a [d_in * d_out] gradient.
+
+    x_a [n_a, T, d_in], g_a [n_a, T, d_out], x_b [n_b, U, d_in], g_b [n_b, U, d_out] (2-D inputs: T = 1).
+    Differentiable in all four factors (first order).
+    """
+    return call_front(_FactorizedInner, factorized_inner_op, x_a, g_a, x_b, g_b)

@@ -1,0 +1,124 @@
+"""torch.func through the Python wrappers: vmap (real batching rules), grad, vjp, jacrev, jvp."""
+import importlib
+
+import pytest
+import torch
+from torch import func
+
+import grass_ops
+from grass_ops.testing import dense_sjlt_matrix
+from helpers import factgrass_case, inner_case, soft_mask_case
+
+
+def test_sjlt_transforms_match_the_dense_matrix():
+    p, k = 12, 5
+    idx, sign = grass_ops.sjlt_hash(p, k, 2, 0)
+    dense = dense_sjlt_matrix(idx, sign, k)
+    x = torch.randn(4, p, dtype=torch.float64)
+    proj = lambda v: grass_ops.sjlt(v, idx, sign, k)  # noqa: E731
+    loss = lambda v: (proj(v) ** 2).sum()  # noqa: E731
+    torch.testing.assert_close(func.vmap(proj)(x), x @ dense.T)
+    torch.testing.assert_close(func.vmap(proj, in_dims=1, out_dims=1)(x.T.contiguous()), (x @ dense.T).T)
+    torch.testing.assert_close(func.grad(loss)(x[0]), 2 * dense.T @ dense @ x[0])
+    torch.testing.assert_close(func.vmap(func.grad(loss))(x), 2 * x @ dense.T @ dense)
+    torch.testing.assert_close(func.jacrev(proj)(x[0]), dense)
+    torch.testing.assert_close(func.jacfwd(proj)(x[0]), dense)
+    _, tangent = func.jvp(proj, (x[0],), (x[1],))
+    torch.testing.assert_close(tangent, dense @ x[1])
+    out, vjp_fn = func.vjp(proj, x[0])
+    (cot,) = vjp_fn(torch.ones_like(out))
+    torch.testing.assert_close(cot, dense.T @ torch.ones(k, dtype=torch.float64))
+    # second order: hessian of a quadratic form is 2 S^T S
+    torch.testing.assert_close(func.hessian(loss)(x[0]), 2 * dense.T @ dense)
+
+
+def test_vmap_uses_the_batching_rule_not_the_fallback(monkeypatch):
+    module = importlib.import_module("grass_ops.ops.sjlt")
+    calls = []
+    original = module.sjlt_rows
+
+    def counting(rows, *args):
+        calls.append(tuple(rows.shape))
+        return original(rows, *args)
+
+    monkeypatch.setattr(module, "sjlt_rows", counting)
+    idx, sign = grass_ops.sjlt_hash(8, 4, 1, 0)
+    x = torch.randn(6, 3, 8)
+    func.vmap(lambda v: grass_ops.sjlt(v, idx, sign, 4))(x)
+    assert calls == [(18, 8)]  # one kernel call on all 6 * 3 rows, not six per-sample calls
+
+
+def _factgrass_fn(case):
+    _, _, in_idx, out_idx, idx, sign, k = case
+    return lambda x, g: grass_ops.factgrass(x, g, in_idx, out_idx, idx, sign, k)
+
+
+def test_factgrass_vmap_grad_jvp_jacrev():
+    case = factgrass_case(b=4, t=3)
+    x_in, g_out = case[:2]
+    fg = _factgrass_fn(case)
+    full = fg(x_in, g_out)
+    # per-sample vmap over the batch: each sample is a [1, T, d] call
+    per_sample = func.vmap(lambda x, g: fg(x[None], g[None])[0])(x_in, g_out)
+    torch.testing.assert_close(per_sample, full)
+    # grad w.r.t. x_in equals autograd's
+    weights = torch.randn_like(full)
+    loss = lambda x, g: (fg(x, g) * weights).sum()  # noqa: E731
+    gx, gg = func.grad(loss, argnums=(0, 1))(x_in, g_out)
+    xr, gr = x_in.clone().requires_grad_(), g_out.clone().requires_grad_()
+    loss(xr, gr).backward()
+    torch.testing.assert_close(gx, xr.grad)
+    torch.testing.assert_close(gg, gr.grad)
+    # jvp is bilinear: f(x + e dx, g + e dg)' = f(dx, g) + f(x, dg)
+    dx, dg = torch.randn_like(x_in), torch.randn_like(g_out)
+    _, tangent = func.jvp(fg, (x_in, g_out), (dx, dg))
+    torch.testing.assert_close(tangent, fg(dx, g_out) + fg(x_in, dg))
+    # jacrev agrees with jacfwd
+    jr = func.jacrev(fg, argnums=0)(x_in, g_out)
+    jf = func.jacfwd(fg, argnums=0)(x_in, g_out)
+    torch.testing.assert_close(jr, jf)
+    # per-sample gradients: vmap(grad)
+    per_sample_grad = func.vmap(func.grad(lambda x, g, w: (fg(x[None], g[None])[0] * w).sum()))(x_in, g_out, weights)
+    torch.testing.assert_close(per_sample_grad, gx)
+
+
+def test_factorized_mask_soft_transforms():
+    x_in, g_out, s_in, s_out, tau = soft_mask_case()
+
+    def loss(s_in, s_out):
+        a, b = grass_ops.factorized_mask(x_in, g_out, s_in, s_out, tau)
+        return (a**2).sum() + (b**3).sum()
+
+    g_in, g_o = func.grad(loss, argnums=(0, 1))(s_in, s_out)
+    si, so = s_in.clone().requires_grad_(), s_out.clone().requires_grad_()
+    loss(si, so).backward()
+    torch.testing.assert_close(g_in, si.grad)
+    torch.testing.assert_close(g_o, so.grad)
+    masked = lambda s: grass_ops.factorized_mask(x_in, g_out, s, s_out, tau)[0]  # noqa: E731
+    torch.testing.assert_close(func.jacrev(masked)(s_in), func.jacfwd(masked)(s_in))
+    batched = func.vmap(lambda x: grass_ops.factorized_mask(x, g_out[0], s_in, s_out, tau)[0])(x_in[0])
+    torch.testing.assert_close(batched, x_in[0] * torch.sigmoid(s_in / tau))
+
+
+def test_factorized_inner_transforms():
+    x_a, g_a, x_b, g_b = inner_case()
+    fi = grass_ops.factorized_inner
+    dense = torch.einsum("ntd,nte->nde", x_a, g_a).flatten(1) @ torch.einsum("qud,que->qde", x_b, g_b).flatten(1).T
+    torch.testing.assert_close(fi(x_a, g_a, x_b, g_b), dense)
+    torch.testing.assert_close(func.vmap(lambda x, g: fi(x[None], g[None], x_b, g_b)[0])(x_a, g_a), dense)
+    gx = func.grad(lambda x: fi(x, g_a, x_b, g_b).sum())(x_a)
+    xr = x_a.clone().requires_grad_()
+    fi(xr, g_a, x_b, g_b).sum().backward()
+    torch.testing.assert_close(gx, xr.grad)
+    dx = torch.randn_like(x_a)
+    _, tangent = func.jvp(lambda x: fi(x, g_a, x_b, g_b), (x_a,), (dx,))
+    torch.testing.assert_close(tangent, fi(dx, g_a, x_b, g_b))
+
+
+def test_raw_op_jvp_is_not_silently_zero():
+    """The raw op has no forward-mode formula: it must raise, never return a zero tangent."""
+    idx, sign = grass_ops.sjlt_hash(6, 3, 1, 0)
+    x = torch.randn(6, dtype=torch.float64)
+    with pytest.raises(Exception):
+        _, t = func.jvp(lambda v: torch.ops.grass.sjlt(v, idx, sign, 3), (x,), (torch.ones_like(x),))
+        assert t.abs().sum() > 0
