@@ -10,10 +10,38 @@ Ops (eager, autograd, torch.func and torch.compile(fullgraph=True)):
 from . import meta as _meta  # noqa: F401  (registers the fake kernels)
 from ._hashing import derive_seed, random_mask, sjlt_hash
 from .ops import factgrass, factorized_inner, factorized_mask, sjlt, sjlt_transpose
+from .compressors import (
+    FJLT,
+    SJLT,
+    Compressor,
+    FactGraSS,
+    FactorizedCompressor,
+    Gaussian,
+    GraSS,
+    Identity,
+    LoGra,
+    Rademacher,
+    RandomMask,
+    SelectiveMask,
+    from_spec,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FJLT",
+    "SJLT",
+    "Compressor",
+    "FactGraSS",
+    "FactorizedCompressor",
+    "Gaussian",
+    "GraSS",
+    "Identity",
+    "LoGra",
+    "Rademacher",
+    "RandomMask",
+    "SelectiveMask",
+    "from_spec",
     "derive_seed",
     "factgrass",
     "factorized_inner",

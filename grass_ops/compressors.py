@@ -1,0 +1,385 @@
+"""Gradient compressors with one interface, each a pure function of its recorded seed and shapes.
+
+Every compressor is an ``nn.Module`` (``.to(device)`` moves its buffers) with
+
+* ``compress(g)``: g [..., p] -> [..., k] (``forward`` is the same);
+* ``in_features`` (p) and ``out_features`` (k);
+* ``spec()``: a JSON-serializable dict (type, shapes, seed, ...) and ``from_spec(spec)`` to rebuild it,
+  so a cache can record how it was made and be checked against a configuration.
+
+Factorized compressors (``FactGraSS``, ``LoGra``) also take a linear layer's factors directly:
+``compress_factors(x_in [B, T, d_in], g_out [B, T, d_out]) -> [B, k]``, and their ``compress`` takes the
+flattened weight gradient in (d_in, d_out) row-major order (position i * d_out + j), i.e. ``W.grad.T``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._checks import accumulation_dtype
+from ._hashing import derive_seed, hash_stream, random_mask, sjlt_hash
+from .ops import factgrass, sjlt
+
+_REGISTRY: dict[str, type["Compressor"]] = {}
+
+
+def _register(cls):
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def from_spec(spec: dict) -> "Compressor":
+    """Rebuild a compressor from :meth:`Compressor.spec` (raises on unknown types or bad fields)."""
+    kind = spec.get("type")
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown compressor type {kind!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[kind]._from_spec(spec)
+
+
+def _check_last_dim(name: str, g: Tensor, p: int) -> None:
+    if g.shape[-1] != p:
+        raise ValueError(f"{name} expects inputs [..., {p}], got shape {tuple(g.shape)}")
+
+
+class Compressor(nn.Module):
+    """Base class: maps [..., in_features] -> [..., out_features]."""
+
+    in_features: int
+    out_features: int
+
+    def spec(self) -> dict:
+        raise NotImplementedError  # every concrete compressor overrides this
+
+    @classmethod
+    def _from_spec(cls, spec: dict) -> "Compressor":
+        return cls(**{k: v for k, v in spec.items() if k != "type"})
+
+    def compress(self, g: Tensor) -> Tensor:
+        return self(g)
+
+    def extra_repr(self) -> str:
+        return json.dumps(self.spec())
+
+
+@_register
+class Identity(Compressor):
+    def __init__(self, p: int):
+        super().__init__()
+        self.in_features = self.out_features = int(p)
+
+    def forward(self, g: Tensor) -> Tensor:
+        _check_last_dim("Identity", g, self.in_features)
+        return g
+
+    def spec(self) -> dict:
+        return {"type": "Identity", "p": self.in_features}
+
+
+@_register
+class SJLT(Compressor):
+    """Sparse JL transform with s non-zeros per column (the ``grass::sjlt`` op)."""
+
+    def __init__(self, p: int, k: int, s: int = 1, seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.s, self.seed = int(p), int(k), int(s), int(seed)
+        idx, sign = sjlt_hash(p, k, s, seed)
+        self.register_buffer("idx", idx, persistent=False)
+        self.register_buffer("sign", sign, persistent=False)
+
+    def forward(self, g: Tensor) -> Tensor:
+        return sjlt(g, self.idx, self.sign, self.out_features)
+
+    def spec(self) -> dict:
+        return {"type": "SJLT", "p": self.in_features, "k": self.out_features, "s": self.s, "seed": self.seed}
+
+
+class _Mask(Compressor):
+    """Keeps the coordinates ``indices`` (sorted, distinct) of a [..., p] input."""
+
+    def _set_indices(self, p: int, indices: Tensor) -> None:
+        indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
+        if indices.numel() == 0 or int(indices.min()) < 0 or int(indices.max()) >= p:
+            raise ValueError(f"mask indices must be non-empty and lie in [0, {p})")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError("mask indices must be distinct")
+        self.in_features, self.out_features = int(p), int(indices.numel())
+        self.register_buffer("indices", indices.sort().values, persistent=False)
+
+    def forward(self, g: Tensor) -> Tensor:
+        _check_last_dim(type(self).__name__, g, self.in_features)
+        return g.index_select(-1, self.indices)
+
+
+@_register
+class RandomMask(_Mask):
+    def __init__(self, p: int, k: int, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+        self._set_indices(p, random_mask(p, k, seed))
+
+    def spec(self) -> dict:
+        return {"type": "RandomMask", "p": self.in_features, "k": self.out_features, "seed": self.seed}
+
+
+def indices_digest(indices: Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices.cpu().numpy().astype("<i8")).tobytes()).hexdigest()[:16]
+
+
+@_register
+class SelectiveMask(_Mask):
+    """A learned mask (Selective Mask, paper §3.2), loaded from a file written by :meth:`save`.
+
+    Never falls back to a random mask: a missing file, a wrong p or k, or corrupt indices raise.
+    """
+
+    def __init__(self, p: int, path: str | Path | None = None, k: int | None = None, indices: Tensor | None = None,
+                 metadata: dict | None = None, digest: str | None = None):
+        super().__init__()
+        if (path is None) == (indices is None):
+            raise ValueError("SelectiveMask needs exactly one of path= (a saved mask) or indices=")
+        self.path = None if path is None else str(path)
+        if path is not None:
+            indices, metadata = self.load_file(path)
+            if int(metadata.get("p", p)) != int(p):
+                raise ValueError(f"selective mask {path} was learned for p={metadata['p']}, not p={p}")
+        self.metadata = dict(metadata or {})
+        self._set_indices(p, indices)
+        if k is not None and int(k) != self.out_features:
+            raise ValueError(f"selective mask {path or ''} keeps k={self.out_features} coordinates, expected k={k}")
+        if digest is not None and digest != indices_digest(self.indices):
+            raise ValueError(f"selective mask {path or ''} does not match the recorded digest {digest}")
+
+    @staticmethod
+    def save(path: str | Path, indices: Tensor, p: int, **metadata) -> Path:
+        """Write indices + JSON metadata to an .npz (no pickle), atomically."""
+        path = Path(path)
+        indices = torch.as_tensor(indices, dtype=torch.int64).sort().values
+        meta = {"p": int(p), "k": int(indices.numel()), **metadata}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, indices=indices.cpu().numpy(), metadata=np.array(json.dumps(meta)))
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load_file(path: str | Path) -> tuple[Tensor, dict]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"selective mask file not found: {path} (refusing to fall back to a random mask)")
+        with np.load(path, allow_pickle=False) as data:
+            if "indices" not in data or "metadata" not in data:
+                raise ValueError(f"{path} is not a selective mask file (needs 'indices' and 'metadata')")
+            return torch.from_numpy(data["indices"].astype(np.int64)), json.loads(str(data["metadata"]))
+
+    def spec(self) -> dict:
+        return {"type": "SelectiveMask", "p": self.in_features, "k": self.out_features, "path": self.path,
+                "digest": indices_digest(self.indices)}
+
+    @classmethod
+    def _from_spec(cls, spec: dict) -> "SelectiveMask":
+        if spec.get("path") is None:
+            raise ValueError("a SelectiveMask spec without a path cannot be rebuilt")
+        return cls(spec["p"], path=spec["path"], k=spec["k"], digest=spec.get("digest"))
+
+
+def _as_mask(mask, p: int, k: int | None, seed: int) -> _Mask:
+    if mask is None:
+        return RandomMask(p, k, seed)
+    if isinstance(mask, _Mask):
+        if mask.in_features != p or (k is not None and mask.out_features != k):
+            raise ValueError(f"mask must map {p} -> {k} coordinates, got {mask.in_features} -> {mask.out_features}")
+        return mask
+    return SelectiveMask(p, indices=torch.as_tensor(mask), k=k)
+
+
+def _mask_from_spec(spec: dict | None):
+    return None if spec is None else from_spec(spec)
+
+
+@_register
+class GraSS(Compressor):
+    """SJLT_k o Mask_k' (paper §3.3.1): keep k' coordinates, then sparse-project them to k."""
+
+    def __init__(self, p: int, k: int, k_prime: int, s: int = 1, seed: int = 0, mask=None):
+        super().__init__()
+        self.seed, self.k_prime, self.s = int(seed), int(k_prime), int(s)
+        self.mask = _as_mask(mask, p, k_prime, derive_seed(seed, 1))
+        self.projection = SJLT(k_prime, k, s, derive_seed(seed, 2))
+        self.in_features, self.out_features = int(p), int(k)
+
+    def forward(self, g: Tensor) -> Tensor:
+        return self.projection(self.mask(g))
+
+    def spec(self) -> dict:
+        mask = None if isinstance(self.mask, RandomMask) else self.mask.spec()
+        return {"type": "GraSS", "p": self.in_features, "k": self.out_features, "k_prime": self.k_prime,
+                "s": self.s, "seed": self.seed, "mask": mask}
+
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls(spec["p"], spec["k"], spec["k_prime"], spec["s"], spec["seed"], _mask_from_spec(spec.get("mask")))
+
+
+class FactorizedCompressor(Compressor):
+    """A compressor for one linear layer's gradient, given as factors (inputs, output gradients)."""
+
+    d_in: int
+    d_out: int
+
+    def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
+        raise NotImplementedError  # FactGraSS and LoGra override this
+
+    def _weight_gradient(self, g: Tensor) -> Tensor:
+        _check_last_dim(type(self).__name__, g, self.d_in * self.d_out)
+        return g.reshape(*g.shape[:-1], self.d_in, self.d_out)
+
+
+@_register
+class FactGraSS(FactorizedCompressor):
+    """SJLT_k o Mask_{k_in' (x) k_out'} (paper §3.3.2) via the fused ``grass::factgrass`` op."""
+
+    def __init__(self, d_in: int, d_out: int, k: int, k_in: int, k_out: int, seed: int = 0, s: int = 1,
+                 in_mask=None, out_mask=None):
+        super().__init__()
+        self.d_in, self.d_out, self.k_in, self.k_out = int(d_in), int(d_out), int(k_in), int(k_out)
+        self.seed, self.s = int(seed), int(s)
+        self.in_features, self.out_features = self.d_in * self.d_out, int(k)
+        self.in_mask = _as_mask(in_mask, d_in, k_in, derive_seed(seed, 1))
+        self.out_mask = _as_mask(out_mask, d_out, k_out, derive_seed(seed, 2))
+        self.projection = SJLT(self.k_in * self.k_out, k, s, derive_seed(seed, 3))
+
+    def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
+        p = self.projection
+        return factgrass(x_in, g_out, self.in_mask.indices, self.out_mask.indices, p.idx, p.sign, self.out_features)
+
+    def forward(self, g: Tensor) -> Tensor:
+        grad = self._weight_gradient(g)
+        masked = grad.index_select(-2, self.in_mask.indices).index_select(-1, self.out_mask.indices)
+        return self.projection(masked.flatten(-2))
+
+    def spec(self) -> dict:
+        masks = {name: None if isinstance(m, RandomMask) else m.spec()
+                 for name, m in (("in_mask", self.in_mask), ("out_mask", self.out_mask))}
+        return {"type": "FactGraSS", "d_in": self.d_in, "d_out": self.d_out, "k": self.out_features,
+                "k_in": self.k_in, "k_out": self.k_out, "seed": self.seed, "s": self.s, **masks}
+
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls(spec["d_in"], spec["d_out"], spec["k"], spec["k_in"], spec["k_out"], spec["seed"], spec["s"],
+                   _mask_from_spec(spec.get("in_mask")), _mask_from_spec(spec.get("out_mask")))
+
+
+def gaussian_matrix(k: int, p: int, seed: int, dtype=torch.float32) -> Tensor:
+    """[k, p] i.i.d. N(0, 1/k), generated on the CPU from ``seed`` (same on every device)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(k, p, generator=gen, dtype=dtype) / math.sqrt(k)
+
+
+@_register
+class Gaussian(Compressor):
+    """Dense Gaussian projection (O(pk) per vector), P_ij ~ N(0, 1/k)."""
+
+    def __init__(self, p: int, k: int, seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
+        self.register_buffer("matrix", gaussian_matrix(k, p, seed), persistent=False)
+
+    def forward(self, g: Tensor) -> Tensor:
+        _check_last_dim("Gaussian", g, self.in_features)
+        acc = accumulation_dtype(g.dtype)
+        return (g.to(acc) @ self.matrix.to(acc).T).to(g.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "Gaussian", "p": self.in_features, "k": self.out_features, "seed": self.seed}
+
+
+@_register
+class Rademacher(Gaussian):
+    """Dense +-1/sqrt(k) projection, signs from the platform-independent hash."""
+
+    def __init__(self, p: int, k: int, seed: int = 0):
+        Compressor.__init__(self)
+        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
+        bits = (hash_stream(seed, 5, k * p) >> np.uint64(63)).astype(np.float32).reshape(k, p)
+        self.register_buffer("matrix", torch.from_numpy((1 - 2 * bits) / math.sqrt(k)), persistent=False)
+
+    def spec(self) -> dict:
+        return {**super().spec(), "type": "Rademacher"}
+
+
+def hadamard_transform(x: Tensor) -> Tensor:
+    """Orthonormal fast Walsh-Hadamard transform over the last dim (a power of two), O(n log n)."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2).view(-1, n)
+        h *= 2
+    return (y * n**-0.5).reshape(*lead, n)
+
+
+@_register
+class FJLT(Compressor):
+    """Fast JL transform: random signs, Hadamard transform, subsample k of n = 2^ceil(log2 p) rows."""
+
+    def __init__(self, p: int, k: int, seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
+        self.n = 1 << max(0, (int(p) - 1).bit_length())
+        if k > self.n:
+            raise ValueError(f"FJLT needs k <= {self.n} (the padded dimension), got k={k}")
+        bits = hash_stream(derive_seed(seed, 1), 5, p) >> np.uint64(63)
+        self.register_buffer("signs", torch.from_numpy(1 - 2 * bits.astype(np.float32)), persistent=False)
+        self.register_buffer("rows", random_mask(self.n, k, derive_seed(seed, 2)), persistent=False)
+
+    def forward(self, g: Tensor) -> Tensor:
+        _check_last_dim("FJLT", g, self.in_features)
+        work = g.to(accumulation_dtype(g.dtype)) * self.signs
+        work = torch.nn.functional.pad(work, (0, self.n - self.in_features))
+        out = hadamard_transform(work).index_select(-1, self.rows) * math.sqrt(self.n / self.out_features)
+        return out.to(g.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "FJLT", "p": self.in_features, "k": self.out_features, "seed": self.seed}
+
+
+@_register
+class LoGra(FactorizedCompressor):
+    """LoGra (Choe et al. 2024): factorized Gaussian projection P_in (x) P_out, k = k_in * k_out."""
+
+    def __init__(self, d_in: int, d_out: int, k_in: int, k_out: int, seed: int = 0):
+        super().__init__()
+        self.d_in, self.d_out, self.k_in, self.k_out, self.seed = int(d_in), int(d_out), int(k_in), int(k_out), int(seed)
+        self.in_features, self.out_features = self.d_in * self.d_out, self.k_in * self.k_out
+        self.register_buffer("p_in", gaussian_matrix(k_in, d_in, derive_seed(seed, 1)), persistent=False)
+        self.register_buffer("p_out", gaussian_matrix(k_out, d_out, derive_seed(seed, 2)), persistent=False)
+
+    def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
+        if x_in.dim() == 2:
+            x_in, g_out = x_in.unsqueeze(1), g_out.unsqueeze(1)
+        acc = accumulation_dtype(x_in.dtype)
+        a = x_in.to(acc) @ self.p_in.to(acc).T  # [B, T, k_in]
+        b = g_out.to(acc) @ self.p_out.to(acc).T  # [B, T, k_out]
+        return torch.bmm(a.transpose(1, 2), b).flatten(1).to(x_in.dtype)
+
+    def forward(self, g: Tensor) -> Tensor:
+        acc = accumulation_dtype(g.dtype)
+        grad = self._weight_gradient(g).to(acc)
+        return (self.p_in.to(acc) @ grad @ self.p_out.to(acc).T).flatten(-2).to(g.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "LoGra", "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,
+                "seed": self.seed}
+
+
+__all__ = [
+    "Compressor", "FactorizedCompressor", "Identity", "SJLT", "RandomMask", "SelectiveMask", "GraSS",
+    "FactGraSS", "Gaussian", "Rademacher", "FJLT", "LoGra", "from_spec", "hadamard_transform",
+]
