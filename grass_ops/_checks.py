@@ -6,6 +6,9 @@ run in the real kernels.
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,3 +116,33 @@ def check_mask_values(name: str, mask: torch.Tensor, d: int) -> None:
         raise ValueError(f"{name} values must lie in [0, {d}), got values in [{lo}, {hi}]")
     if torch.unique(mask).numel() != mask.numel():
         raise ValueError(f"{name} must hold distinct indices, found duplicates")
+
+
+class IdentityCache:
+    """Results derived from tensors (validation, index tables), reused while the very same tensors
+    are unmodified (same object, same ``_version``). Holds weak references to the key tensors.
+
+    Compressors pass the same hash and mask tensors at every step; this skips re-reading them.
+    """
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.entries: dict[tuple, tuple] = {}
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra, compute: Callable):
+        key = (tuple((id(t), t._version) for t in tensors), extra)
+        hit = self.entries.get(key)
+        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+            return hit[1]
+        value = compute()
+        if len(self.entries) >= self.capacity:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
+        return value
+
+
+validation_cache = IdentityCache()
+
+
+def check_mask_values_cached(name: str, mask: torch.Tensor, d: int) -> None:
+    validation_cache.get((mask,), ("mask", name, d), lambda: check_mask_values(name, mask, d))

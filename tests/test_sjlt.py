@@ -150,3 +150,31 @@ def test_hash_argument_errors():
         grass_ops.random_mask(5, 6)
     with pytest.raises(ValueError, match="seed must be in"):
         grass_ops.random_mask(5, 2, seed=-1)
+
+
+@pytest.mark.scatter
+def test_torch_scatter_backend_is_bitwise_equal_to_native(monkeypatch):
+    pytest.importorskip("torch_scatter", reason="the optional torch-scatter backend is not installed")
+    idx, sign = grass_ops.sjlt_hash(3000, 50, 2, 1)
+    x = torch.randn(17, 3000)
+    monkeypatch.setenv("GRASS_OPS_SCATTER_BACKEND", "native")
+    native = grass_ops.sjlt(x, idx, sign, 50)
+    monkeypatch.setenv("GRASS_OPS_SCATTER_BACKEND", "torch_scatter")
+    fast = grass_ops.sjlt(x, idx, sign, 50)
+    assert torch.equal(native, fast)
+
+
+def test_backend_variable_is_validated(monkeypatch):
+    monkeypatch.setenv("GRASS_OPS_SCATTER_BACKEND", "bogus")
+    idx, sign = grass_ops.sjlt_hash(10, 4, 1, 0)
+    with pytest.raises(ValueError, match="GRASS_OPS_SCATTER_BACKEND must be"):
+        grass_ops.sjlt(torch.randn(2, 10), idx, sign, 4)
+
+
+def test_validation_cache_sees_in_place_changes():
+    idx, sign = grass_ops.sjlt_hash(10, 4, 1, 0)
+    x = torch.randn(2, 10)
+    grass_ops.sjlt(x, idx, sign, 4)  # validated and cached
+    idx[3, 0] = 7  # in-place edit bumps the version counter
+    with pytest.raises(ValueError, match=r"idx values must lie in \[0, k=4\)"):
+        grass_ops.sjlt(x, idx, sign, 4)

@@ -7,10 +7,10 @@ import torch
 
 
 def call_front(function: type[torch.autograd.Function], op: Callable, *args):
-    """Call ``op`` through its autograd.Function front in eager mode (torch.func sees setup_context,
-    vmap and jvp), and the raw custom op under torch.compile (Dynamo cannot trace a custom jvp; the
-    op's register_autograd rule serves reverse mode there)."""
-    if torch.compiler.is_compiling():
+    """Call ``op`` through its autograd.Function front inside torch.func transforms (which need
+    setup_context, vmap and jvp), and the raw custom op otherwise: plain autograd uses the op's
+    register_autograd rule, and under torch.compile Dynamo cannot trace a custom jvp anyway."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
         return op(*args)
     return function.apply(*args)
 

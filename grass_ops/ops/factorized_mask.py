@@ -52,8 +52,8 @@ def factorized_mask_op(
 ) -> tuple[Tensor, Tensor]:
     check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature)
     if is_hard(in_mask):
-        _checks.check_mask_values("in_mask", in_mask, x_in.shape[-1])
-        _checks.check_mask_values("out_mask", out_mask, g_out.shape[-1])
+        _checks.check_mask_values_cached("in_mask", in_mask, x_in.shape[-1])
+        _checks.check_mask_values_cached("out_mask", out_mask, g_out.shape[-1])
         return x_in.index_select(-1, in_mask), g_out.index_select(-1, out_mask)
     w_in = soft_weights(in_mask, temperature, x_in.dtype)
     w_out = soft_weights(out_mask, temperature, g_out.dtype)

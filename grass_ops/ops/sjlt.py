@@ -9,6 +9,8 @@ O(rows * p * s), independent of k.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -17,19 +19,36 @@ from torch import Tensor
 from .. import _checks
 from ._common import call_front, loop_vmap, to_front
 
-_BACKEND_ENV = "GRASS_OPS_SCATTER_BACKEND"  # "native" (default) or "torch_scatter"
+# CPU scatter backend: "auto" (default: torch_scatter when installed, else native), "native"
+# (Tensor.index_add_) or "torch_scatter" (the optional `scatter` extra). Both give bitwise-equal results.
+_BACKEND_ENV = "GRASS_OPS_SCATTER_BACKEND"
 
 
-def _scatter_backend() -> str:
-    backend = os.environ.get(_BACKEND_ENV, "native")
+@functools.cache
+def _has_torch_scatter() -> bool:
+    return importlib.util.find_spec("torch_scatter") is not None
+
+
+def scatter_backend() -> str:
+    backend = os.environ.get(_BACKEND_ENV, "auto")
+    if backend == "auto":
+        return "torch_scatter" if _has_torch_scatter() else "native"
     if backend not in ("native", "torch_scatter"):
-        raise ValueError(f"{_BACKEND_ENV} must be 'native' or 'torch_scatter', got {backend!r}")
+        raise ValueError(f"{_BACKEND_ENV} must be 'auto', 'native' or 'torch_scatter', got {backend!r}")
+    if backend == "torch_scatter" and not _has_torch_scatter():
+        raise ImportError(f"{_BACKEND_ENV}=torch_scatter but torch_scatter is not installed (pip install grass_ops[scatter])")
     return backend
 
 
-def signed_buckets(idx: Tensor, sign: Tensor, k: int) -> Tensor:
-    """[s, p] bucket ids in [0, 2k): idx + k for negative signs, one contiguous row per hash."""
+def _build_signed_buckets(idx: Tensor, sign: Tensor, k: int) -> Tensor:
+    _checks.check_sjlt_values(idx, sign, k)
     return (idx + k * (sign < 0).to(idx.dtype)).t().contiguous()
+
+
+def signed_buckets(idx: Tensor, sign: Tensor, k: int) -> Tensor:
+    """[s, p] bucket ids in [0, 2k): idx + k for negative signs, one contiguous row per hash.
+    Validates idx in [0, k) and sign in {-1, +1} (cached per unmodified hash tensors)."""
+    return _checks.validation_cache.get((idx, sign), k, lambda: _build_signed_buckets(idx, sign, k))
 
 
 def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
@@ -37,7 +56,7 @@ def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     s = idx.shape[1]
     buckets = signed_buckets(idx, sign, k)
     acc = rows.new_zeros(rows.shape[0], 2 * k)
-    if _scatter_backend() == "torch_scatter":
+    if scatter_backend() == "torch_scatter":
         import torch_scatter
 
         for r in range(s):
@@ -53,7 +72,6 @@ def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
 def sjlt_op(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     """x [..., p] -> [..., k]; see the module docstring."""
     _checks.check_sjlt_args(x, idx, sign, k)
-    _checks.check_sjlt_values(idx, sign, k)
     p = idx.shape[0]
     rows = x.reshape(-1, p).to(_checks.accumulation_dtype(x.dtype))
     return sjlt_rows(rows, idx, sign, k).to(x.dtype).reshape(*x.shape[:-1], k)
@@ -64,7 +82,7 @@ def sjlt_transpose_op(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
     """The adjoint (signed gather): y [..., k] -> [..., p], out[..., j] = s^(-1/2) sum_r sign[j, r] y[..., idx[j, r]]."""
     _checks.check_sjlt_transpose_args(y, idx, sign)
     k = y.shape[-1]
-    _checks.check_sjlt_values(idx, sign, k)
+    _checks.validation_cache.get((idx, sign), ("values", k), lambda: _checks.check_sjlt_values(idx, sign, k))
     p, s = idx.shape
     rows = y.reshape(-1, k).to(_checks.accumulation_dtype(y.dtype))
     out = rows.new_zeros(rows.shape[0], p)
