@@ -41,12 +41,18 @@ def _as_3d(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
+def gather_columns(t: Tensor, columns: Tensor) -> Tensor:
+    """t[..., columns] for t [B, T, d] -> [B, T, len(columns)]. ``torch.gather`` with a broadcast index
+    is several times faster on CPU than ``index_select`` along the last dim of a 3-D tensor."""
+    rows = t.reshape(-1, t.shape[-1])
+    picked = torch.gather(rows, 1, columns.to(torch.int64).expand(rows.shape[0], -1))
+    return picked.view(*t.shape[:-1], columns.shape[0])
+
+
 def masked_factors(x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor) -> tuple[Tensor, Tensor]:
     """[B, T, k_in'] and [B, T, k_out'] gathered factors in the accumulation dtype."""
     acc = _checks.accumulation_dtype(x_in.dtype)
-    a = _as_3d(x_in).index_select(-1, in_idx).to(acc)
-    b = _as_3d(g_out).index_select(-1, out_idx).to(acc)
-    return a, b
+    return gather_columns(_as_3d(x_in), in_idx).to(acc), gather_columns(_as_3d(g_out), out_idx).to(acc)
 
 
 @torch.library.custom_op("grass::factgrass", mutates_args=())
