@@ -26,6 +26,10 @@ from .compressors import (
     from_spec,
 )
 
+from .cuda import register as _register_cuda
+
+_register_cuda()  # Triton kernels for CUDA tensors, when CUDA and triton are present
+
 __version__ = "0.1.0"
 
 __all__ = [

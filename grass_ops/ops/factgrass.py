@@ -55,11 +55,15 @@ def masked_factors(x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor)
     return gather_columns(_as_3d(x_in), in_idx).to(acc), gather_columns(_as_3d(g_out), out_idx).to(acc)
 
 
-@torch.library.custom_op("grass::factgrass", mutates_args=())
-def factgrass_op(
+def masked_kron_rows(a: Tensor, b: Tensor) -> Tensor:
+    """[B, T, k_in'], [B, T, k_out'] -> [B, k_in' * k_out'] = sum_t a (x) b, row-major (i, j)."""
+    return torch.bmm(a.transpose(1, 2), b).flatten(1)
+
+
+def factgrass_torch(
     x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor, idx: Tensor, sign: Tensor, k: int
 ) -> Tensor:
-    """x_in [B, T, d_in], g_out [B, T, d_out] (or 2-D, T = 1) -> [B, k] in x_in.dtype."""
+    """The torch implementation (any device): x_in [B, T, d_in], g_out [B, T, d_out] -> [B, k]."""
     check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k)
     check_factgrass_values(x_in, g_out, in_idx, out_idx)
     a, b = masked_factors(x_in, g_out, in_idx, out_idx)
@@ -68,9 +72,17 @@ def factgrass_op(
     step = max(1, _CHUNK_ELEMENTS // max(1, idx.shape[0]))
     for start in range(0, n, step):
         a_c, b_c = a[start : start + step], b[start : start + step]
-        inter = torch.bmm(a_c.transpose(1, 2), b_c).flatten(1)
-        out[start : start + step] = sjlt_rows(inter, idx, sign, k)
+        out[start : start + step] = sjlt_rows(masked_kron_rows(a_c, b_c), idx, sign, k)
     return out.to(x_in.dtype)
+
+
+@torch.library.custom_op("grass::factgrass", mutates_args=())
+def factgrass_op(
+    x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor, idx: Tensor, sign: Tensor, k: int
+) -> Tensor:
+    """x_in [B, T, d_in], g_out [B, T, d_out] (or 2-D, T = 1) -> [B, k] in x_in.dtype.
+    CUDA tensors use grass_ops.cuda's fused Triton kernel."""
+    return factgrass_torch(x_in, g_out, in_idx, out_idx, idx, sign, k)
 
 
 @torch.library.custom_op("grass::factgrass_backward", mutates_args=())

@@ -60,11 +60,8 @@ def factorized_mask_op(
     return (x_in * w_in).to(x_in.dtype), (g_out * w_out).to(g_out.dtype)
 
 
-@torch.library.custom_op("grass::factorized_mask_backward", mutates_args=())
-def factorized_mask_backward_op(
-    grad_x: Tensor, grad_g: Tensor, x_in: Tensor, g_out: Tensor, in_mask: Tensor, out_mask: Tensor, temperature: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad x_in, grad g_out, grad in_mask, grad out_mask); mask grads are empty [0] for hard masks."""
+def factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature):
+    """The torch implementation (any device) of ``grass::factorized_mask_backward``."""
     if is_hard(in_mask):
         gx = torch.zeros_like(x_in).index_copy_(-1, in_mask, grad_x.to(x_in.dtype))
         gg = torch.zeros_like(g_out).index_copy_(-1, out_mask, grad_g.to(g_out.dtype))
@@ -77,6 +74,15 @@ def factorized_mask_backward_op(
         per_coord = (grad.to(w.dtype) * t.to(w.dtype)).reshape(-1, t.shape[-1]).sum(0)
         logit_grads.append((per_coord * w * (1 - w) / temperature).to(logits.dtype))
     return grads[0], grads[1], logit_grads[0], logit_grads[1]
+
+
+@torch.library.custom_op("grass::factorized_mask_backward", mutates_args=())
+def factorized_mask_backward_op(
+    grad_x: Tensor, grad_g: Tensor, x_in: Tensor, g_out: Tensor, in_mask: Tensor, out_mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad x_in, grad g_out, grad in_mask, grad out_mask); mask grads are empty [0] for hard masks.
+    CUDA tensors use grass_ops.cuda's fused Triton reduction for the soft form."""
+    return factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature)
 
 
 def _setup(ctx, inputs, output):

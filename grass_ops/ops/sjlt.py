@@ -51,8 +51,15 @@ def signed_buckets(idx: Tensor, sign: Tensor, k: int) -> Tensor:
     return _checks.validation_cache.get((idx, sign), k, lambda: _build_signed_buckets(idx, sign, k))
 
 
+def combine_signed(acc: Tensor, k: int, s: int) -> Tensor:
+    """[n, 2k] signed-bucket sums -> [n, k]: positive half minus negative half, times s^(-1/2).
+    Shared with the deterministic GPU kernel so both round identically."""
+    out = acc[:, :k] - acc[:, k:]
+    return out.mul_(s**-0.5) if s > 1 else out
+
+
 def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
-    """CPU SJLT of a 2-D [n, p] tensor already in the accumulation dtype -> [n, k] in that dtype."""
+    """SJLT of a 2-D [n, p] tensor already in the accumulation dtype -> [n, k] in that dtype."""
     s = idx.shape[1]
     buckets = signed_buckets(idx, sign, k)
     acc = rows.new_zeros(rows.shape[0], 2 * k)
@@ -64,17 +71,21 @@ def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     else:
         for r in range(s):
             acc.index_add_(1, buckets[r], rows)
-    out = acc[:, :k] - acc[:, k:]
-    return out.mul_(s**-0.5) if s > 1 else out
+    return combine_signed(acc, k, s)
 
 
-@torch.library.custom_op("grass::sjlt", mutates_args=())
-def sjlt_op(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
-    """x [..., p] -> [..., k]; see the module docstring."""
+def sjlt_torch(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
+    """The torch implementation (any device): x [..., p] -> [..., k]; see the module docstring."""
     _checks.check_sjlt_args(x, idx, sign, k)
     p = idx.shape[0]
     rows = x.reshape(-1, p).to(_checks.accumulation_dtype(x.dtype))
     return sjlt_rows(rows, idx, sign, k).to(x.dtype).reshape(*x.shape[:-1], k)
+
+
+@torch.library.custom_op("grass::sjlt", mutates_args=())
+def sjlt_op(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
+    """x [..., p] -> [..., k]; see the module docstring. CUDA tensors use grass_ops.cuda's Triton kernel."""
+    return sjlt_torch(x, idx, sign, k)
 
 
 @torch.library.custom_op("grass::sjlt_transpose", mutates_args=())

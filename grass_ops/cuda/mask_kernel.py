@@ -1,0 +1,48 @@
+"""Triton kernel for the soft factorized-mask backward: one pass over (grad, x) that writes
+grad * w and the per-coordinate partial sums of grad * x (the logits' gradient), instead of torch's
+materialized [N, d] product followed by a reduction. Partial sums are reduced in a fixed order."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _soft_mask_backward_kernel(
+    grad_ptr, x_ptr, w_ptr, grad_x_ptr, partial_ptr,
+    n_rows, d, rows_per_split,
+    BLOCK_D: tl.constexpr,
+):
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(1)
+    mask_d = offs_d < d
+    w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0)
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row0 = split * rows_per_split
+    for i in range(rows_per_split):
+        row = (row0 + i).to(tl.int64)
+        live = mask_d & (row < n_rows)
+        g = tl.load(grad_ptr + row * d + offs_d, mask=live, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * d + offs_d, mask=live, other=0.0).to(tl.float32)
+        tl.store(grad_x_ptr + row * d + offs_d, (g * w).to(grad_x_ptr.dtype.element_ty), mask=live)
+        total += g * x
+    tl.store(partial_ptr + split.to(tl.int64) * d + offs_d, total, mask=mask_d)
+
+
+def soft_mask_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """grad, x [..., d], w [d] float32 -> (grad * w in x.dtype, sum over rows of grad * x in float32 [d])."""
+    d = x.shape[-1]
+    grad2 = grad.reshape(-1, d).contiguous()
+    x2 = x.reshape(-1, d).contiguous()
+    n = x2.shape[0]
+    grad_x = torch.empty_like(x2)
+    block_d = 128
+    splits = max(1, min(64, triton.cdiv(n, 64)))
+    rows_per_split = triton.cdiv(max(n, 1), splits)
+    partial = torch.zeros(splits, d, dtype=torch.float32, device=x.device)
+    if n:
+        _soft_mask_backward_kernel[(triton.cdiv(d, block_d), splits)](
+            grad2, x2, w.contiguous(), grad_x, partial, n, d, rows_per_split, BLOCK_D=block_d
+        )
+    return grad_x.reshape(x.shape), partial.sum(0)
