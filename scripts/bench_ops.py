@@ -85,6 +85,8 @@ def bench_sjlt(args, device, dtype):
             if device.type == "cuda":
                 moved = x.numel() * x.element_size() + x.shape[0] * k * x.element_size() + idx.numel() * 9
                 row["effective_bandwidth_gbs"] = moved / (row["sjlt_ms"] * 1e-3) / 1e9
+                if args.hbm_gbs:
+                    row["percent_of_hbm"] = 100 * row["effective_bandwidth_gbs"] / args.hbm_gbs
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
         del dense
@@ -140,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--llama-tokens", type=int, default=None, help="override T for the Llama shape (B*T)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-dense-gib", type=float, default=4.0, help="skip dense Gaussian matrices above this size")
+    parser.add_argument("--hbm-gbs", type=float, default=None,
+                        help="device HBM bandwidth in GB/s for percent_of_hbm (default: 4800 on H200, 3350 on H100)")
     parser.add_argument("--only", choices=["sjlt", "factgrass"], default=None)
     parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -148,6 +152,9 @@ def main(argv=None):
         args.p, args.batch, args.sjlt_k, args.fact_k, args.repeats = 4096, 8, [64, 256], [64], 3
         FACT_SHAPES.update({n: dict(s, tokens=16, d_in=s["d_in"] // 8, d_out=s["d_out"] // 8) for n, s in FACT_SHAPES.items()})
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and args.hbm_gbs is None:
+        name = torch.cuda.get_device_name(device)
+        args.hbm_gbs = 4800.0 if "H200" in name else 3350.0 if "H100" in name else None
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
