@@ -64,7 +64,7 @@ def factgrass_torch(
     x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor, idx: Tensor, sign: Tensor, k: int
 ) -> Tensor:
     """The torch implementation (any device): x_in [B, T, d_in], g_out [B, T, d_out] -> [B, k]."""
-    check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    _checks.check_once(check_factgrass_args, x_in, g_out, in_idx, out_idx, idx, sign, k)
     check_factgrass_values(x_in, g_out, in_idx, out_idx)
     a, b = masked_factors(x_in, g_out, in_idx, out_idx)
     n = a.shape[0]

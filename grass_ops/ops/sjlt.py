@@ -76,7 +76,7 @@ def sjlt_rows(rows: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
 
 def sjlt_torch(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     """The torch implementation (any device): x [..., p] -> [..., k]; see the module docstring."""
-    _checks.check_sjlt_args(x, idx, sign, k)
+    _checks.check_once(_checks.check_sjlt_args, x, idx, sign, k)
     p = idx.shape[0]
     rows = x.reshape(-1, p).to(_checks.accumulation_dtype(x.dtype))
     return sjlt_rows(rows, idx, sign, k).to(x.dtype).reshape(*x.shape[:-1], k)
