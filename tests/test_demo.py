@@ -1,0 +1,30 @@
+"""The README's main job end to end (without compilation, to keep the suite fast)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+
+def _load_demo():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "digits_demo.py"
+    spec = importlib.util.spec_from_file_location("digits_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_demo_writes_a_sensible_attribution(tmp_path):
+    _load_demo().main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "attribution.png").stat().st_size > 10_000
+    assert summary["test_accuracy"] > 0.9
+    # helpful training digits share the test digit's label far more often than random pairs do
+    assert summary["top5_helpful_same_label_rate"] > 3 * summary["random_pair_same_label_rate"]
+    assert summary["top5_harmful_same_label_rate"] < summary["top5_helpful_same_label_rate"]
+    assert len(summary["queries"]) == 3 and len(summary["queries"][0]["helpful"]) == 5
+    # resumable store: a second run over the same store reuses every shard
+    _load_demo().main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
