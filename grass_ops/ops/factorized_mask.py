@@ -111,6 +111,25 @@ def _vmap(info, in_dims, x_in, g_out, in_mask, out_mask, temperature):
     return factorized_mask_op(x, g, in_mask, out_mask, temperature), (0, 0)
 
 
+@torch.library.register_vmap("grass::factorized_mask_backward")
+def _vmap_backward(info, in_dims, grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature):
+    if in_dims[4] is not None or in_dims[5] is not None:
+        return loop_vmap(lambda *a: factorized_mask_backward_op(*a, temperature), in_dims[:6],
+                         (grad_x, grad_g, x_in, g_out, in_mask, out_mask))
+    n = info.batch_size
+    gx, gg, x, g = (to_front(t, d, n) for t, d in zip((grad_x, grad_g, x_in, g_out), in_dims[:4]))
+    if is_hard(in_mask):
+        grad_in, grad_out, _, _ = factorized_mask_backward_op(gx, gg, x, g, in_mask, out_mask, temperature)
+        empty = x.new_empty(n, 0)
+        return (grad_in, grad_out, empty, empty), (0, 0, 0, 0)
+    results = []
+    for grad, t, logits in ((gx, x, in_mask), (gg, g, out_mask)):  # per vmapped element: sum over its rows only
+        w = soft_weights(logits, temperature, t.dtype)
+        per_coord = (grad.to(w.dtype) * t.to(w.dtype)).reshape(n, -1, t.shape[-1]).sum(1)
+        results.append(((grad * w).to(t.dtype), (per_coord * w * (1 - w) / temperature).to(logits.dtype)))
+    return (results[0][0], results[1][0], results[0][1], results[1][1]), (0, 0, 0, 0)
+
+
 class _FactorizedMask(torch.autograd.Function):
     generate_vmap_rule = True
 
