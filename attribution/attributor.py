@@ -30,7 +30,8 @@ from grass_ops.compressors import Compressor
 from .capture import FactorCapture
 from .compress import build_compressors, compress_layer
 from .fim import DampedInverse, FIMAccumulator
-from .layers import find_layers
+from .layers import LayerInfo, find_layers
+from .param_grads import find_params, per_sample_grads
 from .store import STORAGE_DTYPES, DiskStore, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class Attributor:
                  dtype: torch.dtype = torch.float32, *, checkpoints: list | None = None,
                  checkpoint_weights: list[float] | None = None, output_fn: Callable | None = None,
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
-                 storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True):
+                 storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
+                 params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fisher not in FISHERS:
@@ -118,20 +120,29 @@ class Attributor:
             raise ValueError(f"damping must be >= 0, got {damping}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        params = list(model.parameters())
-        model_device = params[0].device if params else torch.device("cpu")
+        first = next(model.parameters(), None)
+        model_device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device) if device is not None else model_device
         if model_device != self.device:
             raise ValueError(f"the model is on {model_device} but device={self.device}; move the model first")
         self.model, self.loss_fn, self.method, self.k, self.damping = model, loss_fn, method, k, float(damping)
         self.seed, self.dtype, self.output_fn, self.fisher, self.logits_fn = seed, dtype, output_fn, fisher, logits_fn
         self.memory_budget, self.progress, self.use_compile = int(memory_budget), progress, compile
-        self.layer_infos = find_layers(model, layers)
+        self.layer_infos = find_layers(model, layers) if layers != [] else {}
         self.layer_names = list(self.layer_infos)
-        self.compressors: dict[str, Compressor] = {
-            n: c.to(self.device) for n, c in build_compressors(compressor, self.layer_infos, k, seed).items()
-        }
-        self.dims = [self.compressors[n].out_features for n in self.layer_names]
+        self.param_names = list(find_params(model, params)) if params else []
+        if not self.layer_names and not self.param_names:
+            raise ValueError("nothing to attribute through: layers=[] and no params")
+        self.param_chunk = int(param_chunk)
+        built = build_compressors(compressor, self.layer_infos, k, seed) if self.layer_names else {}
+        # other parameters: flat per-sample gradients, one block each (seeds continue after the layers')
+        named = dict(model.named_parameters())
+        param_infos = {f"param:{n}": LayerInfo(n, 1, named[n].numel(), "param") for n in self.param_names}
+        if param_infos:
+            built.update(build_compressors(param_compressor, param_infos, k, seed + 1))
+        self.compressors: dict[str, Compressor] = {n: c.to(self.device) for n, c in built.items()}
+        self.block_names = self.layer_names + list(param_infos)
+        self.dims = [self.compressors[n].out_features for n in self.block_names]
         self.checkpoints = checkpoints
         if method == "tracin" and not checkpoints:
             warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)")
@@ -148,9 +159,9 @@ class Attributor:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.n_train: int | None = None
         if store is None:
-            self.store = MemoryStore(len(self.layer_names))
+            self.store = MemoryStore(len(self.block_names))
         else:
-            self.store = DiskStore(store, self._manifest(storage), len(self.layer_names), storage)
+            self.store = DiskStore(store, self._manifest(storage), len(self.block_names), storage)
 
     # ---- configuration ---------------------------------------------------------------------------
     def _checkpoint_states(self) -> list[dict | None]:
@@ -161,7 +172,8 @@ class Attributor:
         return {
             "model_fingerprints": [model_fingerprint(s) for s in states],
             "layers": {n: [i.d_in, i.d_out, i.kind] for n, i in self.layer_infos.items()},
-            "compressors": {n: self.compressors[n].spec() for n in self.layer_names},
+            "params": self.param_names,
+            "compressors": {n: self.compressors[n].spec() for n in self.block_names},
             "k": self.k, "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
             "gradient_of": "output_fn" if self.method == "trak" else "loss_fn",
             "fisher": self.fisher,
@@ -174,6 +186,8 @@ class Attributor:
 
     # ---- per-batch step (compiled) ---------------------------------------------------------------
     def _probes(self, batch) -> dict[str, Tensor]:
+        if not self.layer_names:
+            return {}
         key = tuple(t.shape for t in _flat_tensors(batch))
         if key not in self._probe_shapes:
             self._probe_shapes[key] = self.capture.output_shapes(self.loss_fn, batch)
@@ -183,9 +197,18 @@ class Attributor:
         return next(self.model.parameters()).dtype
 
     def _raw_step(self, fn: Callable, batch, probes: dict[str, Tensor]):
-        inputs, grads, values = self.capture.factors(fn, batch, probes)
-        compressed = [compress_layer(self.compressors[n], inputs[n].detach(), grads[n]).to(self.dtype)
-                      for n in self.layer_names]
+        compressed = []
+        values = None
+        if self.layer_names:
+            inputs, grads, values = self.capture.factors(fn, batch, probes)
+            compressed = [compress_layer(self.compressors[n], inputs[n].detach(), grads[n]).to(self.dtype)
+                          for n in self.layer_names]
+        if self.param_names:
+            flat = per_sample_grads(self.model, fn, batch, self.param_names, self.param_chunk)
+            compressed += [self.compressors[f"param:{n}"](flat[n]).to(self.dtype) for n in self.param_names]
+            if values is None:
+                with torch.no_grad():
+                    values = fn(self.model, batch)
         return compressed, values.detach()
 
     def _step(self, kind: str) -> Callable:
@@ -226,7 +249,7 @@ class Attributor:
         batch = _to_device(batch, self.device)
         probes = self._probes(batch)
         compressed, values = self._step(kind)(batch, probes)
-        rows = next(iter(probes.values())).shape[0]
+        rows = next(iter(probes.values())).shape[0] if probes else compressed[0].shape[0]
         if values.dim() != 1 or values.shape[0] != rows:
             name = "output_fn" if kind == "output" else "loss_fn"
             raise ValueError(f"{name} must return per-sample values of shape [B] = [{rows}], got {tuple(values.shape)}")
@@ -311,10 +334,7 @@ class Attributor:
             weights = [probs[:, c] for c in range(probs.shape[1])]
         for label, weight in zip(labels, weights):
             fn = lambda model, b, y=label: nn.functional.cross_entropy(self.logits_fn(model, b), y, reduction="none")  # noqa: E731
-            probes = self._probes(batch)
-            inputs, grads, _ = self.capture.factors(fn, batch, probes)
-            layers = [compress_layer(self.compressors[n], inputs[n].detach(), grads[n]).to(self.dtype)
-                      for n in self.layer_names]
+            layers, _ = self._raw_step(fn, batch, self._probes(batch))
             yield layers, weight
 
     def _iter_train(self, c: int, max_rows: int | None = None):

@@ -349,3 +349,41 @@ def test_bad_input_errors(kwargs, call, error, match):
     with pytest.raises(error, match=match):
         attr = Attributor(model, fn, compile=False, progress=False, k=16, **kwargs)
         call(attr, train, test)
+
+
+class EmbedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.embed(tokens)).mean(1))
+
+
+def test_other_parameters_use_vmap_grad(tmp_path):
+    torch.manual_seed(0)
+    model = EmbedModel().double()
+    tokens = torch.randint(0, 12, (10, 4))
+    labels = torch.randint(0, 3, (10,))
+    batches = [(tokens[:6], labels[:6]), (tokens[6:], labels[6:])]
+    kwargs = dict(method="graddot", compressor="identity", param_compressor="identity", k=10**6,
+                  dtype=torch.float64, progress=False, param_chunk=4)
+    eager = Attributor(model, loss_fn, params=["embed.weight", "norm.*"], compile=False, **kwargs)
+    scores = eager.cache(batches).attribute(batches[:1])
+    assert eager.block_names == ["head", "param:embed.weight", "param:norm.weight", "param:norm.bias"]
+    rows = []
+    for i in range(10):
+        model.zero_grad()
+        loss_fn(model, (tokens[i : i + 1], labels[i : i + 1])).sum().backward()
+        rows.append(torch.cat([model.head.weight.grad.T.flatten()] + [p.grad.flatten() for p in
+                               (model.embed.weight, model.norm.weight, model.norm.bias)]))
+    g = torch.stack(rows)
+    torch.testing.assert_close(scores, g[:6] @ g.T)
+    compiled = Attributor(model, loss_fn, params=["embed.weight", "norm.*"], compile=True, **kwargs)
+    torch.testing.assert_close(compiled.cache(batches).attribute(batches[:1]), scores)
+    only_params = Attributor(model, loss_fn, layers=[], params=["norm.bias"], compile=False, **kwargs)
+    torch.testing.assert_close(only_params.cache(batches).attribute(batches[:1]), g[:6, -6:] @ g[:, -6:].T)
+    with pytest.raises(ValueError, match="'nope' matches no parameter"):
+        Attributor(model, loss_fn, params=["nope"], compile=False, **kwargs)
