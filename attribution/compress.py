@@ -7,6 +7,7 @@ the factors in row chunks (bounded memory) and compressed right away.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,14 +35,24 @@ def _intermediate(d: int, k_sqrt: int, blowup: float) -> int:
     return max(1, min(d, int(round(blowup * k_sqrt))))
 
 
+def _learned(mask_dir: str | None, layer: LayerInfo, part: str, size: int, k: int | None):
+    """A Selective Mask saved by attribution.selective_mask.train_masks (None: use a random mask)."""
+    if mask_dir is None:
+        return None
+    return C.SelectiveMask(size, path=Path(mask_dir) / f"{layer.name}{part}.npz", k=k)
+
+
 @_builder("factgrass")
 def _factgrass(layer: LayerInfo, k: int, seed: int, blowup: float = 2.0, k_in: int | None = None,
-               k_out: int | None = None, s: int = 1):
-    """k_in' = k_out' = blowup * sqrt(k) (capped at d), as in the paper's FactGraSS."""
+               k_out: int | None = None, s: int = 1, mask_dir: str | None = None):
+    """k_in' = k_out' = blowup * sqrt(k) (capped at d), as in the paper's FactGraSS. mask_dir: learned
+    factorized Selective Masks (<layer>.in.npz / <layer>.out.npz) instead of random ones."""
     root = math.isqrt(k) or 1
     k_in = int(k_in) if k_in else _intermediate(layer.d_in, root, blowup)
     k_out = int(k_out) if k_out else _intermediate(layer.d_out, root, blowup)
-    return C.FactGraSS(layer.d_in, layer.d_out, k, k_in, k_out, seed=seed, s=int(s))
+    return C.FactGraSS(layer.d_in, layer.d_out, k, k_in, k_out, seed=seed, s=int(s),
+                       in_mask=_learned(mask_dir, layer, ".in", layer.d_in, k_in),
+                       out_mask=_learned(mask_dir, layer, ".out", layer.d_out, k_out))
 
 
 @_builder("logra")
@@ -60,10 +71,19 @@ def _random_mask(layer, k, seed):
     return C.RandomMask(layer.params, k, seed)
 
 
+@_builder("selective_mask", "sm")
+def _selective_mask(layer, k, seed, mask_dir: str | None = None):
+    if mask_dir is None:
+        raise ValueError("selective_mask needs mask_dir=<directory of masks from attribution.selective_mask.train_masks>")
+    return _learned(mask_dir, layer, "", layer.params, k)
+
+
 @_builder("grass")
-def _grass(layer, k, seed, k_prime: int | None = None, blowup: float = 4.0, s: int = 1):
+def _grass(layer, k, seed, k_prime: int | None = None, blowup: float = 4.0, s: int = 1, mask_dir: str | None = None):
+    """SJLT_k o Mask_k'; mask_dir: a learned plain Selective Mask of k' coordinates (GraSS with SM)."""
     k_prime = int(k_prime) if k_prime else min(layer.params, int(blowup * k))
-    return C.GraSS(layer.params, k, max(k_prime, k), int(s), seed)
+    k_prime = max(k_prime, k)
+    return C.GraSS(layer.params, k, k_prime, int(s), seed, mask=_learned(mask_dir, layer, "", layer.params, k_prime))
 
 
 @_builder("gaussian")
