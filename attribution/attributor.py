@@ -301,6 +301,7 @@ class Attributor:
         if n == 0:
             raise ValueError("train_loader yielded no samples")
         self.stats[f"cache_seconds_ckpt{c}"] = time.perf_counter() - start
+        self.__dict__.get("_fim_cache", {}).pop(c, None)
         if self.method in ("if", "trak") and self.store.load_fim(c) is None:
             self.store.discard_fim(c)
             self.store.save_fim(c, self._compute_fim(c, loader, n))
@@ -371,40 +372,59 @@ class Attributor:
         per_row = 4 * (sum(self.dims) + n_test)
         return max(1, self.memory_budget // max(1, per_row))
 
-    def attribute(self, test_loader: Iterable) -> Tensor:
-        """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring."""
-        self._require_cache()
+    def query_features(self, test_loader: Iterable) -> list[list[Tensor]]:
+        """Compressed query gradients, [checkpoint][block] -> [n_test, k_l]; reusable across dampings."""
         was_training = self.model.training
         original = {n: t.detach().clone() for n, t in self.model.state_dict().items()} if self.checkpoints else None
         self.model.eval()
         try:
-            scores = None
-            q_weight = None
+            features = []
             for c in range(len(self._checkpoint_states())):
                 self._load_checkpoint(c)
-                queries = self._queries(test_loader, c)
-                part = self._scores_for_checkpoint(c, queries)
-                weight = self.checkpoint_weights[c] if self.method == "tracin" else 1.0
-                scores = part * weight if scores is None else scores + part * weight
-                if self.method == "trak":
-                    q = 1.0 - torch.sigmoid(self._train_values(c))
-                    q_weight = q if q_weight is None else q_weight + q
+                features.append(self._queries(test_loader, c))
         finally:
             if original is not None:
                 self.model.load_state_dict(original)
             self.model.train(was_training)
+        return features
+
+    def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
+                  features: list[list[Tensor]] | None = None) -> Tensor:
+        """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring.
+        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries."""
+        self._require_cache()
+        if features is None:
+            if test_loader is None:
+                raise ValueError("attribute needs test_loader or features")
+            features = self.query_features(test_loader)
+        damping = self.damping if damping is None else float(damping)
+        scores = None
+        q_weight = None
+        for c, queries in enumerate(features):
+            part = self._scores_for_checkpoint(c, queries, damping)
+            weight = self.checkpoint_weights[c] if self.method == "tracin" else 1.0
+            scores = part * weight if scores is None else scores + part * weight
+            if self.method == "trak":
+                q = 1.0 - torch.sigmoid(self._train_values(c))
+                q_weight = q if q_weight is None else q_weight + q
         if self.method == "trak":
-            m = len(self._checkpoint_states())
+            m = len(features)
             scores = scores / m * (q_weight / m).to(scores.device, scores.dtype).unsqueeze(0)
         return scores
 
-    def _scores_for_checkpoint(self, c: int, queries: list[Tensor]) -> Tensor:
-        n_test = queries[0].shape[0]
-        if self.method in ("if", "trak"):
+    def _fims(self, c: int) -> list[DampedInverse]:
+        cache = self.__dict__.setdefault("_fim_cache", {})
+        if c not in cache:
             fims = self.store.load_fim(c)
             if fims is None:
                 raise RuntimeError("the store has no FIM for this checkpoint; run cache() to completion")
-            queries = [fim.apply(q, self.damping) for fim, q in zip(fims, queries)]
+            cache[c] = fims
+        return cache[c]
+
+    def _scores_for_checkpoint(self, c: int, queries: list[Tensor], damping: float) -> Tensor:
+        n_test = queries[0].shape[0]
+        if self.method in ("if", "trak"):
+            queries = [fim.apply(q, damping) for fim, q in zip(self._fims(c), queries)]
         scores = torch.zeros(n_test, self.n_train, dtype=self.dtype, device=self.device)
         train_norms = torch.zeros(self.n_train, dtype=torch.float64, device=self.device) if self.method == "gradcos" else None
         for start, layers in self._iter_train(c, self._row_budget(n_test)):
@@ -429,7 +449,7 @@ class Attributor:
     def self_influence(self) -> Tensor:
         """[n_train]: g_i^T (F + damping I)^-1 g_i for "if" (g_i^T g_i otherwise), from the store (checkpoint 0)."""
         self._require_cache()
-        fims = self.store.load_fim(0) if self.method in ("if", "trak") else None
+        fims = self._fims(0) if self.method in ("if", "trak") else None
         out = torch.zeros(self.n_train, dtype=torch.float64)
         for start, layers in self._iter_train(0, self._row_budget(1)):
             for j, g in enumerate(layers):

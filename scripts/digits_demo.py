@@ -16,45 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-
-def load_digits_split(seed: int = 0, n_test: int = 297):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    test, train = perm[:n_test], perm[n_test:]
-    return (x[train], y[train]), (x[test], y[test])
-
-
-def make_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def train_mlp(model, x, y, epochs=40, lr=3e-3, batch=64, seed=0, weight_decay=1e-4):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
-
-
-def per_sample_loss(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y, reduction="none")
-
-
-def batches(x, y, size):
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+from attribution.examples import batches, load_digits_split, make_mlp, per_sample_loss, train_mlp
 
 
 def plot_grid(path, test_x, test_y, pred, train_x, train_y, helpful, harmful, helpful_scores, harmful_scores):

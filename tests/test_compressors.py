@@ -102,3 +102,15 @@ def test_wrong_input_width_is_named():
         C.Gaussian(64, 4)(torch.randn(2, 63))
     with pytest.raises(ValueError, match="unknown compressor type"):
         C.from_spec({"type": "Nope"})
+
+
+def test_blocked_hadamard_equals_the_sylvester_matrix():
+    x = torch.randn(3, 64, dtype=torch.float64)
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < 64:
+        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
+    expected = x @ sylvester / 8
+    for block in (2, 4, 8, 128):
+        torch.testing.assert_close(C.hadamard_transform(x, block=block), expected)
+    with pytest.raises(ValueError, match="power-of-two"):
+        C.hadamard_transform(torch.randn(2, 6))

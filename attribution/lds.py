@@ -1,0 +1,114 @@
+"""The linear datamodeling score (LDS; Park et al. 2023, paper §B.2).
+
+Train M models on random subsets of the training set (half of it by default), record a model-output
+function on the test points (higher = better, e.g. the margin or minus the loss), then, for an
+attribution matrix S [n_test, n_train], correlate (Spearman, per test point, over the M subsets) the
+predicted subset scores sum_{i in subset} S[q, i] with the actual outputs, and average over test
+points. Retrained models and their outputs are saved on disk (numpy, atomic) and reused across
+methods; an interrupted run resumes with the models it already has.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import grass_ops
+
+from .metrics import spearman
+from .store import atomic_save_npy, atomic_write_json
+
+
+@dataclass
+class LDSResult:
+    mean: float
+    stderr: float
+    per_test: Tensor
+
+    def as_dict(self) -> dict:
+        return {"lds": self.mean, "stderr": self.stderr, "n_test": int(self.per_test.numel())}
+
+
+class LDSHarness:
+    """train_fn(train_indices [m] int64, seed) -> model; output_fn(model) -> Tensor[n_test]."""
+
+    def __init__(self, root: str | Path, n_train: int, train_fn: Callable, output_fn: Callable, n_models: int = 50,
+                 subset_fraction: float = 0.5, seed: int = 0, progress: bool = True):
+        if not 0 < subset_fraction < 1:
+            raise ValueError(f"subset_fraction must be in (0, 1), got {subset_fraction}")
+        self.root, self.n_train, self.n_models = Path(root), int(n_train), int(n_models)
+        self.train_fn, self.output_fn, self.seed, self.progress = train_fn, output_fn, seed, progress
+        self.subset_size = max(1, int(round(subset_fraction * n_train)))
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {"n_train": self.n_train, "n_models": self.n_models, "subset_size": self.subset_size, "seed": seed}
+        path = self.root / "lds.json"
+        if path.exists() and json.loads(path.read_text()) != config:
+            raise ValueError(f"LDS directory {self.root} holds a different configuration {path.read_text()}; use another")
+        atomic_write_json(path, config)
+
+    def subset(self, m: int) -> Tensor:
+        """The m-th training subset (sorted indices), a pure function of (seed, m, n_train)."""
+        return grass_ops.random_mask(self.n_train, self.subset_size, grass_ops.derive_seed(self.seed, m))
+
+    def subsets(self) -> Tensor:
+        """[M, n_train] 0/1 membership matrix."""
+        member = torch.zeros(self.n_models, self.n_train, dtype=torch.float64)
+        for m in range(self.n_models):
+            member[m, self.subset(m)] = 1.0
+        return member
+
+    def outputs(self) -> Tensor:
+        """[M, n_test] model outputs, training (and saving) whatever models are missing."""
+        if getattr(self, "_outputs", None) is not None:
+            return self._outputs
+        rows = []
+        for m in tqdm(range(self.n_models), desc="LDS retraining", disable=not self.progress, leave=False):
+            path = self.root / f"outputs_{m:03d}.npy"
+            if not path.exists():
+                model = self.train_fn(self.subset(m), grass_ops.derive_seed(self.seed + 1, m))
+                state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+                tmp = self.root / f".model_{m:03d}.tmp.npz"
+                np.savez(tmp, **state)
+                tmp.replace(self.root / f"model_{m:03d}.npz")
+                with torch.no_grad():
+                    atomic_save_npy(path, self.output_fn(model).double().cpu().numpy())
+            rows.append(torch.from_numpy(np.load(path)))
+        self._outputs = torch.stack(rows)
+        return self._outputs
+
+    def score(self, scores: Tensor, test_indices: Tensor | None = None) -> LDSResult:
+        """LDS of an attribution matrix [n_test, n_train] (optionally on a subset of the test points)."""
+        actual = self.outputs()  # [M, n_test]
+        predicted = self.subsets() @ scores.double().cpu().T  # [M, n_test]
+        if test_indices is not None:
+            actual, predicted = actual[:, test_indices], predicted[:, test_indices]
+        per_test = spearman(predicted.T, actual.T)  # [n_test]
+        per_test = torch.nan_to_num(per_test, nan=0.0)
+        n = per_test.numel()
+        return LDSResult(float(per_test.mean()), float(per_test.std() / math.sqrt(n)) if n > 1 else 0.0, per_test)
+
+
+DAMPING_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def cross_validated_lds(harness: LDSHarness, scores_for: Callable[[float], Tensor], n_test: int,
+                        grid=DAMPING_GRID, cv_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Pick the damping on ``cv_fraction`` of the test points (paper §B.2), report LDS on the rest."""
+    perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+    n_cv = max(1, int(round(cv_fraction * n_test)))
+    cv, held = perm[:n_cv], perm[n_cv:]
+    best = None
+    for damping in grid:
+        scores = scores_for(damping)
+        cv_lds = harness.score(scores, cv).mean
+        if best is None or cv_lds > best[1]:
+            best = (damping, cv_lds, scores)
+    result = harness.score(best[2], held)
+    return {**result.as_dict(), "damping": best[0], "cv_lds": best[1]}
