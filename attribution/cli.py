@@ -1,0 +1,268 @@
+"""``grass-attribute``: attribute a causal LM's outputs to training documents with FactGraSS.
+
+    grass-attribute cache --store out/llm                      # SmolLM2-135M + Python-docs paragraphs
+    grass-attribute attribute --store out/llm --prompt "To improve data privacy,"
+    grass-attribute select --store out/llm --target target.jsonl --fraction 0.1 --out selected.jsonl
+    grass-attribute bench --out bench.json
+
+Every flag can also come from ``--config file.json`` (keys = flag names with underscores). ``cache``
+records its configuration in the store (cli.json), so later commands need only ``--store``; an
+interrupted ``cache`` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import llm
+from .attributor import Attributor
+from .store import atomic_write_json
+
+CACHE_KEYS = ("model", "gguf_file", "corpus", "text_field", "limit", "layers", "compressor", "k", "max_length",
+              "batch_size", "dtype", "damping", "seed")
+
+
+def _layers(model, patterns):
+    names = [n for n, _ in model.named_modules()]
+    kept = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if not kept:
+        raise SystemExit(f"--layers {patterns} match no module of the model")
+    return kept
+
+
+def _attributor(model, config, store, method="if", compile=False):
+    return Attributor(model, llm.sequence_loss, method=method, compressor=config["compressor"], k=config["k"],
+                      damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
+                      seed=config["seed"], compile=compile)
+
+
+def _docs(config):
+    if config["corpus"] in (None, "python-docs"):
+        return llm.python_docs_corpus(limit=config["limit"])
+    return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
+
+
+def cmd_cache(args, loaded=None):
+    store = Path(args.store)
+    config = {key: getattr(args, key) for key in CACHE_KEYS}
+    saved = store / "cli.json"
+    if saved.exists() and json.loads(saved.read_text()) != config:
+        raise SystemExit(f"{store} was cached with {saved.read_text()}; use the same flags or a new --store")
+    store.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    docs = _docs(config)
+    with open(store / ".docs.jsonl.tmp", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    (store / ".docs.jsonl.tmp").replace(store / "docs.jsonl")
+    atomic_write_json(saved, config)
+    attr = _attributor(model, config, store, compile=args.compile)
+    start = time.perf_counter()
+    attr.cache(llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"]))
+    seconds = time.perf_counter() - start
+    summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
+               "cache_seconds": seconds, "graph_breaks": attr.stats["graph_breaks"]}
+    print(json.dumps(summary))
+    return summary
+
+
+def _load_store(store):
+    store = Path(store)
+    if not (store / "cli.json").exists():
+        raise SystemExit(f"{store} is not a grass-attribute store (run `grass-attribute cache --store {store}` first)")
+    config = json.loads((store / "cli.json").read_text())
+    docs = [json.loads(line) for line in (store / "docs.jsonl").read_text().splitlines()]
+    return store, config, docs
+
+
+def _queries(args, model, tokenizer):
+    if args.task:
+        return llm.lm_eval_queries(args.task, args.include_path, args.query_limit)
+    queries = []
+    if args.prompts:
+        for line in Path(args.prompts).read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                queries.append({"prompt": record["prompt"], "completion": record.get("completion")})
+    queries += [{"prompt": p, "completion": None} for p in args.prompt or []]
+    if not queries:
+        raise SystemExit("give --prompt, --prompts FILE or --task")
+    missing = [q for q in queries if not q.get("completion")]
+    for q, text in zip(missing, llm.complete(model, tokenizer, [q["prompt"] for q in missing], args.generate)):
+        q["completion"] = text
+    return [{"id": q.get("id", str(i)), **q} for i, q in enumerate(queries)]
+
+
+def cmd_attribute(args, loaded=None):
+    store, config, docs = _load_store(args.store)
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    queries = _queries(args, model, tokenizer)
+    attr = _attributor(model, config, store)
+    scores = attr.attribute(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
+    k = min(args.top_k, scores.shape[1])
+    top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+    results = [llm.Attribution(q, [(docs[j], float(s)) for j, s in zip(top.indices[i], top.values[i])],
+                               [(docs[j], float(s)) for j, s in zip(bottom.indices[i], bottom.values[i])])
+               for i, q in enumerate(queries)]
+    meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
+            "damping": config["damping"], "documents": len(docs)}
+    paths = llm.write_reports(args.out, results, meta)
+    print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
+                      "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
+                                   "top": [d["id"] for d, _ in r.helpful]} for r in results]}))
+    return results
+
+
+def cmd_demo(args):
+    """The embedded default end to end: cache the corpus, then attribute the default prompts' completions."""
+    loaded = llm.load_model(args.model, args.gguf_file, args.dtype)
+    start = time.perf_counter()
+    summary = cmd_cache(args, loaded)
+    args.prompt = args.prompt or list(llm.DEFAULT_PROMPTS)
+    results = cmd_attribute(args, loaded)
+    lines = [f"{summary['documents']} Python-docs paragraphs cached with FactGraSS (k={args.k} per layer, "
+             f"{summary['layers']} linear layers) in {summary['cache_seconds']:.0f}s; total {time.perf_counter() - start:.0f}s"]
+    for r in results:
+        lines.append(f"\n{r.query['prompt']!r} -> {r.query['completion']!r}")
+        lines += [f"  + {s:9.3g}  [{d['id']}] {d['text'][:110]}" for d, s in r.helpful[:3]]
+    lines.append(f"\nreports: {Path(args.out) / 'report.md'} (and .html, .json)")
+    print("\n".join(lines))
+    return results
+
+
+def cmd_select(args):
+    store, config, docs = _load_store(args.store)
+    model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    if args.task:
+        targets = llm.lm_eval_queries(args.task, args.include_path, args.query_limit)
+    else:
+        targets = []
+        for line in Path(args.target).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                targets.append({"prompt": r.get("prompt", ""), "completion": r.get("completion", r.get("text", ""))})
+    attr = _attributor(model, config, store, method="gradcos")
+    scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"]))
+    mean = scores.mean(0)  # LESS: average cosine similarity to the target set
+    n_keep = max(1, int(round(args.fraction * len(docs))))
+    keep = mean.topk(n_keep).indices.tolist()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for j in keep:
+            f.write(json.dumps({**docs[j], "score": float(mean[j])}) + "\n")
+    print(json.dumps({"selected": n_keep, "of": len(docs), "out": str(out), "top": [docs[j]["id"] for j in keep[:5]]}))
+    return keep
+
+
+def cmd_bench(args):
+    from .llm_bench import run
+
+    report = run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
+                 repeats=args.repeats, device=args.device, dtype=args.dtype)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grass-attribute", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file with flag values (flags given on the command line win)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cache = sub.add_parser("cache", help="compress a corpus's training gradients into a store")
+    cache.add_argument("--store", required=True)
+    cache.add_argument("--model", default=llm.DEFAULT_MODEL, help="'smollm2' (embedded), a folder or a hub id")
+    cache.add_argument("--gguf-file", default=None)
+    cache.add_argument("--corpus", default="python-docs", help="'python-docs' (embedded), a .jsonl or a .txt")
+    cache.add_argument("--text-field", default="text")
+    cache.add_argument("--limit", type=int, default=96, help="documents (0: all)")
+    cache.add_argument("--layers", nargs="+", default=llm.DEFAULT_LAYERS, help="module name patterns")
+    cache.add_argument("--compressor", default="factgrass")
+    cache.add_argument("--k", type=int, default=256, help="compressed dimension per layer")
+    cache.add_argument("--max-length", type=int, default=128)
+    cache.add_argument("--batch-size", type=int, default=4)
+    cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+    cache.add_argument("--damping", type=float, default=1e-3)
+    cache.add_argument("--seed", type=int, default=0)
+    cache.add_argument("--compile", action="store_true", help="torch.compile the cache step")
+    cache.set_defaults(func=cmd_cache)
+
+    demo = sub.add_parser("demo", help="the embedded default: cache + attribute the default prompts")
+    for action in cache._actions:
+        if action.dest not in ("help", "store"):
+            demo._add_action(action)
+    demo.add_argument("--store", default="out/llm/store")
+    demo.add_argument("--prompt", action="append", help="prompts (default: the paper's and three docs questions)")
+    demo.add_argument("--prompts", default=None)
+    demo.add_argument("--task", default=None)
+    demo.add_argument("--include-path", default=None)
+    demo.add_argument("--query-limit", type=int, default=None)
+    demo.add_argument("--generate", type=int, default=24)
+    demo.add_argument("--top-k", type=int, default=5)
+    demo.add_argument("--out", default="out/llm")
+    demo.set_defaults(func=cmd_demo)
+
+    for name, helptext in (("attribute", "top-k training documents for prompts / completions"),
+                           ("select", "LESS-style data selection against a target set")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--store", required=True)
+        p.add_argument("--task", default=None, help="an lm-eval task as the query/target set")
+        p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
+        p.add_argument("--query-limit", type=int, default=None)
+        if name == "attribute":
+            p.add_argument("--prompt", action="append", help="a prompt (repeatable); completed by the model")
+            p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
+            p.add_argument("--generate", type=int, default=24, help="new tokens of each completion")
+            p.add_argument("--top-k", type=int, default=5)
+            p.add_argument("--out", default="out/llm_report")
+            p.set_defaults(func=cmd_attribute)
+        else:
+            p.add_argument("--target", default=None, help="jsonl of {prompt, completion} or {text}")
+            p.add_argument("--fraction", type=float, default=0.1)
+            p.add_argument("--out", default="out/selected.jsonl")
+            p.set_defaults(func=cmd_select)
+
+    bench = sub.add_parser("bench", help="throughput of the compress step and the cache stage")
+    bench.add_argument("--models", nargs="+", default=["smollm2", "gpt2-random"])
+    bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096])
+    bench.add_argument("--batch-size", type=int, default=2)
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+    bench.add_argument("--out", default=None)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def run(argv=None):
+    """Parse and run one subcommand; returns its result (main() is the console entry point)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        values = json.loads(Path(args.config).read_text())
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        for key, value in values.items():
+            if key not in given and hasattr(args, key):
+                setattr(args, key, value)
+    if getattr(args, "limit", None) == 0:
+        args.limit = None
+    return args.func(args)
+
+
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

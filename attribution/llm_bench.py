@@ -1,0 +1,105 @@
+"""Throughput of the LLM cache stage (the shape of the paper's Table 2), used by ``grass-attribute bench``.
+
+Per model and k per layer: tokens/s of (a) a bare forward + activation-gradient-only backward (the
+per-sample factors, no compression), (b) the compress step alone on those factors, (c) the whole
+cache step (a + b), for FactGraSS and LoGra. Models: "smollm2" (embedded, real weights),
+"gpt2-random" (GPT-2 small from its config, random weights, Conv1D layers) and, on a GPU,
+"llama3-8b-random" (Llama-3.1-8B from its config, random bf16 weights, no download).
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from . import llm
+from .attributor import Attributor
+from .compress import compress_layer
+
+
+def build_model(name: str, device: str, dtype: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "smollm2":
+        model, _ = llm.load_model("smollm2", dtype=dtype, device=device)
+        return model, model.config.vocab_size
+    if name == "gpt2-random":
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
+        return GPT2LMHeadModel(config).to(device, llm.DTYPES[dtype]).eval(), config.vocab_size
+    if name == "llama3-8b-random":
+        if device == "cpu":
+            raise ValueError("llama3-8b-random needs a GPU (about 16 GB of bf16 weights)")
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(llm.DTYPES[dtype]).eval()
+        return model, config.vocab_size
+    raise ValueError(f"unknown bench model {name!r}")
+
+
+def _median_seconds(fn, repeats, sync):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, seq_len=128, repeats=3,
+        device="cpu", dtype="float32") -> dict:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch_size,
+              "seq_len": seq_len, "dtype": dtype, "models": {}}
+    for name in models:
+        model, vocab = build_model(name, device, dtype)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+        tokens = batch_size * seq_len
+        rows = {}
+        for k in ks:
+            for comp in ("factgrass", "logra"):
+                attr = Attributor(model, llm.sequence_loss, compressor=comp, k=k, compile=False, progress=False,
+                                  layers=["model.layers.*"] if name != "gpt2-random" else ["transformer.h.*"])
+                probes = attr._probes(batch)
+                factors = {}
+
+                def bare():
+                    inputs, grads, _ = attr.capture.factors(llm.sequence_loss, batch, probes)
+                    factors.update({n: (inputs[n].detach(), grads[n]) for n in attr.layer_names})
+
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                bare_s = _median_seconds(bare, repeats, sync)
+
+                def compress():
+                    for n in attr.layer_names:
+                        compress_layer(attr.compressors[n], *factors[n])
+
+                compress_s = _median_seconds(compress, repeats, sync)
+                cache_s = _median_seconds(lambda: attr.compress_batch(batch), repeats, sync)
+                factor_bytes = sum(x.element_size() * (x.numel() + g.numel()) for x, g in factors.values()) / batch_size
+                weight_grad_bytes = sum(i.params for i in attr.layer_infos.values()) * 4
+                row = {"layers": len(attr.layer_names), "bare_tokens_per_s": tokens / bare_s,
+                       "compress_tokens_per_s": tokens / compress_s, "cache_tokens_per_s": tokens / cache_s,
+                       "cache_vs_bare": bare_s / cache_s,
+                       "per_sample_bytes": {"factors": factor_bytes, "compressed": 4 * sum(attr.dims),
+                                            "weight_gradients_never_formed": weight_grad_bytes}}
+                if device.startswith("cuda"):
+                    row["peak_gpu_bytes_per_sample"] = torch.cuda.max_memory_allocated() / batch_size
+                rows[f"{comp}_k{k}"] = row
+                attr.close()
+        for k in ks:
+            rows[f"compress_speedup_factgrass_vs_logra_k{k}"] = (
+                rows[f"factgrass_k{k}"]["compress_tokens_per_s"] / rows[f"logra_k{k}"]["compress_tokens_per_s"])
+        report["models"][name] = rows
+        del model
+    return report

