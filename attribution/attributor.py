@@ -12,15 +12,13 @@ compressed gradients, so a new damping needs no new cache.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
-import math
 import time
 import warnings
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -256,24 +254,34 @@ class Attributor:
         return compressed, values
 
     # ---- cache stage -----------------------------------------------------------------------------
-    def cache(self, train_loader: Iterable) -> "Attributor":
-        """Compress every training gradient (per checkpoint), then the per-layer FIMs. Resumable with a store path."""
-        kind = "output" if self.method == "trak" else "loss"
+    @contextlib.contextmanager
+    def _each_checkpoint(self):
+        """Yield an iterator over checkpoint indices with the model in eval mode and that checkpoint's
+        weights loaded; restores the model's own weights and training mode afterwards."""
         was_training = self.model.training
         original = {n: t.detach().clone() for n, t in self.model.state_dict().items()} if self.checkpoints else None
         self.model.eval()
-        try:
-            totals = []
+
+        def indices():
             for c in range(len(self._checkpoint_states())):
                 self._load_checkpoint(c)
-                totals.append(self._cache_checkpoint(c, train_loader, kind))
-            if len(set(totals)) != 1:
-                raise ValueError(f"checkpoints saw different numbers of training samples: {totals}")
-            self.n_train = totals[0]
+                yield c
+
+        try:
+            yield indices()
         finally:
             if original is not None:
                 self.model.load_state_dict(original)
             self.model.train(was_training)
+
+    def cache(self, train_loader: Iterable) -> "Attributor":
+        """Compress every training gradient (per checkpoint), then the per-layer FIMs. Resumable with a store path."""
+        kind = "output" if self.method == "trak" else "loss"
+        with self._each_checkpoint() as checkpoints:
+            totals = [self._cache_checkpoint(c, train_loader, kind) for c in checkpoints]
+        if len(set(totals)) != 1:
+            raise ValueError(f"checkpoints saw different numbers of training samples: {totals}")
+        self.n_train = totals[0]
         return self
 
     def _cache_checkpoint(self, c: int, loader: Iterable, kind: str) -> int:
@@ -374,19 +382,8 @@ class Attributor:
 
     def query_features(self, test_loader: Iterable) -> list[list[Tensor]]:
         """Compressed query gradients, [checkpoint][block] -> [n_test, k_l]; reusable across dampings."""
-        was_training = self.model.training
-        original = {n: t.detach().clone() for n, t in self.model.state_dict().items()} if self.checkpoints else None
-        self.model.eval()
-        try:
-            features = []
-            for c in range(len(self._checkpoint_states())):
-                self._load_checkpoint(c)
-                features.append(self._queries(test_loader, c))
-        finally:
-            if original is not None:
-                self.model.load_state_dict(original)
-            self.model.train(was_training)
-        return features
+        with self._each_checkpoint() as checkpoints:
+            return [self._queries(test_loader, c) for c in checkpoints]
 
     def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
                   features: list[list[Tensor]] | None = None) -> Tensor:

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import llm
 from .attributor import Attributor
 from .store import atomic_write_json

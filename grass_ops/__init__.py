@@ -9,7 +9,6 @@ Ops (eager, autograd, torch.func and torch.compile(fullgraph=True)):
 """
 from . import meta as _meta  # noqa: F401  (registers the fake kernels)
 from ._hashing import derive_seed, random_mask, sjlt_hash
-from .ops import factgrass, factorized_inner, factorized_mask, sjlt, sjlt_transpose
 from .compressors import (
     FJLT,
     SJLT,
@@ -25,8 +24,8 @@ from .compressors import (
     SelectiveMask,
     from_spec,
 )
-
 from .cuda import register as _register_cuda
+from .ops import factgrass, factorized_inner, factorized_mask, sjlt, sjlt_transpose
 
 _register_cuda()  # Triton kernels for CUDA tensors, when CUDA and triton are present
 

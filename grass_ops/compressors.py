@@ -13,6 +13,7 @@ flattened weight gradient in (d_in, d_out) row-major order (position i * d_out +
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -47,14 +48,15 @@ def _check_last_dim(name: str, g: Tensor, p: int) -> None:
         raise ValueError(f"{name} expects inputs [..., {p}], got shape {tuple(g.shape)}")
 
 
-class Compressor(nn.Module):
+class Compressor(nn.Module, metaclass=abc.ABCMeta):
     """Base class: maps [..., in_features] -> [..., out_features]."""
 
     in_features: int
     out_features: int
 
+    @abc.abstractmethod
     def spec(self) -> dict:
-        raise NotImplementedError  # every concrete compressor overrides this
+        """JSON-serializable description: {"type": class name, shapes, seed, ...}."""
 
     @classmethod
     def _from_spec(cls, spec: dict) -> "Compressor":
@@ -231,8 +233,9 @@ class FactorizedCompressor(Compressor):
     d_in: int
     d_out: int
 
+    @abc.abstractmethod
     def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
-        raise NotImplementedError  # FactGraSS and LoGra override this
+        """x_in [B, (T,) d_in], g_out [B, (T,) d_out] -> [B, out_features]."""
 
     def _weight_gradient(self, g: Tensor) -> Tensor:
         _check_last_dim(type(self).__name__, g, self.d_in * self.d_out)

@@ -89,7 +89,7 @@ def bench_sjlt(args, device, dtype):
                     row["percent_of_hbm"] = 100 * row["effective_bandwidth_gbs"] / args.hbm_gbs
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-        del dense
+        dense = None  # free the [k, p] matrix before the next k
     return rows
 
 

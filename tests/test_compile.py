@@ -1,9 +1,9 @@
 """torch.compile(fullgraph=True) on CPU (inductor): no graph break, eager numbers, forward and backward."""
 import pytest
 import torch
+from helpers import factgrass_case
 
 import grass_ops
-from helpers import factgrass_case
 
 
 @pytest.fixture(autouse=True)

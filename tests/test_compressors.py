@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import grass_ops
 from grass_ops import compressors as C
 
 FLAT = [

@@ -2,11 +2,11 @@ import importlib
 
 import pytest
 import torch
+from helpers import hard_mask_case, inner_case, soft_mask_case
 from hypothesis import given
 from hypothesis import strategies as st
 
 import grass_ops
-from helpers import hard_mask_case, inner_case, soft_mask_case
 
 
 def test_hard_mask_gathers_and_soft_mask_weights():

@@ -3,11 +3,11 @@ import importlib
 
 import pytest
 import torch
+from helpers import factgrass_case, inner_case, soft_mask_case
 from torch import func
 
 import grass_ops
 from grass_ops.testing import dense_sjlt_matrix
-from helpers import factgrass_case, inner_case, soft_mask_case
 
 
 def test_sjlt_transforms_match_the_dense_matrix():
@@ -122,3 +122,13 @@ def test_raw_op_jvp_is_not_silently_zero():
     with pytest.raises(Exception):
         _, t = func.jvp(lambda v: torch.ops.grass.sjlt(v, idx, sign, 3), (x,), (torch.ones_like(x),))
         assert t.abs().sum() > 0
+
+
+def test_factorized_inner_vmap_over_either_side():
+    x_a, g_a, x_b, g_b = inner_case(n_a=3, n_b=4)
+    fi = grass_ops.factorized_inner
+    full = fi(x_a, g_a, x_b, g_b)
+    torch.testing.assert_close(func.vmap(lambda x, g: fi(x[None], g[None], x_b, g_b)[0])(x_a, g_a), full)
+    torch.testing.assert_close(func.vmap(lambda x, g: fi(x_a, g_a, x[None], g[None])[:, 0], out_dims=1)(x_b, g_b), full)
+    both = func.vmap(lambda xa, ga, xb, gb: fi(xa[None], ga[None], xb[None], gb[None])[0, 0])(x_a[:3], g_a[:3], x_b[:3], g_b[:3])
+    torch.testing.assert_close(both, torch.diagonal(full[:, :3]))

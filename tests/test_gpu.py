@@ -2,10 +2,10 @@
 ops, opcheck on CUDA, torch.compile with inductor and with reduce-overhead (CUDA graphs)."""
 import pytest
 import torch
+from helpers import factgrass_case
 
 import grass_ops
 from grass_ops.testing import assert_close_to_reference, reference_factgrass, reference_sjlt
-from helpers import factgrass_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,7 +37,8 @@ def test_deterministic_cuda_is_bitwise_equal_to_cpu(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_factgrass_cuda_matches_reference(dtype):
-    x_in, g_out, in_idx, out_idx, idx, sign, k = factgrass_case(b=3, t=100, d_in=200, d_out=150, k_in=48, k_out=40, k=128, s=2, dtype=dtype)
+    case = factgrass_case(b=3, t=100, d_in=200, d_out=150, k_in=48, k_out=40, k=128, s=2, dtype=dtype)
+    x_in, g_out, in_idx, out_idx, idx, sign, k = case
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in (x_in, g_out, in_idx, out_idx, idx, sign, k)]
     got = grass_ops.factgrass(*args).cpu()
     reference = reference_factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k)
@@ -57,7 +58,9 @@ def test_large_offsets_do_not_overflow():
 
 def test_opcheck_on_cuda():
     case = factgrass_case(dtype=torch.float32, requires_grad=True)
-    cuda_case = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in case)
+    cuda_case = tuple(
+        a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in case
+    )
     torch.library.opcheck(torch.ops.grass.factgrass, cuda_case)
     idx, sign = grass_ops.sjlt_hash(40, 8, 2, 0)
     torch.library.opcheck(torch.ops.grass.sjlt, (torch.randn(5, 40, device="cuda", requires_grad=True), idx.cuda(), sign.cuda(), 8))
@@ -66,11 +69,13 @@ def test_opcheck_on_cuda():
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compile_on_cuda(mode):
     torch._dynamo.reset()
-    x_in, g_out, in_idx, out_idx, idx, sign, k = (a.cuda() if isinstance(a, torch.Tensor) else a for a in factgrass_case(dtype=torch.float32, b=4, t=16, d_in=64, d_out=48, k_in=16, k_out=8, k=32))
+    case = factgrass_case(dtype=torch.float32, b=4, t=16, d_in=64, d_out=48, k_in=16, k_out=8, k=32)
+    x_in, g_out, in_idx, out_idx, idx, sign, k = (a.cuda() if isinstance(a, torch.Tensor) else a for a in case)
     fidx, fsign = (t.cuda() for t in grass_ops.sjlt_hash(48, 16, 1, 3))
 
     def step(x, g):
-        return grass_ops.factgrass(torch.tanh(x), g, in_idx, out_idx, idx, sign, k).sum(-1) + grass_ops.sjlt(g.mean(1), fidx, fsign, 16).sum(-1)
+        fact = grass_ops.factgrass(torch.tanh(x), g, in_idx, out_idx, idx, sign, k).sum(-1)
+        return fact + grass_ops.sjlt(g.mean(1), fidx, fsign, 16).sum(-1)
 
     compiled = torch.compile(step, fullgraph=True, mode=mode)
     eager = step(x_in, g_out)

@@ -13,8 +13,8 @@ from attribution import Attributor, cli, llm  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny_llama")
     words = "the a for loop lambda assert python list data privacy statement expression creates function".split()

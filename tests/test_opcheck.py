@@ -1,9 +1,9 @@
 """torch.library.opcheck and float64 gradcheck for every op, on representative and odd shapes."""
 import pytest
 import torch
+from helpers import factgrass_case, hard_mask_case, inner_case, sjlt_case, soft_mask_case
 
 import grass_ops  # noqa: F401
-from helpers import factgrass_case, hard_mask_case, inner_case, sjlt_case, soft_mask_case
 
 ops = torch.ops.grass
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _checks
 from ._common import call_front, loop_vmap, to_front
-from .sjlt import sjlt_op, sjlt_rows, sjlt_transpose_op
+from .sjlt import sjlt_rows, sjlt_transpose_op
 
 # Rows of the [rows, k_in' * k_out'] intermediate formed at once (elements); bounds CPU memory.
 _CHUNK_ELEMENTS = 1 << 24

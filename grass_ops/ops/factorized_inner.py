@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import call_front
+from ._common import call_front, loop_vmap, to_front
 
 _CHUNK_ELEMENTS = 1 << 24  # entries of the [rows_a * T, n_b * U] kernel matrices formed at once
 
@@ -100,8 +100,27 @@ def _backward(ctx, grad):
 factorized_inner_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.register_vmap("grass::factorized_inner")
+def _vmap(info, in_dims, x_a, g_a, x_b, g_b):
+    a_batched = in_dims[0] is not None or in_dims[1] is not None
+    b_batched = in_dims[2] is not None or in_dims[3] is not None
+    if a_batched and b_batched:
+        return loop_vmap(factorized_inner_op, in_dims, (x_a, g_a, x_b, g_b))
+    n = info.batch_size
+    if a_batched:  # fold the vmapped dim into the rows of a: [n * n_a, n_b]
+        xa, ga = (to_front(t, d, n).flatten(0, 1) for t, d in zip((x_a, g_a), in_dims[:2]))
+        return factorized_inner_op(xa, ga, x_b, g_b).unflatten(0, (n, -1)), 0
+    xb, gb = (to_front(t, d, n).flatten(0, 1) for t, d in zip((x_b, g_b), in_dims[2:]))
+    return factorized_inner_op(x_a, g_a, xb, gb).unflatten(1, (n, -1)), 1
+
+
+@torch.library.register_vmap("grass::factorized_inner_backward")
+def _vmap_backward(info, in_dims, grad, x_a, g_a, x_b, g_b):
+    return loop_vmap(factorized_inner_backward_op, in_dims, (grad, x_a, g_a, x_b, g_b))
+
+
 class _FactorizedInner(torch.autograd.Function):
-    generate_vmap_rule = False
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x_a, g_a, x_b, g_b):
@@ -128,17 +147,6 @@ class _FactorizedInner(torch.autograd.Function):
                 term = factorized_inner_op(*args)
                 total = term if total is None else total + term
         return total
-
-    @staticmethod
-    def vmap(info, in_dims, x_a, g_a, x_b, g_b):
-        n = info.batch_size
-        out = torch.stack(
-            [
-                factorized_inner_op(*[t.select(d, i) if d is not None else t for t, d in zip((x_a, g_a, x_b, g_b), in_dims)])
-                for i in range(n)
-            ]
-        )
-        return out, 0
 
 
 def factorized_inner(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
