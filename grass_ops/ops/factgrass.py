@@ -217,4 +217,4 @@ def factgrass(
     in_idx [k_in'] / out_idx [k_out'] distinct int64 masks; idx, sign [k_in' * k_out', s] an SJLT hash.
     Returns [B, k] in x_in.dtype.
     """
-    return call_front(_FactGraSS, factgrass_op, x_in, g_out, in_idx, out_idx, idx, sign, k)
+    return call_front(_FactGraSS, factgrass_op, x_in, g_out, in_idx, out_idx, idx, sign, k, cpu_impl=factgrass_torch)
