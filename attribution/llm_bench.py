@@ -40,8 +40,9 @@ def build_model(name: str, device: str, dtype: str):
     raise ValueError(f"unknown bench model {name!r}")
 
 
-def _median_seconds(fn, repeats, sync):
-    fn()
+def _median_seconds(fn, repeats, sync, warmup=2):
+    for _ in range(warmup):
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -64,11 +65,13 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
         tokens = batch_size * seq_len
+        layers = ["model.layers.*"] if name != "gpt2-random" else ["transformer.h.*"]
         rows = {}
+        bare_s = None
         for k in ks:
             for comp in ("factgrass", "logra"):
                 attr = Attributor(model, llm.sequence_loss, compressor=comp, k=k, compile=False, progress=False,
-                                  layers=["model.layers.*"] if name != "gpt2-random" else ["transformer.h.*"])
+                                  layers=layers)
                 probes = attr._probes(batch)
                 factors = {}
 
@@ -78,7 +81,10 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
 
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                bare_s = _median_seconds(bare, repeats, sync)
+                if bare_s is None:  # the same for every compressor: measured once per model, well warmed up
+                    bare_s = _median_seconds(bare, repeats, sync, warmup=3)
+                else:
+                    bare()
 
                 def compress():
                     for n in attr.layer_names:
