@@ -17,5 +17,8 @@ for dtype in float32 bfloat16; do
 done
 python scripts/bench_ops.py --device cuda --dtype bfloat16 --only factgrass --llama-tokens 7168 \
   --out "$out/bench_factgrass_bf16.json" 2>>"$out/bench.log" >/dev/null
+timeout 300 python -m attribution.cli bench --models llama3-8b-random gpt2-random --device cuda --dtype bfloat16 \
+  --batch-size 7 --seq-len 1024 --ks 256 1024 4096 --out "$out/bench_llm_bf16.json" 2>>"$out/bench.log" >/dev/null \
+  || echo "llm bench failed or timed out (see bench.log)"
 echo "gpu tests exit code: $tests_rc"
 exit "$tests_rc"
