@@ -9,10 +9,10 @@ cache step (a + b), for FactGraSS and LoGra. Models: "smollm2" (embedded, real w
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 
 import torch
+
+from grass_ops.benchmarking import median_seconds
 
 from . import llm
 from .attributor import Attributor
@@ -40,22 +40,8 @@ def build_model(name: str, device: str, dtype: str):
     raise ValueError(f"unknown bench model {name!r}")
 
 
-def _median_seconds(fn, repeats, sync, warmup=2):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, seq_len=128, repeats=3,
         device="cpu", dtype="float32") -> dict:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch_size,
               "seq_len": seq_len, "dtype": dtype, "models": {}}
@@ -82,7 +68,7 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 if bare_s is None:  # the same for every compressor: measured once per model, well warmed up
-                    bare_s = _median_seconds(bare, repeats, sync, warmup=3)
+                    bare_s = median_seconds(bare, repeats, warmup=3, device=device)
                 else:
                     bare()
 
@@ -90,8 +76,8 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
                     for n in attr.layer_names:
                         compress_layer(attr.compressors[n], *factors[n])
 
-                compress_s = _median_seconds(compress, repeats, sync)
-                cache_s = _median_seconds(lambda: attr.compress_batch(batch), repeats, sync)
+                compress_s = median_seconds(compress, repeats, device=device)
+                cache_s = median_seconds(lambda: attr.compress_batch(batch), repeats, device=device)
                 factor_bytes = sum(x.element_size() * (x.numel() + g.numel()) for x, g in factors.values()) / batch_size
                 weight_grad_bytes = sum(i.params for i in attr.layer_infos.values()) * 4
                 row = {"layers": len(attr.layer_names), "bare_tokens_per_s": tokens / bare_s,

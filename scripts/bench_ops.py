@@ -16,30 +16,19 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 import grass_ops
+from grass_ops.benchmarking import median_seconds
 from grass_ops.compressors import LoGra, gaussian_matrix
 from grass_ops.ops.sjlt import scatter_backend
 
 
-def timed(fn, device, repeats, warmup=2):
+def timed(fn, device, repeats):
     """Median wall time in ms (synchronizing on GPU)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return 1e3 * median_seconds(fn, repeats, device=device)
 
 
 def naive_sjlt(x, idx, sign, k):
