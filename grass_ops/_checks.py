@@ -76,9 +76,15 @@ def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Te
     check_same_device(y=y, idx=idx)
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether value checks may read ``t``: not while a CUDA graph is being captured (a host read
+    would break the capture); the checks run on the uncaptured warm-up calls instead."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     """idx in [0, k) and sign in {-1, +1} (reads the data)."""
-    if idx.numel() == 0:
+    if idx.numel() == 0 or not values_readable(idx):
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= k:
@@ -111,6 +117,8 @@ def check_mask_values(name: str, mask: torch.Tensor, d: int) -> None:
     """Hard mask: distinct indices in [0, d) (reads the data)."""
     if mask.numel() == 0:
         raise ValueError(f"{name} must select at least one coordinate")
+    if not values_readable(mask):
+        return
     lo, hi = int(mask.min()), int(mask.max())
     if lo < 0 or hi >= d:
         raise ValueError(f"{name} values must lie in [0, {d}), got values in [{lo}, {hi}]")

@@ -63,11 +63,12 @@ def _bucket_csr(idx: torch.Tensor, sign: torch.Tensor, k: int) -> tuple[torch.Te
 
     def build():
         table = signed_buckets(idx, sign, k)  # [s, p], validates
-        flat = table.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        sorted_buckets, order = torch.sort(table.reshape(-1), stable=True)
         cols = (order % idx.shape[0]).to(torch.int64)
-        rowptr = torch.zeros(2 * k + 1, dtype=torch.int64, device=idx.device)
-        rowptr[1:] = torch.bincount(flat, minlength=2 * k).cumsum(0)
+        # bucket boundaries without a host sync (bincount would need one), so this also works while
+        # a CUDA graph is being captured
+        bounds = torch.arange(2 * k + 1, dtype=sorted_buckets.dtype, device=idx.device)
+        rowptr = torch.searchsorted(sorted_buckets, bounds).to(torch.int64)
         return rowptr, cols
 
     return _checks.validation_cache.get((idx, sign), ("csr", k), build)
