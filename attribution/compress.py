@@ -131,9 +131,16 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def build_compressors(spec, layers: dict[str, LayerInfo], k: int, seed: int) -> dict[str, C.Compressor]:
-    """One compressor per layer. ``spec``: a string spec, a {layer name: Compressor} dict, or a callable
+    """One compressor per layer. ``spec``: a string spec, a Compressor object (shared by every layer of
+    its size), a {layer name: Compressor} dict, or a callable
     ``(layer: LayerInfo, k, seed) -> Compressor``. Each layer's seed is derived from ``seed`` and its index;
     k is capped at the layer's parameter count."""
+    if isinstance(spec, C.Compressor):  # one compressor object for every layer it fits
+        misfits = [n for n, layer in layers.items() if spec.in_features != layer.params]
+        if misfits:
+            raise ValueError(f"the compressor takes {spec.in_features} inputs but layers {misfits} have other sizes; "
+                             "pass a {layer name: Compressor} dict or a factory (LayerInfo, k, seed) -> Compressor")
+        spec = {n: spec for n in layers}
     if isinstance(spec, dict):
         missing = [n for n in layers if n not in spec]
         if missing:

@@ -237,6 +237,13 @@ class FactorizedCompressor(Compressor):
     def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
         """x_in [B, (T,) d_in], g_out [B, (T,) d_out] -> [B, out_features]."""
 
+    def __call__(self, g: Tensor, g_out: Tensor | None = None) -> Tensor:
+        """``comp(g)`` compresses flattened weight gradients [..., d_in * d_out]; ``comp(x_in, g_out)``
+        compresses the factors (same as :meth:`compress_factors`)."""
+        if g_out is not None:
+            return self.compress_factors(g, g_out)
+        return super().__call__(g)
+
     def _weight_gradient(self, g: Tensor) -> Tensor:
         _check_last_dim(type(self).__name__, g, self.d_in * self.d_out)
         return g.reshape(*g.shape[:-1], self.d_in, self.d_out)

@@ -387,3 +387,16 @@ def test_other_parameters_use_vmap_grad(tmp_path):
     torch.testing.assert_close(only_params.cache(batches).attribute(batches[:1]), g[:6, -6:] @ g[:, -6:].T)
     with pytest.raises(ValueError, match="'nope' matches no parameter"):
         Attributor(model, loss_fn, params=["nope"], compile=False, **kwargs)
+
+
+def test_a_single_compressor_object_serves_layers_of_its_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    x = torch.randn(8, 6)
+    y = torch.randint(0, 6, (8,))
+    import grass_ops
+
+    attr = Attributor(model, loss_fn, compressor=grass_ops.SJLT(36, 12, seed=1), k=12, compile=False, progress=False)
+    assert attr.cache([(x, y)]).attribute([(x[:2], y[:2])]).shape == (2, 8)
+    with pytest.raises(ValueError, match="other sizes"):
+        Attributor(model, loss_fn, compressor=grass_ops.SJLT(35, 12), k=12, compile=False)

@@ -113,3 +113,10 @@ def test_blocked_hadamard_equals_the_sylvester_matrix():
         torch.testing.assert_close(C.hadamard_transform(x, block=block), expected)
     with pytest.raises(ValueError, match="power-of-two"):
         C.hadamard_transform(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("make", [FLAT[7], FLAT[8]], ids=["factgrass", "logra"])
+def test_factorized_compressors_take_factors_when_called_with_two(make):
+    comp = make()
+    x_in, g_out = torch.randn(2, 3, comp.d_in), torch.randn(2, 3, comp.d_out)
+    torch.testing.assert_close(comp(x_in, g_out), comp.compress_factors(x_in, g_out))
