@@ -29,7 +29,7 @@ from .capture import FactorCapture
 from .compress import build_compressors, compress_layer
 from .fim import DampedInverse, FIMAccumulator
 from .layers import LayerInfo, find_layers
-from .param_grads import find_params, per_sample_grads
+from .param_grads import find_params, loss_module, per_sample_grads
 from .store import STORAGE_DTYPES, DiskStore, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,10 @@ class Attributor:
             compressed = [compress_layer(self.compressors[n], inputs[n].detach(), grads[n]).to(self.dtype)
                           for n in self.layer_names]
         if self.param_names:
-            flat = per_sample_grads(self.model, fn, batch, self.param_names, self.param_chunk)
+            wrappers = self.__dict__.setdefault("_loss_modules", {})
+            if id(fn) not in wrappers:
+                wrappers[id(fn)] = (fn, loss_module(self.model, fn))
+            flat = per_sample_grads(wrappers[id(fn)][1], batch, self.param_names, self.param_chunk)
             compressed += [self.compressors[f"param:{n}"](flat[n]).to(self.dtype) for n in self.param_names]
             if values is None:
                 with torch.no_grad():

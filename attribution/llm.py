@@ -155,10 +155,15 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> 
 def lm_eval_queries(task: str, include_path: str | None = None, limit: int | None = None, split: str | None = None) -> list[dict]:
     """(prompt, completion) pairs from an lm-eval task: doc_to_text and the gold doc_to_target (a
     choice's text for multiple-choice tasks). ``include_path`` adds local task YAMLs (offline)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
-    task_obj = get_task_dict([task], manager)[task]
+    if hasattr(manager, "load"):  # lm-eval >= 0.4.10
+        task_obj = manager.load([task])["tasks"][task]
+    else:
+        from lm_eval.tasks import get_task_dict
+
+        task_obj = get_task_dict([task], manager)[task]
     if split == "validation" or (split is None and not task_obj.has_test_docs()):
         docs = task_obj.validation_docs() if task_obj.has_validation_docs() else task_obj.training_docs()
     else:

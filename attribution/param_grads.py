@@ -50,9 +50,16 @@ def _tensors(obj):
     return out
 
 
-def per_sample_grads(model: nn.Module, loss_fn: Callable, batch, names: list[str], chunk: int = 64) -> dict[str, Tensor]:
-    """{name: [B, numel]} per-sample gradients of the named parameters."""
-    wrapper = _LossModule(model, loss_fn)
+def loss_module(model: nn.Module, loss_fn: Callable) -> nn.Module:
+    """The (model, loss_fn) wrapper that functional_call swaps parameters in; build it once per
+    loss_fn (creating modules inside a compiled step makes Dynamo break the graph)."""
+    return _LossModule(model, loss_fn)
+
+
+def per_sample_grads(wrapper: nn.Module, batch, names: list[str], chunk: int = 64) -> dict[str, Tensor]:
+    """{name: [B, numel]} per-sample gradients of the named parameters of ``wrapper.model``
+    (``wrapper`` from :func:`loss_module`)."""
+    model = wrapper.model
     params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if n in names}
 
     def one_sample_loss(params, sample):

@@ -155,9 +155,9 @@ def _train(problem: _Problem, sizes: list[int], ks: list[int], split, config: Ma
         if step % config.eval_every == 0 or step == config.steps - 1:
             indices = hard_indices(logits)
             val = val_corr(indices)
-            history.append({"step": step, "tau": tau, "objective": float(-loss), "train_corr": float(corr),
-                            "density": float(density), "val_corr_hard": val})
-            bar.set_postfix(corr=f"{float(corr):.3f}", val=f"{val:.3f}")
+            history.append({"step": step, "tau": tau, "objective": -loss.item(), "train_corr": corr.item(),
+                            "density": density.item(), "val_corr_hard": val})
+            bar.set_postfix(corr=f"{corr.item():.3f}", val=f"{val:.3f}")
             if val > best[0]:
                 best, stale = (val, step, indices), 0
             else:
