@@ -29,7 +29,7 @@ from .capture import FactorCapture
 from .compress import build_compressors, compress_layer
 from .fim import DampedInverse, FIMAccumulator
 from .layers import LayerInfo, find_layers
-from .param_grads import find_params, loss_module, per_sample_grads
+from .param_grads import batch_size, find_params, loss_module, per_sample_grads
 from .store import STORAGE_DTYPES, DiskStore, MemoryStore
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,9 @@ class Attributor:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.n_train: int | None = None
         if store is None:
+            if _rank_and_world()[1] > 1:
+                raise ValueError("caching under torch.distributed needs store=<a directory every rank shares>: "
+                                 "ranks write their shards there and read each other's")
             self.store = MemoryStore(len(self.block_names))
         else:
             self.store = DiskStore(store, self._manifest(storage), len(self.block_names), storage)
@@ -288,12 +291,16 @@ class Attributor:
         return self
 
     def _cache_checkpoint(self, c: int, loader: Iterable, kind: str) -> int:
+        rank, world = _rank_and_world()
         done = self.store.completed_shards(c)
         n = 0
         index = -1
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"cache ckpt {c}", disable=not self.progress, leave=False)
+        bar = tqdm(loader, desc=f"cache ckpt {c}", disable=not self.progress or rank != 0, leave=False)
         for index, batch in enumerate(bar):
+            if index % world != rank:  # another rank's batch (torch.distributed): only count its rows
+                n += batch_size(batch)
+                continue
             digest = batch_digest(batch)
             if index in done:
                 if done[index]["digest"] != digest:
@@ -306,17 +313,24 @@ class Attributor:
             self.store.write_shard(c, index, compressed, {"rows": rows, "digest": digest, "start": n,
                                                           "values": values.double().cpu().tolist()})
             n += rows
+        _barrier()
+        done = self.store.completed_shards(c)
         stale = [i for i in done if i > index]
         if stale:
             raise ValueError(f"the store holds shards {stale[:5]} beyond the loader's {index + 1} batches")
+        missing = [i for i in range(index + 1) if i not in done]
+        if missing:
+            raise RuntimeError(f"shards {missing[:5]} are missing after caching (did a rank fail?)")
         if n == 0:
             raise ValueError("train_loader yielded no samples")
         self.stats[f"cache_seconds_ckpt{c}"] = time.perf_counter() - start
         self.__dict__.get("_fim_cache", {}).pop(c, None)
-        if self.method in ("if", "trak") and self.store.load_fim(c) is None:
-            self.store.discard_fim(c)
-            self.store.save_fim(c, self._compute_fim(c, loader, n))
-        self.store.mark_complete(c, n)
+        if rank == 0:  # the FIM is computed once, from the store every rank wrote to
+            if self.method in ("if", "trak") and self.store.load_fim(c) is None:
+                self.store.discard_fim(c)
+                self.store.save_fim(c, self._compute_fim(c, loader, n))
+            self.store.mark_complete(c, n)
+        _barrier()
         return n
 
     def _compute_fim(self, c: int, loader: Iterable, n: int) -> list[DampedInverse]:
@@ -461,6 +475,20 @@ class Attributor:
     def close(self) -> None:
         """Remove the forward hooks from the model."""
         self.capture.remove()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _flat_tensors(obj) -> list[Tensor]:
