@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec grass-attribute demo --store "${1:-out/llm}/store" --out "${1:-out/llm}"
+exec "${PYTHON:-python3}" -m attribution.cli demo --store "${1:-out/llm}/store" --out "${1:-out/llm}"
