@@ -78,64 +78,68 @@ def _tau(step: int, config: MaskTrainingConfig) -> float:
 
 
 class _Problem:
-    """Scores for a subset of queries against the reference points, unmasked and masked."""
+    """Scores of the objective ("train") or validation ("val") queries against the reference points,
+    unmasked, soft-masked and hard-masked. The splits are sliced once, at construction."""
 
-    def target(self, queries) -> Tensor: ...
+    def target(self, which: str) -> Tensor: ...
 
-    def soft(self, queries, logits: list[Tensor], tau: float) -> Tensor: ...
+    def soft(self, which: str, logits: list[Tensor], tau: float) -> Tensor: ...
 
-    def hard(self, queries, indices: list[Tensor]) -> Tensor: ...
+    def hard(self, which: str, indices: list[Tensor]) -> Tensor: ...
 
 
 class _PlainProblem(_Problem):
-    def __init__(self, grads: Tensor, ref: Tensor):
-        self.grads, self.ref = grads, grads[ref]
+    def __init__(self, grads: Tensor, split):
+        ref, q_train, q_val = split
+        self.ref, self.queries = grads[ref], {"train": grads[q_train], "val": grads[q_val]}
 
-    def target(self, q):
-        return self.grads[q] @ self.ref.T
+    def target(self, which):
+        return self.queries[which] @ self.ref.T
 
-    def soft(self, q, logits, tau):
+    def soft(self, which, logits, tau):
         w2 = torch.sigmoid(logits[0] / tau) ** 2
-        return (self.grads[q] * w2) @ self.ref.T
+        return (self.queries[which] * w2) @ self.ref.T
 
-    def hard(self, q, indices):
-        return self.grads[q][:, indices[0]] @ self.ref[:, indices[0]].T
+    def hard(self, which, indices):
+        return self.queries[which][:, indices[0]] @ self.ref[:, indices[0]].T
 
 
 class _FactorizedProblem(_Problem):
-    def __init__(self, x: Tensor, g: Tensor, ref: Tensor):
-        self.x, self.g, self.ref = x, g, ref
+    def __init__(self, x: Tensor, g: Tensor, split):
+        ref, q_train, q_val = split
+        self.ref = (x[ref], g[ref])
+        self.queries = {"train": (x[q_train], g[q_train]), "val": (x[q_val], g[q_val])}
 
-    def target(self, q):
-        return grass_ops.factorized_inner(self.x[q], self.g[q], self.x[self.ref], self.g[self.ref])
+    def target(self, which):
+        return grass_ops.factorized_inner(*self.queries[which], *self.ref)
 
-    def soft(self, q, logits, tau):
-        xq, gq = grass_ops.factorized_mask(self.x[q], self.g[q], logits[0], logits[1], tau)
-        xr, gr = grass_ops.factorized_mask(self.x[self.ref], self.g[self.ref], logits[0], logits[1], tau)
+    def soft(self, which, logits, tau):
+        xq, gq = grass_ops.factorized_mask(*self.queries[which], logits[0], logits[1], tau)
+        xr, gr = grass_ops.factorized_mask(*self.ref, logits[0], logits[1], tau)
         return grass_ops.factorized_inner(xq, gq, xr, gr)
 
-    def hard(self, q, indices):
-        xq, gq = grass_ops.factorized_mask(self.x[q], self.g[q], indices[0], indices[1])
-        xr, gr = grass_ops.factorized_mask(self.x[self.ref], self.g[self.ref], indices[0], indices[1])
+    def hard(self, which, indices):
+        xq, gq = grass_ops.factorized_mask(*self.queries[which], indices[0], indices[1])
+        xr, gr = grass_ops.factorized_mask(*self.ref, indices[0], indices[1])
         return grass_ops.factorized_inner(xq, gq, xr, gr)
 
 
-def _train(problem: _Problem, sizes: list[int], ks: list[int], split, config: MaskTrainingConfig, desc: str) -> MaskResult:
-    ref, q_train, q_val = split
+def _train(problem: _Problem, sizes: list[int], ks: list[int], config: MaskTrainingConfig, desc: str) -> MaskResult:
+    """Adam on the logits; float32 scores (correlations in float64)."""
     start = time.perf_counter()
     dtype = torch.float64
-    logits = [torch.zeros(d, dtype=dtype, requires_grad=True) for d in sizes]
+    logits = [torch.zeros(d, dtype=torch.float32, requires_grad=True) for d in sizes]
     opt = torch.optim.Adam(logits, lr=config.lr)
     with torch.no_grad():
-        target_train = problem.target(q_train).to(dtype)
-        target_val = problem.target(q_val).to(dtype)
+        target_train = problem.target("train").to(dtype)
+        target_val = problem.target("val").to(dtype)
 
     def hard_indices(logits):
         return [torch.topk(s.detach(), k).indices.sort().values for s, k in zip(logits, ks)]
 
     def val_corr(indices):
         with torch.no_grad():
-            return float(_row_pearson(problem.hard(q_val, indices).to(dtype), target_val).mean())
+            return float(_row_pearson(problem.hard("val", indices).to(dtype), target_val).mean())
 
     gen = torch.Generator().manual_seed(config.seed + 1)
     random_indices = [torch.randperm(d, generator=gen)[:k].sort().values for d, k in zip(sizes, ks)]
@@ -145,7 +149,7 @@ def _train(problem: _Problem, sizes: list[int], ks: list[int], split, config: Ma
     bar = tqdm(range(config.steps), desc=desc, disable=not config.progress, leave=False)
     for step in bar:
         tau = _tau(step, config)
-        masked = problem.soft(q_train, logits, tau).to(dtype)
+        masked = problem.soft("train", logits, tau).to(dtype)
         corr = _row_pearson(masked, target_train).mean()
         density = torch.stack([torch.sigmoid(s / tau).mean() for s in logits]).mean()
         loss = -corr + config.lam * density
@@ -172,9 +176,8 @@ def train_selective_mask(grads: Tensor, k: int, config: MaskTrainingConfig | Non
     config = config or MaskTrainingConfig()
     if not 1 <= k <= grads.shape[1]:
         raise ValueError(f"k must be in [1, {grads.shape[1]}], got {k}")
-    grads = grads.double()
-    return _train(_PlainProblem(grads, _split(grads.shape[0], config)[0]), [grads.shape[1]], [k],
-                  _split(grads.shape[0], config), config, desc)
+    problem = _PlainProblem(grads.float(), _split(grads.shape[0], config))
+    return _train(problem, [grads.shape[1]], [k], config, desc)
 
 
 def train_factorized_selective_mask(x_in: Tensor, g_out: Tensor, k_in: int, k_out: int,
@@ -183,9 +186,8 @@ def train_factorized_selective_mask(x_in: Tensor, g_out: Tensor, k_in: int, k_ou
     config = config or MaskTrainingConfig()
     if not (1 <= k_in <= x_in.shape[-1] and 1 <= k_out <= g_out.shape[-1]):
         raise ValueError(f"need 1 <= k_in <= {x_in.shape[-1]} and 1 <= k_out <= {g_out.shape[-1]}, got {k_in}, {k_out}")
-    split = _split(x_in.shape[0], config)
-    problem = _FactorizedProblem(x_in.double(), g_out.double(), split[0])
-    return _train(problem, [x_in.shape[-1], g_out.shape[-1]], [k_in, k_out], split, config, desc)
+    problem = _FactorizedProblem(x_in.float(), g_out.float(), _split(x_in.shape[0], config))
+    return _train(problem, [x_in.shape[-1], g_out.shape[-1]], [k_in, k_out], config, desc)
 
 
 def data_fingerprint(digests: list[str]) -> str:
