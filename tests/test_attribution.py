@@ -32,13 +32,14 @@ def loss_fn(model, batch):
     return nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-def dense_grads(model, batches):
-    """Per-sample weight gradients of both layers, [n, p_l], flattened as W.grad.T (d_in, d_out)."""
+def dense_grads(model, batches, fn=loss_fn):
+    """Per-sample weight gradients of fn (default: the loss) for both layers, [n, p_l], flattened as
+    W.grad.T (d_in, d_out)."""
     rows = [[], []]
     for x, y in batches:
         for i in range(len(x)):
             model.zero_grad()
-            loss_fn(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
+            fn(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
             for j, layer in enumerate((model[0], model[2])):
                 rows[j].append(layer.weight.grad.T.flatten().clone())
     return [torch.stack(r) for r in rows]
@@ -254,16 +255,7 @@ def test_trak_follows_the_formula():
                       damping=1e-2, dtype=torch.float64, compile=False, progress=False)
     scores = attr.cache(train).attribute(test)
     # manual: features = gradients of the margin
-    feats = []
-    for batches in (train, test):
-        rows = [[], []]
-        for x, y in batches:
-            for i in range(len(x)):
-                model.zero_grad()
-                margin(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
-                for j, layer in enumerate((model[0], model[2])):
-                    rows[j].append(layer.weight.grad.T.flatten().clone())
-        feats.append([torch.stack(r) for r in rows])
+    feats = [dense_grads(model, batches, margin) for batches in (train, test)]
     expected = 0
     for g, q in zip(*feats):
         fim = g.T @ g / g.shape[0] + 1e-2 * torch.eye(g.shape[1], dtype=torch.float64)
