@@ -4,9 +4,9 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_attribution import _shard_bytes, loss_fn, make_problem
 
 from attribution import Attributor
-from test_attribution import _shard_bytes, loss_fn, make_problem
 
 
 def _worker(rank, world, init_file, store, result):
