@@ -55,9 +55,13 @@ def cmd_cache(args, loaded=None):
     store.mkdir(parents=True, exist_ok=True)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
     docs = _docs(config)
-    with open(store / ".docs.jsonl.tmp", "w") as f:
-        f.writelines(json.dumps(d) + "\n" for d in docs)
-    (store / ".docs.jsonl.tmp").replace(store / "docs.jsonl")
+    text = "".join(json.dumps(d) + "\n" for d in docs)
+    docs_path = store / "docs.jsonl"
+    if docs_path.exists() and docs_path.read_text() != text:
+        raise SystemExit(f"the corpus differs from the one cached in {store}; use a new --store")
+    if not docs_path.exists():
+        (store / ".docs.jsonl.tmp").write_text(text)
+        (store / ".docs.jsonl.tmp").replace(docs_path)
     atomic_write_json(saved, config)
     attr = _attributor(model, config, store, compile=args.compile)
     start = time.perf_counter()

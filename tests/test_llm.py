@@ -122,6 +122,10 @@ def test_cli_cache_attribute_select_and_resume(tiny_llama, tmp_path, local_task)
     assert cli.run(cache)["documents"] == 6  # resumes on a complete store
     with pytest.raises(SystemExit, match="was cached with"):
         cli.run([*cache[:-2], "--layers", "model.layers.0.*"])
+    corpus.write_text(corpus.read_text().replace("privacy", "security"))
+    with pytest.raises(SystemExit, match="the corpus differs"):
+        cli.run(cache)
+    corpus.write_text(corpus.read_text().replace("security", "privacy"))
     results = cli.run(["attribute", *common, "--prompt", "a for", "--generate", "3", "--top-k", "2",
                        "--out", str(tmp_path / "report")])
     assert len(results) == 1 and len(results[0].helpful) == 2
