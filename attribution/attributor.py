@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import time
 import warnings
 from typing import Callable, Iterable
@@ -31,8 +30,6 @@ from .fim import DampedInverse, FIMAccumulator
 from .layers import LayerInfo, find_layers
 from .param_grads import batch_size, find_params, loss_module, per_sample_grads
 from .store import STORAGE_DTYPES, DiskStore, MemoryStore
-
-log = logging.getLogger(__name__)
 
 METHODS = ("if", "graddot", "gradcos", "tracin", "trak")
 FISHERS = ("empirical", "true", "true_sampled")

@@ -208,9 +208,6 @@ def save_mask_files(directory: str | Path, layer: str, result: MaskResult, sizes
     return paths
 
 
-def mask_path(directory: str | Path, layer: str, part: str = "") -> Path:
-    return Path(directory) / f"{layer}{part}.npz"
-
 
 def collect_factors(model, loss_fn, loader, layers=None):
     """Per-sample factors of the target layers over a loader: {name: (x_in [n, (T,) d_in], g_out)}, digests."""

@@ -152,6 +152,10 @@ class IdentityCache:
 validation_cache = IdentityCache()
 
 
+def check_sjlt_values_cached(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    validation_cache.get((idx, sign), ("values", k), lambda: check_sjlt_values(idx, sign, k))
+
+
 def check_mask_values_cached(name: str, mask: torch.Tensor, d: int) -> None:
     validation_cache.get((mask,), ("mask", name, d), lambda: check_mask_values(name, mask, d))
 

@@ -76,7 +76,7 @@ def _bucket_csr(idx: torch.Tensor, sign: torch.Tensor, k: int) -> tuple[torch.Te
 
 def sjlt_rows_atomic(rows: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
     """[n, p] (unit stride along p) -> [n, k] float32, atomic scatter."""
-    signed_buckets(idx, sign, k)  # validation (cached)
+    _checks.check_sjlt_values_cached(idx, sign, k)
     n, p = rows.shape
     s = idx.shape[1]
     out = torch.zeros(n, k, dtype=torch.float32, device=rows.device)

@@ -98,7 +98,7 @@ def sjlt_transpose_op(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
     """The adjoint (signed gather): y [..., k] -> [..., p], out[..., j] = s^(-1/2) sum_r sign[j, r] y[..., idx[j, r]]."""
     _checks.check_sjlt_transpose_args(y, idx, sign)
     k = y.shape[-1]
-    _checks.validation_cache.get((idx, sign), ("values", k), lambda: _checks.check_sjlt_values(idx, sign, k))
+    _checks.check_sjlt_values_cached(idx, sign, k)
     p, s = idx.shape
     rows = y.reshape(-1, k).to(_checks.accumulation_dtype(y.dtype))
     out = rows.new_zeros(rows.shape[0], p)
