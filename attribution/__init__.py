@@ -6,9 +6,13 @@
     scores = attr.attribute(test_loader)          # [n_test, n_train]
     values, indices = attr.top_k(test_loader, k=10)
 """
-from .attributor import METHODS, Attributor, batch_digest, model_fingerprint
+from .attributor import METHODS, Attributor, QueryFeatures
+from .batches import batch_digest
 from .compress import build_compressors, parse_spec
 from .layers import LayerInfo, find_layers
+from .manifest import model_fingerprint
+from .store import CorruptStoreError, IncompleteStoreError, StoreBusyError, StoreError
 
-__all__ = ["Attributor", "METHODS", "LayerInfo", "batch_digest", "build_compressors", "find_layers",
-           "model_fingerprint", "parse_spec"]
+__all__ = ["Attributor", "METHODS", "CorruptStoreError", "IncompleteStoreError", "LayerInfo", "QueryFeatures",
+           "StoreBusyError", "StoreError", "batch_digest", "build_compressors", "find_layers", "model_fingerprint",
+           "parse_spec"]

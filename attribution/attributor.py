@@ -1,7 +1,10 @@
-"""The Attributor: cache stage (compress training gradients, FIM) and attribute stage (scores, top-k).
+"""The Attributor: a thin facade over the stages
+
+    capture (capture.py) -> compress (compress.py, compiled.py) -> cache (cache.py, store.py)
+    -> preconditioning (fim.py) -> scoring (scoring.py)
 
 Sign convention: score(z_i, z_test) = g_test^T (F + damping I)^-1 g_i with F = (1/n) sum_i g_i g_i^T per
-layer block (influence functions); a positive score means that training on z_i lowers the test loss.
+block (influence functions); a positive score means that training on z_i lowers the test loss.
 GradDot drops the FIM, GradCos normalizes GradDot, TracIn sums GradDot over checkpoints weighted by
 their learning rates, TRAK averages the FIM-preconditioned scores of the output function's gradients
 over checkpoints and weights train example i by the mean of (1 - sigmoid(f_i)).
@@ -12,10 +15,8 @@ compressed gradients, so a new damping needs no new cache.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import time
-import warnings
+import numbers
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -24,68 +25,52 @@ from tqdm.auto import tqdm
 
 from grass_ops.compressors import Compressor
 
-from .capture import FactorCapture
-from .compress import build_compressors, compress_layer
-from .fim import DampedInverse, FIMAccumulator
+from . import fim as fim_module
+from .batches import to_device
+from .cache import LazyWriter, cache_checkpoint, require_reiterable
+from .checkpoints import Checkpoints
+from .compress import BatchCompressor, build_compressors
+from .distributed import is_distributed
+from .fim import DampedInverse, FIMAccumulator, check_damping
 from .layers import LayerInfo, find_layers
-from .param_grads import batch_size, find_params, loss_module, per_sample_grads
-from .store import STORAGE_DTYPES, DiskStore, MemoryStore
+from .manifest import fingerprint_algorithm, model_fingerprint
+from .param_grads import find_params
+from .scoring import PRECONDITIONED, QueryFeatures, Scorer, TopK
+from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, read_json
 
 METHODS = ("if", "graddot", "gradcos", "tracin", "trak")
 FISHERS = ("empirical", "true", "true_sampled")
 
 
-def _to_device(batch, device):
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+def _check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
 
 
-def batch_digest(batch) -> str:
-    """sha256 of a batch's tensors (structure, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
+class _SampledLabelLoss:
+    """Cross-entropy of logits_fn's logits against labels set before each use (the true Fisher)."""
 
-    def visit(obj):
-        if isinstance(obj, Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            for key in sorted(obj):
-                h.update(str(key).encode())
-                visit(obj[key])
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item)
-        else:
-            h.update(repr(obj).encode())
+    def __init__(self, logits_fn: Callable):
+        self.logits_fn = logits_fn
+        self.labels: Tensor | None = None
 
-    visit(batch)
-    return h.hexdigest()[:24]
-
-
-def model_fingerprint(state: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:24]
+    def __call__(self, model, batch) -> Tensor:
+        return nn.functional.cross_entropy(self.logits_fn(model, batch), self.labels, reduction="none")
 
 
 class Attributor:
     """Gradient-based data attribution with compressed per-sample gradients.
 
-    model: an nn.Module; loss_fn(model, batch) -> Tensor[B] per-sample losses.
+    model: an nn.Module; loss_fn(model, batch) -> Tensor[B] per-sample losses (floating point).
     method: "if" | "graddot" | "gradcos" | "tracin" | "trak".
     compressor: a spec string ("factgrass", "logra", "sjlt", "grass", "random_mask", "gaussian", "fjlt",
-        "rademacher", "identity", optionally "name:key=value,..."), a {layer: Compressor} dict, or a
-        callable (LayerInfo, k, seed) -> Compressor. k: the compressed dimension per layer.
-    store: None (in memory) or a directory (persistent, resumable, crash-safe).
+        "rademacher", "identity", optionally "name:key=value,..."), a Compressor object, a {layer: Compressor}
+        dict, or a callable (LayerInfo, k, seed) -> Compressor. k: the compressed dimension per layer.
+    store: None (in memory) or a directory (persistent, resumable, crash-safe, checksummed).
     layers: None (every nn.Linear / Conv1D) or names / glob patterns.
     checkpoints: state dicts for TracIn / TRAK (default: the model as it is);
     checkpoint_weights: TracIn's learning rates (default 1). output_fn(model, batch) -> Tensor[B]: TRAK's
@@ -101,6 +86,10 @@ class Attributor:
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[B], got {type(loss_fn).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fisher not in FISHERS:
@@ -109,393 +98,253 @@ class Attributor:
             raise ValueError(f"fisher={fisher!r} needs logits_fn(model, batch) -> Tensor[B, C]")
         if method == "trak" and output_fn is None:
             raise ValueError("method='trak' needs output_fn(model, batch) -> Tensor[B] (the model-output function)")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        k = _check_int("k", k)
+        seed = _check_int("seed", seed, 0, 2**63)
+        self._damping = check_damping(damping)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        storage = storage_dtype or ("float64" if dtype == torch.float64 else "float32")
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         first = next(model.parameters(), None)
-        model_device = first.device if first is not None else torch.device("cpu")
-        self.device = torch.device(device) if device is not None else model_device
-        if model_device != self.device:
-            raise ValueError(f"the model is on {model_device} but device={self.device}; move the model first")
-        self.model, self.loss_fn, self.method, self.k, self.damping = model, loss_fn, method, k, float(damping)
-        self.seed, self.dtype, self.output_fn, self.fisher, self.logits_fn = seed, dtype, output_fn, fisher, logits_fn
-        self.memory_budget, self.progress, self.use_compile = int(memory_budget), progress, compile
+        if first is None:
+            raise ValueError("model has no parameters to attribute through")
+        self.device = torch.device(device) if device is not None else first.device
+        if first.device != self.device:
+            raise ValueError(f"the model is on {first.device} but device={self.device}; move the model first")
+        self.model, self.loss_fn, self.method, self.k, self.seed = model, loss_fn, method, k, seed
+        self.dtype, self.output_fn, self.fisher, self.logits_fn = dtype, output_fn, fisher, logits_fn
+        self.memory_budget = _check_int("memory_budget", memory_budget)
+        self.progress, self.use_compile = bool(progress), bool(compile)
+
         self.layer_infos = find_layers(model, layers) if layers != [] else {}
         self.layer_names = list(self.layer_infos)
         self.param_names = list(find_params(model, params)) if params else []
         if not self.layer_names and not self.param_names:
             raise ValueError("nothing to attribute through: layers=[] and no params")
-        self.param_chunk = int(param_chunk)
         built = build_compressors(compressor, self.layer_infos, k, seed) if self.layer_names else {}
-        # other parameters: flat per-sample gradients, one block each (seeds continue after the layers')
         named = dict(model.named_parameters())
         param_infos = {f"param:{n}": LayerInfo(n, 1, named[n].numel(), "param") for n in self.param_names}
-        if param_infos:
+        if param_infos:  # other parameters: flat per-sample gradients, one block each (seeds after the layers')
             built.update(build_compressors(param_compressor, param_infos, k, seed + 1))
         self.compressors: dict[str, Compressor] = {n: c.to(self.device) for n, c in built.items()}
         self.block_names = self.layer_names + list(param_infos)
-        self.dims = [self.compressors[n].out_features for n in self.block_names]
-        self.checkpoints = checkpoints
-        if method == "tracin" and not checkpoints:
-            warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)")
-        n_ckpt = len(checkpoints) if checkpoints else 1
-        self.checkpoint_weights = [float(w) for w in (checkpoint_weights or [1.0] * n_ckpt)]
-        if len(self.checkpoint_weights) != n_ckpt:
-            raise ValueError(f"checkpoint_weights has {len(self.checkpoint_weights)} entries for {n_ckpt} checkpoints")
-        self.capture = FactorCapture(model, self.layer_infos)
-        self._probe_shapes: dict[tuple, dict] = {}
-        self._steps: dict[str, Callable] = {}
-        self.stats: dict = {"graph_breaks": None, "compiled": False}
-        storage = storage_dtype or ("float64" if dtype == torch.float64 else "float32")
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
-        self.n_train: int | None = None
+        self.checkpoints = Checkpoints(model, checkpoints, checkpoint_weights, method)
+        self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, dtype, self.device,
+                                        compile=self.use_compile, param_chunk=_check_int("param_chunk", param_chunk))
+        self.dims = self.compress.widths
         if store is None:
-            if _rank_and_world()[1] > 1:
+            if is_distributed():
                 raise ValueError("caching under torch.distributed needs store=<a directory every rank shares>: "
                                  "ranks write their shards there and read each other's")
-            self.store = MemoryStore(len(self.block_names))
+            self.store = MemoryStore(self.compress.columns, storage)
         else:
-            self.store = DiskStore(store, self._manifest(storage), len(self.block_names), storage)
+            self.store = DiskStore(store, self._manifest(Path(store)), storage)
+        self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
+                             self._fims)
+        self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
+        self._label_loss = _SampledLabelLoss(logits_fn) if logits_fn is not None else None
+        self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0}
 
     # ---- configuration ---------------------------------------------------------------------------
-    def _checkpoint_states(self) -> list[dict | None]:
-        return list(self.checkpoints) if self.checkpoints else [None]
+    @property
+    def damping(self) -> float:
+        return self._damping
 
-    def _manifest(self, storage: str) -> dict:
-        states = [s if s is not None else self.model.state_dict() for s in self._checkpoint_states()]
+    @damping.setter
+    def damping(self, value) -> None:
+        self._damping = check_damping(value)
+
+    def _manifest(self, root: Path) -> dict:
+        algorithm = None
+        if (root / "manifest.json").is_file():  # check the model with the algorithm the store used
+            recorded = read_json(root / "manifest.json", "manifest").get("model_fingerprints") or [None]
+            algorithm = fingerprint_algorithm(recorded[0])
         return {
-            "model_fingerprints": [model_fingerprint(s) for s in states],
+            "model_fingerprints": [model_fingerprint(self.checkpoints.state(c), algorithm) for c in range(len(self.checkpoints))],
             "layers": {n: [i.d_in, i.d_out, i.kind] for n, i in self.layer_infos.items()},
             "params": self.param_names,
             "compressors": {n: self.compressors[n].spec() for n in self.block_names},
+            "blocks": [[n, w] for n, w in zip(self.block_names, self.compress.widths)],
             "k": self.k, "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
             "gradient_of": "output_fn" if self.method == "trak" else "loss_fn",
             "fisher": self.fisher,
         }
 
-    def _load_checkpoint(self, index: int) -> None:
-        state = self._checkpoint_states()[index]
-        if state is not None:
-            self.model.load_state_dict(state)
-
-    # ---- per-batch step (compiled) ---------------------------------------------------------------
-    def _probes(self, batch) -> dict[str, Tensor]:
-        if not self.layer_names:
-            return {}
-        key = tuple(t.shape for t in _flat_tensors(batch))
-        if key not in self._probe_shapes:
-            self._probe_shapes[key] = self.capture.output_shapes(self.loss_fn, batch)
-        return {n: torch.zeros(s, device=self.device, dtype=self._param_dtype()) for n, s in self._probe_shapes[key].items()}
-
-    def _param_dtype(self):
-        return next(self.model.parameters()).dtype
-
-    def _raw_step(self, fn: Callable, batch, probes: dict[str, Tensor]):
-        compressed = []
-        values = None
-        if self.layer_names:
-            inputs, grads, values = self.capture.factors(fn, batch, probes)
-            compressed = [compress_layer(self.compressors[n], inputs[n].detach(), grads[n]).to(self.dtype)
-                          for n in self.layer_names]
-        if self.param_names:
-            wrappers = self.__dict__.setdefault("_loss_modules", {})
-            if id(fn) not in wrappers:
-                wrappers[id(fn)] = (fn, loss_module(self.model, fn))
-            flat = per_sample_grads(wrappers[id(fn)][1], batch, self.param_names, self.param_chunk)
-            compressed += [self.compressors[f"param:{n}"](flat[n]).to(self.dtype) for n in self.param_names]
-            if values is None:
-                with torch.no_grad():
-                    values = fn(self.model, batch)
-        return compressed, values.detach()
-
-    def _step(self, kind: str) -> Callable:
-        """kind: "loss" or "output" (TRAK). Compiled with fullgraph; falls back (and reports the number of
-        graph breaks in ``stats``) when a model cannot be captured whole."""
-        if kind in self._steps:
-            return self._steps[kind]
-        fn = self.loss_fn if kind == "loss" else self.output_fn
-        eager = lambda batch, probes: self._raw_step(fn, batch, probes)  # noqa: E731
-        if not self.use_compile:
-            self._steps[kind] = eager
-            return eager
-        full = torch.compile(eager, fullgraph=True, dynamic=False)
-        state = {"fn": full}
-
-        def step(batch, probes):
-            try:
-                out = state["fn"](batch, probes)
-                self.stats["compiled"] = True
-                if self.stats["graph_breaks"] is None:
-                    self.stats["graph_breaks"] = 0
-                return out
-            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
-                if state["fn"] is not full:
-                    raise
-                explanation = torch._dynamo.explain(eager)(batch, probes)
-                self.stats["graph_breaks"] = explanation.graph_break_count
-                warnings.warn(f"the model cannot be compiled as one graph ({explanation.graph_break_count} graph "
-                              f"breaks; first: {str(err).splitlines()[0]}); compiling with graph breaks")
-                state["fn"] = torch.compile(eager, dynamic=False)
-                return state["fn"](batch, probes)
-
-        self._steps[kind] = step
-        return step
-
-    def compress_batch(self, batch, kind: str = "loss") -> tuple[list[Tensor], Tensor]:
-        """Compressed per-sample gradients of one batch: ([n, k_l] per layer, values [n])."""
-        batch = _to_device(batch, self.device)
-        probes = self._probes(batch)
-        compressed, values = self._step(kind)(batch, probes)
-        rows = next(iter(probes.values())).shape[0] if probes else compressed[0].shape[0]
-        if values.dim() != 1 or values.shape[0] != rows:
-            name = "output_fn" if kind == "output" else "loss_fn"
-            raise ValueError(f"{name} must return per-sample values of shape [B] = [{rows}], got {tuple(values.shape)}")
-        return compressed, values
+    def compress_batch(self, batch, kind: str = "loss") -> tuple[Tensor, Tensor]:
+        """Compressed per-sample gradients of one batch: (grads [n, columns], values [n]); block j
+        is columns offsets[j]:offsets[j + 1] of ``self.compress``. kind: "loss" or "output" (TRAK)."""
+        fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
+        grads, values = self.compress(batch, fn, name)
+        self.stats.update(self.compress.stats())
+        return grads, values
 
     # ---- cache stage -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _each_checkpoint(self):
-        """Yield an iterator over checkpoint indices with the model in eval mode and that checkpoint's
-        weights loaded; restores the model's own weights and training mode afterwards."""
-        was_training = self.model.training
-        original = {n: t.detach().clone() for n, t in self.model.state_dict().items()} if self.checkpoints else None
-        self.model.eval()
-
-        def indices():
-            for c in range(len(self._checkpoint_states())):
-                self._load_checkpoint(c)
-                yield c
-
-        try:
-            yield indices()
-        finally:
-            if original is not None:
-                self.model.load_state_dict(original)
-            self.model.train(was_training)
-
     def cache(self, train_loader: Iterable) -> "Attributor":
-        """Compress every training gradient (per checkpoint), then the per-layer FIMs. Resumable with a store path."""
+        """Compress every training gradient (per checkpoint), then the per-block FIMs. Resumes an
+        interrupted cache, grows a completed one, and writes nothing when the store is up to date."""
+        if len(self.checkpoints) > 1:
+            require_reiterable(train_loader, "it is read once per checkpoint")
+        if self.method in PRECONDITIONED and self.fisher != "empirical" and self.method != "trak":
+            require_reiterable(train_loader, f"fisher={self.fisher!r} reads it again to form the FIM")
         kind = "output" if self.method == "trak" else "loss"
-        with self._each_checkpoint() as checkpoints:
-            totals = [self._cache_checkpoint(c, train_loader, kind) for c in checkpoints]
-        if len(set(totals)) != 1:
-            raise ValueError(f"checkpoints saw different numbers of training samples: {totals}")
-        self.n_train = totals[0]
+        records = []
+        with LazyWriter(self.store) as writer, self.checkpoints.each() as indices:
+            for c in indices:
+                record = cache_checkpoint(self.store, lambda batch: self.compress_batch(batch, kind), train_loader, c,
+                                          writer, lambda record, c=c: self._derive(c, record, train_loader, writer),
+                                          self.progress)
+                records.append(record)
+        if len({r.samples for r in records}) != 1:
+            raise ValueError(f"checkpoints saw different numbers of training samples: {[r.samples for r in records]}")
         return self
 
-    def _cache_checkpoint(self, c: int, loader: Iterable, kind: str) -> int:
-        rank, world = _rank_and_world()
-        done = self.store.completed_shards(c)
-        n = 0
-        index = -1
-        start = time.perf_counter()
-        bar = tqdm(loader, desc=f"cache ckpt {c}", disable=not self.progress or rank != 0, leave=False)
-        for index, batch in enumerate(bar):
-            if index % world != rank:  # another rank's batch (torch.distributed): only count its rows
-                n += batch_size(batch)
-                continue
-            digest = batch_digest(batch)
-            if index in done:
-                if done[index]["digest"] != digest:
-                    raise ValueError(f"batch {index} differs from the one stored in shard {index}: the loader must "
-                                     "yield the same batches in the same order to resume (or use a new store)")
-                n += done[index]["rows"]
-                continue
-            compressed, values = self.compress_batch(batch, kind)
-            rows = values.shape[0]
-            self.store.write_shard(c, index, compressed, {"rows": rows, "digest": digest, "start": n,
-                                                          "values": values.double().cpu().tolist()})
-            n += rows
-        _barrier()
-        done = self.store.completed_shards(c)
-        stale = [i for i in done if i > index]
-        if stale:
-            raise ValueError(f"the store holds shards {stale[:5]} beyond the loader's {index + 1} batches")
-        missing = [i for i in range(index + 1) if i not in done]
-        if missing:
-            raise RuntimeError(f"shards {missing[:5]} are missing after caching (did a rank fail?)")
-        if n == 0:
-            raise ValueError("train_loader yielded no samples")
-        self.stats[f"cache_seconds_ckpt{c}"] = time.perf_counter() - start
-        self.__dict__.get("_fim_cache", {}).pop(c, None)
-        if rank == 0:  # the FIM is computed once, from the store every rank wrote to
-            if self.method in ("if", "trak") and self.store.load_fim(c) is None:
-                self.store.discard_fim(c)
-                self.store.save_fim(c, self._compute_fim(c, loader, n))
-            self.store.mark_complete(c, n)
-        _barrier()
-        return n
+    def _derive(self, c: int, record: Completion, loader: Iterable, writer: LazyWriter) -> None:
+        """Everything computed from the cached data: the FIM (for if / trak), if not already there."""
+        if self.method not in PRECONDITIONED or self.store.has_derived(c, "fim", record.fingerprint):
+            return
+        writer.ensure()
+        fims = self._compute_fim(c, record, loader)
+        self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
+                                {"fisher": self.fisher, "blocks": len(fims)})
+        self._fim_cache[(c, record.fingerprint)] = fims
 
-    def _compute_fim(self, c: int, loader: Iterable, n: int) -> list[DampedInverse]:
+    def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse]:
         accs = [FIMAccumulator(d, self.device, self.dtype) for d in self.dims]
         if self.fisher == "empirical" or self.method == "trak":
-            for _, layers in self._iter_train(c):
-                for acc, g in zip(accs, layers):
-                    acc.add(g.to(self.device))
+            for _, grads, _ in self.scorer.train_blocks([record], self._row_budget(1), [c]):
+                for acc, block in zip(accs, self.scorer.split(grads[0])):
+                    acc.add(block.to(self.device, self.dtype))
         else:
+            generator = torch.Generator().manual_seed(self.seed)  # one label stream for the whole FIM
             for batch in tqdm(loader, desc=f"true fisher ckpt {c}", disable=not self.progress, leave=False):
-                for layers, weights in self._true_fisher_grads(_to_device(batch, self.device)):
-                    for acc, g in zip(accs, layers):
-                        acc.add(g, weights)
-        return [acc.finalize(n) for acc in accs]
+                for grads, weights in self._true_fisher_grads(to_device(batch, self.device), generator):
+                    for acc, block in zip(accs, self.scorer.split(grads)):
+                        acc.add(block, weights)
+        store_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return [acc.finalize(record.samples, store_dtype) for acc in accs]
 
-    def _true_fisher_grads(self, batch):
+    def _true_fisher_grads(self, batch, generator: torch.Generator):
         """Gradients of the cross-entropy with model-drawn labels (true_sampled) or, for each class c,
         with label c weighted by p_c (true: the exact expectation over classes)."""
         with torch.no_grad():
             probs = torch.softmax(self.logits_fn(self.model, batch).double(), dim=-1)
         if self.fisher == "true_sampled":
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-            labels = [torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(self.device)]
+            labels = [torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device)]
             weights = [None]
         else:
             labels = [torch.full((probs.shape[0],), c, device=self.device) for c in range(probs.shape[1])]
             weights = [probs[:, c] for c in range(probs.shape[1])]
         for label, weight in zip(labels, weights):
-            fn = lambda model, b, y=label: nn.functional.cross_entropy(self.logits_fn(model, b), y, reduction="none")  # noqa: E731
-            layers, _ = self._raw_step(fn, batch, self._probes(batch))
-            yield layers, weight
-
-    def _iter_train(self, c: int, max_rows: int | None = None):
-        """Yield (start row, [per-layer [rows, k_l] tensors]) over the stored training gradients."""
-        done = self.store.completed_shards(c)
-        for index, meta in done.items():
-            layers = self.store.read_shard(c, index)
-            if max_rows is None or meta["rows"] <= max_rows:
-                yield meta["start"], [t.to(self.dtype) for t in layers]
-                continue
-            for s in range(0, meta["rows"], max_rows):
-                yield meta["start"] + s, [t[s : s + max_rows].to(self.dtype) for t in layers]
-
-    def _train_values(self, c: int) -> Tensor:
-        done = self.store.completed_shards(c)
-        return torch.tensor([v for meta in done.values() for v in meta["values"]], dtype=torch.float64)
-
-    def _require_cache(self):
-        if self.n_train is None:
-            done = self.store.completed_shards(0)
-            if not done:
-                raise RuntimeError("call cache(train_loader) before attribute()")
-            self.n_train = sum(m["rows"] for m in done.values())
+            self._label_loss.labels = label
+            grads, _ = self.compress.eager(batch, self._label_loss)
+            yield grads, weight
 
     # ---- attribute stage -------------------------------------------------------------------------
-    def _queries(self, test_loader: Iterable, c: int) -> list[Tensor]:
-        kind = "output" if self.method == "trak" else "loss"
-        parts = [self.compress_batch(batch, kind)[0] for batch in test_loader]
-        if not parts:
-            raise ValueError("test_loader yielded no samples")
-        return [torch.cat([p[j] for p in parts]) for j in range(len(self.dims))]
+    def _records(self) -> list[Completion]:
+        """Every checkpoint's completion record; raises IncompleteStoreError for an unfinished cache."""
+        records = [self.store.require_complete(c) for c in range(len(self.checkpoints))]
+        if len({r.samples for r in records}) != 1:
+            raise CorruptStoreError(f"the store's checkpoints hold different numbers of samples: {[r.samples for r in records]}")
+        return records
+
+    @property
+    def n_train(self) -> int:
+        return self._records()[0].samples
+
+    def _fims(self, c: int, record: Completion) -> list[DampedInverse]:
+        key = (c, record.fingerprint)
+        if key not in self._fim_cache:
+            loaded = self.store.load_derived(c, "fim", record.fingerprint)
+            if loaded is None:
+                raise RuntimeError(f"{self.store!r} has no FIM for its current data (checkpoint {c}): call cache() to "
+                                   "complete it")
+            self._fim_cache = {k: v for k, v in self._fim_cache.items() if k[0] != c}
+            self._fim_cache[key] = fim_module.from_arrays(loaded[0], len(self.dims))
+        return self._fim_cache[key]
 
     def _row_budget(self, n_test: int) -> int:
-        per_row = 4 * (sum(self.dims) + n_test)
-        return max(1, self.memory_budget // max(1, per_row))
+        itemsize = torch.finfo(self.dtype).bits // 8
+        per_row = itemsize * (self.compress.columns + n_test) + 4 * self.compress.columns
+        return max(1, self.memory_budget // per_row)
 
-    def query_features(self, test_loader: Iterable) -> list[list[Tensor]]:
-        """Compressed query gradients, [checkpoint][block] -> [n_test, k_l]; reusable across dampings."""
-        with self._each_checkpoint() as checkpoints:
-            return [self._queries(test_loader, c) for c in checkpoints]
+    def query_features(self, test_loader: Iterable) -> QueryFeatures:
+        """Compressed query gradients (per checkpoint [n_test, columns]); reusable across dampings."""
+        self._records()
+        if len(self.checkpoints) > 1:
+            require_reiterable(test_loader, "it is read once per checkpoint")
+        kind = "output" if self.method == "trak" else "loss"
+        grads = []
+        with self.checkpoints.each() as indices:
+            for _ in indices:
+                parts = [self.compress_batch(batch, kind)[0] for batch in test_loader]
+                if not parts:
+                    raise ValueError("test_loader yielded no batches")
+                grads.append(torch.cat(parts))
+        if grads[0].shape[0] == 0:
+            raise ValueError("test_loader yielded no samples")
+        return QueryFeatures(grads)
 
-    def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
-                  features: list[list[Tensor]] | None = None) -> Tensor:
-        """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring.
-        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries."""
-        self._require_cache()
+    def _features(self, test_loader, features) -> QueryFeatures:
         if features is None:
             if test_loader is None:
-                raise ValueError("attribute needs test_loader or features")
-            features = self.query_features(test_loader)
-        damping = self.damping if damping is None else float(damping)
-        scores = None
-        q_weight = None
-        for c, queries in enumerate(features):
-            part = self._scores_for_checkpoint(c, queries, damping)
-            weight = self.checkpoint_weights[c] if self.method == "tracin" else 1.0
-            scores = part * weight if scores is None else scores + part * weight
-            if self.method == "trak":
-                q = 1.0 - torch.sigmoid(self._train_values(c))
-                q_weight = q if q_weight is None else q_weight + q
-        if self.method == "trak":
-            m = len(features)
-            scores = scores / m * (q_weight / m).to(scores.device, scores.dtype).unsqueeze(0)
+                raise ValueError("give test_loader or features (from query_features)")
+            return self.query_features(test_loader)
+        if not isinstance(features, QueryFeatures):
+            raise TypeError(f"features must come from Attributor.query_features, got {type(features).__name__}")
+        if len(features.grads) != len(self.checkpoints) or any(g.shape[1] != self.compress.columns for g in features.grads):
+            raise ValueError("features were computed by an Attributor with another configuration")
+        return features
+
+    def _score_blocks(self, test_loader, damping, features):
+        damping = self.damping if damping is None else check_damping(damping)
+        records = self._records()
+        features = self._features(test_loader, features)
+        queries = self.scorer.prepared_queries(features, damping, records)
+        return features.n_test, records[0].samples, self.scorer.score_blocks(queries, records, self._row_budget(features.n_test))
+
+    def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
+                  features: QueryFeatures | None = None) -> Tensor:
+        """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring.
+        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries."""
+        n_test, n_train, blocks = self._score_blocks(test_loader, damping, features)
+        scores = torch.empty(n_test, n_train, dtype=self.dtype, device=self.device)
+        for start, block in blocks:
+            scores[:, start : start + block.shape[1]] = block
         return scores
 
-    def _fims(self, c: int) -> list[DampedInverse]:
-        cache = self.__dict__.setdefault("_fim_cache", {})
-        if c not in cache:
-            fims = self.store.load_fim(c)
-            if fims is None:
-                raise RuntimeError("the store has no FIM for this checkpoint; run cache() to completion")
-            cache[c] = fims
-        return cache[c]
+    def top_k(self, test_loader: Iterable | None = None, k: int = 10, largest: bool = True, *,
+              damping: float | None = None, features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
+        """(values, indices) [n_test, min(k, n_train)]: the most helpful (largest=True) or most harmful
+        training examples, streamed over the store (the [n_test, n_train] matrix is never formed).
+        Ties go to the lower training index."""
+        k = _check_int("k", k)
+        _, _, blocks = self._score_blocks(test_loader, damping, features)
+        best = TopK(k, bool(largest))
+        for start, block in blocks:
+            best.add(start, block)
+        return best.values, best.indices
 
-    def _scores_for_checkpoint(self, c: int, queries: list[Tensor], damping: float) -> Tensor:
-        n_test = queries[0].shape[0]
-        if self.method in ("if", "trak"):
-            queries = [fim.apply(q, damping) for fim, q in zip(self._fims(c), queries)]
-        scores = torch.zeros(n_test, self.n_train, dtype=self.dtype, device=self.device)
-        train_norms = torch.zeros(self.n_train, dtype=torch.float64, device=self.device) if self.method == "gradcos" else None
-        for start, layers in self._iter_train(c, self._row_budget(n_test)):
-            rows = layers[0].shape[0]
-            block = scores[:, start : start + rows]
-            for q, g in zip(queries, layers):
-                g = g.to(self.device)
-                block += q @ g.T
-                if train_norms is not None:
-                    train_norms[start : start + rows] += g.double().pow(2).sum(1)
-        if self.method == "gradcos":
-            q_norms = sum(q.double().pow(2).sum(1) for q in queries).sqrt()
-            denom = q_norms.unsqueeze(1) * train_norms.sqrt().unsqueeze(0)
-            scores = (scores.double() / denom.clamp_min(1e-30)).to(self.dtype)
-        return scores
+    def self_influence(self, damping: float | None = None) -> Tensor:
+        """[n_train]: each training example's score against itself, i.e. the diagonal of
+        attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store."""
+        damping = self.damping if damping is None else check_damping(damping)
+        records = self._records()
+        return self.scorer.self_influence(damping, records, self._row_budget(1)).to(self.dtype)
 
-    def top_k(self, test_loader: Iterable, k: int = 10, largest: bool = True) -> tuple[Tensor, Tensor]:
-        """(values, indices) [n_test, k]: the most helpful (largest=True) or most harmful training examples."""
-        scores = self.attribute(test_loader)
-        return torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
-
-    def self_influence(self) -> Tensor:
-        """[n_train]: g_i^T (F + damping I)^-1 g_i for "if" (g_i^T g_i otherwise), from the store (checkpoint 0)."""
-        self._require_cache()
-        fims = self._fims(0) if self.method in ("if", "trak") else None
-        out = torch.zeros(self.n_train, dtype=torch.float64)
-        for start, layers in self._iter_train(0, self._row_budget(1)):
-            for j, g in enumerate(layers):
-                g = g.to(self.device)
-                pre = fims[j].apply(g, self.damping) if fims else g
-                out[start : start + g.shape[0]] += (pre.double() * g.double()).sum(1).cpu()
-        return out.to(self.dtype)
+    def verify(self) -> dict:
+        """Check every file of a disk store (sizes, headers, CRC32s, completion); raises
+        CorruptStoreError listing every problem, else returns the summary."""
+        if not isinstance(self.store, DiskStore):
+            return {"ok": True, "store": "memory"}
+        report = self.store.verify()
+        if not report["ok"]:
+            raise CorruptStoreError("store verification failed:\n  " + "\n  ".join(report["problems"]))
+        return report
 
     def close(self) -> None:
-        """Remove the forward hooks from the model."""
-        self.capture.remove()
+        """Nothing to release: hooks are registered only while a batch is being captured (kept for
+        compatibility)."""
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _flat_tensors(obj) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for key in sorted(obj) for t in _flat_tensors(obj[key])]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _flat_tensors(item)]
-    return []
-
-
-__all__ = ["Attributor", "METHODS", "batch_digest", "model_fingerprint"]
+__all__ = ["Attributor", "METHODS", "FISHERS", "QueryFeatures"]

@@ -20,18 +20,34 @@ from pathlib import Path
 
 from . import llm
 from .attributor import Attributor
-from .store import atomic_write_json
+from .report import Attribution, write_reports
+from .store import open_store, read_json
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "text_field", "limit", "layers", "compressor", "k", "max_length",
               "batch_size", "dtype", "damping", "seed")
 
 
+class CLIError(SystemExit):
+    """A usage error: printed as one line, exit status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(f"grass-attribute: error: {message}")
+
+
 def _layers(model, patterns):
+    """The --layers patterns; each must match a module. None (the default): every linear layer of the
+    transformer blocks, whichever of the usual names the architecture has (llm.DEFAULT_LAYERS)."""
     names = [n for n, _ in model.named_modules()]
-    kept = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if not kept:
-        raise SystemExit(f"--layers {patterns} match no module of the model")
-    return kept
+    matches = lambda p: any(fnmatch.fnmatchcase(n, p) for n in names)  # noqa: E731
+    if patterns is None:
+        found = [p for p in llm.DEFAULT_LAYERS if matches(p)]
+        if not found:
+            raise CLIError(f"the model has no modules named {llm.DEFAULT_LAYERS}: give --layers")
+        return found
+    unmatched = [p for p in patterns if not matches(p)]
+    if unmatched:
+        raise CLIError(f"--layers patterns {unmatched} match no module of the model")
+    return list(patterns)
 
 
 def _attributor(model, config, store, method="if", compile=False):
@@ -46,29 +62,38 @@ def _docs(config):
     return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
 
 
+def _write_once(path: Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` unless it holds exactly that; a different content is refused."""
+    if path.exists():
+        if path.read_text() != text:
+            raise CLIError(f"the {what} differs from the one cached in {path.parent}; use the same flags or a new --store")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def cmd_cache(args, loaded=None):
     store = Path(args.store)
     config = {key: getattr(args, key) for key in CACHE_KEYS}
     saved = store / "cli.json"
-    if saved.exists() and json.loads(saved.read_text()) != config:
-        raise SystemExit(f"{store} was cached with {saved.read_text()}; use the same flags or a new --store")
-    store.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    if saved.exists() and read_json(saved, "CLI configuration") != config:
+        raise CLIError(f"{store} was cached with {saved.read_text()}; use the same flags or a new --store")
     docs = _docs(config)
-    text = "".join(json.dumps(d) + "\n" for d in docs)
-    docs_path = store / "docs.jsonl"
-    if docs_path.exists() and docs_path.read_text() != text:
-        raise SystemExit(f"the corpus differs from the one cached in {store}; use a new --store")
-    if not docs_path.exists():
-        (store / ".docs.jsonl.tmp").write_text(text)
-        (store / ".docs.jsonl.tmp").replace(docs_path)
-    atomic_write_json(saved, config)
-    attr = _attributor(model, config, store, compile=args.compile)
+    docs_text = "".join(json.dumps(d) + "\n" for d in docs)
+    if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
+        raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    batches = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"])
+    attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
+    _write_once(store / "docs.jsonl", docs_text, "corpus")
+    _write_once(saved, json.dumps(config, indent=1, sort_keys=True) + "\n", "configuration")
     start = time.perf_counter()
-    attr.cache(llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"]))
+    attr.cache(batches)
     seconds = time.perf_counter() - start
     summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
-               "cache_seconds": seconds, "graph_breaks": attr.stats["graph_breaks"]}
+               "cache_seconds": seconds, "compiled": attr.stats["compiled"], "compile_seconds": attr.stats["compile_seconds"],
+               "graph_breaks": attr.stats["graph_breaks"], "compile_fallback": attr.stats.get("fallback")}
     print(json.dumps(summary))
     return summary
 
@@ -76,9 +101,9 @@ def cmd_cache(args, loaded=None):
 def _load_store(store):
     store = Path(store)
     if not (store / "cli.json").exists():
-        raise SystemExit(f"{store} is not a grass-attribute store (run `grass-attribute cache --store {store}` first)")
-    config = json.loads((store / "cli.json").read_text())
-    docs = [json.loads(line) for line in (store / "docs.jsonl").read_text().splitlines()]
+        raise CLIError(f"{store} is not a grass-attribute store (run `grass-attribute cache --store {store}` first)")
+    config = read_json(store / "cli.json", "CLI configuration")
+    docs = [record for _, record in llm.read_jsonl(store / "docs.jsonl", "cached corpus")]
     return store, config, docs
 
 
@@ -87,10 +112,11 @@ def _queries(args, model, tokenizer):
         return llm.lm_eval_queries(args.task, args.include_path, args.query_limit)
     queries = []
     if args.prompts:
-        for line in Path(args.prompts).read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                queries.append({"prompt": record["prompt"], "completion": record.get("completion")})
+        for n, record in llm.read_jsonl(args.prompts, "prompts file"):
+            if not isinstance(record.get("prompt"), str):
+                raise CLIError(f"{args.prompts}:{n}: needs a string 'prompt' field")
+            queries.append({"prompt": record["prompt"], "completion": record.get("completion"),
+                            **({"id": str(record["id"])} if "id" in record else {})})
     queries += [{"prompt": p, "completion": None} for p in args.prompt or []]
     if not queries:
         raise SystemExit("give --prompt, --prompts FILE or --task")
@@ -103,17 +129,18 @@ def _queries(args, model, tokenizer):
 def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
-    queries = _queries(args, model, tokenizer)
     attr = _attributor(model, config, store)
-    scores = attr.attribute(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
-    k = min(args.top_k, scores.shape[1])
-    top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
-    results = [llm.Attribution(q, [(docs[j], float(s)) for j, s in zip(top.indices[i], top.values[i])],
-                               [(docs[j], float(s)) for j, s in zip(bottom.indices[i], bottom.values[i])])
+    attr.n_train  # an incomplete store is refused before the model generates anything
+    queries = _queries(args, model, tokenizer)
+    features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
+    top = attr.top_k(k=args.top_k, features=features)
+    bottom = attr.top_k(k=args.top_k, largest=False, features=features)
+    results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i])],
+                           [(docs[j], float(s)) for j, s in zip(bottom[1][i], bottom[0][i])])
                for i, q in enumerate(queries)]
     meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
             "damping": config["damping"], "documents": len(docs)}
-    paths = llm.write_reports(args.out, results, meta)
+    paths = write_reports(args.out, results, meta)
     print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
                                    "top": [d["id"] for d, _ in r.helpful]} for r in results]}))
@@ -140,15 +167,21 @@ def cmd_demo(args):
 def cmd_select(args):
     store, config, docs = _load_store(args.store)
     model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    attr = _attributor(model, config, store, method="gradcos")
+    attr.n_train  # refuse an incomplete store first
     if args.task:
         targets = llm.lm_eval_queries(args.task, args.include_path, args.query_limit)
-    else:
+    elif args.target:
         targets = []
-        for line in Path(args.target).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                targets.append({"prompt": r.get("prompt", ""), "completion": r.get("completion", r.get("text", ""))})
-    attr = _attributor(model, config, store, method="gradcos")
+        for n, r in llm.read_jsonl(args.target, "target file"):
+            completion = r.get("completion", r.get("text"))
+            if not isinstance(completion, str):
+                raise CLIError(f"{args.target}:{n}: needs a string 'completion' (with 'prompt') or 'text' field")
+            targets.append({"id": f"{args.target}:{n}", "prompt": str(r.get("prompt", "")), "completion": completion})
+    else:
+        raise CLIError("select needs --target FILE or --task TASK")
+    if not 0 < args.fraction <= 1:
+        raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}")
     scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"]))
     mean = scores.mean(0)  # LESS: average cosine similarity to the target set
     n_keep = max(1, int(round(args.fraction * len(docs))))
@@ -160,6 +193,15 @@ def cmd_select(args):
             f.write(json.dumps({**docs[j], "score": float(mean[j])}) + "\n")
     print(json.dumps({"selected": n_keep, "of": len(docs), "out": str(out), "top": [docs[j]["id"] for j in keep[:5]]}))
     return keep
+
+
+def cmd_verify(args):
+    """Check every file of a store against its checksums; exit status 1 on any problem."""
+    report = open_store(args.store).verify()
+    print(json.dumps(report, indent=1))
+    if not report["ok"]:
+        raise SystemExit(1)
+    return report
 
 
 def cmd_bench(args):
@@ -186,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--gguf-file", default=None)
     cache.add_argument("--corpus", default="python-docs", help="'python-docs' (embedded), a .jsonl or a .txt")
     cache.add_argument("--text-field", default="text")
-    cache.add_argument("--limit", type=int, default=96, help="documents (0: all)")
-    cache.add_argument("--layers", nargs="+", default=llm.DEFAULT_LAYERS, help="module name patterns")
+    cache.add_argument("--limit", type=_limit, default=96, help="documents to take from the corpus (a positive int, or 'all')")
+    cache.add_argument("--layers", nargs="+", default=None,
+                       help="module name patterns, each must match (default: every linear layer of the transformer "
+                            "blocks: model.layers.* or transformer.h.*)")
     cache.add_argument("--compressor", default="factgrass")
     cache.add_argument("--k", type=int, default=256, help="compressed dimension per layer")
     cache.add_argument("--max-length", type=int, default=128)
@@ -195,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
     cache.add_argument("--damping", type=float, default=1e-3)
     cache.add_argument("--seed", type=int, default=0)
-    cache.add_argument("--compile", action="store_true", help="torch.compile the cache step")
+    cache.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="torch.compile the cache step (default; --no-compile runs it eagerly)")
     cache.set_defaults(func=cmd_cache)
 
     demo = sub.add_parser("demo", help="the embedded default: cache + attribute the default prompts")
@@ -233,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="out/selected.jsonl")
             p.set_defaults(func=cmd_select)
 
+    verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
+    verify.add_argument("--store", required=True)
+    verify.set_defaults(func=cmd_verify)
+
     bench = sub.add_parser("bench", help="throughput of the compress step and the cache stage")
     bench.add_argument("--models", nargs="+", default=["smollm2", "gpt2-random"])
     bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096])
@@ -246,18 +295,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limit(text: str):
+    if str(text).lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'all', got {value}")
+    return value
+
+
+def _apply_config(parser, args, argv) -> None:
+    """Fill flags from --config FILE (JSON object; keys are flag names with underscores). Flags given
+    on the command line win; unknown keys are an error."""
+    values = read_json(Path(args.config), "--config file") if Path(args.config).is_file() else None
+    if values is None:
+        raise CLIError(f"--config file not found: {args.config}")
+    if not isinstance(values, dict):
+        raise CLIError(f"--config {args.config} must hold a JSON object of flag values")
+    unknown = sorted(k for k in values if not hasattr(args, k) or k in ("func", "command", "config"))
+    if unknown:
+        raise CLIError(f"--config {args.config}: unknown keys {unknown} for `{args.command}`")
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    for key, value in values.items():
+        if key in given:
+            continue
+        if key == "limit":
+            try:
+                value = _limit(value)
+            except argparse.ArgumentTypeError as err:
+                raise CLIError(f"--config {args.config}: limit {err}") from None
+        setattr(args, key, value)
+
+
 def run(argv=None):
     """Parse and run one subcommand; returns its result (main() is the console entry point)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        values = json.loads(Path(args.config).read_text())
-        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        for key, value in values.items():
-            if key not in given and hasattr(args, key):
-                setattr(args, key, value)
-    if getattr(args, "limit", None) == 0:
-        args.limit = None
+        _apply_config(parser, args, argv)
     return args.func(args)
 
 

@@ -1,8 +1,12 @@
-"""Per-layer compressors from a spec ("factgrass", "sjlt:s=2", "grass:k_prime=8192", ...).
+"""Compress stage: per-block compressors from a spec ("factgrass", "sjlt:s=2", ...) and the
+per-batch step that turns a batch into compressed per-sample gradients [B, columns].
 
-Factorized compressors (FactGraSS, LoGra) consume the layer's factors directly. Flat ones (SJLT,
-masks, GraSS, Gaussian, FJLT, identity) need the per-sample weight gradient, which is formed from
-the factors in row chunks (bounded memory) and compressed right away.
+A *block* is one target linear layer (its gradient given by the capture stage's factors) or one
+other parameter (``params=``; per-sample gradients from vmap(grad)). Factorized compressors
+(FactGraSS, LoGra) consume a layer's factors directly. Flat ones (SJLT, masks, GraSS, Gaussian,
+FJLT, identity) need the per-sample weight gradient, which is formed from the factors in row
+chunks (bounded memory) and compressed right away. Every block's compressed gradients sit side by
+side in one row: columns offsets[j]:offsets[j + 1] belong to block j.
 """
 from __future__ import annotations
 
@@ -16,7 +20,11 @@ from torch import Tensor
 import grass_ops
 from grass_ops import compressors as C
 
+from .batches import batch_size, shape_key, to_device
+from .capture import FactorCapture
+from .compiled import CompiledStep
 from .layers import LayerInfo
+from .param_grads import loss_module, per_sample_grads
 
 # name -> builder(layer, k, seed, options) -> Compressor
 _BUILDERS: dict[str, Callable] = {}
@@ -170,11 +178,95 @@ def weight_gradients(x_in: Tensor, g_out: Tensor) -> Tensor:
 
 
 def compress_layer(comp: C.Compressor, x_in: Tensor, g_out: Tensor, chunk_elements: int = 1 << 25) -> Tensor:
-    """[B, k] compressed per-sample gradients of one layer from its factors."""
-    if x_in.dim() > 3:  # e.g. [B, heads, T, d]: every leading dim after B is a token dim
-        x_in, g_out = x_in.flatten(1, -2), g_out.flatten(1, -2)
+    """[B, k] compressed per-sample gradients of one layer from its factors [B, (T,) d]."""
     if isinstance(comp, C.FactorizedCompressor):
         return comp.compress_factors(x_in, g_out)
     step = max(1, chunk_elements // max(1, x_in.shape[-1] * g_out.shape[-1]))
     parts = [comp(weight_gradients(x_in[s : s + step], g_out[s : s + step])) for s in range(0, x_in.shape[0], step)]
     return torch.cat(parts) if parts else x_in.new_zeros(0, comp.out_features)
+
+
+class BatchCompressor:
+    """Batches -> compressed per-sample gradients, the same for the cache and the attribute stage.
+
+    ``blocks``: {block name: Compressor}, target layers first (names as in ``layers``), then
+    "param:<name>" blocks. Calling it with a batch and a per-sample function fn(model, batch) -> [B]
+    (the loss, or TRAK's output function) returns (grads [B, columns] in ``dtype``, values [B] of fn).
+    The step runs under torch.compile (see :mod:`attribution.compiled`) unless compile=False."""
+
+    def __init__(self, model, layers: dict[str, LayerInfo], params: list[str], blocks: dict[str, C.Compressor],
+                 dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64):
+        self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
+        self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
+        self.capture = FactorCapture(model, layers)
+        self.widths = [blocks[n].out_features for n in blocks]
+        self.offsets = [0]
+        for width in self.widths:
+            self.offsets.append(self.offsets[-1] + width)
+        self._probe_shapes: dict[tuple, dict] = {}
+        self._loss_modules: dict[int, tuple] = {}
+        self._steps: dict[int, tuple[Callable, CompiledStep]] = {}
+
+    @property
+    def columns(self) -> int:
+        return self.offsets[-1]
+
+    def probes(self, fn: Callable, batch) -> dict[str, list[Tensor]]:
+        """Zero probes, one per call of each target layer, for this batch's shapes."""
+        if not self.layers:
+            return {}
+        key = (id(fn), shape_key(batch))
+        if key not in self._probe_shapes:
+            self._probe_shapes[key] = self.capture.output_shapes(fn, batch)
+        dtype = next(self.model.parameters()).dtype
+        return {n: [torch.zeros(s, device=self.device, dtype=dtype) for s in shapes]
+                for n, shapes in self._probe_shapes[key].items()}
+
+    def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
+        """The eager step: (grads [B, columns], values [B])."""
+        parts, values = [], None
+        if self.layers:
+            inputs, grads, values = self.capture.factors(fn, batch, probes)
+            parts = [compress_layer(self.blocks[n], inputs[n], grads[n]).to(self.dtype) for n in self.layers]
+        if self.params:
+            if id(fn) not in self._loss_modules:  # keep fn alive with its wrapper, so id(fn) stays unique
+                self._loss_modules[id(fn)] = (fn, loss_module(self.model, fn))
+            flat = per_sample_grads(self._loss_modules[id(fn)][1], batch, self.params, self.param_chunk)
+            parts += [self.blocks[f"param:{n}"](flat[n]).to(self.dtype) for n in self.params]
+            if values is None:
+                with torch.no_grad():
+                    values = fn(self.model, batch)
+        return torch.cat(parts, dim=1), values.detach()
+
+    def step(self, fn: Callable, name: str) -> CompiledStep:
+        if id(fn) not in self._steps:
+            compiled = CompiledStep(lambda batch, probes: self.raw(fn, batch, probes),
+                                    lambda batch: (self.probes(fn, batch),), compile=self.compile, name=name)
+            self._steps[id(fn)] = (fn, compiled)
+        return self._steps[id(fn)][1]
+
+    def __call__(self, batch, fn: Callable, name: str = "loss_fn") -> tuple[Tensor, Tensor]:
+        batch = to_device(batch, self.device)
+        rows = batch_size(batch)
+        with self.capture.hooks():
+            grads, values = self.step(fn, name)(batch)
+        if not values.is_floating_point():
+            raise TypeError(f"{name} must return floating-point per-sample values, got {values.dtype}")
+        if values.dim() != 1 or values.shape[0] != rows:
+            raise ValueError(f"{name} must return per-sample values of shape [B] = [{rows}], got {tuple(values.shape)}")
+        return grads, values
+
+    def eager(self, batch, fn: Callable) -> tuple[Tensor, Tensor]:
+        """The step without torch.compile (e.g. for the true Fisher's relabelled losses)."""
+        batch = to_device(batch, self.device)
+        with self.capture.hooks():
+            return self.raw(fn, batch, self.probes(fn, batch))
+
+    def stats(self) -> dict:
+        """Compile statistics summed over this compressor's steps."""
+        steps = [s for _, s in self._steps.values()]
+        return {"compiled": any(s.stats["compiled"] for s in steps),
+                "graph_breaks": max((s.stats["graph_breaks"] for s in steps if s.stats["graph_breaks"] is not None), default=None),
+                "compile_seconds": sum(s.stats["compile_seconds"] for s in steps),
+                "graphs": sum(s.stats["graphs"] for s in steps),
+                "fallback": next((s.stats["fallback"] for s in steps if s.stats["fallback"]), None)}

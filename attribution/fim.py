@@ -1,53 +1,92 @@
-"""Layer-wise (block-diagonal) Fisher information of compressed gradients and its damped inverse.
+"""Preconditioning stage: layer-wise (block-diagonal) Fisher information of compressed gradients.
 
-F_l = (1/n) sum_i g_il g_il^T is accumulated in float32 (float64 for float64 gradients). The inverse
-is kept as an eigendecomposition F_l = V diag(lam) V^T, so that (F_l + damping I)^-1 for any damping
-is V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing.
+F_b = (1/n) sum_i g_ib g_ib^T per block b, accumulated in float32 (float64 for float64 runs). The
+inverse is kept as an eigendecomposition F_b = V diag(lam) V^T (computed in float64, stored in float32,
+or float64 for float64 runs), so that (F_b + damping I)^-1 for any damping is
+V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing.
+
+The FIM is derived data: it is stored with the fingerprint of the shards it was computed from, and
+recomputed whenever that fingerprint changes (a store that grew).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
+def check_damping(value, name: str = "damping") -> float:
+    """A finite float >= 0, or a clear error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
 class FIMAccumulator:
-    """Running sum of g^T g for one layer."""
+    """Running sum of g^T g for one block."""
 
     def __init__(self, k: int, device, dtype=torch.float32):
         self.acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.sum = torch.zeros(k, k, dtype=self.acc_dtype, device=device)
-        self.count = 0
 
     def add(self, grads: Tensor, weights: Tensor | None = None) -> None:
         """grads [n, k]; optional per-row weights [n] (e.g. class probabilities for the true Fisher)."""
-        g = grads.to(self.acc_dtype)
-        gw = g if weights is None else g * weights.to(self.acc_dtype).unsqueeze(1)
+        g = grads.to(self.sum.device, self.acc_dtype)
+        gw = g if weights is None else g * weights.to(g.device, self.acc_dtype).unsqueeze(1)
         self.sum.addmm_(gw.T, g)
 
-    def finalize(self, n: int) -> "DampedInverse":
+    def finalize(self, n: int, store_dtype: torch.dtype = torch.float32) -> "DampedInverse":
         if n <= 0:
             raise ValueError("the FIM needs at least one training sample")
-        return DampedInverse.from_fim(self.sum / n)
+        return DampedInverse.from_fim(self.sum / n, store_dtype)
 
 
 @dataclass
 class DampedInverse:
-    eigvals: Tensor  # [k], clamped at >= 0
-    eigvecs: Tensor  # [k, k]
+    eigvals: Tensor  # [k] float64, clamped at >= 0
+    eigvecs: Tensor  # [k, k] float32 (float64 for float64 runs)
 
     @classmethod
-    def from_fim(cls, fim: Tensor) -> "DampedInverse":
+    def from_fim(cls, fim: Tensor, store_dtype: torch.dtype = torch.float32) -> "DampedInverse":
         sym = (fim.double() + fim.double().T) / 2
+        if not bool(torch.isfinite(sym).all()):
+            raise FloatingPointError("the FIM holds non-finite values (the compressed gradients overflowed or are NaN); "
+                                     "check the loss and use a float32 or float64 storage dtype")
         eigvals, eigvecs = torch.linalg.eigh(sym)
-        return cls(eigvals.clamp_min(0.0), eigvecs)
+        return cls(eigvals.clamp_min(0.0), eigvecs.to(store_dtype))
 
     def apply(self, vectors: Tensor, damping: float) -> Tensor:
         """(F + damping I)^-1 applied to the rows of ``vectors`` [m, k]; returns vectors.dtype."""
         if damping <= 0 and bool((self.eigvals <= 0).any()):
-            raise ValueError("damping must be > 0 when the FIM is singular")
-        v = self.eigvecs.to(vectors.device)
-        scale = 1.0 / (self.eigvals.to(vectors.device) + damping)
+            raise ValueError("damping must be > 0: the FIM is singular")
+        v = self.eigvecs.to(vectors.device, torch.float64)
+        scale = 1.0 / (self.eigvals.to(vectors.device, torch.float64) + damping)
         coeffs = vectors.double() @ v
         return ((coeffs * scale) @ v.T).to(vectors.dtype)
+
+    def quadratic(self, vectors: Tensor, damping: float) -> Tensor:
+        """[m]: v^T (F + damping I)^-1 v for the rows of ``vectors`` (float64)."""
+        if damping <= 0 and bool((self.eigvals <= 0).any()):
+            raise ValueError("damping must be > 0: the FIM is singular")
+        coeffs = vectors.double() @ self.eigvecs.to(vectors.device, torch.float64)
+        return (coeffs.square() / (self.eigvals.to(vectors.device, torch.float64) + damping)).sum(1)
+
+
+def to_arrays(fims: list[DampedInverse]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for j, fim in enumerate(fims):
+        arrays[f"block_{j:03d}.eigvals"] = fim.eigvals.cpu().numpy()
+        arrays[f"block_{j:03d}.eigvecs"] = fim.eigvecs.cpu().numpy()
+    return arrays
+
+
+def from_arrays(arrays: dict[str, np.ndarray], blocks: int) -> list[DampedInverse]:
+    return [DampedInverse(torch.from_numpy(arrays[f"block_{j:03d}.eigvals"]),
+                          torch.from_numpy(arrays[f"block_{j:03d}.eigvecs"])) for j in range(blocks)]

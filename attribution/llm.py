@@ -8,11 +8,9 @@ The per-sample loss is the summed next-token cross-entropy over the masked targe
 """
 from __future__ import annotations
 
-import html
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,50 +78,106 @@ def python_docs_corpus(limit: int | None = 96, min_chars: int = 200, max_chars: 
     return docs[:limit] if limit else docs
 
 
-def read_corpus(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[dict]:
-    """A .jsonl (one object with ``text_field`` per line) or .txt (blank-line-separated paragraphs)."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file; a decoding error names the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[tuple[int, dict]]:
+    """[(line number, object)] of a JSON-lines file (blank lines skipped); errors name file:line."""
+    records = []
+    for n, line in enumerate(read_text(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        records.append((n, record))
+    return records
+
+
+def read_corpus(path: str | Path, text_field: str = "text", limit: int | None = None) -> list[dict]:
+    """A .jsonl (one object with ``text_field`` per line) or .txt (blank-line-separated paragraphs);
+    the suffix is matched case-insensitively."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".txt"):
+        raise ValueError(f"corpus {path} must be a .jsonl or .txt file (or 'python-docs')")
     docs = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                record = json.loads(line)
-                if text_field not in record:
-                    raise ValueError(f"{path}:{n + 1} has no {text_field!r} field")
-                docs.append({"id": str(record.get("id", n)), "text": str(record[text_field])})
+    if suffix == ".jsonl":
+        for n, record in read_jsonl(path, "corpus file"):
+            if text_field not in record:
+                raise ValueError(f"{path}:{n} has no {text_field!r} field")
+            docs.append({"id": str(record.get("id", n - 1)), "text": str(record[text_field])})
     else:
-        for n, para in enumerate(re.split(r"\n\s*\n", path.read_text())):
+        for n, para in enumerate(re.split(r"\n\s*\n", read_text(path, "corpus file"))):
             if para.strip():
                 docs.append({"id": str(n), "text": para.strip()})
     if not docs:
         raise ValueError(f"corpus {path} holds no documents")
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"corpus {path}: document id {dup!r} appears more than once")
     return docs[:limit] if limit else docs
 
 
 def document_batches(tokenizer, docs: list[dict], batch_size: int, max_length: int) -> list[dict]:
-    """Padded batches of training documents; every real token is a target."""
+    """Padded batches of training documents; every real token is a target (documents longer than
+    max_length tokens are cut at max_length). A document with fewer than 2 tokens has no target: an error."""
     out = []
     for start in range(0, len(docs), batch_size):
-        enc = tokenizer([d["text"] for d in docs[start : start + batch_size]], return_tensors="pt", padding="max_length",
-                        truncation=True, max_length=max_length)
+        chunk = docs[start : start + batch_size]
+        enc = tokenizer([d["text"] for d in chunk], return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=max_length)
+        for d, mask in zip(chunk, enc["attention_mask"]):
+            if int(mask.sum()) < 2:
+                raise ValueError(f"document {d['id']!r} has {int(mask.sum())} token(s): no next-token target to score "
+                                 "(remove it from the corpus)")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "loss_mask": enc["attention_mask"].clone()})
     return out
+
+
+def query_tokens(tokenizer, query: dict, max_length: int) -> tuple[list[int], list[int]]:
+    """(token ids, target mask) of prompt + completion. A prompt that does not fit is cut from the
+    left, so the completion (what is being explained) is always kept whole."""
+    prompt = tokenizer(query["prompt"], add_special_tokens=False)["input_ids"]
+    completion = tokenizer(query["completion"], add_special_tokens=False)["input_ids"]
+    label = query.get("id", query["prompt"][:60])
+    if not completion:
+        raise ValueError(f"query {label!r} has an empty completion: no token to attribute")
+    if len(completion) > max_length:
+        raise ValueError(f"the completion of query {label!r} has {len(completion)} tokens, more than --max-length "
+                         f"{max_length} allows; raise --max-length")
+    room = max_length - len(completion)
+    prompt = prompt[len(prompt) - room:] if len(prompt) > room else prompt
+    targets = [0] * len(prompt) + [1] * len(completion)
+    if not prompt:  # the first token has no prediction: it cannot be a target
+        targets[0] = 0
+        if sum(targets) == 0:
+            raise ValueError(f"query {label!r}: its completion has a single token and no prompt: nothing to score")
+    return prompt + completion, targets
 
 
 def query_batches(tokenizer, queries: list[dict], batch_size: int, max_length: int) -> list[dict]:
     """Batches of (prompt, completion) queries; only the completion's tokens are targets."""
     out = []
     for start in range(0, len(queries), batch_size):
-        chunk = queries[start : start + batch_size]
         ids, masks, targets = [], [], []
-        for q in chunk:
-            prompt = tokenizer(q["prompt"], add_special_tokens=False)["input_ids"]
-            completion = tokenizer(q["completion"], add_special_tokens=False)["input_ids"]
-            seq = (prompt + completion)[:max_length]
-            target = ([0] * len(prompt) + [1] * len(completion))[:max_length]
+        for q in queries[start : start + batch_size]:
+            seq, target = query_tokens(tokenizer, q, max_length)
             pad = max_length - len(seq)
             ids.append(seq + [tokenizer.pad_token_id] * pad)
             masks.append([1] * len(seq) + [0] * pad)
@@ -183,40 +237,3 @@ def lm_eval_queries(task: str, include_path: str | None = None, limit: int | Non
     if not queries:
         raise ValueError(f"lm-eval task {task!r} yielded no documents")
     return queries
-
-
-@dataclass
-class Attribution:
-    query: dict
-    helpful: list[tuple[dict, float]]
-    harmful: list[tuple[dict, float]]
-
-
-def write_reports(out: str | Path, results: list[Attribution], meta: dict) -> dict[str, Path]:
-    """report.json, report.md and report.html with each prompt, completion and its top passages."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "queries": [
-        {"query": r.query,
-         "helpful": [{"id": d["id"], "score": s, "text": d["text"]} for d, s in r.helpful],
-         "harmful": [{"id": d["id"], "score": s, "text": d["text"]} for d, s in r.harmful]} for r in results]}
-    (out / "report.json").write_text(json.dumps(payload, indent=1))
-    md = [f"# Training-data attribution ({meta.get('method', 'if')}, {meta.get('compressor', '')}, k={meta.get('k')})", ""]
-    page = ["<html><head><meta charset='utf-8'><title>grass_ops attribution</title><style>body{font-family:sans-serif;"
-            "max-width:60em;margin:auto} .p{border-left:4px solid #2a7;padding:.3em .8em;margin:.4em 0}"
-            " .n{border-color:#c33} .s{color:#666;font-size:.85em}</style></head><body>",
-            f"<h1>Training-data attribution</h1><p class='s'>{html.escape(json.dumps(meta))}</p>"]
-    for r in results:
-        md += [f"## Prompt: {r.query['prompt']}", "", f"**Completion:** {r.query['completion']}", "",
-               "| | score | passage |", "|---|---|---|"]
-        md += [f"| + | {s:.4g} | `{d['id']}` {d['text'][:300].replace('|', '/')} |" for d, s in r.helpful]
-        md += [f"| - | {s:.4g} | `{d['id']}` {d['text'][:300].replace('|', '/')} |" for d, s in r.harmful]
-        md.append("")
-        page.append(f"<h2>{html.escape(r.query['prompt'])}<b>{html.escape(r.query['completion'])}</b></h2>")
-        for cls, rows in (("p", r.helpful), ("p n", r.harmful)):
-            for d, s in rows:
-                page.append(f"<div class='{cls}'><span class='s'>{d['id']} · score {s:.4g}</span><br>{html.escape(d['text'])}</div>")
-    page.append("</body></html>")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text("\n".join(page))
-    return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}

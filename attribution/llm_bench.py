@@ -58,12 +58,14 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
             for comp in ("factgrass", "logra"):
                 attr = Attributor(model, llm.sequence_loss, compressor=comp, k=k, compile=False, progress=False,
                                   layers=layers)
-                probes = attr._probes(batch)
+                capture = attr.compress.capture
+                probes = attr.compress.probes(llm.sequence_loss, batch)
                 factors = {}
 
                 def bare():
-                    inputs, grads, _ = attr.capture.factors(llm.sequence_loss, batch, probes)
-                    factors.update({n: (inputs[n].detach(), grads[n]) for n in attr.layer_names})
+                    with capture.hooks():
+                        inputs, grads, _ = capture.factors(llm.sequence_loss, batch, probes)
+                    factors.update({n: (inputs[n], grads[n]) for n in attr.layer_names})
 
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()

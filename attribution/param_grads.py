@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .batches import batch_size, slice_rows
+
 
 class _LossModule(nn.Module):
     """Wraps (model, loss_fn) so functional_call can swap the model's parameters by name."""
@@ -37,19 +39,6 @@ def find_params(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Par
     return chosen
 
 
-def batch_size(batch) -> int:
-    sizes = {t.shape[0] for t in _tensors(batch)}
-    if len(sizes) != 1:
-        raise ValueError(f"every tensor in a batch must share the leading (sample) dimension, got sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _tensors(obj):
-    out = []
-    tree_map(lambda t: out.append(t) if isinstance(t, Tensor) else None, obj)
-    return out
-
-
 def loss_module(model: nn.Module, loss_fn: Callable) -> nn.Module:
     """The (model, loss_fn) wrapper that functional_call swaps parameters in; build it once per
     loss_fn (creating modules inside a compiled step makes Dynamo break the graph)."""
@@ -72,6 +61,5 @@ def per_sample_grads(wrapper: nn.Module, batch, names: list[str], chunk: int = 6
     parts = []
     with torch.no_grad():
         for start in range(0, n, chunk):
-            sub = tree_map(lambda t: t[start : start + chunk] if isinstance(t, Tensor) else t, batch)
-            parts.append(grad_fn(params, sub))
+            parts.append(grad_fn(params, slice_rows(batch, start, start + chunk)))
     return {name: torch.cat([p[f"model.{name}"].flatten(1) for p in parts]) for name in names}

@@ -211,7 +211,7 @@ def save_mask_files(directory: str | Path, layer: str, result: MaskResult, sizes
 
 def collect_factors(model, loss_fn, loader, layers=None):
     """Per-sample factors of the target layers over a loader: {name: (x_in [n, (T,) d_in], g_out)}, digests."""
-    from .attributor import batch_digest
+    from .batches import batch_digest
     from .capture import FactorCapture
     from .layers import find_layers
 
@@ -221,16 +221,17 @@ def collect_factors(model, loss_fn, loader, layers=None):
     digests = []
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     try:
         for batch in loader:
             digests.append(batch_digest(batch))
             shapes = capture.output_shapes(loss_fn, batch)
-            probes = {n: torch.zeros(s, dtype=next(model.parameters()).dtype) for n, s in shapes.items()}
-            inputs, grads, _ = capture.factors(loss_fn, batch, probes)
+            probes = {n: [torch.zeros(s, dtype=dtype) for s in calls] for n, calls in shapes.items()}
+            with capture.hooks():
+                inputs, grads, _ = capture.factors(loss_fn, batch, probes)
             for n in infos:
                 parts[n].append((inputs[n].detach(), grads[n].detach()))
     finally:
-        capture.remove()
         model.train(was_training)
     return {n: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for n, ps in parts.items()}, infos, digests
 

@@ -1,34 +1,84 @@
-"""Storage of compressed training gradients: in memory, or on disk, sharded and crash-safe.
+"""Storage of compressed training gradients: in memory, or on disk, sharded, checksummed and crash-safe.
 
-On-disk layout (readable with numpy alone; no pickle anywhere)::
+On-disk layout (readable with numpy and json alone; no pickle anywhere)::
 
-    manifest.json                         configuration: model fingerprint, layers, compressor specs
-                                          and seeds, dtypes, method; refuses a mismatching config
-    ckpt_000/shards/00000000/layer_000.npy [n_shard, k_0] per layer (np.load(..., mmap_mode="r"))
-    ckpt_000/shards/00000000/meta.json     rows, batch digest, per-sample values (losses or outputs)
-    ckpt_000/fim/layer_000.eigvals.npy     eigendecomposition of the layer's FIM
-    ckpt_000/fim/layer_000.eigvecs.npy
-    ckpt_000/complete.json                 number of samples, once the checkpoint's cache is complete
+    manifest.json                          configuration: model fingerprint, blocks and their widths,
+                                           compressor specs and seeds, dtypes; a differing one is refused
+    lock                                   {pid, host} of the writer holding it (flock; released on exit)
+    ckpt_000/shards/00000000/grads.npy     [rows, columns] compressed gradients of one batch, every
+                                           block side by side (manifest "blocks" gives the widths)
+    ckpt_000/shards/00000000/meta.json     rows, batch digest, per-sample values, checksum of grads.npy
+    ckpt_000/complete.json                 the completion record: every shard (index, rows, digest,
+                                           sizes and CRC32s of its files), the sample count and a
+                                           fingerprint of it all; written last, once the cache is complete
+    ckpt_000/fim/                          data derived from the shards (e.g. the FIM eigendecompositions),
+                                           with done.json recording the fingerprint it was computed from
 
-A shard is written into a temporary directory and renamed into place only when complete, so a
-kill at any moment loses no completed shard and never leaves a partial one visible; ``cache``
-resumes after the last complete shard. bfloat16 storage is kept as raw uint16 (numpy has no bf16).
+Guarantees:
+
+* A shard is written into a temporary directory and renamed into place only when complete, so a kill
+  at any moment loses no completed shard and never leaves a partial one visible.
+* Readers refuse a store whose cache did not complete (no completion record, a shard missing, shards
+  beyond the record) and name what is missing; ``cache()`` resumes it.
+* Every read checks the file's size, its .npy header (dtype, shape) and its CRC32 against the record,
+  so a truncated or altered file raises :class:`CorruptStoreError` naming it. :meth:`DiskStore.verify`
+  checks every file.
+* Derived data is stored with the fingerprint of the shards it was computed from and is recomputed
+  when the store grows; reading never writes (a read-only store can be attributed from).
+* One writer at a time: a process takes ``lock`` (``fcntl.flock``, released by the OS even on kill -9)
+  before its first write; another process that needs to write is refused, naming the holder's pid
+  and host. Only the lock holder removes leftover temporary directories, before it writes.
+
+bfloat16 storage is kept as raw uint16 (numpy has no bf16).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
-import warnings
+import socket
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .fim import DampedInverse
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
+FORMAT = "grass_ops.attribution.store/2"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_NUMPY_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float64": np.dtype("<f8")}
+GRADS_FILE, META_FILE, COMPLETE_FILE, DONE_FILE = "grads.npy", "meta.json", "complete.json", "done.json"
+
+
+class StoreError(RuntimeError):
+    """The store cannot serve this request as asked."""
+
+
+class IncompleteStoreError(StoreError):
+    """The cache stage has not completed: shards or the completion record are missing."""
+
+
+class CorruptStoreError(StoreError):
+    """A file's bytes differ from what the store recorded when it was written."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock."""
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def crc32_of(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,22 +89,98 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp_name(name: str) -> str:
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+def _write_bytes(path: Path, data: bytes) -> list[int]:
+    """Write and fsync ``data``; returns [size, crc32]."""
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return [len(data), crc32_of(data)]
+
+
+def _json_bytes(data) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def atomic_write_json(path: Path, data) -> list[int]:
+    """Write JSON through a temporary file and an atomic rename; returns [size, crc32]."""
+    path = Path(path)
+    tmp = path.with_name(_tmp_name(path.name))
+    record = _write_bytes(tmp, _json_bytes(data))
     os.replace(tmp, path)
+    return record
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> list[int]:
+    path = Path(path)
+    tmp = path.with_name(_tmp_name(path.name))
+    record = _write_bytes(tmp, _npy_bytes(array))
+    os.replace(tmp, path)
+    return record
+
+
+def _create_json(path: Path, data) -> bool:
+    """Create ``path`` with JSON content only if it does not exist (atomic); returns whether it did."""
+    tmp = path.with_name(_tmp_name(path.name))
+    _write_bytes(tmp, _json_bytes(data))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, what: str = "file"):
+    """Parse a JSON file, naming it in the error if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptStoreError(f"{path}: the {what} is not valid JSON ({err})") from None
+
+
+def _read_checked(path: Path, record, what: str) -> bytearray:
+    """The file's bytes, checked against record = [size, crc32]."""
+    try:
+        with open(path, "rb") as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(buf)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{path}: the {what} is missing; run cache() again to rewrite it") from None
+    size, crc = record
+    if len(buf) != size:
+        raise CorruptStoreError(f"{path}: {len(buf)} bytes but the store recorded {size} (truncated or altered); "
+                                "delete the shard directory and run cache() to rewrite it")
+    if crc32_of(buf) != crc:
+        raise CorruptStoreError(f"{path}: checksum mismatch (the file was altered after it was written); "
+                                "delete the shard directory and run cache() to rewrite it")
+    return buf
+
+
+def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable array over ``buf`` (no copy), after checking the header's dtype and shape."""
+    stream = io.BytesIO(buf)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(stream)
+    except ValueError as err:
+        raise CorruptStoreError(f"{path}: not a valid .npy file ({err})") from None
+    if got_dtype != dtype or tuple(got_shape) != tuple(shape) or fortran:
+        raise CorruptStoreError(f"{path}: holds {got_dtype} {tuple(got_shape)}, the store expects {dtype} {tuple(shape)}")
+    count = int(np.prod(shape))
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
 
 
 def to_numpy(t: Tensor, storage: str) -> np.ndarray:
@@ -65,122 +191,416 @@ def to_numpy(t: Tensor, storage: str) -> np.ndarray:
 
 
 def from_numpy(a: np.ndarray, storage: str) -> Tensor:
-    """A read-only (memory-mapped) array as a tensor without copying; callers never write to it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        if storage == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(a))
+    if storage == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
+# ---- records -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the completion record lists it: files = {name: [size, crc32]}."""
+
+    index: int
+    rows: int
+    digest: str
+    files: dict
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "rows": self.rows, "digest": self.digest, "files": self.files}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The record written once a checkpoint's cache is complete."""
+
+    samples: int
+    shards: tuple[ShardInfo, ...]
+    fingerprint: str
+
+    @classmethod
+    def from_shards(cls, shards: list[ShardInfo]) -> "Completion":
+        shards = tuple(sorted(shards, key=lambda s: s.index))
+        h = hashlib.sha256()
+        for s in shards:
+            h.update(json.dumps(s.as_dict(), sort_keys=True).encode())
+        return cls(sum(s.rows for s in shards), shards, h.hexdigest()[:32])
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "Completion":
+        try:
+            shards = [ShardInfo(int(s["index"]), int(s["rows"]), str(s["digest"]), dict(s["files"])) for s in data["shards"]]
+            record = cls.from_shards(shards)
+            if record.samples != int(data["samples"]) or record.fingerprint != data["fingerprint"]:
+                raise CorruptStoreError(f"{where}: the completion record does not add up (samples or fingerprint)")
+            return record
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptStoreError(f"{where}: malformed completion record ({err!r})") from None
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "fingerprint": self.fingerprint, "shards": [s.as_dict() for s in self.shards]}
+
+    def starts(self) -> list[int]:
+        out, n = [], 0
+        for s in self.shards:
+            out.append(n)
+            n += s.rows
+        return out
+
+
+def _check_against_record(visible: set[int], record: Completion | None, where: str) -> None:
+    """Raise IncompleteStoreError unless the visible shards are exactly the completed set."""
+    if record is None:
+        if not visible:
+            raise IncompleteStoreError(f"{where} holds no cached gradients: call cache(train_loader) first")
+        raise IncompleteStoreError(f"{where}: the cache did not complete ({len(visible)} shards written, no completion "
+                                   "record); call cache() with the same train loader to resume it")
+    listed = [s.index for s in record.shards]
+    if listed != list(range(len(listed))):
+        gaps = sorted(set(range(max(listed) + 1)) - set(listed)) if listed else []
+        raise CorruptStoreError(f"{where}: the completion record's shards are not contiguous (missing {gaps[:10]})")
+    missing = sorted(set(listed) - visible)
+    if missing:
+        raise IncompleteStoreError(f"{where}: shards {missing[:10]} of the completed cache are missing; call cache() "
+                                   "with the same train loader to rewrite them")
+    extra = sorted(visible - set(listed))
+    if extra:
+        raise IncompleteStoreError(f"{where}: shards {extra[:10]} lie beyond the completion record (a cache() run is "
+                                   "growing the store, or was interrupted); call cache() with the whole train loader "
+                                   "to complete it")
+
+
+# ---- stores --------------------------------------------------------------------------------------
 class MemoryStore:
-    """Everything in RAM (``store=None``)."""
+    """Everything in RAM (``store=None``); the same interface and checks as :class:`DiskStore`."""
 
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
-        self.shards: dict[int, list] = {}
-        self.fims: dict[int, list[DampedInverse]] = {}
+    def __init__(self, columns: int, storage: str = "float32"):
+        self.columns, self.storage = int(columns), storage
+        self.shards: dict[int, dict[int, tuple[Tensor, dict]]] = {}
+        self.records: dict[int, Completion] = {}
+        self.derived: dict[tuple[int, str], tuple[str, dict, dict]] = {}
 
-    def completed_shards(self, ckpt: int) -> dict[int, dict]:
-        return {i: meta for i, (_, meta) in self.shards.get(ckpt, {}).items()}
+    def __repr__(self) -> str:
+        return "MemoryStore()"
 
-    def write_shard(self, ckpt: int, index: int, layers: list[Tensor], meta: dict) -> None:
-        self.shards.setdefault(ckpt, {})[index] = ([t.detach().clone() for t in layers], meta)
+    @contextlib.contextmanager
+    def writer(self):
+        yield
 
-    def read_shard(self, ckpt: int, index: int) -> list[Tensor]:
-        return self.shards[ckpt][index][0]
+    delegated_writer = writer
 
-    def save_fim(self, ckpt: int, fims: list[DampedInverse]) -> None:
-        self.fims[ckpt] = fims
+    def shard_meta(self, ckpt: int) -> dict[int, dict]:
+        return {i: meta for i, (_, meta) in sorted(self.shards.get(ckpt, {}).items())}
 
-    def load_fim(self, ckpt: int) -> list[DampedInverse] | None:
-        return self.fims.get(ckpt)
+    def write_shard(self, ckpt: int, index: int, grads: Tensor, meta: dict) -> None:
+        stored = grads.detach().to("cpu", STORAGE_DTYPES[self.storage]).clone()
+        self.shards.setdefault(ckpt, {})[index] = (stored, {**meta, "files": {}})
 
-    def mark_complete(self, ckpt: int, n: int) -> None:
-        pass
+    def shard_info(self, ckpt: int, index: int, meta: dict) -> ShardInfo:
+        return ShardInfo(index, int(meta["rows"]), meta["digest"], {})
 
-    def discard_fim(self, ckpt: int) -> None:
-        self.fims.pop(ckpt, None)
+    def completion(self, ckpt: int) -> Completion | None:
+        return self.records.get(ckpt)
+
+    def write_completion(self, ckpt: int, record: Completion) -> None:
+        self.records[ckpt] = record
+
+    def require_complete(self, ckpt: int) -> Completion:
+        record = self.completion(ckpt)
+        _check_against_record(set(self.shards.get(ckpt, {})), record, f"the in-memory store (checkpoint {ckpt})")
+        return record
+
+    def read_shard(self, ckpt: int, shard: ShardInfo) -> Tensor:
+        return self.shards[ckpt][shard.index][0]
+
+    def read_values(self, ckpt: int, shard: ShardInfo) -> list[float]:
+        return self.shards[ckpt][shard.index][1]["values"]
+
+    def save_derived(self, ckpt: int, name: str, arrays: dict[str, np.ndarray], fingerprint: str, meta: dict) -> None:
+        self.derived[(ckpt, name)] = (fingerprint, {k: np.array(v) for k, v in arrays.items()}, dict(meta))
+
+    def has_derived(self, ckpt: int, name: str, fingerprint: str) -> bool:
+        entry = self.derived.get((ckpt, name))
+        return entry is not None and entry[0] == fingerprint
+
+    def load_derived(self, ckpt: int, name: str, fingerprint: str):
+        entry = self.derived.get((ckpt, name))
+        if entry is None or entry[0] != fingerprint:
+            return None
+        return entry[1], entry[2]
 
 
 class DiskStore:
-    """Sharded, crash-safe store under ``root`` (see the module docstring)."""
+    """Sharded, checksummed, crash-safe store under ``root`` (see the module docstring).
 
-    def __init__(self, root: str | Path, manifest: dict, n_layers: int, storage: str = "float32"):
+    ``manifest``: the configuration to check against (or to write into a new store); None opens an
+    existing store as it is (e.g. to verify it)."""
+
+    def __init__(self, root: str | Path, manifest: dict | None = None, storage: str = "float32"):
         if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
-        self.root, self.n_layers, self.storage = Path(root), n_layers, storage
-        self.root.mkdir(parents=True, exist_ok=True)
-        manifest = {**manifest, "storage_dtype": storage, "format": "grass_ops.attribution.store/1"}
+            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
+        self.root = Path(root)
         path = self.root / "manifest.json"
-        if path.exists():
-            existing = json.loads(path.read_text())
+        if manifest is None:
+            if not path.is_file():
+                raise StoreError(f"{self.root} is not an attribution store (no manifest.json)")
+            manifest = read_json(path, "manifest")
+        else:
+            manifest = {**manifest, "storage_dtype": storage, "format": FORMAT}
+        if path.is_file():
+            existing = read_json(path, "manifest")
+            if existing.get("format") != FORMAT:
+                raise StoreError(f"{self.root} was written in format {existing.get('format')!r}; this version reads "
+                                 f"{FORMAT!r}: cache into a new store path")
             diffs = [key for key in sorted(set(existing) | set(manifest)) if existing.get(key) != manifest.get(key)]
             if diffs:
-                detail = "; ".join(f"{k}: store has {existing.get(k)!r}, config has {manifest.get(k)!r}" for k in diffs[:4])
+                detail = "; ".join(f"{k}: store has {_short(existing.get(k))}, config has {_short(manifest.get(k))}"
+                                   for k in diffs[:4])
                 raise ValueError(f"store {self.root} was built with a different configuration ({detail}); "
                                  "use a new store path or the original configuration")
         else:
-            atomic_write_json(path, manifest)
+            leftovers = sorted(p.name for p in self.root.glob("ckpt_*")) if self.root.is_dir() else []
+            if leftovers:
+                raise StoreError(f"{self.root} holds cached data ({', '.join(leftovers[:3])}) but no manifest.json: "
+                                 "refusing to recreate it under a new configuration; restore manifest.json or use a "
+                                 "new store path")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not _create_json(path, manifest):  # another process created it meanwhile: check against it
+                return self.__init__(root, manifest, storage)
         self.manifest = manifest
+        self.storage = manifest["storage_dtype"]
+        self.columns = int(sum(width for _, width in manifest["blocks"]))
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+        self._delegated = False
+
+    def __repr__(self) -> str:
+        return f"DiskStore({str(self.root)!r})"
 
     def _ckpt(self, ckpt: int) -> Path:
         return self.root / f"ckpt_{ckpt:03d}"
 
-    def completed_shards(self, ckpt: int) -> dict[int, dict]:
-        shard_root = self._ckpt(ckpt) / "shards"
-        if not shard_root.exists():
-            return {}
-        done = {}
-        for entry in shard_root.iterdir():
-            if entry.name.startswith("."):  # an interrupted write: never visible, removed on resume
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            done[int(entry.name)] = json.loads((entry / "meta.json").read_text())
-        return dict(sorted(done.items()))
+    def checkpoints(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.root.glob("ckpt_[0-9][0-9][0-9]") if p.is_dir())
 
-    def write_shard(self, ckpt: int, index: int, layers: list[Tensor], meta: dict) -> None:
+    # ---- the writer lock -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self):
+        """Hold the store's writer lock (re-entrant); refuses with StoreBusyError if another process
+        holds it. On first acquisition, removes leftover temporary directories (no live writer owns them)."""
+        if self._lock_depth == 0:
+            self._acquire()
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                self._release()
+
+    def _acquire(self) -> None:
+        path = self.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreError(f"cannot write to store {self.root} ({err.strerror}); is it read-only?") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except json.JSONDecodeError:
+                    holder = {}
+                os.close(fd)
+                raise StoreBusyError(f"store {self.root} in use by pid {holder.get('pid', '?')} on host "
+                                     f"{holder.get('host', '?')} (a cache() is writing it); wait for it to finish or "
+                                     "stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+        self._lock_fd = fd
+        self._remove_temporaries()
+
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
+
+    def _remove_temporaries(self) -> None:
+        for folder in [*self.root.glob("ckpt_*"), *self.root.glob("ckpt_*/shards")]:
+            for entry in folder.iterdir() if folder.is_dir() else []:
+                if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def delegated_writer(self):
+        """Write under a lock another process of the same job holds (torch.distributed: rank 0's)."""
+        self._delegated = True
+        try:
+            yield
+        finally:
+            self._delegated = False
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None and not self._delegated:
+            raise RuntimeError("internal: write outside DiskStore.writer()")
+
+    # ---- shards --------------------------------------------------------------------------------
+    def shard_meta(self, ckpt: int) -> dict[int, dict]:
+        """{index: meta} of the visible (complete) shards; reads only."""
+        shard_root = self._ckpt(ckpt) / "shards"
+        if not shard_root.is_dir():
+            return {}
+        out = {}
+        for entry in shard_root.iterdir():
+            if entry.name.isdigit():
+                out[int(entry.name)] = read_json(entry / META_FILE, "shard metadata")
+        return dict(sorted(out.items()))
+
+    def _visible(self, ckpt: int) -> set[int]:
+        shard_root = self._ckpt(ckpt) / "shards"
+        return {int(e.name) for e in shard_root.iterdir() if e.name.isdigit()} if shard_root.is_dir() else set()
+
+    def write_shard(self, ckpt: int, index: int, grads: Tensor, meta: dict) -> None:
+        """grads [rows, columns]; meta: rows, digest, values (JSON)."""
+        self._require_lock()
+        if grads.dim() != 2 or grads.shape[1] != self.columns:
+            raise ValueError(f"internal: shard of shape {tuple(grads.shape)}, expected [rows, {self.columns}]")
         shard_root = self._ckpt(ckpt) / "shards"
         shard_root.mkdir(parents=True, exist_ok=True)
         final = shard_root / f"{index:08d}"
-        tmp = shard_root / f".{index:08d}.tmp-{os.getpid()}"
+        tmp = shard_root / _tmp_name(final.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for j, t in enumerate(layers):
-            with open(tmp / f"layer_{j:03d}.npy", "wb") as f:
-                np.save(f, to_numpy(t, self.storage), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        atomic_write_json(tmp / "meta.json", meta)
+        files = {GRADS_FILE: _write_bytes(tmp / GRADS_FILE, _npy_bytes(to_numpy(grads, self.storage)))}
+        _write_bytes(tmp / META_FILE, _json_bytes({**meta, "files": files}))
         _fsync_dir(tmp)
         os.rename(tmp, final)  # atomic: the shard appears complete or not at all
         _fsync_dir(shard_root)
 
-    def read_shard(self, ckpt: int, index: int) -> list[Tensor]:
-        shard = self._ckpt(ckpt) / "shards" / f"{index:08d}"
-        return [from_numpy(np.load(shard / f"layer_{j:03d}.npy", mmap_mode="r", allow_pickle=False), self.storage)
-                for j in range(self.n_layers)]
+    def shard_info(self, ckpt: int, index: int, meta: dict) -> ShardInfo:
+        """The record entry of a visible shard: its grads.npy record and its meta.json's own size and CRC."""
+        meta_path = self._ckpt(ckpt) / "shards" / f"{index:08d}" / META_FILE
+        data = meta_path.read_bytes()
+        return ShardInfo(index, int(meta["rows"]), meta["digest"], {**meta["files"], META_FILE: [len(data), crc32_of(data)]})
 
-    def save_fim(self, ckpt: int, fims: list[DampedInverse]) -> None:
-        fim_root = self._ckpt(ckpt) / "fim"
-        fim_root.mkdir(parents=True, exist_ok=True)
-        for j, fim in enumerate(fims):
-            atomic_save_npy(fim_root / f"layer_{j:03d}.eigvals.npy", fim.eigvals.cpu().numpy())
-            atomic_save_npy(fim_root / f"layer_{j:03d}.eigvecs.npy", fim.eigvecs.cpu().numpy())
-        atomic_write_json(fim_root / "done.json", {"layers": len(fims)})
+    def read_shard(self, ckpt: int, shard: ShardInfo) -> Tensor:
+        """[rows, columns] in the storage dtype, checked (size, header, CRC32) against the record."""
+        path = self._ckpt(ckpt) / "shards" / f"{shard.index:08d}" / GRADS_FILE
+        buf = _read_checked(path, shard.files[GRADS_FILE], "shard file")
+        return from_numpy(_parse_npy(buf, path, _NUMPY_STORAGE[self.storage], (shard.rows, self.columns)), self.storage)
 
-    def load_fim(self, ckpt: int) -> list[DampedInverse] | None:
-        fim_root = self._ckpt(ckpt) / "fim"
-        if not (fim_root / "done.json").exists():
+    def read_values(self, ckpt: int, shard: ShardInfo) -> list[float]:
+        path = self._ckpt(ckpt) / "shards" / f"{shard.index:08d}" / META_FILE
+        meta = json.loads(bytes(_read_checked(path, shard.files[META_FILE], "shard metadata")))
+        return meta["values"]
+
+    # ---- completion ----------------------------------------------------------------------------
+    def completion(self, ckpt: int) -> Completion | None:
+        path = self._ckpt(ckpt) / COMPLETE_FILE
+        if not path.is_file():
             return None
-        return [DampedInverse(torch.from_numpy(np.load(fim_root / f"layer_{j:03d}.eigvals.npy")),
-                              torch.from_numpy(np.load(fim_root / f"layer_{j:03d}.eigvecs.npy")))
-                for j in range(self.n_layers)]
+        return Completion.from_dict(read_json(path, "completion record"), str(path))
 
-    def discard_fim(self, ckpt: int) -> None:
-        done = self._ckpt(ckpt) / "fim" / "done.json"
-        if done.exists():
-            done.unlink()
+    def write_completion(self, ckpt: int, record: Completion) -> None:
+        self._require_lock()
+        atomic_write_json(self._ckpt(ckpt) / COMPLETE_FILE, record.as_dict())
 
-    def mark_complete(self, ckpt: int, n: int) -> None:
-        atomic_write_json(self._ckpt(ckpt) / "complete.json", {"samples": n})
+    def require_complete(self, ckpt: int) -> Completion:
+        """The completion record, after checking that exactly its shards are present."""
+        record = self.completion(ckpt)
+        _check_against_record(self._visible(ckpt), record, f"store {self.root} (checkpoint {ckpt})")
+        return record
+
+    # ---- derived data (FIM, ...) ---------------------------------------------------------------
+    def save_derived(self, ckpt: int, name: str, arrays: dict[str, np.ndarray], fingerprint: str, meta: dict) -> None:
+        """Replace ckpt_XXX/<name>/ with ``arrays`` (.npy each), tagged with the shards' fingerprint."""
+        self._require_lock()
+        folder = self._ckpt(ckpt) / name
+        tmp = folder.with_name(_tmp_name(name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = {f"{key}.npy": _write_bytes(tmp / f"{key}.npy", _npy_bytes(a)) for key, a in arrays.items()}
+        _write_bytes(tmp / DONE_FILE, _json_bytes({"fingerprint": fingerprint, "files": files, "meta": meta}))
+        _fsync_dir(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+        _fsync_dir(folder.parent)
+
+    def has_derived(self, ckpt: int, name: str, fingerprint: str) -> bool:
+        """Whether ckpt_XXX/<name>/ records this fingerprint (reads only its done.json)."""
+        done = self._ckpt(ckpt) / name / DONE_FILE
+        return done.is_file() and read_json(done, f"{name} record").get("fingerprint") == fingerprint
+
+    def load_derived(self, ckpt: int, name: str, fingerprint: str):
+        """(arrays, meta) if ckpt_XXX/<name>/ was computed from data with this fingerprint, else None."""
+        folder = self._ckpt(ckpt) / name
+        if not (folder / DONE_FILE).is_file():
+            return None
+        done = read_json(folder / DONE_FILE, f"{name} record")
+        if done.get("fingerprint") != fingerprint:
+            return None
+        arrays = {}
+        for fname, record in done["files"].items():
+            buf = _read_checked(folder / fname, record, f"{name} file")
+            arrays[fname[:-4]] = np.load(io.BytesIO(buf), allow_pickle=False)
+        return arrays, done.get("meta", {})
+
+    # ---- verification --------------------------------------------------------------------------
+    def verify(self) -> dict:
+        """Check every checkpoint's completion and every file's size, header and CRC32.
+        Returns {"ok", "checkpoints", "shards", "samples", "bytes", "problems": [...]}."""
+        problems, shards, samples, nbytes = [], 0, 0, 0
+        checkpoints = self.checkpoints()
+        if not checkpoints:
+            problems.append(f"store {self.root} holds no cached gradients")
+        for ckpt in checkpoints:
+            try:
+                record = self.require_complete(ckpt)
+            except StoreError as err:
+                problems.append(str(err))
+                continue
+            samples += record.samples
+            for shard in record.shards:
+                try:
+                    self.read_shard(ckpt, shard)
+                    self.read_values(ckpt, shard)
+                    meta = self.shard_meta_of(ckpt, shard.index)
+                    if meta["digest"] != shard.digest or int(meta["rows"]) != shard.rows:
+                        problems.append(f"shard {shard.index} of checkpoint {ckpt}: meta.json disagrees with the record")
+                    shards += 1
+                    nbytes += sum(size for size, _ in shard.files.values())
+                except StoreError as err:
+                    problems.append(str(err))
+            for folder in sorted(p for p in self._ckpt(ckpt).iterdir() if (p / DONE_FILE).is_file()):
+                try:
+                    done = read_json(folder / DONE_FILE, f"{folder.name} record")
+                    for fname, rec in done["files"].items():
+                        _read_checked(folder / fname, rec, f"{folder.name} file")
+                        nbytes += rec[0]
+                except StoreError as err:
+                    problems.append(str(err))
+        return {"ok": not problems, "store": str(self.root), "checkpoints": len(checkpoints), "shards": shards,
+                "samples": samples, "bytes": nbytes, "problems": problems}
+
+    def shard_meta_of(self, ckpt: int, index: int) -> dict:
+        return read_json(self._ckpt(ckpt) / "shards" / f"{index:08d}" / META_FILE, "shard metadata")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def open_store(path: str | Path) -> DiskStore:
+    """An existing store as it is (no configuration to check), e.g. to verify it."""
+    return DiskStore(path)

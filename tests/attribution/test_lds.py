@@ -56,7 +56,7 @@ def test_damping_is_cross_validated(tmp_path):
 
 
 def test_lds_script_quick(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "lds.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "lds.py"
     spec = importlib.util.spec_from_file_location("lds_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,140 @@
+"""Cache stage: every training batch's compressed gradients into the store, resumable and shardable.
+
+* Resume: a batch whose shard is already stored is skipped after its digest is checked (the loader
+  must yield the same batches in the same order); a changed batch is an error, never a silent mix.
+* Growth: a loader that yields more batches than a completed store holds adds shards; the completion
+  record and everything derived from the data (e.g. the FIM) are then recomputed.
+* Nothing to do writes nothing: the writer lock is taken only before the first write.
+* torch.distributed: rank r caches the batches i % world == r into the shared store; rank 0 holds
+  the writer lock for the whole job, cleans up leftovers before a barrier, and writes the derived
+  data and the completion record once every rank's shards are visible.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from .batches import batch_digest, batch_size
+from .distributed import all_gather_objects, barrier, first_error, rank_and_world
+from .store import Completion
+
+
+class LazyWriter:
+    """Takes the store's writer lock on the first :meth:`ensure` and holds it until closed."""
+
+    def __init__(self, store):
+        self.store = store
+        self.stack = contextlib.ExitStack()
+        self.held = False
+        self.delegated = False  # under torch.distributed, ranks > 0 write under rank 0's lock
+
+    def ensure(self) -> None:
+        if not self.held:
+            self.stack.enter_context(self.store.delegated_writer() if self.delegated else self.store.writer())
+            self.held = True
+
+    def __enter__(self) -> "LazyWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+        self.held = False
+
+
+def require_reiterable(loader, why: str) -> None:
+    if iter(loader) is loader:
+        raise TypeError(f"train_loader must be re-iterable (a list, a DataLoader, ...), not a one-shot iterator: {why}")
+
+
+def _collective(step: Callable[[], object]):
+    """Run ``step`` on this rank; if any rank fails, every rank raises (no rank is left at a barrier)."""
+    result, error = None, None
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    error = first_error(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
+                 progress: bool = True) -> int:
+    """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches."""
+    rank, world = rank_and_world()
+    done = store.shard_meta(ckpt)
+    count, n = 0, 0
+    bar = tqdm(loader, desc=f"cache ckpt {ckpt}", disable=not progress or rank != 0, leave=False)
+    for index, batch in enumerate(bar):
+        count = index + 1
+        rows = batch_size(batch)
+        if index % world != rank:  # another rank's batch
+            n += rows
+            continue
+        digest = batch_digest(batch)
+        if index in done:
+            if done[index]["digest"] != digest or int(done[index]["rows"]) != rows:
+                raise ValueError(f"batch {index} differs from the one stored in shard {index}: the train loader must yield "
+                                 "the same batches in the same order to resume or grow a store (or use a new store)")
+            n += rows
+            continue
+        writer.ensure()
+        grads, values = compress_batch(batch)
+        store.write_shard(ckpt, index, grads, {"rows": rows, "digest": digest, "start": n,
+                                               "values": values.double().cpu().tolist()})
+        n += rows
+    return count
+
+
+def completion_record(store, ckpt: int, count: int) -> Completion:
+    """The record of shards 0..count-1, after checking that exactly those are visible."""
+    done = store.shard_meta(ckpt)
+    stale = [i for i in done if i >= count]
+    if stale:
+        raise ValueError(f"the store holds shards {stale[:5]} beyond the train loader's {count} batches: a store only "
+                         "grows (use a new store for a smaller training set)")
+    missing = [i for i in range(count) if i not in done]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} are missing after caching (did a rank fail?); call cache() again")
+    if count == 0:
+        raise ValueError("train_loader yielded no batches")
+    record = Completion.from_shards([store.shard_info(ckpt, i, done[i]) for i in range(count)])
+    starts = [int(done[i]["start"]) for i in range(count)]
+    if starts != record.starts():
+        raise RuntimeError(f"the shards' row offsets {starts[:5]}... disagree with their sizes: the store is inconsistent; "
+                           "use a new store")
+    if record.samples == 0:
+        raise ValueError("train_loader yielded no samples")
+    return record
+
+
+def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
+                     derive: Callable[[Completion], None], progress: bool = True) -> Completion:
+    """The cache stage for one checkpoint (collective under torch.distributed). ``derive(record)``
+    runs on rank 0 (holding the writer when it writes) before the completion record is written."""
+    rank, world = rank_and_world()
+    if world > 1:  # rank 0 holds the lock for the whole job and cleans up before anyone writes
+        writer.delegated = rank != 0
+        _collective(writer.ensure)
+        barrier()
+    count = _collective(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress))
+    if world > 1 and len(set(all_gather_objects(count))) != 1:
+        raise RuntimeError("ranks saw different numbers of batches: give every rank the same train loader")
+    barrier()
+    record = _collective(lambda: completion_record(store, ckpt, count))
+
+    def finalize():
+        if rank != 0:
+            return
+        derive(record)
+        if store.completion(ckpt) != record:
+            writer.ensure()
+            store.write_completion(ckpt, record)
+
+    _collective(finalize)
+    barrier()
+    return record
+

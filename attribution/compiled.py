@@ -1,0 +1,106 @@
+"""A per-batch step under ``torch.compile(fullgraph=True)`` that ordinary use cannot crash.
+
+* Every :class:`CompiledStep` compiles its own copy of the step's code object, so each instance has
+  its own recompile budget: any number of Attributors can share a process (Dynamo caches compiled
+  code per code object, and 8 recompiles of one code object are the limit).
+* A batch with fewer rows than one already compiled is padded to that size (its last row repeated)
+  and the padding rows are dropped from the outputs, so a short last batch does not recompile.
+  Samples are independent (the model runs in eval mode), so the kept rows are unchanged.
+* A model that cannot be captured whole compiles with graph breaks (their count is in ``stats``);
+  any other failure of the compiled step falls back to eager with one warning, never an exception
+  (an error that eager raises too is the caller's, and propagates).
+"""
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+from typing import Callable
+
+import torch
+
+from .batches import batch_size, pad_rows, shape_key
+
+_copies = itertools.count()
+
+
+def own_code_copy(fn: Callable) -> Callable:
+    """``fn`` with a fresh code object (same behaviour), so torch.compile caches it separately."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _compile_seconds() -> float:
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    return float(sum(metrics.get("_compile.compile_inner", [])))
+
+
+class CompiledStep:
+    """step(batch) -> tuple of tensors whose dim 0 is the batch's samples.
+
+    fn(batch, *prepare(batch)) is the eager step; ``prepare`` builds its other inputs (e.g. probes)
+    outside the compiled region. compile=False runs it eagerly."""
+
+    def __init__(self, fn: Callable, prepare: Callable, compile: bool = True, name: str = "step"):
+        self.fn, self.prepare, self.name = fn, prepare, name
+        self.mode = "compiled" if compile else "eager"
+        self.compiled = torch.compile(own_code_copy(fn), fullgraph=True) if compile else None
+        self.sizes: set[tuple] = set()  # (shapes without dim 0, batch size) compiled so far
+        self.stats = {"compiled": False, "graph_breaks": None, "compile_seconds": 0.0, "graphs": 0, "fallback": None}
+
+    def __call__(self, batch):
+        rows = batch_size(batch)
+        if self.mode == "eager":
+            return self.fn(batch, *self.prepare(batch))
+        target = self._padded_size(batch, rows)
+        padded = pad_rows(batch, target) if target > rows else batch
+        out = self._run(padded)
+        return tuple(t[:rows] for t in out) if target > rows else out
+
+    def _padded_size(self, batch, rows: int) -> int:
+        """The smallest compiled batch size >= rows for this batch's other dims (else rows itself)."""
+        key = tuple((shape[1:], dtype) for shape, dtype in shape_key(batch))
+        known = [size for k, size in self.sizes if k == key and size >= rows]
+        if known:
+            return min(known)
+        self.sizes.add((key, rows))
+        return rows
+
+    def _run(self, batch):
+        args = self.prepare(batch)
+        before, graphs = _compile_seconds(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        try:
+            out = self.compiled(batch, *args)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
+            if self.mode == "graph_breaks":
+                return self._fall_back(batch, args, err)
+            out = self._compile_with_graph_breaks(batch, args, err)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: eager decides whether it is the caller's
+            return self._fall_back(batch, args, err)
+        finally:
+            self.stats["compile_seconds"] += _compile_seconds() - before
+            self.stats["graphs"] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        self.stats["compiled"] = True
+        if self.stats["graph_breaks"] is None:
+            self.stats["graph_breaks"] = 0
+        return out
+
+    def _compile_with_graph_breaks(self, batch, args, err):
+        explanation = torch._dynamo.explain(self.fn)(batch, *args)
+        self.stats["graph_breaks"] = explanation.graph_break_count
+        warnings.warn(f"{self.name}: the model cannot be compiled as one graph ({explanation.graph_break_count} graph "
+                      f"breaks; first: {str(err).splitlines()[0]}); compiling with graph breaks", stacklevel=4)
+        self.mode = "graph_breaks"
+        self.compiled = torch.compile(own_code_copy(self.fn))
+        try:
+            return self.compiled(batch, *args)
+        except Exception as error:  # noqa: BLE001
+            return self._fall_back(batch, args, error)
+
+    def _fall_back(self, batch, args, err):
+        out = self.fn(batch, *args)  # raises the caller's own errors eagerly
+        self.mode, self.compiled = "eager", None
+        self.stats["fallback"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(f"{self.name}: torch.compile failed ({self.stats['fallback']}); running eagerly from now on",
+                      stacklevel=4)
+        return out

