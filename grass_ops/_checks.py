@@ -6,6 +6,7 @@ run in the real kernels.
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Callable
 
@@ -13,6 +14,20 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+INT64_MAX = 2**63 - 1
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int = INT64_MAX) -> int:
+    """``value`` as an int: a Python or numpy integer (not a bool, not a float) in [minimum, maximum].
+    Raises TypeError / ValueError naming ``name``. SymInts (torch.compile's dynamic ints) pass through."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not minimum <= int(value) <= maximum:
+        upper = "2**63 - 1 (int64)" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{name} must be an int in [{minimum}, {upper}], got {value}")
+    return int(value)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,10 +91,16 @@ def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Te
     check_same_device(y=y, idx=idx)
 
 
+def stream_capturing(*tensors: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured for these tensors' work: no host reads (they would break
+    the capture) and nothing cached (a table allocated in the graph's private pool must not outlive it)."""
+    return any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
+
+
 def values_readable(t: torch.Tensor) -> bool:
-    """Whether value checks may read ``t``: not while a CUDA graph is being captured (a host read
-    would break the capture); the checks run on the uncaptured warm-up calls instead."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether value checks may read ``t``: not during CUDA-graph capture; the checks run on the
+    uncaptured warm-up calls instead, and nothing computed during capture is cached."""
+    return not stream_capturing(t)
 
 
 def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
@@ -131,18 +152,31 @@ class IdentityCache:
     are unmodified (same object, same ``_version``). Holds weak references to the key tensors.
 
     Compressors pass the same hash and mask tensors at every step; this skips re-reading them.
+    Not cached: results for inference tensors (made under ``torch.inference_mode``: they have no version
+    counter, so they are recomputed at every call) and anything computed during CUDA-graph capture.
+    Unsupported: in-place edits that bypass the version counter (through ``.data``, a numpy view or
+    DLPack) are not seen; the cached result of the tensor as it was is reused. Change hash and mask
+    tensors with ordinary in-place ops (``.detach()`` views count too), or call
+    :func:`grass_ops.clear_caches` after such an edit.
     """
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
         self.entries: dict[tuple, tuple] = {}
 
+    def clear(self) -> None:
+        self.entries.clear()
+
     def get(self, tensors: tuple[torch.Tensor, ...], extra, compute: Callable):
+        if any(t.is_inference() for t in tensors):
+            return compute()
         key = (tuple((id(t), t._version) for t in tensors), extra)
         hit = self.entries.get(key)
         if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
             return hit[1]
         value = compute()
+        if stream_capturing(*tensors):  # a check skipped or a table allocated in the graph's pool: never reuse it
+            return value
         if len(self.entries) >= self.capacity:
             self.entries.pop(next(iter(self.entries)))
         self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
@@ -150,6 +184,13 @@ class IdentityCache:
 
 
 validation_cache = IdentityCache()
+
+
+def clear_caches() -> None:
+    """Forget every cached validation result and index table. Needed only after editing a hash or
+    mask tensor in a way its version counter does not see (``.data``, a numpy view, DLPack)."""
+    validation_cache.clear()
+    _passed_signatures.clear()
 
 
 def check_sjlt_values_cached(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:

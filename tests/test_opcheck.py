@@ -1,48 +1,22 @@
-"""torch.library.opcheck and float64 gradcheck for every op, on representative and odd shapes."""
+"""torch.library.opcheck and float64 gradcheck (reverse and forward mode) for every op of the grass
+namespace, the backward ops included, on representative and odd shapes."""
 import pytest
 import torch
-from helpers import factgrass_case, hard_mask_case, inner_case, sjlt_case, soft_mask_case
+from helpers import FIRST_ORDER_ONLY, OP_CASES, float_positions
 
 import grass_ops  # noqa: F401
 
-ops = torch.ops.grass
-
-CASES = [
-    ("sjlt", ops.sjlt, lambda rg: sjlt_case(requires_grad=rg)),
-    ("sjlt-odd", ops.sjlt, lambda rg: sjlt_case(batch=(2, 1, 3), p=7, k=5, s=3, requires_grad=rg)),
-    ("sjlt-f32", ops.sjlt, lambda rg: sjlt_case(batch=(4,), p=33, k=8, s=1, dtype=torch.float32, requires_grad=rg)),
-    ("sjlt-empty", ops.sjlt, lambda rg: sjlt_case(batch=(0,), requires_grad=rg)),
-    ("sjlt_transpose", ops.sjlt_transpose, lambda rg: (torch.randn(3, 6, dtype=torch.float64, requires_grad=rg), *sjlt_case()[1:3])),
-    ("factgrass", ops.factgrass, lambda rg: factgrass_case(requires_grad=rg)),
-    ("factgrass-2d", ops.factgrass, lambda rg: tuple(a[:, 0] if i < 2 else a for i, a in enumerate(factgrass_case(requires_grad=rg)))),
-    ("factgrass-odd", ops.factgrass, lambda rg: factgrass_case(b=1, t=5, d_in=7, d_out=3, k_in=7, k_out=1, k=3, s=2, requires_grad=rg)),
-    ("factorized_mask-soft", ops.factorized_mask, lambda rg: soft_mask_case(requires_grad=rg)),
-    ("factorized_mask-hard", ops.factorized_mask, lambda rg: hard_mask_case(requires_grad=rg)),
-    ("factorized_inner", ops.factorized_inner, lambda rg: inner_case(requires_grad=rg)),
-    ("factorized_inner-2d", ops.factorized_inner, lambda rg: tuple(t[:, 0] for t in inner_case(requires_grad=rg))),
-]
+DIFFERENTIABLE = [c for c in OP_CASES if not c[0].startswith(FIRST_ORDER_ONLY)]
+OPCHECK = [(*c, False) for c in OP_CASES] + [(*c, True) for c in DIFFERENTIABLE]
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("name, op, make", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, op, make, requires_grad", OPCHECK, ids=[f"{c[0]}-grad{c[3]}" for c in OPCHECK])
 def test_opcheck(name, op, make, requires_grad):
     torch.library.opcheck(op, make(requires_grad))
 
 
-def _differentiable_positions(args):
-    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-
-
-GRAD_CASES = [c for c in CASES if "empty" not in c[0]]  # gradcheck needs non-empty inputs
-
-
-@pytest.mark.parametrize("name, op, make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
-def test_gradcheck_float64(name, op, make):
-    args = tuple(
-        a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        for a in make(False)
-    )
-    positions = _differentiable_positions(args)
+def _as_function_of_float_inputs(op, args):
+    positions = float_positions(args)
 
     def fn(*diff):
         full = list(args)
@@ -50,7 +24,24 @@ def test_gradcheck_float64(name, op, make):
             full[i] = d
         return op(*full)
 
-    inputs = tuple(args[i] for i in positions)
-    assert torch.autograd.gradcheck(fn, inputs)
-    if name.startswith(("sjlt", "factgrass")):
-        assert torch.autograd.gradgradcheck(fn, inputs)
+    return fn, tuple(args[i].detach().double().requires_grad_() for i in positions)
+
+
+GRAD_CASES = [c for c in DIFFERENTIABLE if "empty" not in c[0]]  # gradcheck needs non-empty inputs
+
+
+@pytest.mark.parametrize("name, op, make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradcheck_float64_reverse_and_forward_mode_on_the_raw_op(name, op, make):
+    fn, inputs = _as_function_of_float_inputs(op, tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                                        for a in make(False)))
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True)
+    if name.startswith(("sjlt", "factgrass")):  # twice differentiable, forward-over-reverse too
+        assert torch.autograd.gradgradcheck(fn, inputs, check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("name, op, make", [c for c in OP_CASES if c[0].startswith(FIRST_ORDER_ONLY)],
+                         ids=list(FIRST_ORDER_ONLY))
+def test_backward_of_first_order_ops_refuses_to_be_differentiated(name, op, make):
+    fn, inputs = _as_function_of_float_inputs(op, make(False))
+    with pytest.raises(RuntimeError, match=f"grass::{name.split('-')[0]} is not differentiable"):
+        fn(*inputs)

@@ -128,7 +128,10 @@ def test_int32_index_is_accepted():
         (lambda x, i, s: (x, i, s.int(), 4), TypeError, "sign must be int8"),
         (lambda x, i, s: (x, i, s * 2, 4), ValueError, "sign values must be"),
         (lambda x, i, s: (x, i, s[:, :1], 4), ValueError, "sign must have idx's shape"),
-        (lambda x, i, s: (x, i, s, 0), ValueError, "k must be a positive int"),
+        (lambda x, i, s: (x, i, s, 0), ValueError, r"k must be an int in \[1, 2\*\*63 - 1 \(int64\)\], got 0"),
+        (lambda x, i, s: (x, i, s, 4.0), TypeError, "k must be an int, got float 4.0"),
+        (lambda x, i, s: (x, i, s, True), TypeError, "k must be an int, got bool True"),
+        (lambda x, i, s: (x, i, s, 2**63), ValueError, r"k must be an int in \[1, 2\*\*63 - 1 \(int64\)\], got 9223372036854775808"),
         (lambda x, i, s: (x, i[:, :0], s[:, :0], 4), ValueError, "s >= 1"),
         (lambda x, i, s: (x.int(), i, s, 4), TypeError, "x must be float16, bfloat16, float32 or float64"),
         (lambda x, i, s: (x, i.to("meta"), s, 4), ValueError, "one device"),
@@ -141,15 +144,34 @@ def test_bad_input_errors(make, error, match):
         grass_ops.sjlt(*make(x, idx, sign))
 
 
-def test_hash_argument_errors():
-    with pytest.raises(ValueError, match="s must be <= k"):
-        grass_ops.sjlt_hash(10, 2, 3)
-    with pytest.raises(ValueError, match="k must be a positive int"):
-        grass_ops.sjlt_hash(10, 0)
-    with pytest.raises(ValueError, match="k must be <= d"):
-        grass_ops.random_mask(5, 6)
-    with pytest.raises(ValueError, match="seed must be in"):
-        grass_ops.random_mask(5, 2, seed=-1)
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: grass_ops.sjlt_hash(10, 2, 3), ValueError, "s must be <= k"),
+        (lambda: grass_ops.sjlt_hash(0, 4), ValueError, r"p must be an int in \[1, 2\*\*63 - 1 \(int64\)\], got 0"),
+        (lambda: grass_ops.sjlt_hash(10, 0), ValueError, r"k must be an int in \[1, .*got 0"),
+        (lambda: grass_ops.sjlt_hash(10, 4.0), TypeError, "k must be an int, got float 4.0"),
+        (lambda: grass_ops.sjlt_hash(10, True), TypeError, "k must be an int, got bool True"),
+        (lambda: grass_ops.sjlt_hash(10, 2**63), ValueError, r"k must be an int in \[1, 2\*\*63 - 1 \(int64\)\]"),
+        (lambda: grass_ops.sjlt_hash(10, 4, seed=2**63), ValueError, r"seed must be an int in \[0, 2\*\*63 - 1"),
+        (lambda: grass_ops.random_mask(5, 6), ValueError, "k must be <= d"),
+        (lambda: grass_ops.random_mask(0, 1), ValueError, r"d must be an int in \[1, .*got 0"),
+        (lambda: grass_ops.random_mask(5, 2.5), TypeError, "k must be an int, got float 2.5"),
+        (lambda: grass_ops.random_mask(5, True), TypeError, "k must be an int, got bool True"),
+        (lambda: grass_ops.random_mask(5, 2**64), ValueError, r"k must be an int in \[1, 2\*\*63 - 1"),
+        (lambda: grass_ops.random_mask(5, 2, seed=-1), ValueError, r"seed must be an int in \[0, "),
+    ],
+)
+def test_hash_argument_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_hash_bounds_are_exact_for_large_k():
+    """Block bounds r * k // s in exact integers (no uint64 overflow for k near 2**63)."""
+    idx, _ = grass_ops.sjlt_hash(50, 2**63 - 1, 3, seed=1)
+    width = (2**63 - 1) // 3
+    assert all(r * width <= v < (r + 1) * width + 2 for row in idx.tolist() for r, v in enumerate(row))
 
 
 @pytest.mark.scatter

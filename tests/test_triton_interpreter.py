@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import factgrass_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,9 +47,18 @@ def test_odd_sizes_many_rows_and_int32_hash():
 def test_follows_torch_deterministic_setting(monkeypatch):
     from grass_ops.cuda import launchers
 
+    monkeypatch.delenv("GRASS_OPS_DETERMINISTIC", raising=False)
     assert launchers.deterministic_enabled() is False
     monkeypatch.setenv("GRASS_OPS_DETERMINISTIC", "1")
     assert launchers.deterministic_enabled() is True
+    monkeypatch.delenv("GRASS_OPS_DETERMINISTIC")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert launchers.deterministic_enabled() is True
+        assert launchers.deterministic_enabled(False) is False  # an explicit argument wins
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 @settings(max_examples=8)
@@ -82,6 +92,25 @@ def test_soft_mask_backward_kernel_matches_torch():
     want = factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, s_in, s_out, 0.5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: {**a, "idx": a["idx"] + a["k"]}, r"idx values must lie in \[0, k=4\)"),
+        (lambda a: {**a, "idx": a["idx"] * 0 - 1}, r"idx values must lie in \[0, k=4\)"),
+        (lambda a: {**a, "sign": a["sign"] * 2}, "sign values must be"),
+        (lambda a: {**a, "in_idx": a["in_idx"] + 100}, r"in_idx values must lie in \[0, 6\)"),
+    ],
+)
+def test_fused_factgrass_validates_hash_and_masks_like_the_cpu_path(mutate, match, deterministic):
+    """An out-of-range idx used to reach the kernel unchecked (memory corruption: "double free or
+    corruption" in the interpreter)."""
+    names = ["x_in", "g_out", "in_idx", "out_idx", "idx", "sign", "k"]
+    args = mutate(dict(zip(names, factgrass_case(dtype=torch.float32))))
+    with pytest.raises(ValueError, match=match):
+        cuda.factgrass(**args, deterministic=deterministic)
 
 
 def test_launchers_validate_like_the_ops():

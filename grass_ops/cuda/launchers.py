@@ -36,6 +36,7 @@ def deterministic_enabled(flag: bool | None = None) -> bool:
 
 def sjlt(x: Tensor, idx: Tensor, sign: Tensor, k: int, deterministic: bool | None = None) -> Tensor:
     """Triton SJLT, same contract as ``grass::sjlt``. deterministic=True: bitwise equal to the CPU op."""
+    k = _checks.check_int("k", k)
     _checks.check_sjlt_args(x, idx, sign, k)
     if x.dtype == torch.float64:
         return sjlt_torch(x, idx, sign, k)
@@ -52,10 +53,11 @@ def sjlt(x: Tensor, idx: Tensor, sign: Tensor, k: int, deterministic: bool | Non
 def factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k, deterministic: bool | None = None) -> Tensor:
     """Fused Triton FactGraSS, same contract as ``grass::factgrass``. deterministic=True: gather +
     bmm + the ordered SJLT kernel (reproducible run to run)."""
+    k = _checks.check_int("k", k)
     check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k)
     if x_in.dtype == torch.float64:
         return factgrass_torch(x_in, g_out, in_idx, out_idx, idx, sign, k)
-    check_factgrass_values(x_in, g_out, in_idx, out_idx)
+    check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k)
     if deterministic_enabled(deterministic):
         a, b = masked_factors(x_in, g_out, in_idx, out_idx)
         out = sjlt_rows_ordered(masked_kron_rows(a, b), idx, sign, k)
