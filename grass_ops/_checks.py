@@ -1,8 +1,9 @@
-"""Argument validation shared by the CPU kernels, the GPU kernels and the fake (meta) kernels.
+"""Every argument check of the grass ops, shared by the torch kernels, the Triton launchers and the
+fake (meta) kernels: one ``check_<op>_args`` per op, the backward ops included.
 
 Structural checks (rank, shape, dtype, device) use ``torch._check_*`` so they also run under
 FakeTensor tracing; value checks (index ranges, signs, distinctness) read data and therefore only
-run in the real kernels.
+run in the real kernels, cached per unmodified tensor (:class:`IdentityCache`).
 """
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def check_hash(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     check_same_device(idx=idx, sign=sign)
 
 
+def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
+    """x_in [B, T, d_in] and g_out [B, T, d_out] (or both 2-D [B, d])."""
+    check_float("x_in", x_in)
+    check_float("g_out", g_out)
+    torch._check_value(
+        x_in.dim() in (2, 3), lambda: f"x_in must be [B, T, d_in] or [B, d_in], got shape {tuple(x_in.shape)}"
+    )
+    torch._check_value(
+        g_out.dim() == x_in.dim(),
+        lambda: f"g_out must have x_in's rank {x_in.dim()} ([B, T, d_out] or [B, d_out]), got shape {tuple(g_out.shape)}",
+    )
+    torch._check_value(
+        x_in.shape[:-1] == g_out.shape[:-1],
+        lambda: f"x_in and g_out must agree on [B, T], got {tuple(x_in.shape)} and {tuple(g_out.shape)}",
+    )
+    torch._check_type(
+        x_in.dtype == g_out.dtype, lambda: f"x_in and g_out must share a dtype, got {x_in.dtype} and {g_out.dtype}"
+    )
+
+
 def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     """x [..., p] float, plus :func:`check_hash`."""
     check_float("x", x)
@@ -89,6 +110,93 @@ def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Te
     torch._check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
     check_hash(idx, sign, y.shape[-1])
     check_same_device(y=y, idx=idx)
+
+
+def check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
+    """Factors (:func:`check_factors`), masks in_idx [k_in'] / out_idx [k_out'], hash [k_in' * k_out', s]."""
+    check_factors(x_in, g_out)
+    check_index("in_idx", in_idx, 1)
+    check_index("out_idx", out_idx, 1)
+    torch._check_value(
+        idx.dim() == 2 and idx.shape[0] == in_idx.shape[0] * out_idx.shape[0],
+        lambda: f"idx must be [k_in' * k_out', s] = [{in_idx.shape[0] * out_idx.shape[0]}, s], got {tuple(idx.shape)}",
+    )
+    check_hash(idx, sign, k)
+    check_same_device(x_in=x_in, g_out=g_out, in_idx=in_idx, out_idx=out_idx, idx=idx, sign=sign)
+
+
+def check_factgrass_backward_args(grad, x_in, g_out, in_idx, out_idx, idx, sign) -> None:
+    """grad [B, k] (the cotangent of factgrass's output) plus :func:`check_factgrass_args`."""
+    check_float("grad", grad)
+    torch._check_value(
+        grad.dim() == 2 and grad.shape[0] == x_in.shape[0],
+        lambda: f"grad must be [B, k] = [{x_in.shape[0]}, k], got {tuple(grad.shape)}",
+    )
+    check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, grad.shape[-1])
+    check_same_device(grad=grad, x_in=x_in)
+
+
+def is_hard_mask(mask: torch.Tensor) -> bool:
+    """An index mask (int64/int32) rather than float logits."""
+    return mask.dtype in INDEX_DTYPES
+
+
+def check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature) -> None:
+    """x_in [..., d_in], g_out [..., d_out]; masks both index tensors [k'] or both logits [d]; temperature > 0."""
+    check_float("x_in", x_in)
+    check_float("g_out", g_out)
+    torch._check_value(x_in.dim() >= 1 and g_out.dim() >= 1, lambda: "x_in and g_out must be [..., d] tensors")
+    torch._check_value(
+        is_hard_mask(in_mask) == is_hard_mask(out_mask),
+        lambda: f"in_mask and out_mask must both be index masks or both logits, got {in_mask.dtype} and {out_mask.dtype}",
+    )
+    for name, mask, t in (("in_mask", in_mask, x_in), ("out_mask", out_mask, g_out)):
+        torch._check_value(mask.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(mask.shape)}")
+        if not is_hard_mask(mask):
+            check_float(name, mask)
+            torch._check_value(
+                mask.shape[0] == t.shape[-1],
+                lambda: f"{name} logits must have length {t.shape[-1]} (the factor's last dim), got {mask.shape[0]}",
+            )
+    torch._check_value(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
+    check_same_device(x_in=x_in, g_out=g_out, in_mask=in_mask, out_mask=out_mask)
+
+
+def check_factorized_mask_backward_args(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature) -> None:
+    """grad_x / grad_g shaped like factorized_mask's outputs, plus :func:`check_factorized_mask_args`."""
+    check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature)
+    hard = is_hard_mask(in_mask)
+    for name, grad, t, mask in (("grad_x", grad_x, x_in, in_mask), ("grad_g", grad_g, g_out, out_mask)):
+        check_float(name, grad)
+        expected = (*t.shape[:-1], mask.shape[0]) if hard else tuple(t.shape)
+        torch._check_value(
+            tuple(grad.shape) == expected, lambda: f"{name} must have shape {expected}, got {tuple(grad.shape)}"
+        )
+    check_same_device(grad_x=grad_x, grad_g=grad_g, x_in=x_in)
+
+
+def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
+    """Two factor sets (:func:`check_factors`) sharing d_in, d_out and dtype."""
+    check_factors(x_a, g_a)
+    check_factors(x_b, g_b)
+    torch._check_value(
+        x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
+        lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
+        f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
+    )
+    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
+    check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
+
+
+def check_factorized_inner_backward_args(grad, x_a, g_a, x_b, g_b) -> None:
+    """grad [n_a, n_b] plus :func:`check_factorized_inner_args`."""
+    check_factorized_inner_args(x_a, g_a, x_b, g_b)
+    check_float("grad", grad)
+    expected = (x_a.shape[0], x_b.shape[0])
+    torch._check_value(
+        tuple(grad.shape) == expected, lambda: f"grad must be [n_a, n_b] = {list(expected)}, got {tuple(grad.shape)}"
+    )
+    check_same_device(grad=grad, x_a=x_a)
 
 
 def stream_capturing(*tensors: torch.Tensor) -> bool:
@@ -112,26 +220,6 @@ def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
         raise ValueError(f"idx values must lie in [0, k={k}), got values in [{lo}, {hi}]")
     if not bool(((sign == 1) | (sign == -1)).all()):
         raise ValueError("sign values must be +1 or -1")
-
-
-def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
-    """x_in [B, T, d_in] and g_out [B, T, d_out] (or both 2-D [B, d])."""
-    check_float("x_in", x_in)
-    check_float("g_out", g_out)
-    torch._check_value(
-        x_in.dim() in (2, 3), lambda: f"x_in must be [B, T, d_in] or [B, d_in], got shape {tuple(x_in.shape)}"
-    )
-    torch._check_value(
-        g_out.dim() == x_in.dim(),
-        lambda: f"g_out must have x_in's rank {x_in.dim()} ([B, T, d_out] or [B, d_out]), got shape {tuple(g_out.shape)}",
-    )
-    torch._check_value(
-        x_in.shape[:-1] == g_out.shape[:-1],
-        lambda: f"x_in and g_out must agree on [B, T], got {tuple(x_in.shape)} and {tuple(g_out.shape)}",
-    )
-    torch._check_type(
-        x_in.dtype == g_out.dtype, lambda: f"x_in and g_out must share a dtype, got {x_in.dtype} and {g_out.dtype}"
-    )
 
 
 def check_mask_values(name: str, mask: torch.Tensor, d: int) -> None:
@@ -199,6 +287,13 @@ def check_sjlt_values_cached(idx: torch.Tensor, sign: torch.Tensor, k: int) -> N
 
 def check_mask_values_cached(name: str, mask: torch.Tensor, d: int) -> None:
     validation_cache.get((mask,), ("mask", name, d), lambda: check_mask_values(name, mask, d))
+
+
+def check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
+    """Mask values and hash values of a factgrass call (cached per unmodified tensors)."""
+    check_mask_values_cached("in_idx", in_idx, x_in.shape[-1])
+    check_mask_values_cached("out_idx", out_idx, g_out.shape[-1])
+    check_sjlt_values_cached(idx, sign, k)
 
 
 _passed_signatures: set = set()

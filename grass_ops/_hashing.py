@@ -20,6 +20,7 @@ STREAM_SJLT_BUCKET = 1
 STREAM_SJLT_SIGN = 2
 STREAM_MASK = 3
 STREAM_DERIVE = 4
+STREAM_DENSE_SIGNS = 5  # the +-1 entries of the Rademacher matrix and of FJLT's random diagonal
 
 
 def _check_seed(seed: int) -> int:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import accumulation_dtype, check_int
-from ._hashing import derive_seed, hash_stream, random_mask, sjlt_hash
+from ._hashing import STREAM_DENSE_SIGNS, derive_seed, hash_stream, random_mask, sjlt_hash
 from .ops import factgrass, sjlt
+from .ops._factors import as_3d
 
 _REGISTRY: dict[str, type["Compressor"]] = {}
 
@@ -350,7 +351,7 @@ class Rademacher(Gaussian):
     def __init__(self, p: int, k: int, seed: int = 0):
         Compressor.__init__(self)
         self.in_features, self.out_features, self.seed = _dense_shape(p, k, seed)
-        bits = (hash_stream(seed, 5, k * p) >> np.uint64(63)).astype(np.float32).reshape(k, p)
+        bits = (hash_stream(seed, STREAM_DENSE_SIGNS, k * p) >> np.uint64(63)).astype(np.float32).reshape(k, p)
         self.register_buffer("matrix", torch.from_numpy((1 - 2 * bits) / math.sqrt(k)), persistent=False)
 
     def spec(self) -> dict:
@@ -396,7 +397,7 @@ class FJLT(Compressor):
         self.n = 1 << max(0, (p - 1).bit_length())
         if k > self.n:
             raise ValueError(f"FJLT needs k <= {self.n} (the padded dimension), got k={k}")
-        bits = hash_stream(derive_seed(seed, 1), 5, p) >> np.uint64(63)
+        bits = hash_stream(derive_seed(seed, 1), STREAM_DENSE_SIGNS, p) >> np.uint64(63)
         self.register_buffer("signs", torch.from_numpy(1 - 2 * bits.astype(np.float32)), persistent=False)
         self.register_buffer("rows", random_mask(self.n, k, derive_seed(seed, 2)), persistent=False)
 
@@ -424,8 +425,7 @@ class LoGra(FactorizedCompressor):
         self.register_buffer("p_out", gaussian_matrix(k_out, d_out, derive_seed(seed, 2)), persistent=False)
 
     def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
-        if x_in.dim() == 2:
-            x_in, g_out = x_in.unsqueeze(1), g_out.unsqueeze(1)
+        x_in, g_out = as_3d(x_in), as_3d(g_out)
         acc = accumulation_dtype(x_in.dtype)
         a = x_in.to(acc) @ self.p_in.to(acc).T  # [B, T, k_in]
         b = g_out.to(acc) @ self.p_out.to(acc).T  # [B, T, k_out]

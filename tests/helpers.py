@@ -80,3 +80,19 @@ FIRST_ORDER_ONLY = ("factorized_mask_backward", "factorized_inner_backward")
 
 def float_positions(args) -> list[int]:
     return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+def interpreter_marks() -> list:
+    """pytestmark of the Triton-interpreter tests: the marker, and a skip naming what is missing."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    return [
+        pytest.mark.interpreter,
+        pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                           reason="triton is not installed (pip install grass_ops[gpu] or triton==3.7.1)"),
+        pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                           reason="the interpreter tests need TRITON_INTERPRET=1 before triton is imported"),
+    ]

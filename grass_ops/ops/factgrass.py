@@ -13,33 +13,11 @@ from torch import Tensor
 
 from .. import _checks
 from ._definition import batch_dim_first, define_op, multilinear_jvp, vmap_by_slices
+from ._factors import as_3d
 from .sjlt import SJLT_TRANSPOSE, sjlt_rows
 
 # Rows of the [rows, k_in' * k_out'] intermediate formed at once (elements); bounds CPU memory.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
-    _checks.check_factors(x_in, g_out)
-    _checks.check_index("in_idx", in_idx, 1)
-    _checks.check_index("out_idx", out_idx, 1)
-    torch._check_value(
-        idx.dim() == 2 and idx.shape[0] == in_idx.shape[0] * out_idx.shape[0],
-        lambda: f"idx must be [k_in' * k_out', s] = [{in_idx.shape[0] * out_idx.shape[0]}, s], got {tuple(idx.shape)}",
-    )
-    _checks.check_hash(idx, sign, k)
-    _checks.check_same_device(x_in=x_in, g_out=g_out, in_idx=in_idx, out_idx=out_idx, idx=idx, sign=sign)
-
-
-def check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
-    """Mask values and hash values (reads the data; cached per unmodified tensors)."""
-    _checks.check_mask_values_cached("in_idx", in_idx, x_in.shape[-1])
-    _checks.check_mask_values_cached("out_idx", out_idx, g_out.shape[-1])
-    _checks.check_sjlt_values_cached(idx, sign, k)
-
-
-def _as_3d(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t
 
 
 def gather_columns(t: Tensor, columns: Tensor) -> Tensor:
@@ -53,7 +31,7 @@ def gather_columns(t: Tensor, columns: Tensor) -> Tensor:
 def masked_factors(x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor) -> tuple[Tensor, Tensor]:
     """[B, T, k_in'] and [B, T, k_out'] gathered factors in the accumulation dtype."""
     acc = _checks.accumulation_dtype(x_in.dtype)
-    return gather_columns(_as_3d(x_in), in_idx).to(acc), gather_columns(_as_3d(g_out), out_idx).to(acc)
+    return gather_columns(as_3d(x_in), in_idx).to(acc), gather_columns(as_3d(g_out), out_idx).to(acc)
 
 
 def masked_kron_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -65,8 +43,8 @@ def factgrass_torch(
     x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor, idx: Tensor, sign: Tensor, k: int
 ) -> Tensor:
     """The torch implementation (any device): x_in [B, T, d_in], g_out [B, T, d_out] -> [B, k]."""
-    _checks.check_once(check_factgrass_args, x_in, g_out, in_idx, out_idx, idx, sign, k)
-    check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    _checks.check_once(_checks.check_factgrass_args, x_in, g_out, in_idx, out_idx, idx, sign, k)
+    _checks.check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k)
     a, b = masked_factors(x_in, g_out, in_idx, out_idx)
     n = a.shape[0]
     out = a.new_empty(n, k)
@@ -81,12 +59,13 @@ def factgrass_backward_torch(
     grad: Tensor, x_in: Tensor, g_out: Tensor, in_idx: Tensor, out_idx: Tensor, idx: Tensor, sign: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Gradients of sum(grad * factgrass(...)) w.r.t. x_in and g_out (zero outside the masks)."""
+    _checks.check_once(_checks.check_factgrass_backward_args, grad, x_in, g_out, in_idx, out_idx, idx, sign)
     a, b = masked_factors(x_in, g_out, in_idx, out_idx)
     g_inter = SJLT_TRANSPOSE.op(grad.to(a.dtype), idx, sign).reshape(-1, in_idx.shape[0], out_idx.shape[0])
     grad_a = torch.bmm(b, g_inter.transpose(1, 2))  # [B, T, k_in']
     grad_b = torch.bmm(a, g_inter)  # [B, T, k_out']
-    grad_x = torch.zeros(_as_3d(x_in).shape, dtype=x_in.dtype, device=x_in.device)
-    grad_g = torch.zeros(_as_3d(g_out).shape, dtype=g_out.dtype, device=g_out.device)
+    grad_x = torch.zeros(as_3d(x_in).shape, dtype=x_in.dtype, device=x_in.device)
+    grad_g = torch.zeros(as_3d(g_out).shape, dtype=g_out.dtype, device=g_out.device)
     grad_x.index_copy_(-1, in_idx, grad_a.to(x_in.dtype))
     grad_g.index_copy_(-1, out_idx, grad_b.to(g_out.dtype))
     return grad_x.reshape(x_in.shape), grad_g.reshape(g_out.shape)

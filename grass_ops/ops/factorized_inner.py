@@ -14,24 +14,9 @@ from torch import Tensor
 
 from .. import _checks
 from ._definition import batch_dim_first, define_op, multilinear_jvp, vmap_by_slices
+from ._factors import as_3d
 
 _CHUNK_ELEMENTS = 1 << 24  # entries of the [rows_a * T, n_b * U] kernel matrices formed at once
-
-
-def _as_3d(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t
-
-
-def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
-    _checks.check_factors(x_a, g_a)
-    _checks.check_factors(x_b, g_b)
-    torch._check_value(
-        x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
-        lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
-        f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
-    )
-    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
-    _checks.check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
 
 
 def _chunks(x_a: Tensor, x_b: Tensor):
@@ -50,12 +35,12 @@ def _kernels(xa: Tensor, ga: Tensor, xb: Tensor, gb: Tensor) -> tuple[Tensor, Te
 
 def _acc(*ts: Tensor) -> list[Tensor]:
     dtype = _checks.accumulation_dtype(ts[0].dtype)
-    return [_as_3d(t).to(dtype) for t in ts]
+    return [as_3d(t).to(dtype) for t in ts]
 
 
 def factorized_inner_torch(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
     """x_a [n_a, T, d_in], g_a [n_a, T, d_out], x_b [n_b, U, d_in], g_b [n_b, U, d_out] -> [n_a, n_b]."""
-    check_factorized_inner_args(x_a, g_a, x_b, g_b)
+    _checks.check_once(_checks.check_factorized_inner_args, x_a, g_a, x_b, g_b)
     xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
     out = xa.new_empty(xa.shape[0], xb.shape[0])
     starts, step = _chunks(xa, xb)
@@ -68,6 +53,8 @@ def factorized_inner_torch(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -
 def factorized_inner_backward_torch(
     grad: Tensor, x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad * factorized_inner(...)) w.r.t. the four factors."""
+    _checks.check_once(_checks.check_factorized_inner_backward_args, grad, x_a, g_a, x_b, g_b)
     xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
     grad = grad.to(xa.dtype)
     d_xa, d_ga = torch.empty_like(xa), torch.empty_like(ga)

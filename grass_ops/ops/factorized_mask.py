@@ -14,31 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._checks import is_hard_mask
 from ._definition import batch_dim_first, define_op, vmap_by_slices
-
-
-def is_hard(mask: Tensor) -> bool:
-    return mask.dtype in _checks.INDEX_DTYPES
-
-
-def check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature) -> None:
-    _checks.check_float("x_in", x_in)
-    _checks.check_float("g_out", g_out)
-    torch._check_value(x_in.dim() >= 1 and g_out.dim() >= 1, lambda: "x_in and g_out must be [..., d] tensors")
-    torch._check_value(
-        is_hard(in_mask) == is_hard(out_mask),
-        lambda: f"in_mask and out_mask must both be index masks or both logits, got {in_mask.dtype} and {out_mask.dtype}",
-    )
-    for name, mask, t in (("in_mask", in_mask, x_in), ("out_mask", out_mask, g_out)):
-        torch._check_value(mask.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(mask.shape)}")
-        if not is_hard(mask):
-            _checks.check_float(name, mask)
-            torch._check_value(
-                mask.shape[0] == t.shape[-1],
-                lambda: f"{name} logits must have length {t.shape[-1]} (the factor's last dim), got {mask.shape[0]}",
-            )
-    torch._check_value(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
-    _checks.check_same_device(x_in=x_in, g_out=g_out, in_mask=in_mask, out_mask=out_mask)
 
 
 def soft_weights(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
@@ -49,8 +26,8 @@ def factorized_mask_torch(
     x_in: Tensor, g_out: Tensor, in_mask: Tensor, out_mask: Tensor, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """The torch implementation (any device) of ``grass::factorized_mask``."""
-    check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature)
-    if is_hard(in_mask):
+    _checks.check_once(_checks.check_factorized_mask_args, x_in, g_out, in_mask, out_mask, temperature)
+    if is_hard_mask(in_mask):
         _checks.check_mask_values_cached("in_mask", in_mask, x_in.shape[-1])
         _checks.check_mask_values_cached("out_mask", out_mask, g_out.shape[-1])
         return x_in.index_select(-1, in_mask), g_out.index_select(-1, out_mask)
@@ -60,8 +37,11 @@ def factorized_mask_torch(
 
 
 def factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature):
-    """The torch implementation (any device) of ``grass::factorized_mask_backward``."""
-    if is_hard(in_mask):
+    """The torch implementation (any device) of ``grass::factorized_mask_backward``: -> (grad x_in,
+    grad g_out, grad in_mask, grad out_mask); the mask grads are empty [0] for hard masks."""
+    _checks.check_once(_checks.check_factorized_mask_backward_args, grad_x, grad_g, x_in, g_out, in_mask, out_mask,
+                       temperature)
+    if is_hard_mask(in_mask):
         gx = torch.zeros_like(x_in).index_copy_(-1, in_mask, grad_x.to(x_in.dtype))
         gg = torch.zeros_like(g_out).index_copy_(-1, out_mask, grad_g.to(g_out.dtype))
         return gx, gg, in_mask.new_empty(0, dtype=x_in.dtype), out_mask.new_empty(0, dtype=x_in.dtype)
@@ -78,7 +58,7 @@ def factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, in_mask, out_mas
 def _backward_rule(saved, grad_x, grad_g):
     gx, gg, gi, go = FACTORIZED_MASK_BACKWARD(grad_x, grad_g, saved.x_in, saved.g_out, saved.in_mask, saved.out_mask,
                                               saved.temperature)
-    if is_hard(saved.in_mask):
+    if is_hard_mask(saved.in_mask):
         gi = go = None
     return {"x_in": gx, "g_out": gg, "in_mask": gi, "out_mask": go}
 
@@ -88,7 +68,7 @@ def _jvp_rule(saved, tangents):
     outputs = []
     for t, tan, mask, mask_tan in ((saved.x_in, tangents.x_in, saved.in_mask, tangents.in_mask),
                                    (saved.g_out, tangents.g_out, saved.out_mask, tangents.out_mask)):
-        if is_hard(mask):
+        if is_hard_mask(mask):
             outputs.append(tan.index_select(-1, mask) if tan is not None else t.new_zeros(*t.shape[:-1], mask.numel()))
             continue
         w = soft_weights(mask, saved.temperature, t.dtype)
@@ -134,7 +114,7 @@ def _vmap_backward(info, in_dims, grad_x, grad_g, x_in, g_out, in_mask, out_mask
                               (grad_x, grad_g, x_in, g_out, in_mask, out_mask))
     n = info.batch_size
     gx, gg, x, g = (batch_dim_first(t, d, n) for t, d in zip((grad_x, grad_g, x_in, g_out), in_dims[:4]))
-    if is_hard(in_mask):
+    if is_hard_mask(in_mask):
         grad_in, grad_out, _, _ = FACTORIZED_MASK_BACKWARD.op(gx, gg, x, g, in_mask, out_mask, temperature)
         empty = x.new_empty(n, 0)
         return (grad_in, grad_out, empty, empty), (0, 0, 0, 0)
