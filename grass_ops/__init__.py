@@ -8,6 +8,7 @@ Ops (eager, autograd, torch.func and torch.compile(fullgraph=True)):
     factorized_inner(x_a, g_a, x_b, g_b)                              -> [n_a, n_b]
 """
 from . import meta as _meta  # noqa: F401  (registers the fake kernels)
+from ._checks import clear_caches
 from ._hashing import derive_seed, random_mask, sjlt_hash
 from .compressors import (
     FJLT,
@@ -45,6 +46,7 @@ __all__ = [
     "RandomMask",
     "SelectiveMask",
     "from_spec",
+    "clear_caches",
     "derive_seed",
     "factgrass",
     "factorized_inner",

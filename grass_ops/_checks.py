@@ -1,11 +1,13 @@
-"""Argument validation shared by the CPU kernels, the GPU kernels and the fake (meta) kernels.
+"""Every argument check of the grass ops, shared by the torch kernels, the Triton launchers and the
+fake (meta) kernels: one ``check_<op>_args`` per op, the backward ops included.
 
 Structural checks (rank, shape, dtype, device) use ``torch._check_*`` so they also run under
 FakeTensor tracing; value checks (index ranges, signs, distinctness) read data and therefore only
-run in the real kernels.
+run in the real kernels, cached per unmodified tensor (:class:`IdentityCache`).
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Callable
 
@@ -13,6 +15,20 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+INT64_MAX = 2**63 - 1
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int = INT64_MAX) -> int:
+    """``value`` as an int: a Python or numpy integer (not a bool, not a float) in [minimum, maximum].
+    Raises TypeError / ValueError naming ``name``. SymInts (torch.compile's dynamic ints) pass through."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not minimum <= int(value) <= maximum:
+        upper = "2**63 - 1 (int64)" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{name} must be an int in [{minimum}, {upper}], got {value}")
+    return int(value)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,43 +72,6 @@ def check_hash(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     check_same_device(idx=idx, sign=sign)
 
 
-def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
-    """x [..., p] float, plus :func:`check_hash`."""
-    check_float("x", x)
-    torch._check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., p], got a scalar")
-    check_hash(idx, sign, k)
-    torch._check_value(
-        x.shape[-1] == idx.shape[0],
-        lambda: f"x's last dimension ({x.shape[-1]}) must equal idx's first dimension p ({idx.shape[0]})",
-    )
-    check_same_device(x=x, idx=idx)
-
-
-def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor) -> None:
-    """y [..., k] float, plus :func:`check_hash` with k = y.shape[-1]."""
-    check_float("y", y)
-    torch._check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
-    check_hash(idx, sign, y.shape[-1])
-    check_same_device(y=y, idx=idx)
-
-
-def values_readable(t: torch.Tensor) -> bool:
-    """Whether value checks may read ``t``: not while a CUDA graph is being captured (a host read
-    would break the capture); the checks run on the uncaptured warm-up calls instead."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
-    """idx in [0, k) and sign in {-1, +1} (reads the data)."""
-    if idx.numel() == 0 or not values_readable(idx):
-        return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= k:
-        raise ValueError(f"idx values must lie in [0, k={k}), got values in [{lo}, {hi}]")
-    if not bool(((sign == 1) | (sign == -1)).all()):
-        raise ValueError("sign values must be +1 or -1")
-
-
 def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
     """x_in [B, T, d_in] and g_out [B, T, d_out] (or both 2-D [B, d])."""
     check_float("x_in", x_in)
@@ -113,6 +92,136 @@ def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
     )
 
 
+def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    """x [..., p] float, plus :func:`check_hash`."""
+    check_float("x", x)
+    torch._check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., p], got a scalar")
+    check_hash(idx, sign, k)
+    torch._check_value(
+        x.shape[-1] == idx.shape[0],
+        lambda: f"x's last dimension ({x.shape[-1]}) must equal idx's first dimension p ({idx.shape[0]})",
+    )
+    check_same_device(x=x, idx=idx)
+
+
+def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor) -> None:
+    """y [..., k] float, plus :func:`check_hash` with k = y.shape[-1]."""
+    check_float("y", y)
+    torch._check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
+    check_hash(idx, sign, y.shape[-1])
+    check_same_device(y=y, idx=idx)
+
+
+def check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
+    """Factors (:func:`check_factors`), masks in_idx [k_in'] / out_idx [k_out'], hash [k_in' * k_out', s]."""
+    check_factors(x_in, g_out)
+    check_index("in_idx", in_idx, 1)
+    check_index("out_idx", out_idx, 1)
+    torch._check_value(
+        idx.dim() == 2 and idx.shape[0] == in_idx.shape[0] * out_idx.shape[0],
+        lambda: f"idx must be [k_in' * k_out', s] = [{in_idx.shape[0] * out_idx.shape[0]}, s], got {tuple(idx.shape)}",
+    )
+    check_hash(idx, sign, k)
+    check_same_device(x_in=x_in, g_out=g_out, in_idx=in_idx, out_idx=out_idx, idx=idx, sign=sign)
+
+
+def check_factgrass_backward_args(grad, x_in, g_out, in_idx, out_idx, idx, sign) -> None:
+    """grad [B, k] (the cotangent of factgrass's output) plus :func:`check_factgrass_args`."""
+    check_float("grad", grad)
+    torch._check_value(
+        grad.dim() == 2 and grad.shape[0] == x_in.shape[0],
+        lambda: f"grad must be [B, k] = [{x_in.shape[0]}, k], got {tuple(grad.shape)}",
+    )
+    check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, grad.shape[-1])
+    check_same_device(grad=grad, x_in=x_in)
+
+
+def is_hard_mask(mask: torch.Tensor) -> bool:
+    """An index mask (int64/int32) rather than float logits."""
+    return mask.dtype in INDEX_DTYPES
+
+
+def check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature) -> None:
+    """x_in [..., d_in], g_out [..., d_out]; masks both index tensors [k'] or both logits [d]; temperature > 0."""
+    check_float("x_in", x_in)
+    check_float("g_out", g_out)
+    torch._check_value(x_in.dim() >= 1 and g_out.dim() >= 1, lambda: "x_in and g_out must be [..., d] tensors")
+    torch._check_value(
+        is_hard_mask(in_mask) == is_hard_mask(out_mask),
+        lambda: f"in_mask and out_mask must both be index masks or both logits, got {in_mask.dtype} and {out_mask.dtype}",
+    )
+    for name, mask, t in (("in_mask", in_mask, x_in), ("out_mask", out_mask, g_out)):
+        torch._check_value(mask.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(mask.shape)}")
+        if not is_hard_mask(mask):
+            check_float(name, mask)
+            torch._check_value(
+                mask.shape[0] == t.shape[-1],
+                lambda: f"{name} logits must have length {t.shape[-1]} (the factor's last dim), got {mask.shape[0]}",
+            )
+    torch._check_value(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
+    check_same_device(x_in=x_in, g_out=g_out, in_mask=in_mask, out_mask=out_mask)
+
+
+def check_factorized_mask_backward_args(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature) -> None:
+    """grad_x / grad_g shaped like factorized_mask's outputs, plus :func:`check_factorized_mask_args`."""
+    check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature)
+    hard = is_hard_mask(in_mask)
+    for name, grad, t, mask in (("grad_x", grad_x, x_in, in_mask), ("grad_g", grad_g, g_out, out_mask)):
+        check_float(name, grad)
+        expected = (*t.shape[:-1], mask.shape[0]) if hard else tuple(t.shape)
+        torch._check_value(
+            tuple(grad.shape) == expected, lambda: f"{name} must have shape {expected}, got {tuple(grad.shape)}"
+        )
+    check_same_device(grad_x=grad_x, grad_g=grad_g, x_in=x_in)
+
+
+def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
+    """Two factor sets (:func:`check_factors`) sharing d_in, d_out and dtype."""
+    check_factors(x_a, g_a)
+    check_factors(x_b, g_b)
+    torch._check_value(
+        x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
+        lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
+        f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
+    )
+    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
+    check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
+
+
+def check_factorized_inner_backward_args(grad, x_a, g_a, x_b, g_b) -> None:
+    """grad [n_a, n_b] plus :func:`check_factorized_inner_args`."""
+    check_factorized_inner_args(x_a, g_a, x_b, g_b)
+    check_float("grad", grad)
+    expected = (x_a.shape[0], x_b.shape[0])
+    torch._check_value(
+        tuple(grad.shape) == expected, lambda: f"grad must be [n_a, n_b] = {list(expected)}, got {tuple(grad.shape)}"
+    )
+    check_same_device(grad=grad, x_a=x_a)
+
+
+def stream_capturing(*tensors: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured for these tensors' work: no host reads (they would break
+    the capture) and nothing cached (a table allocated in the graph's private pool must not outlive it)."""
+    return any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether value checks may read ``t``: not during CUDA-graph capture; the checks run on the
+    uncaptured warm-up calls instead, and nothing computed during capture is cached."""
+    return not stream_capturing(t)
+
+
+def check_sjlt_values(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
+    """idx in [0, k) and sign in {-1, +1} (reads the data)."""
+    if idx.numel() == 0 or not values_readable(idx):
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= k:
+        raise ValueError(f"idx values must lie in [0, k={k}), got values in [{lo}, {hi}]")
+    if not bool(((sign == 1) | (sign == -1)).all()):
+        raise ValueError("sign values must be +1 or -1")
+
+
 def check_mask_values(name: str, mask: torch.Tensor, d: int) -> None:
     """Hard mask: distinct indices in [0, d) (reads the data)."""
     if mask.numel() == 0:
@@ -131,18 +240,31 @@ class IdentityCache:
     are unmodified (same object, same ``_version``). Holds weak references to the key tensors.
 
     Compressors pass the same hash and mask tensors at every step; this skips re-reading them.
+    Not cached: results for inference tensors (made under ``torch.inference_mode``: they have no version
+    counter, so they are recomputed at every call) and anything computed during CUDA-graph capture.
+    Unsupported: in-place edits that bypass the version counter (through ``.data``, a numpy view or
+    DLPack) are not seen; the cached result of the tensor as it was is reused. Change hash and mask
+    tensors with ordinary in-place ops (``.detach()`` views count too), or call
+    :func:`grass_ops.clear_caches` after such an edit.
     """
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
         self.entries: dict[tuple, tuple] = {}
 
+    def clear(self) -> None:
+        self.entries.clear()
+
     def get(self, tensors: tuple[torch.Tensor, ...], extra, compute: Callable):
+        if any(t.is_inference() for t in tensors):
+            return compute()
         key = (tuple((id(t), t._version) for t in tensors), extra)
         hit = self.entries.get(key)
         if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
             return hit[1]
         value = compute()
+        if stream_capturing(*tensors):  # a check skipped or a table allocated in the graph's pool: never reuse it
+            return value
         if len(self.entries) >= self.capacity:
             self.entries.pop(next(iter(self.entries)))
         self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
@@ -152,12 +274,26 @@ class IdentityCache:
 validation_cache = IdentityCache()
 
 
+def clear_caches() -> None:
+    """Forget every cached validation result and index table. Needed only after editing a hash or
+    mask tensor in a way its version counter does not see (``.data``, a numpy view, DLPack)."""
+    validation_cache.clear()
+    _passed_signatures.clear()
+
+
 def check_sjlt_values_cached(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     validation_cache.get((idx, sign), ("values", k), lambda: check_sjlt_values(idx, sign, k))
 
 
 def check_mask_values_cached(name: str, mask: torch.Tensor, d: int) -> None:
     validation_cache.get((mask,), ("mask", name, d), lambda: check_mask_values(name, mask, d))
+
+
+def check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
+    """Mask values and hash values of a factgrass call (cached per unmodified tensors)."""
+    check_mask_values_cached("in_idx", in_idx, x_in.shape[-1])
+    check_mask_values_cached("out_idx", out_idx, g_out.shape[-1])
+    check_sjlt_values_cached(idx, sign, k)
 
 
 _passed_signatures: set = set()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._checks import check_int
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -18,14 +20,11 @@ STREAM_SJLT_BUCKET = 1
 STREAM_SJLT_SIGN = 2
 STREAM_MASK = 3
 STREAM_DERIVE = 4
+STREAM_DENSE_SIGNS = 5  # the +-1 entries of the Rademacher matrix and of FJLT's random diagonal
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return int(seed)
+    return check_int("seed", seed, minimum=0)
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
@@ -52,12 +51,6 @@ def derive_seed(seed: int, *tags: int) -> int:
     return value
 
 
-def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def sjlt_hash(p: int, k: int, s: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The SJLT hash of a p -> k projection with s non-zeros per input coordinate.
 
@@ -65,10 +58,10 @@ def sjlt_hash(p: int, k: int, s: int = 1, seed: int = 0) -> tuple[torch.Tensor, 
     the k outputs are cut into s contiguous blocks and hash r of coordinate j lands in block r, so
     the s buckets of a coordinate are always distinct. Requires s <= k.
     """
-    p, k, s = _check_positive("p", p), _check_positive("k", k), _check_positive("s", s)
+    p, k, s = check_int("p", p), check_int("k", k), check_int("s", s)
     if s > k:
         raise ValueError(f"s must be <= k so that each coordinate gets s distinct buckets, got s={s}, k={k}")
-    bounds = (np.arange(s + 1, dtype=np.uint64) * np.uint64(k)) // np.uint64(s)
+    bounds = np.array([r * k // s for r in range(s + 1)], dtype=np.uint64)  # exact: Python ints
     lo, width = bounds[:-1], bounds[1:] - bounds[:-1]
     words = hash_stream(seed, STREAM_SJLT_BUCKET, p * s).reshape(p, s)
     idx = (lo + words % width).astype(np.int64)
@@ -79,7 +72,7 @@ def sjlt_hash(p: int, k: int, s: int = 1, seed: int = 0) -> tuple[torch.Tensor, 
 
 def random_mask(d: int, k: int, seed: int = 0) -> torch.Tensor:
     """k distinct coordinates of [0, d), sorted ascending, as int64 [k] (a Random Mask)."""
-    d, k = _check_positive("d", d), _check_positive("k", k)
+    d, k = check_int("d", d), check_int("k", k)
     if k > d:
         raise ValueError(f"k must be <= d for a mask, got k={k}, d={d}")
     keys = hash_stream(seed, STREAM_MASK, d)

@@ -1,8 +1,12 @@
-"""Timing helper shared by the benchmark scripts (scripts/bench_ops.py, grass-attribute bench)."""
+"""What the benchmark scripts share (scripts/bench_ops.py, scripts/bench_attribution.py, grass-attribute bench):
+timing, and the JSON report written at the end."""
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,3 +26,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, 
         sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def emit_json_report(report: dict, out: str | os.PathLike | None = None) -> str:
+    """Print ``report`` as indented JSON on stdout and, when ``out`` is given, also write it there
+    (parent folders created; written to a temporary file and renamed, so a killed run never leaves a
+    truncated report). Returns the JSON text."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return text

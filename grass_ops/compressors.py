@@ -17,15 +17,17 @@ import abc
 import hashlib
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import accumulation_dtype
-from ._hashing import derive_seed, hash_stream, random_mask, sjlt_hash
+from ._checks import accumulation_dtype, check_int
+from ._hashing import STREAM_DENSE_SIGNS, derive_seed, hash_stream, random_mask, sjlt_hash
 from .ops import factgrass, sjlt
+from .ops._factors import as_3d
 
 _REGISTRY: dict[str, type["Compressor"]] = {}
 
@@ -73,7 +75,7 @@ class Compressor(nn.Module, metaclass=abc.ABCMeta):
 class Identity(Compressor):
     def __init__(self, p: int):
         super().__init__()
-        self.in_features = self.out_features = int(p)
+        self.in_features = self.out_features = check_int("p", p)
 
     def forward(self, g: Tensor) -> Tensor:
         _check_last_dim("Identity", g, self.in_features)
@@ -89,8 +91,8 @@ class SJLT(Compressor):
 
     def __init__(self, p: int, k: int, s: int = 1, seed: int = 0):
         super().__init__()
+        idx, sign = sjlt_hash(p, k, s, seed)  # validates p, k, s and seed
         self.in_features, self.out_features, self.s, self.seed = int(p), int(k), int(s), int(seed)
-        idx, sign = sjlt_hash(p, k, s, seed)
         self.register_buffer("idx", idx, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
 
@@ -104,12 +106,16 @@ class SJLT(Compressor):
 class _Mask(Compressor):
     """Keeps the coordinates ``indices`` (sorted, distinct) of a [..., p] input."""
 
-    def _set_indices(self, p: int, indices: Tensor) -> None:
-        indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
+    def _set_indices(self, p: int, indices: Tensor, source: str = "mask") -> None:
+        """``source`` names where the indices come from in error messages (e.g. the mask file)."""
+        indices = torch.as_tensor(indices)
+        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(f"{source}: indices must be a 1-D integer tensor, got shape {tuple(indices.shape)} and dtype {indices.dtype}")
+        indices = indices.to(torch.int64)
         if indices.numel() == 0 or int(indices.min()) < 0 or int(indices.max()) >= p:
-            raise ValueError(f"mask indices must be non-empty and lie in [0, {p})")
+            raise ValueError(f"{source}: indices must be non-empty and lie in [0, {p})")
         if torch.unique(indices).numel() != indices.numel():
-            raise ValueError("mask indices must be distinct")
+            raise ValueError(f"{source}: indices must be distinct")
         self.in_features, self.out_features = int(p), int(indices.numel())
         self.register_buffer("indices", indices.sort().values, persistent=False)
 
@@ -122,8 +128,9 @@ class _Mask(Compressor):
 class RandomMask(_Mask):
     def __init__(self, p: int, k: int, seed: int = 0):
         super().__init__()
+        indices = random_mask(p, k, seed)  # validates p, k and seed
         self.seed = int(seed)
-        self._set_indices(p, random_mask(p, k, seed))
+        self._set_indices(p, indices)
 
     def spec(self) -> dict:
         return {"type": "RandomMask", "p": self.in_features, "k": self.out_features, "seed": self.seed}
@@ -143,15 +150,16 @@ class SelectiveMask(_Mask):
     def __init__(self, p: int, path: str | Path | None = None, k: int | None = None, indices: Tensor | None = None,
                  metadata: dict | None = None, digest: str | None = None):
         super().__init__()
+        p = check_int("p", p)
         if (path is None) == (indices is None):
             raise ValueError("SelectiveMask needs exactly one of path= (a saved mask) or indices=")
         self.path = None if path is None else str(path)
         if path is not None:
             indices, metadata = self.load_file(path)
-            if int(metadata.get("p", p)) != int(p):
+            if metadata["p"] != p:
                 raise ValueError(f"selective mask {path} was learned for p={metadata['p']}, not p={p}")
         self.metadata = dict(metadata or {})
-        self._set_indices(p, indices)
+        self._set_indices(p, indices, source=f"selective mask {path}" if path is not None else "selective mask")
         if k is not None and int(k) != self.out_features:
             raise ValueError(f"selective mask {path or ''} keeps k={self.out_features} coordinates, expected k={k}")
         if digest is not None and digest != indices_digest(self.indices):
@@ -159,10 +167,12 @@ class SelectiveMask(_Mask):
 
     @staticmethod
     def save(path: str | Path, indices: Tensor, p: int, **metadata) -> Path:
-        """Write indices + JSON metadata to an .npz (no pickle), atomically."""
+        """Write indices + JSON metadata to an .npz (no pickle), atomically. The metadata's "p" and "k" are
+        always the mask's own (p, and the number of indices): a caller's "p" or "k" is overwritten, so
+        that :meth:`load_file` can check them against the indices."""
         path = Path(path)
         indices = torch.as_tensor(indices, dtype=torch.int64).sort().values
-        meta = {"p": int(p), "k": int(indices.numel()), **metadata}
+        meta = {**metadata, "p": check_int("p", p), "k": int(indices.numel())}
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, indices=indices.cpu().numpy(), metadata=np.array(json.dumps(meta)))
         tmp.replace(path)
@@ -170,13 +180,33 @@ class SelectiveMask(_Mask):
 
     @staticmethod
     def load_file(path: str | Path) -> tuple[Tensor, dict]:
+        """(indices [k] int64, metadata) from a file written by :meth:`save`. Refuses, naming the file:
+        a missing or unreadable file, indices that are not a 1-D integer array, and metadata whose p or k
+        disagree with the indices (k = their count, every index in [0, p))."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"selective mask file not found: {path} (refusing to fall back to a random mask)")
-        with np.load(path, allow_pickle=False) as data:
-            if "indices" not in data or "metadata" not in data:
-                raise ValueError(f"{path} is not a selective mask file (needs 'indices' and 'metadata')")
-            return torch.from_numpy(data["indices"].astype(np.int64)), json.loads(str(data["metadata"]))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "indices" not in data or "metadata" not in data:
+                    raise ValueError("needs the arrays 'indices' and 'metadata'")
+                indices, metadata = data["indices"], json.loads(str(data["metadata"]))
+        except (OSError, ValueError, zipfile.BadZipFile) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a readable selective mask file: {error}") from None
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"{path}: indices must be a 1-D integer array, got shape {indices.shape} and dtype {indices.dtype}")
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}")
+        for key in ("p", "k"):
+            value = metadata.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path}: metadata {key!r} must be an int, got {value!r}")
+        if metadata["k"] != indices.size:
+            raise ValueError(f"{path}: metadata says k={metadata['k']} but the file holds {indices.size} indices")
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= metadata["p"]):
+            raise ValueError(f"{path}: indices must lie in [0, p={metadata['p']}) as its metadata says, "
+                             f"got values in [{int(indices.min())}, {int(indices.max())}]")
+        return torch.from_numpy(indices.astype(np.int64)), metadata
 
     def spec(self) -> dict:
         return {"type": "SelectiveMask", "p": self.in_features, "k": self.out_features, "path": self.path,
@@ -209,7 +239,8 @@ class GraSS(Compressor):
 
     def __init__(self, p: int, k: int, k_prime: int, s: int = 1, seed: int = 0, mask=None):
         super().__init__()
-        self.seed, self.k_prime, self.s = int(seed), int(k_prime), int(s)
+        p, k, k_prime, s = check_int("p", p), check_int("k", k), check_int("k_prime", k_prime), check_int("s", s)
+        self.seed, self.k_prime, self.s = check_int("seed", seed, minimum=0), k_prime, s
         self.mask = _as_mask(mask, p, k_prime, derive_seed(seed, 1))
         self.projection = SJLT(k_prime, k, s, derive_seed(seed, 2))
         self.in_features, self.out_features = int(p), int(k)
@@ -256,9 +287,10 @@ class FactGraSS(FactorizedCompressor):
     def __init__(self, d_in: int, d_out: int, k: int, k_in: int, k_out: int, seed: int = 0, s: int = 1,
                  in_mask=None, out_mask=None):
         super().__init__()
-        self.d_in, self.d_out, self.k_in, self.k_out = int(d_in), int(d_out), int(k_in), int(k_out)
-        self.seed, self.s = int(seed), int(s)
-        self.in_features, self.out_features = self.d_in * self.d_out, int(k)
+        self.d_in, self.d_out = check_int("d_in", d_in), check_int("d_out", d_out)
+        self.k_in, self.k_out = check_int("k_in", k_in), check_int("k_out", k_out)
+        self.seed, self.s = check_int("seed", seed, minimum=0), check_int("s", s)
+        self.in_features, self.out_features = self.d_in * self.d_out, check_int("k", k)
         self.in_mask = _as_mask(in_mask, d_in, k_in, derive_seed(seed, 1))
         self.out_mask = _as_mask(out_mask, d_out, k_out, derive_seed(seed, 2))
         self.projection = SJLT(self.k_in * self.k_out, k, s, derive_seed(seed, 3))
@@ -284,6 +316,10 @@ class FactGraSS(FactorizedCompressor):
                    _mask_from_spec(spec.get("in_mask")), _mask_from_spec(spec.get("out_mask")))
 
 
+def _dense_shape(p, k, seed) -> tuple[int, int, int]:
+    return check_int("p", p), check_int("k", k), check_int("seed", seed, minimum=0)
+
+
 def gaussian_matrix(k: int, p: int, seed: int, dtype=torch.float32) -> Tensor:
     """[k, p] i.i.d. N(0, 1/k), generated on the CPU from ``seed`` (same on every device)."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -296,7 +332,7 @@ class Gaussian(Compressor):
 
     def __init__(self, p: int, k: int, seed: int = 0):
         super().__init__()
-        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
+        self.in_features, self.out_features, self.seed = _dense_shape(p, k, seed)
         self.register_buffer("matrix", gaussian_matrix(k, p, seed), persistent=False)
 
     def forward(self, g: Tensor) -> Tensor:
@@ -314,8 +350,8 @@ class Rademacher(Gaussian):
 
     def __init__(self, p: int, k: int, seed: int = 0):
         Compressor.__init__(self)
-        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
-        bits = (hash_stream(seed, 5, k * p) >> np.uint64(63)).astype(np.float32).reshape(k, p)
+        self.in_features, self.out_features, self.seed = _dense_shape(p, k, seed)
+        bits = (hash_stream(seed, STREAM_DENSE_SIGNS, k * p) >> np.uint64(63)).astype(np.float32).reshape(k, p)
         self.register_buffer("matrix", torch.from_numpy((1 - 2 * bits) / math.sqrt(k)), persistent=False)
 
     def spec(self) -> dict:
@@ -357,11 +393,11 @@ class FJLT(Compressor):
 
     def __init__(self, p: int, k: int, seed: int = 0):
         super().__init__()
-        self.in_features, self.out_features, self.seed = int(p), int(k), int(seed)
-        self.n = 1 << max(0, (int(p) - 1).bit_length())
+        self.in_features, self.out_features, self.seed = p, k, seed = _dense_shape(p, k, seed)
+        self.n = 1 << max(0, (p - 1).bit_length())
         if k > self.n:
             raise ValueError(f"FJLT needs k <= {self.n} (the padded dimension), got k={k}")
-        bits = hash_stream(derive_seed(seed, 1), 5, p) >> np.uint64(63)
+        bits = hash_stream(derive_seed(seed, 1), STREAM_DENSE_SIGNS, p) >> np.uint64(63)
         self.register_buffer("signs", torch.from_numpy(1 - 2 * bits.astype(np.float32)), persistent=False)
         self.register_buffer("rows", random_mask(self.n, k, derive_seed(seed, 2)), persistent=False)
 
@@ -382,14 +418,14 @@ class LoGra(FactorizedCompressor):
 
     def __init__(self, d_in: int, d_out: int, k_in: int, k_out: int, seed: int = 0):
         super().__init__()
-        self.d_in, self.d_out, self.k_in, self.k_out, self.seed = int(d_in), int(d_out), int(k_in), int(k_out), int(seed)
+        self.d_in, self.d_out = check_int("d_in", d_in), check_int("d_out", d_out)
+        self.k_in, self.k_out, self.seed = check_int("k_in", k_in), check_int("k_out", k_out), check_int("seed", seed, minimum=0)
         self.in_features, self.out_features = self.d_in * self.d_out, self.k_in * self.k_out
         self.register_buffer("p_in", gaussian_matrix(k_in, d_in, derive_seed(seed, 1)), persistent=False)
         self.register_buffer("p_out", gaussian_matrix(k_out, d_out, derive_seed(seed, 2)), persistent=False)
 
     def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
-        if x_in.dim() == 2:
-            x_in, g_out = x_in.unsqueeze(1), g_out.unsqueeze(1)
+        x_in, g_out = as_3d(x_in), as_3d(g_out)
         acc = accumulation_dtype(x_in.dtype)
         a = x_in.to(acc) @ self.p_in.to(acc).T  # [B, T, k_in]
         b = g_out.to(acc) @ self.p_out.to(acc).T  # [B, T, k_out]

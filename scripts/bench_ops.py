@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 
 import torch
 
 import grass_ops
-from grass_ops.benchmarking import median_seconds
+from grass_ops.benchmarking import emit_json_report, median_seconds
 from grass_ops.compressors import LoGra, gaussian_matrix
 from grass_ops.ops.sjlt import scatter_backend
 
@@ -155,12 +154,7 @@ def main(argv=None):
         result["sjlt"] = bench_sjlt(args, device, dtype)
     if args.only in (None, "factgrass"):
         result["factgrass"] = bench_factgrass(args, device, dtype)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_json_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,9 +81,6 @@ def test_selective_mask_save_load_and_loud_failures(tmp_path):
         C.SelectiveMask(12, path=path, digest="0" * 16)
     with pytest.raises(ValueError, match="distinct"):
         C.SelectiveMask(12, indices=torch.tensor([1, 1]))
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(Exception):
-        C.SelectiveMask(12, path=tmp_path / "bad.npz")
 
 
 def test_factgrass_with_learned_masks_roundtrips(tmp_path):
@@ -120,3 +118,81 @@ def test_factorized_compressors_take_factors_when_called_with_two(make):
     comp = make()
     x_in, g_out = torch.randn(2, 3, comp.d_in), torch.randn(2, 3, comp.d_out)
     torch.testing.assert_close(comp(x_in, g_out), comp.compress_factors(x_in, g_out))
+
+
+ALL = FLAT + [lambda: C.SelectiveMask(64, indices=torch.tensor([3, 9, 40])),
+              lambda: C.GraSS(64, 8, 16, s=2, seed=1, mask=C.SelectiveMask(64, indices=torch.arange(0, 64, 4)))]
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective"])
+def test_compressors_work_under_inference_mode(make):
+    """Inference tensors have no version counter: hashes made (or moved) under inference_mode are
+    validated at every call instead of cached ("Inference tensors do not track version counter")."""
+    g = torch.randn(4, make().in_features, dtype=torch.float64)
+    expected = make()(g)
+    outside = make()
+    with torch.inference_mode():
+        inside = make()
+        torch.testing.assert_close(inside(g), expected)
+        torch.testing.assert_close(inside(g), expected)  # a second call: nothing stale cached
+        torch.testing.assert_close(outside(g), expected)
+        if isinstance(inside, C.FactorizedCompressor):
+            x_in, g_out = torch.randn(2, 3, inside.d_in), torch.randn(2, 3, inside.d_out)
+            torch.testing.assert_close(inside(x_in, g_out), outside(x_in, g_out))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: C.SJLT(64, 16.5), TypeError, "k must be an int, got float 16.5"),
+        (lambda: C.SJLT(64, True), TypeError, "k must be an int, got bool True"),
+        (lambda: C.SJLT(0, 4), ValueError, r"p must be an int in \[1, "),
+        (lambda: C.Identity(64.0), TypeError, "p must be an int, got float"),
+        (lambda: C.RandomMask(64, 2**63), ValueError, r"k must be an int in \[1, 2\*\*63 - 1 \(int64\)\]"),
+        (lambda: C.GraSS(64, 8, 16.0), TypeError, "k_prime must be an int"),
+        (lambda: C.FactGraSS(8, 8, 16, 4.5, 6), TypeError, "k_in must be an int"),
+        (lambda: C.FactGraSS(8, 8, True, 4, 6), TypeError, "k must be an int, got bool"),
+        (lambda: C.Gaussian(64, 2**64), ValueError, r"k must be an int in \[1, 2\*\*63 - 1"),
+        (lambda: C.Rademacher(64, 4, seed=1.5), TypeError, "seed must be an int"),
+        (lambda: C.FJLT(0, 4), ValueError, r"p must be an int in \[1, "),
+        (lambda: C.LoGra(8, 8, 2, False), TypeError, "k_out must be an int, got bool"),
+        (lambda: C.SelectiveMask(12.0, indices=torch.tensor([1])), TypeError, "p must be an int"),
+        (lambda: C.SelectiveMask(12, indices=torch.tensor([[1, 2]])), ValueError, "indices must be a 1-D integer tensor"),
+        (lambda: C.SelectiveMask(12, indices=torch.tensor([1.0, 2.0])), ValueError, "indices must be a 1-D integer tensor"),
+    ],
+)
+def test_constructor_arguments_are_validated(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def _write_mask(path, indices, metadata):
+    np.savez(path, indices=np.asarray(indices), metadata=np.array(json.dumps(metadata)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "indices, metadata, match",
+    [
+        ([[1, 2], [3, 4]], {"p": 12, "k": 4}, r"indices must be a 1-D integer array, got shape \(2, 2\)"),
+        ([1.0, 2.5], {"p": 12, "k": 2}, "indices must be a 1-D integer array, got shape .* dtype float64"),
+        ([1, 2, 3], {"p": 12, "k": 4}, "metadata says k=4 but the file holds 3 indices"),
+        ([1, 2, 30], {"p": 12, "k": 3}, r"indices must lie in \[0, p=12\) as its metadata says, got values in \[1, 30\]"),
+        ([1, 2], {"p": "12", "k": 2}, "metadata 'p' must be an int, got '12'"),
+        ([1, 2], {"k": 2}, "metadata 'p' must be an int, got None"),
+        ([1, 2], [12, 2], "metadata must be a JSON object"),
+    ],
+)
+def test_selective_mask_file_contents_are_checked(tmp_path, indices, metadata, match):
+    path = _write_mask(tmp_path / "mask.npz", indices, metadata)
+    with pytest.raises(ValueError, match=f"{tmp_path}.*mask.npz.*{match}"):
+        C.SelectiveMask(12, path=path)
+
+
+def test_unreadable_selective_mask_file_is_named(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"bad.npz is not a readable selective mask file"):
+        C.SelectiveMask(12, path=tmp_path / "bad.npz")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match=r"other.npz is not a readable selective mask file: needs the arrays"):
+        C.SelectiveMask(12, path=tmp_path / "other.npz")

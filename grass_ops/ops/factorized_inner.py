@@ -11,28 +11,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import call_front, loop_vmap, to_front
+from ._definition import batch_dim_first, define_op, multilinear_jvp, vmap_by_slices
+from ._factors import as_3d
 
 _CHUNK_ELEMENTS = 1 << 24  # entries of the [rows_a * T, n_b * U] kernel matrices formed at once
-
-
-def _as_3d(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 2 else t
-
-
-def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
-    _checks.check_factors(x_a, g_a)
-    _checks.check_factors(x_b, g_b)
-    torch._check_value(
-        x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
-        lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
-        f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
-    )
-    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
-    _checks.check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
 
 
 def _chunks(x_a: Tensor, x_b: Tensor):
@@ -51,13 +35,12 @@ def _kernels(xa: Tensor, ga: Tensor, xb: Tensor, gb: Tensor) -> tuple[Tensor, Te
 
 def _acc(*ts: Tensor) -> list[Tensor]:
     dtype = _checks.accumulation_dtype(ts[0].dtype)
-    return [_as_3d(t).to(dtype) for t in ts]
+    return [as_3d(t).to(dtype) for t in ts]
 
 
-@torch.library.custom_op("grass::factorized_inner", mutates_args=())
-def factorized_inner_op(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
+def factorized_inner_torch(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
     """x_a [n_a, T, d_in], g_a [n_a, T, d_out], x_b [n_b, U, d_in], g_b [n_b, U, d_out] -> [n_a, n_b]."""
-    check_factorized_inner_args(x_a, g_a, x_b, g_b)
+    _checks.check_once(_checks.check_factorized_inner_args, x_a, g_a, x_b, g_b)
     xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
     out = xa.new_empty(xa.shape[0], xb.shape[0])
     starts, step = _chunks(xa, xb)
@@ -67,10 +50,11 @@ def factorized_inner_op(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> T
     return out.to(x_a.dtype)
 
 
-@torch.library.custom_op("grass::factorized_inner_backward", mutates_args=())
-def factorized_inner_backward_op(
+def factorized_inner_backward_torch(
     grad: Tensor, x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad * factorized_inner(...)) w.r.t. the four factors."""
+    _checks.check_once(_checks.check_factorized_inner_backward_args, grad, x_a, g_a, x_b, g_b)
     xa, ga, xb, gb = _acc(x_a, g_a, x_b, g_b)
     grad = grad.to(xa.dtype)
     d_xa, d_ga = torch.empty_like(xa), torch.empty_like(ga)
@@ -89,15 +73,20 @@ def factorized_inner_backward_op(
     return tuple(d.to(t.dtype).reshape(t.shape) for d, t in zip((d_xa, d_ga, d_xb, d_gb), (x_a, g_a, x_b, g_b)))
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad):
-    return factorized_inner_backward_op(grad, *ctx.saved_tensors)
-
-
-factorized_inner_op.register_autograd(_backward, setup_context=_setup)
+_ARGS = ("x_a", "g_a", "x_b", "g_b")
+FACTORIZED_INNER = define_op(
+    "factorized_inner", "(Tensor x_a, Tensor g_a, Tensor x_b, Tensor g_b) -> Tensor", factorized_inner_torch,
+    saved=_ARGS,
+    backward=lambda saved, grad: dict(zip(_ARGS, FACTORIZED_INNER_BACKWARD(grad, *(getattr(saved, n) for n in _ARGS)))),
+    jvp=multilinear_jvp(lambda *a: FACTORIZED_INNER(*a), _ARGS, _ARGS),  # linear in each factor
+    first_order=True,
+)
+# First order only: no backward rule, so double backward through factorized_inner is a clear error.
+FACTORIZED_INNER_BACKWARD = define_op(
+    "factorized_inner_backward",
+    "(Tensor grad, Tensor x_a, Tensor g_a, Tensor x_b, Tensor g_b) -> (Tensor, Tensor, Tensor, Tensor)",
+    factorized_inner_backward_torch,
+)
 
 
 @torch.library.register_vmap("grass::factorized_inner")
@@ -105,54 +94,24 @@ def _vmap(info, in_dims, x_a, g_a, x_b, g_b):
     a_batched = in_dims[0] is not None or in_dims[1] is not None
     b_batched = in_dims[2] is not None or in_dims[3] is not None
     if a_batched and b_batched:
-        return loop_vmap(factorized_inner_op, in_dims, (x_a, g_a, x_b, g_b))
+        return vmap_by_slices(FACTORIZED_INNER.op, in_dims, (x_a, g_a, x_b, g_b))
     n = info.batch_size
     if a_batched:  # fold the vmapped dim into the rows of a: [n * n_a, n_b]
-        xa, ga = (to_front(t, d, n).flatten(0, 1) for t, d in zip((x_a, g_a), in_dims[:2]))
-        return factorized_inner_op(xa, ga, x_b, g_b).unflatten(0, (n, -1)), 0
-    xb, gb = (to_front(t, d, n).flatten(0, 1) for t, d in zip((x_b, g_b), in_dims[2:]))
-    return factorized_inner_op(x_a, g_a, xb, gb).unflatten(1, (n, -1)), 1
+        xa, ga = (batch_dim_first(t, d, n).flatten(0, 1) for t, d in zip((x_a, g_a), in_dims[:2]))
+        return FACTORIZED_INNER.op(xa, ga, x_b, g_b).unflatten(0, (n, -1)), 0
+    xb, gb = (batch_dim_first(t, d, n).flatten(0, 1) for t, d in zip((x_b, g_b), in_dims[2:]))
+    return FACTORIZED_INNER.op(x_a, g_a, xb, gb).unflatten(1, (n, -1)), 1
 
 
 @torch.library.register_vmap("grass::factorized_inner_backward")
 def _vmap_backward(info, in_dims, grad, x_a, g_a, x_b, g_b):
-    return loop_vmap(factorized_inner_backward_op, in_dims, (grad, x_a, g_a, x_b, g_b))
-
-
-class _FactorizedInner(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x_a, g_a, x_b, g_b):
-        return factorized_inner_op(x_a, g_a, x_b, g_b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        primals = ctx.saved_tensors
-        total = None
-        for i, tangent in enumerate(tangents):  # multilinear: one term per tangent
-            if tangent is not None:
-                args = list(primals)
-                args[i] = tangent
-                term = factorized_inner_op(*args)
-                total = term if total is None else total + term
-        return total
+    return vmap_by_slices(FACTORIZED_INNER_BACKWARD.op, in_dims, (grad, x_a, g_a, x_b, g_b))
 
 
 def factorized_inner(x_a: Tensor, g_a: Tensor, x_b: Tensor, g_b: Tensor) -> Tensor:
     """GradDot of factorized linear-layer gradients, [n_a, n_b], never forming a [d_in * d_out] gradient.
 
     x_a [n_a, T, d_in], g_a [n_a, T, d_out], x_b [n_b, U, d_in], g_b [n_b, U, d_out] (2-D inputs: T = 1).
-    Differentiable in all four factors (first order).
+    Differentiable in all four factors (first order; forward mode too).
     """
-    return call_front(_FactorizedInner, factorized_inner_op, x_a, g_a, x_b, g_b)
+    return FACTORIZED_INNER(x_a, g_a, x_b, g_b)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ._common import call_front, loop_vmap, to_front
+from ._definition import batch_dim_first, define_op, vmap_by_slices
 
 # CPU scatter backend: "auto" (default), "native" (Tensor.index_add_) or "torch_scatter" (the optional
 # `scatter` extra). Both give bitwise-equal results. "auto" takes torch_scatter, when installed, for
@@ -87,14 +87,7 @@ def sjlt_torch(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     return sjlt_rows(rows, idx, sign, k).to(x.dtype).reshape(*x.shape[:-1], k)
 
 
-@torch.library.custom_op("grass::sjlt", mutates_args=())
-def sjlt_op(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
-    """x [..., p] -> [..., k]; see the module docstring. CUDA tensors use grass_ops.cuda's Triton kernel."""
-    return sjlt_torch(x, idx, sign, k)
-
-
-@torch.library.custom_op("grass::sjlt_transpose", mutates_args=())
-def sjlt_transpose_op(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
+def sjlt_transpose_torch(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
     """The adjoint (signed gather): y [..., k] -> [..., p], out[..., j] = s^(-1/2) sum_r sign[j, r] y[..., idx[j, r]]."""
     _checks.check_sjlt_transpose_args(y, idx, sign)
     k = y.shape[-1]
@@ -109,108 +102,46 @@ def sjlt_transpose_op(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
     return out.to(y.dtype).reshape(*y.shape[:-1], p)
 
 
-# ---- autograd on the raw ops (plain autograd and torch.compile) ----------------------------------
-def _setup_sjlt(ctx, inputs, output):
-    _, idx, sign, k = inputs
-    ctx.save_for_backward(idx, sign)
-    ctx.k = k
-
-
-def _backward_sjlt(ctx, grad):
-    idx, sign = ctx.saved_tensors
-    return sjlt_transpose_op(grad, idx, sign), None, None, None
-
-
-def _setup_sjlt_transpose(ctx, inputs, output):
-    y, idx, sign = inputs
-    ctx.save_for_backward(idx, sign)
-    ctx.k = y.shape[-1]
-
-
-def _backward_sjlt_transpose(ctx, grad):
-    idx, sign = ctx.saved_tensors
-    return sjlt_op(grad, idx, sign, ctx.k), None, None
-
-
-sjlt_op.register_autograd(_backward_sjlt, setup_context=_setup_sjlt)
-sjlt_transpose_op.register_autograd(_backward_sjlt_transpose, setup_context=_setup_sjlt_transpose)
+# Linear in x (in y): the backward of each is the other, and the tangent is the op of the tangent.
+SJLT = define_op(
+    "sjlt", "(Tensor x, Tensor idx, Tensor sign, SymInt k) -> Tensor", sjlt_torch,
+    saved=("idx", "sign", "k"),
+    backward=lambda saved, grad: {"x": SJLT_TRANSPOSE(grad, saved.idx, saved.sign)},
+    jvp=lambda saved, tangents: SJLT(tangents.x, saved.idx, saved.sign, saved.k),
+)
+SJLT_TRANSPOSE = define_op(
+    "sjlt_transpose", "(Tensor y, Tensor idx, Tensor sign) -> Tensor", sjlt_transpose_torch,
+    saved=("y", "idx", "sign"),
+    backward=lambda saved, grad: {"y": SJLT(grad, saved.idx, saved.sign, saved.y.shape[-1])},
+    jvp=lambda saved, tangents: SJLT_TRANSPOSE(tangents.y, saved.idx, saved.sign),
+)
 
 
 # ---- vmap: a batched x is just more leading rows --------------------------------------------------
 @torch.library.register_vmap("grass::sjlt")
 def _vmap_sjlt(info, in_dims, x, idx, sign, k):
     if in_dims[1] is not None or in_dims[2] is not None:
-        return loop_vmap(lambda *a: sjlt_op(*a, k), in_dims[:3], (x, idx, sign))
-    return sjlt_op(to_front(x, in_dims[0], info.batch_size), idx, sign, k), 0
+        return vmap_by_slices(lambda *a: SJLT.op(*a, k), in_dims[:3], (x, idx, sign))
+    return SJLT.op(batch_dim_first(x, in_dims[0], info.batch_size), idx, sign, k), 0
 
 
 @torch.library.register_vmap("grass::sjlt_transpose")
 def _vmap_sjlt_transpose(info, in_dims, y, idx, sign):
     if in_dims[1] is not None or in_dims[2] is not None:
-        return loop_vmap(sjlt_transpose_op, in_dims, (y, idx, sign))
-    return sjlt_transpose_op(to_front(y, in_dims[0], info.batch_size), idx, sign), 0
-
-
-# ---- torch.func fronts ----------------------------------------------------------------------------
-class _SJLT(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, idx, sign, k):
-        return sjlt_op(x, idx, sign, k)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, idx, sign, k = inputs
-        ctx.save_for_backward(idx, sign)
-        ctx.save_for_forward(idx, sign)
-        ctx.k = k
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, sign = ctx.saved_tensors
-        return _SJLTTranspose.apply(grad, idx, sign), None, None, None
-
-    @staticmethod
-    def jvp(ctx, x_tangent, *_):
-        idx, sign = ctx.saved_tensors
-        return sjlt_op(x_tangent, idx, sign, ctx.k)
-
-
-class _SJLTTranspose(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y, idx, sign):
-        return sjlt_transpose_op(y, idx, sign)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        y, idx, sign = inputs
-        ctx.save_for_backward(idx, sign)
-        ctx.save_for_forward(idx, sign)
-        ctx.k = y.shape[-1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, sign = ctx.saved_tensors
-        return _SJLT.apply(grad, idx, sign, ctx.k), None, None
-
-    @staticmethod
-    def jvp(ctx, y_tangent, *_):
-        idx, sign = ctx.saved_tensors
-        return sjlt_transpose_op(y_tangent, idx, sign)
+        return vmap_by_slices(SJLT_TRANSPOSE.op, in_dims, (y, idx, sign))
+    return SJLT_TRANSPOSE.op(batch_dim_first(y, in_dims[0], info.batch_size), idx, sign), 0
 
 
 def sjlt(x: Tensor, idx: Tensor, sign: Tensor, k: int) -> Tensor:
     """Sparse JL projection. x [..., p] float; idx [p, s] int64/int32 in [0, k); sign [p, s] int8 +-1.
 
-    Returns [..., k] in x.dtype (accumulated in float32, float64 for float64). Works under autograd,
-    torch.func (vmap, grad, vjp, jacrev, jvp) and torch.compile(fullgraph=True).
+    Returns [..., k] in x.dtype (accumulated in float32, float64 for float64). Works under autograd
+    (twice differentiable), forward-mode AD, torch.func (vmap, grad, vjp, jacrev, jvp, jacfwd, hessian)
+    and torch.compile(fullgraph=True).
     """
-    return call_front(_SJLT, sjlt_op, x, idx, sign, k, cpu_impl=sjlt_torch)
+    return SJLT(x, idx, sign, _checks.check_int("k", k))
 
 
 def sjlt_transpose(y: Tensor, idx: Tensor, sign: Tensor) -> Tensor:
     """Adjoint of :func:`sjlt`: y [..., k] -> [..., p], so that <sjlt(x), y> = <x, sjlt_transpose(y)>."""
-    return call_front(_SJLTTranspose, sjlt_transpose_op, y, idx, sign)
+    return SJLT_TRANSPOSE(y, idx, sign)

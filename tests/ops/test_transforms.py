@@ -3,7 +3,8 @@ import importlib
 
 import pytest
 import torch
-from helpers import factgrass_case, inner_case, soft_mask_case
+import torch.autograd.forward_ad as fwAD
+from helpers import OP_CASES, factgrass_case, float_positions, inner_case, soft_mask_case
 from torch import func
 
 import grass_ops
@@ -115,13 +116,46 @@ def test_factorized_inner_transforms():
     torch.testing.assert_close(tangent, fi(dx, g_a, x_b, g_b))
 
 
-def test_raw_op_jvp_is_not_silently_zero():
-    """The raw op has no forward-mode formula: it must raise, never return a zero tangent."""
+RAW_PUBLIC_OPS = [c for c in OP_CASES if c[0] in ("sjlt", "sjlt_transpose", "factgrass", "factorized_mask-soft", "factorized_inner")]
+
+
+@pytest.mark.parametrize("name, op, make", RAW_PUBLIC_OPS, ids=[c[0] for c in RAW_PUBLIC_OPS])
+def test_forward_ad_through_the_raw_op_gives_the_true_tangent(name, op, make):
+    """Dual tensors (torch.autograd.forward_ad) through torch.ops.grass.*: the tangent equals the
+    central finite difference (exact for these multilinear ops up to rounding), never zero."""
+    args = make(False)
+    for i in float_positions(args):
+        tangent = torch.randn_like(args[i])
+        with fwAD.dual_level():
+            dual_args = [fwAD.make_dual(a, tangent) if j == i else a for j, a in enumerate(args)]
+            outputs = op(*dual_args)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            tangents = [fwAD.unpack_dual(o).tangent for o in outputs]
+        eps = 1e-6
+        plus = op(*[a + eps * tangent if j == i else a for j, a in enumerate(args)])
+        minus = op(*[a - eps * tangent if j == i else a for j, a in enumerate(args)])
+        plus, minus = (plus, minus) if isinstance(plus, tuple) else ((plus,), (minus,))
+        assert any(float(((p - m) / (2 * eps)).abs().max()) > 0 for p, m in zip(plus, minus))  # a zero tangent cannot pass
+        for t, p, m in zip(tangents, plus, minus):
+            assert t is not None, f"{name}: no tangent for input {i}"
+            torch.testing.assert_close(t, (p - m) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("transform", ["jvp", "grad", "jacrev", "jacfwd"])
+def test_torch_func_over_the_raw_op_raises_a_clear_error(transform):
+    """torch.func cannot see inside the dispatcher (torch <= 2.13): a clear error, never a zero tangent."""
     idx, sign = grass_ops.sjlt_hash(6, 3, 1, 0)
     x = torch.randn(6, dtype=torch.float64)
-    with pytest.raises(Exception):
-        _, t = func.jvp(lambda v: torch.ops.grass.sjlt(v, idx, sign, 3), (x,), (torch.ones_like(x),))
-        assert t.abs().sum() > 0
+    f = lambda v: torch.ops.grass.sjlt(v, idx, sign, 3)  # noqa: E731
+    run = {
+        "jvp": lambda: func.jvp(f, (x,), (torch.ones_like(x),)),
+        "grad": lambda: func.grad(lambda v: f(v).sum())(x),
+        "jacrev": lambda: func.jacrev(f)(x),
+        "jacfwd": lambda: func.jacfwd(f)(x),
+    }[transform]
+    with pytest.raises(RuntimeError, match=r"cannot differentiate grass::sjlt .* Call grass_ops.sjlt in eager mode"):
+        run()
+    torch.testing.assert_close(func.vmap(f)(x[None].expand(2, 6)), grass_ops.sjlt(x, idx, sign, 3).expand(2, 3))
 
 
 def test_factorized_inner_vmap_over_either_side():
@@ -132,3 +166,50 @@ def test_factorized_inner_vmap_over_either_side():
     torch.testing.assert_close(func.vmap(lambda x, g: fi(x_a, g_a, x[None], g[None])[:, 0], out_dims=1)(x_b, g_b), full)
     both = func.vmap(lambda xa, ga, xb, gb: fi(xa[None], ga[None], xb[None], gb[None])[0, 0])(x_a[:3], g_a[:3], x_b[:3], g_b[:3])
     torch.testing.assert_close(both, torch.diagonal(full[:, :3]))
+
+
+WRAPPERS = {"sjlt": grass_ops.sjlt, "sjlt_transpose": grass_ops.sjlt_transpose, "factgrass": grass_ops.factgrass,
+            "factorized_mask-soft": grass_ops.factorized_mask, "factorized_inner": grass_ops.factorized_inner}
+
+
+def _first_output(fn):
+    return lambda *a: (lambda out: out[0] if isinstance(out, tuple) else out)(fn(*a))
+
+
+@pytest.mark.parametrize("name, op, make", RAW_PUBLIC_OPS, ids=[c[0] for c in RAW_PUBLIC_OPS])
+def test_wrapper_jacobians_agree_with_finite_differences(name, op, make):
+    """jacrev, jacfwd and jvp of each wrapper, for each float input, against a central-difference Jacobian."""
+    args = make(False)
+    wrapper = _first_output(WRAPPERS[name])
+    for i in float_positions(args):
+        f = lambda v: wrapper(*[v if j == i else a for j, a in enumerate(args)])  # noqa: E731, B023
+        x = args[i]
+        numeric = _finite_difference_jacobian(f, x)
+        torch.testing.assert_close(func.jacrev(f)(x), numeric, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(func.jacfwd(f)(x), numeric, rtol=1e-6, atol=1e-8)
+        tangent = torch.randn_like(x)
+        _, jvp_out = func.jvp(f, (x,), (tangent,))
+        torch.testing.assert_close(jvp_out, numeric.flatten(-x.dim()) @ tangent.flatten(), rtol=1e-6, atol=1e-8)
+
+
+def _finite_difference_jacobian(f, x, eps=1e-6):
+    """[*out.shape, *x.shape] central differences (float64)."""
+    columns = []
+    flat = x.detach().flatten()
+    for j in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[j] = eps
+        columns.append((f((flat + e).view_as(x)) - f((flat - e).view_as(x))) / (2 * eps))
+    out_shape = columns[0].shape
+    return torch.stack(columns, -1).reshape(*out_shape, *x.shape)
+
+
+def test_factgrass_hessian_and_first_order_ops_refuse_second_order():
+    x_in, g_out, in_idx, out_idx, idx, sign, k = factgrass_case(b=2, t=2, d_in=4, d_out=3, k_in=2, k_out=2, k=3)
+    loss = lambda x: (grass_ops.factgrass(x, g_out, in_idx, out_idx, idx, sign, k) ** 2).sum()  # noqa: E731
+    hessian = func.hessian(loss)(x_in)
+    numeric = _finite_difference_jacobian(lambda x: func.grad(loss)(x), x_in)
+    torch.testing.assert_close(hessian, numeric, rtol=1e-6, atol=1e-7)
+    a, b, c, d = inner_case(n_a=2, n_b=2)
+    with pytest.raises(RuntimeError, match="grass::factorized_inner_backward is not differentiable"):
+        func.hessian(lambda x: grass_ops.factorized_inner(x, b, c, d).sum())(a)

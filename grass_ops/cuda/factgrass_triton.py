@@ -1,4 +1,5 @@
-"""Fused FactGraSS Triton kernel: gather, Kronecker sum over tokens with tl.dot, signed SJLT scatter.
+"""Fused FactGraSS Triton kernel (gather, Kronecker sum over tokens with tl.dot, signed SJLT scatter),
+the launcher :func:`factgrass` (the op's contract plus ``deterministic=``) and its CUDA registration.
 
 One program per (row b, tile of k_in', tile of k_out'): it gathers the masked columns of x_in and
 g_out tile by tile over T, accumulates sum_t a^T g in float32 with tl.dot, then adds each element
@@ -10,6 +11,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .. import _checks
+from ..ops._factors import as_3d
+from ..ops.factgrass import factgrass_torch, masked_factors, masked_kron_rows
+from ._launch import deterministic_enabled
+from .sjlt_triton import sjlt_rows_ordered
 
 
 @triton.jit
@@ -65,3 +72,29 @@ def factgrass_fused(x_in, g_out, in_idx, out_idx, idx, sign, k) -> torch.Tensor:
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_J=block_j, IEEE=x_in.dtype == torch.float32,
     )
     return out
+
+
+def factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k, deterministic: bool | None = None) -> torch.Tensor:
+    """Fused Triton FactGraSS, same contract as ``grass::factgrass``. deterministic=True: gather +
+    bmm + the ordered SJLT kernel (reproducible run to run). float64 uses the torch implementation."""
+    k = _checks.check_int("k", k)
+    _checks.check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    if x_in.dtype == torch.float64:
+        return factgrass_torch(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    _checks.check_factgrass_values(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    if deterministic_enabled(deterministic):
+        a, b = masked_factors(x_in, g_out, in_idx, out_idx)
+        out = sjlt_rows_ordered(masked_kron_rows(a, b), idx, sign, k)
+    else:
+        x3, g3 = as_3d(x_in), as_3d(g_out)
+        x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
+        g3 = g3 if g3.stride(-1) == 1 else g3.contiguous()
+        out = factgrass_fused(x3, g3, in_idx, out_idx, idx, sign, k)
+    return out.to(x_in.dtype)
+
+
+def register() -> None:
+    torch.library.register_kernel(
+        "grass::factgrass", "cuda",
+        lambda x_in, g_out, in_idx, out_idx, idx, sign, k: factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k),
+    )

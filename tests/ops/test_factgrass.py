@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import factgrass_case
 from hypothesis import given
 
 import grass_ops
@@ -47,22 +48,14 @@ def test_equals_compressing_the_full_weight_gradient():
 def test_chunked_intermediate_matches(monkeypatch):
     module = importlib.import_module("grass_ops.ops.factgrass")
 
-    problem_args = _problem(b=7, t=3, d_in=9, d_out=8, k_in=5, k_out=4, k=6)
+    problem_args = factgrass_case(b=7, t=3, d_in=9, d_out=8, k_in=5, k_out=4, k=6)
     full = grass_ops.factgrass(*problem_args)
     monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 40)  # 2 rows of the 20-wide intermediate per chunk
     torch.testing.assert_close(grass_ops.factgrass(*problem_args), full)
 
 
-def _problem(b=2, t=3, d_in=6, d_out=5, k_in=3, k_out=2, k=4, s=1, dtype=torch.float64):
-    x_in = torch.randn(b, t, d_in, dtype=dtype)
-    g_out = torch.randn(b, t, d_out, dtype=dtype)
-    in_idx, out_idx = grass_ops.random_mask(d_in, k_in, 0), grass_ops.random_mask(d_out, k_out, 1)
-    idx, sign = grass_ops.sjlt_hash(k_in * k_out, k, s, 2)
-    return x_in, g_out, in_idx, out_idx, idx, sign, k
-
-
 def test_empty_batch_and_noncontiguous():
-    x_in, g_out, in_idx, out_idx, idx, sign, k = _problem()
+    x_in, g_out, in_idx, out_idx, idx, sign, k = factgrass_case()
     assert grass_ops.factgrass(x_in[:0], g_out[:0], in_idx, out_idx, idx, sign, k).shape == (0, k)
     x_nc = x_in.transpose(0, 1).contiguous().transpose(0, 1)
     assert not x_nc.is_contiguous()
@@ -74,7 +67,7 @@ def test_empty_batch_and_noncontiguous():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
-    args = _problem(b=3, t=64, d_in=16, d_out=16, k_in=8, k_out=8, k=32, dtype=dtype)
+    args = factgrass_case(b=3, t=64, d_in=16, d_out=16, k_in=8, k_out=8, k=32, dtype=dtype)
     out = grass_ops.factgrass(*args)
     assert out.dtype == dtype
     assert_close_to_reference(out, reference_factgrass(*args), dtype)
@@ -91,13 +84,16 @@ def test_half_precision_inputs(dtype):
         (lambda a: {**a, "out_idx": torch.tensor([0, 5])}, ValueError, r"out_idx values must lie in \[0, 5\)"),
         (lambda a: {**a, "in_idx": a["in_idx"].float()}, TypeError, "in_idx must be an int64"),
         (lambda a: {**a, "idx": a["idx"][:-1], "sign": a["sign"][:-1]}, ValueError, r"idx must be \[k_in' \* k_out', s\]"),
-        (lambda a: {**a, "k": -1}, ValueError, "k must be a positive int"),
+        (lambda a: {**a, "k": -1}, ValueError, r"k must be an int in \[1, "),
+        (lambda a: {**a, "k": 4.0}, TypeError, "k must be an int, got float"),
+        (lambda a: {**a, "k": True}, TypeError, "k must be an int, got bool"),
+        (lambda a: {**a, "sign": a["sign"] * 2}, ValueError, "sign values must be"),
         (lambda a: {**a, "idx": a["idx"] + 10}, ValueError, r"idx values must lie in \[0, k=4\)"),
         (lambda a: {**a, "x_in": a["x_in"].long()}, TypeError, "x_in must be float16"),
     ],
 )
 def test_bad_input_errors(mutate, error, match):
     names = ["x_in", "g_out", "in_idx", "out_idx", "idx", "sign", "k"]
-    args = mutate(dict(zip(names, _problem())))
+    args = mutate(dict(zip(names, factgrass_case())))
     with pytest.raises(error, match=match):
         grass_ops.factgrass(**args)

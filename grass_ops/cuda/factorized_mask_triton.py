@@ -1,11 +1,15 @@
 """Triton kernel for the soft factorized-mask backward: one pass over (grad, x) that writes
 grad * w and the per-coordinate partial sums of grad * x (the logits' gradient), instead of torch's
-materialized [N, d] product followed by a reduction. Partial sums are reduced in a fixed order."""
+materialized [N, d] product followed by a reduction. Partial sums are reduced in a fixed order.
+Also the launcher :func:`factorized_mask_backward` and its CUDA registration."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _checks
+from ..ops.factorized_mask import factorized_mask_backward_torch, soft_weights
 
 
 @triton.jit
@@ -46,3 +50,20 @@ def soft_mask_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
             grad2, x2, w.contiguous(), grad_x, partial, n, d, rows_per_split, BLOCK_D=block_d
         )
     return grad_x.reshape(x.shape), partial.sum(0)
+
+
+def factorized_mask_backward(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature):
+    """Backward of ``grass::factorized_mask``; the soft form runs the fused Triton reduction."""
+    if _checks.is_hard_mask(in_mask) or x_in.dtype == torch.float64:
+        return factorized_mask_backward_torch(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature)
+    _checks.check_factorized_mask_backward_args(grad_x, grad_g, x_in, g_out, in_mask, out_mask, temperature)
+    results = []
+    for grad, t, logits in ((grad_x, x_in, in_mask), (grad_g, g_out, out_mask)):
+        w = soft_weights(logits, temperature, t.dtype)
+        grad_t, per_coord = soft_mask_backward(grad, t, w)
+        results.append((grad_t, (per_coord * w * (1 - w) / temperature).to(logits.dtype)))
+    return results[0][0], results[1][0], results[0][1], results[1][1]
+
+
+def register() -> None:
+    torch.library.register_kernel("grass::factorized_mask_backward", "cuda", factorized_mask_backward)

@@ -63,3 +63,29 @@ def test_factorized_ops_compile():
     compiled = torch.autograd.grad(torch.compile(objective, fullgraph=True)(s_in, s_out), (s_in, s_out))
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_compiles_fullgraph():
+    idx, sign = grass_ops.sjlt_hash(10, 4, 2, 0)
+    x_in, g_out, in_idx, out_idx, fidx, fsign, k = factgrass_case(b=3, t=2)
+
+    def per_sample(x, g, v):
+        return grass_ops.factgrass(x[None], g[None], in_idx, out_idx, fidx, fsign, k)[0] + grass_ops.sjlt(v, idx, sign, 4).sum()
+
+    v = torch.randn(3, 10, dtype=torch.float64)
+    compiled = torch.compile(torch.func.vmap(per_sample), fullgraph=True)
+    torch.testing.assert_close(compiled(x_in, g_out, v), torch.func.vmap(per_sample)(x_in, g_out, v))
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "jacrev", "jacfwd", "hessian"])
+def test_torch_func_differentiation_inside_compile_is_a_clear_error(transform):
+    """Dynamo inlines the wrapper down to the raw op, which torch.func cannot differentiate (torch <= 2.13):
+    a clear error naming the eager alternative, never a wrong result (jvp used to return zeros here)."""
+    idx, sign = grass_ops.sjlt_hash(6, 3, 2, 0)
+    x = torch.randn(6, dtype=torch.float64)
+    loss = lambda v: grass_ops.sjlt(v, idx, sign, 3).sin().sum()  # noqa: E731
+    fn = {"grad": torch.func.grad(loss), "jvp": lambda v: torch.func.jvp(loss, (v,), (torch.ones_like(v),))[1],
+          "jacrev": torch.func.jacrev(loss), "jacfwd": torch.func.jacfwd(loss), "hessian": torch.func.hessian(loss)}[transform]
+    fn(x)  # eager works
+    with pytest.raises(Exception, match=r"cannot differentiate grass::sjlt .* Call grass_ops.sjlt in eager mode"):
+        torch.compile(fn, fullgraph=True)(x)

@@ -1,4 +1,5 @@
-"""Triton SJLT kernels: an atomic scatter (fast) and an ordered segment sum (bitwise reproducible).
+"""Triton SJLT: an atomic scatter (fast) and an ordered segment sum (bitwise reproducible), the
+launcher :func:`sjlt` (the op's contract plus ``deterministic=``) and its CUDA registration.
 
 Atomic kernel: the grid covers blocks of input coordinates j x blocks of rows; a program loads the
 hashes of its BLOCK_J coordinates once per r and loops over its rows, adding sign * x / sqrt(s) into
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .. import _checks
-from ..ops.sjlt import combine_signed, signed_buckets
+from ..ops.sjlt import combine_signed, signed_buckets, sjlt_torch
+from ._launch import deterministic_enabled
 
 
 @triton.jit
@@ -102,3 +104,24 @@ def sjlt_rows_ordered(rows: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor,
             rows, rowptr, cols, acc, n, 2 * k, rows.stride(0), BLOCK_N=block_n
         )
     return combine_signed(acc, k, idx.shape[1])
+
+
+def sjlt(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int, deterministic: bool | None = None) -> torch.Tensor:
+    """Triton SJLT, same contract as ``grass::sjlt``. deterministic=True: bitwise equal to the CPU op.
+    float64 inputs use the torch implementation (no float64 atomics path)."""
+    k = _checks.check_int("k", k)
+    _checks.check_sjlt_args(x, idx, sign, k)
+    if x.dtype == torch.float64:
+        return sjlt_torch(x, idx, sign, k)
+    rows = x.reshape(-1, idx.shape[0])
+    if rows.shape[1] and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    if deterministic_enabled(deterministic):
+        out = sjlt_rows_ordered(rows, idx, sign, k)
+    else:
+        out = sjlt_rows_atomic(rows, idx, sign, k)
+    return out.to(x.dtype).reshape(*x.shape[:-1], k)
+
+
+def register() -> None:
+    torch.library.register_kernel("grass::sjlt", "cuda", lambda x, idx, sign, k: sjlt(x, idx, sign, k))
