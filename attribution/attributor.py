@@ -31,7 +31,7 @@ from .cache import LazyWriter, cache_checkpoint, require_reiterable
 from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
 from .distributed import is_distributed
-from .fim import DampedInverse, FIMAccumulator, check_damping
+from .fim import DampedInverse, TrueFisherGradients, check_damping
 from .layers import LayerInfo, find_layers
 from .manifest import fingerprint_algorithm, model_fingerprint
 from .param_grads import find_params
@@ -49,17 +49,6 @@ def _check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return int(value)
-
-
-class _SampledLabelLoss:
-    """Cross-entropy of logits_fn's logits against labels set before each use (the true Fisher)."""
-
-    def __init__(self, logits_fn: Callable):
-        self.logits_fn = logits_fn
-        self.labels: Tensor | None = None
-
-    def __call__(self, model, batch) -> Tensor:
-        return nn.functional.cross_entropy(self.logits_fn(model, batch), self.labels, reduction="none")
 
 
 class Attributor:
@@ -143,7 +132,8 @@ class Attributor:
         self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
                              self._fims)
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
-        self._label_loss = _SampledLabelLoss(logits_fn) if logits_fn is not None else None
+        self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
+                             if logits_fn is not None else None)
         self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0}
 
     # ---- configuration ---------------------------------------------------------------------------
@@ -210,35 +200,14 @@ class Attributor:
         self._fim_cache[(c, record.fingerprint)] = fims
 
     def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse]:
-        accs = [FIMAccumulator(d, self.device, self.dtype) for d in self.dims]
         if self.fisher == "empirical" or self.method == "trak":
-            for _, grads, _ in self.scorer.train_blocks([record], self._row_budget(1), [c]):
-                for acc, block in zip(accs, self.scorer.split(grads[0])):
-                    acc.add(block.to(self.device, self.dtype))
+            rows = ((grads[0].to(self.device), None)
+                    for _, grads, _ in self.scorer.train_blocks([record], self._row_budget(1), [c]))
         else:
             generator = torch.Generator().manual_seed(self.seed)  # one label stream for the whole FIM
-            for batch in tqdm(loader, desc=f"true fisher ckpt {c}", disable=not self.progress, leave=False):
-                for grads, weights in self._true_fisher_grads(to_device(batch, self.device), generator):
-                    for acc, block in zip(accs, self.scorer.split(grads)):
-                        acc.add(block, weights)
-        store_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return [acc.finalize(record.samples, store_dtype) for acc in accs]
-
-    def _true_fisher_grads(self, batch, generator: torch.Generator):
-        """Gradients of the cross-entropy with model-drawn labels (true_sampled) or, for each class c,
-        with label c weighted by p_c (true: the exact expectation over classes)."""
-        with torch.no_grad():
-            probs = torch.softmax(self.logits_fn(self.model, batch).double(), dim=-1)
-        if self.fisher == "true_sampled":
-            labels = [torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device)]
-            weights = [None]
-        else:
-            labels = [torch.full((probs.shape[0],), c, device=self.device) for c in range(probs.shape[1])]
-            weights = [probs[:, c] for c in range(probs.shape[1])]
-        for label, weight in zip(labels, weights):
-            self._label_loss.labels = label
-            grads, _ = self.compress.eager(batch, self._label_loss)
-            yield grads, weight
+            rows = (pair for batch in tqdm(loader, desc=f"true fisher ckpt {c}", disable=not self.progress, leave=False)
+                    for pair in self._true_fisher(self.model, to_device(batch, self.device), generator))
+        return fim_module.block_fims(rows, self.scorer.split, self.dims, record.samples, self.device, self.dtype)
 
     # ---- attribute stage -------------------------------------------------------------------------
     def _records(self) -> list[Completion]:

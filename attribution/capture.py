@@ -116,6 +116,17 @@ class FactorCapture:
         g = {n: _concat_calls(grads[n]) for n in self.layers}
         return x, g, values.detach()
 
+    def zero_probes(self, shapes: dict[str, list[torch.Size]], device=None) -> dict[str, list[Tensor]]:
+        """One zero probe per call of each layer, in the model's parameter dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return {n: [torch.zeros(s, device=device, dtype=dtype) for s in calls] for n, calls in shapes.items()}
+
+    def capture(self, loss_fn: Callable, batch, device=None):
+        """Eager shapes + probes + factors of one batch: (inputs, output grads, values)."""
+        probes = self.zero_probes(self.output_shapes(loss_fn, batch), device)
+        with self.hooks():
+            return self.factors(loss_fn, batch, probes)
+
 
 def _concat_calls(calls: list[Tensor]) -> Tensor:
     parts = [tokens_view(c) for c in calls]

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from grass_ops.benchmarking import emit_json_report
+
 from . import llm
 from .attributor import Attributor
 from .report import Attribution, write_reports
@@ -209,10 +211,7 @@ def cmd_bench(args):
 
     report = run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
                  repeats=args.repeats, device=args.device, dtype=args.dtype)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit_json_report(report, args.out)
     return report
 
 

@@ -10,6 +10,7 @@ side in one row: columns offsets[j]:offsets[j + 1] belong to block j.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Callable
@@ -186,6 +187,13 @@ def compress_layer(comp: C.Compressor, x_in: Tensor, g_out: Tensor, chunk_elemen
     return torch.cat(parts) if parts else x_in.new_zeros(0, comp.out_features)
 
 
+def _fn_key(fn: Callable):
+    """A stable key for a per-sample function: bound methods are new objects at every access."""
+    if inspect.ismethod(fn):
+        return (id(fn.__self__), id(fn.__func__))
+    return id(fn)
+
+
 class BatchCompressor:
     """Batches -> compressed per-sample gradients, the same for the cache and the attribute stage.
 
@@ -203,7 +211,7 @@ class BatchCompressor:
         self.offsets = [0]
         for width in self.widths:
             self.offsets.append(self.offsets[-1] + width)
-        self._probe_shapes: dict[tuple, dict] = {}
+        self._probe_shapes: dict[tuple, tuple] = {}  # (fn key, shapes) -> (fn kept alive, layer output shapes)
         self._loss_modules: dict[int, tuple] = {}
         self._steps: dict[int, tuple[Callable, CompiledStep]] = {}
 
@@ -215,12 +223,10 @@ class BatchCompressor:
         """Zero probes, one per call of each target layer, for this batch's shapes."""
         if not self.layers:
             return {}
-        key = (id(fn), shape_key(batch))
+        key = (_fn_key(fn), shape_key(batch))
         if key not in self._probe_shapes:
-            self._probe_shapes[key] = self.capture.output_shapes(fn, batch)
-        dtype = next(self.model.parameters()).dtype
-        return {n: [torch.zeros(s, device=self.device, dtype=dtype) for s in shapes]
-                for n, shapes in self._probe_shapes[key].items()}
+            self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
+        return self.capture.zero_probes(self._probe_shapes[key][1], self.device)
 
     def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
         """The eager step: (grads [B, columns], values [B])."""
@@ -229,9 +235,10 @@ class BatchCompressor:
             inputs, grads, values = self.capture.factors(fn, batch, probes)
             parts = [compress_layer(self.blocks[n], inputs[n], grads[n]).to(self.dtype) for n in self.layers]
         if self.params:
-            if id(fn) not in self._loss_modules:  # keep fn alive with its wrapper, so id(fn) stays unique
-                self._loss_modules[id(fn)] = (fn, loss_module(self.model, fn))
-            flat = per_sample_grads(self._loss_modules[id(fn)][1], batch, self.params, self.param_chunk)
+            key = _fn_key(fn)
+            if key not in self._loss_modules:  # keep fn alive with its wrapper, so its key stays unique
+                self._loss_modules[key] = (fn, loss_module(self.model, fn))
+            flat = per_sample_grads(self._loss_modules[key][1], batch, self.params, self.param_chunk)
             parts += [self.blocks[f"param:{n}"](flat[n]).to(self.dtype) for n in self.params]
             if values is None:
                 with torch.no_grad():
@@ -239,11 +246,12 @@ class BatchCompressor:
         return torch.cat(parts, dim=1), values.detach()
 
     def step(self, fn: Callable, name: str) -> CompiledStep:
-        if id(fn) not in self._steps:
+        key = _fn_key(fn)
+        if key not in self._steps:
             compiled = CompiledStep(lambda batch, probes: self.raw(fn, batch, probes),
                                     lambda batch: (self.probes(fn, batch),), compile=self.compile, name=name)
-            self._steps[id(fn)] = (fn, compiled)
-        return self._steps[id(fn)][1]
+            self._steps[key] = (fn, compiled)
+        return self._steps[key][1]
 
     def __call__(self, batch, fn: Callable, name: str = "loss_fn") -> tuple[Tensor, Tensor]:
         batch = to_device(batch, self.device)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_damping(value, name: str = "damping") -> float:
@@ -90,3 +91,41 @@ def to_arrays(fims: list[DampedInverse]) -> dict[str, np.ndarray]:
 def from_arrays(arrays: dict[str, np.ndarray], blocks: int) -> list[DampedInverse]:
     return [DampedInverse(torch.from_numpy(arrays[f"block_{j:03d}.eigvals"]),
                           torch.from_numpy(arrays[f"block_{j:03d}.eigvecs"])) for j in range(blocks)]
+
+
+def block_fims(grads: Iterable[tuple[Tensor, Tensor | None]], split: Callable[[Tensor], list[Tensor]], widths: list[int],
+               n: int, device, dtype: torch.dtype) -> list[DampedInverse]:
+    """Per-block FIMs from (grads [r, columns], row weights [r] or None) pairs, normalized by n."""
+    accs = [FIMAccumulator(w, device, dtype) for w in widths]
+    for rows, weights in grads:
+        for acc, block in zip(accs, split(rows)):
+            acc.add(block, weights)
+    store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [acc.finalize(n, store_dtype) for acc in accs]
+
+
+class TrueFisherGradients:
+    """Gradients for the true Fisher of a classifier: with labels drawn from the model
+    (``fisher="true_sampled"``, one generator stream per FIM) or, for each class c, with label c
+    weighted by p_c (``fisher="true"``, the exact expectation over classes).
+
+    ``gradients(batch, loss)`` -> [B, columns] compressed per-sample gradients of ``loss``."""
+
+    def __init__(self, fisher: str, logits_fn: Callable, gradients: Callable, device):
+        self.fisher, self.logits_fn, self.gradients, self.device = fisher, logits_fn, gradients, device
+        self.labels: Tensor | None = None
+
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        """Cross-entropy against the labels of the current draw (a stable callable: compiled once)."""
+        return nn.functional.cross_entropy(self.logits_fn(model, batch), self.labels, reduction="none")
+
+    def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor | None]]:
+        with torch.no_grad():
+            probs = torch.softmax(self.logits_fn(model, batch).double(), dim=-1)
+        if self.fisher == "true_sampled":
+            draws = [(torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device), None)]
+        else:
+            draws = [(torch.full((probs.shape[0],), c, device=self.device), probs[:, c]) for c in range(probs.shape[1])]
+        for labels, weights in draws:
+            self.labels = labels
+            yield self.gradients(batch, self.loss), weights

@@ -17,6 +17,7 @@ from grass_ops.benchmarking import median_seconds
 from . import llm
 from .attributor import Attributor
 from .compress import compress_layer
+from .manifest import model_fingerprint
 
 
 def build_model(name: str, device: str, dtype: str):
@@ -40,6 +41,24 @@ def build_model(name: str, device: str, dtype: str):
     raise ValueError(f"unknown bench model {name!r}")
 
 
+def fingerprint_seconds(model) -> dict:
+    """Time to fingerprint the model's weights: both algorithms, and the copy-then-hash one they replace."""
+    import hashlib
+
+    state = model.state_dict()
+    out = {"bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    for algorithm in ("sha256", "lin64"):
+        out[f"{algorithm}_s"] = median_seconds(lambda a=algorithm: model_fingerprint(state, a), 3, warmup=1)
+
+    def copy_then_hash():  # what an Attributor did before: host copy + bytes copy of every tensor, then sha256
+        h = hashlib.sha256()
+        for name in sorted(state):
+            h.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    out["copy_then_sha256_s"] = median_seconds(copy_then_hash, 3, warmup=1)
+    return out
+
+
 def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, seq_len=128, repeats=3,
         device="cpu", dtype="float32") -> dict:
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
@@ -52,7 +71,7 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
         tokens = batch_size * seq_len
         layers = ["model.layers.*"] if name != "gpt2-random" else ["transformer.h.*"]
-        rows = {}
+        rows = {"fingerprint": fingerprint_seconds(model)}
         bare_s = None
         for k in ks:
             for comp in ("factgrass", "logra"):
@@ -62,7 +81,7 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
                 probes = attr.compress.probes(llm.sequence_loss, batch)
                 factors = {}
 
-                def bare():
+                def bare():  # the per-sample factors alone: forward + activation-gradient backward
                     with capture.hooks():
                         inputs, grads, _ = capture.factors(llm.sequence_loss, batch, probes)
                     factors.update({n: (inputs[n], grads[n]) for n in attr.layer_names})

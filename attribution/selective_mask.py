@@ -50,7 +50,7 @@ class MaskTrainingConfig:
 class MaskResult:
     indices: list[Tensor]  # one index set per mask (plain: 1; factorized: in, out)
     correlation: float  # validation correlation of the hard top-k mask(s) at the best step
-    unmasked_random_correlation: float  # the same statistic for a random mask of the same size
+    random_mask_correlation: float  # the same statistic for a random mask of the same size
     best_step: int
     seconds: float
     history: list[dict] = field(default_factory=list)
@@ -203,7 +203,7 @@ def save_mask_files(directory: str | Path, layer: str, result: MaskResult, sizes
     for suffix, indices, size in zip(suffixes, result.indices, sizes):
         paths.append(SelectiveMask.save(
             directory / f"{layer}{suffix}.npz", indices, p=size, layer=layer, form=form + suffix,
-            correlation=result.correlation, random_mask_correlation=result.unmasked_random_correlation,
+            correlation=result.correlation, random_mask_correlation=result.random_mask_correlation,
             best_step=result.best_step, training_seconds=result.seconds, **metadata))
     return paths
 
@@ -221,14 +221,10 @@ def collect_factors(model, loss_fn, loader, layers=None):
     digests = []
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
     try:
         for batch in loader:
             digests.append(batch_digest(batch))
-            shapes = capture.output_shapes(loss_fn, batch)
-            probes = {n: [torch.zeros(s, dtype=dtype) for s in calls] for n, calls in shapes.items()}
-            with capture.hooks():
-                inputs, grads, _ = capture.factors(loss_fn, batch, probes)
+            inputs, grads, _ = capture.capture(loss_fn, batch)
             for n in infos:
                 parts[n].append((inputs[n].detach(), grads[n].detach()))
     finally:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from attribution import Attributor
+from grass_ops.benchmarking import emit_json_report
 
 
 class Block(nn.Module):
@@ -125,11 +126,7 @@ def main(argv=None):
         row["layers"] = len(attr.layer_names)
         result["models"][name] = row
         print(json.dumps({name: row}), file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit_json_report(result, args.out)
 
 
 if __name__ == "__main__":
