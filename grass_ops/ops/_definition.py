@@ -58,6 +58,8 @@ class GrassOp:
         self.defaults = [a.default_value if a.has_default_value() else None for a in op._schema.arguments]
 
     def __call__(self, *args):
+        # Under torch.compile the raw op goes into the graph (Dynamo would inline the Function's forward and
+        # drop its jvp); AOTAutograd then applies the Function through the op's Autograd kernel.
         if self.function is not None and not torch.compiler.is_compiling() and needs_autograd(args):
             return self.function.apply(*args)
         return self.op(*args)

@@ -92,13 +92,12 @@ def _factgrass_backward_vjp(saved, grad_grad_x, grad_grad_g):
 def _factgrass_backward_jvp(saved, tangents):
     """grad_x depends on (grad, g_out) and grad_g on (grad, x_in), each bilinearly."""
     hash_args = [getattr(saved, n) for n in _HASH]
-    zero_x, zero_g = torch.zeros_like(saved.x_in), torch.zeros_like(saved.g_out)
     total = None
     if tangents.grad is not None:
         total = FACTGRASS_BACKWARD(tangents.grad, saved.x_in, saved.g_out, *hash_args)
     if tangents.x_in is not None or tangents.g_out is not None:
-        x_t = zero_x if tangents.x_in is None else tangents.x_in
-        g_t = zero_g if tangents.g_out is None else tangents.g_out
+        x_t = torch.zeros_like(saved.x_in) if tangents.x_in is None else tangents.x_in
+        g_t = torch.zeros_like(saved.g_out) if tangents.g_out is None else tangents.g_out
         term = FACTGRASS_BACKWARD(saved.grad, x_t, g_t, *hash_args)
         total = term if total is None else (total[0] + term[0], total[1] + term[1])
     return total

@@ -52,3 +52,33 @@ def test_fused_factgrass_validates_hash_and_masks_like_the_cpu_path(mutate, matc
     args = mutate(dict(zip(names, factgrass_case(dtype=torch.float32))))
     with pytest.raises(ValueError, match=match):
         grass_ops.cuda.factgrass(**args, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_token_ranges_on_grid_z_add_up(splits):
+    """Small batches split T across grid z; the ranges' partial sums meet in the atomic adds."""
+    from grass_ops.cuda.factgrass_triton import factgrass_fused
+
+    x_in, g_out, in_idx, out_idx, idx, sign, k = factgrass_case(b=2, t=70, d_in=9, d_out=7, k_in=4, k_out=3, k=8, s=2,
+                                                               dtype=torch.float32)
+    out = factgrass_fused(x_in, g_out, in_idx, out_idx, idx, sign, k, splits=splits)
+    assert_close_to_reference(out, reference_factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k), torch.float32,
+                              scale=70**0.5)
+
+
+def test_token_splits_fill_the_gpu_only_at_small_batch(monkeypatch):
+    from grass_ops.cuda import _launch, factgrass_triton
+
+    monkeypatch.setattr(_launch, "multiprocessors", lambda device: 132)  # H100/H200
+    assert factgrass_triton.token_splits(1, 1, 1024, torch.device("cpu")) == 32  # one tile, B=1: every 32-token block
+    assert factgrass_triton.token_splits(1, 4, 7168, torch.device("cpu")) == 66  # 264 programs wanted
+    assert factgrass_triton.token_splits(64, 16, 1024, torch.device("cpu")) == 1  # already 1024 programs
+    assert factgrass_triton.token_splits(1, 1, 5, torch.device("cpu")) == 1
+
+
+def test_rows_past_the_grid_y_limit_are_launched_in_chunks(monkeypatch):
+    from grass_ops.cuda import _launch
+
+    monkeypatch.setattr(_launch, "MAX_GRID_Y", 16)  # 40 samples: 3 chunks of at most 16 rows on grid y
+    args = factgrass_case(b=40, t=2, d_in=5, d_out=4, k_in=2, k_out=2, k=3, dtype=torch.float32)
+    assert_close_to_reference(grass_ops.cuda.factgrass(*args, deterministic=False), reference_factgrass(*args), torch.float32)

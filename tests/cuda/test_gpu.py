@@ -82,3 +82,63 @@ def test_compile_on_cuda(mode):
     for _ in range(3):  # reduce-overhead records a CUDA graph on a later call
         got = compiled(x_in, g_out)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_past_the_grid_y_limit(deterministic):
+    """1.1 M rows: more than 65535 row blocks of 16 (atomic) or 32 (ordered) rows, launched in chunks."""
+    idx, sign = grass_ops.sjlt_hash(8, 4, 1, 0)
+    x = torch.randn(1_100_000, 8)
+    got = grass_ops.cuda.sjlt(x.cuda(), idx.cuda(), sign.cuda(), 4, deterministic=deterministic).cpu()
+    expected = grass_ops.sjlt(x, idx, sign, 4)
+    if deterministic:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_factgrass_small_batch_splits_tokens():
+    """B = 1, k = 256 (one 32x32 tile): the tokens are split across grid z; same result."""
+    case = factgrass_case(b=1, t=1024, d_in=512, d_out=512, k_in=32, k_out=32, k=256, s=1, dtype=torch.float32)
+    x_in, g_out, in_idx, out_idx, idx, sign, k = case
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case]
+    got = grass_ops.cuda.factgrass(*args, deterministic=False).cpu()
+    reference = reference_factgrass(x_in, g_out, in_idx, out_idx, idx, sign, k)
+    assert_close_to_reference(got, reference, torch.float32, scale=max(float(reference.abs().max()), 10.0))
+
+
+def test_cuda_graph_capture_caches_nothing():
+    """Value checks skipped during capture and a CSR table made in the graph's pool are never reused:
+    a hash captured unchecked (out of range) is refused by the next eager call."""
+    from grass_ops import _checks
+
+    idx, sign = (t.cuda() for t in grass_ops.sjlt_hash(64, 16, 2, 0))
+    x = torch.randn(8, 64, device="cuda")
+    grass_ops.cuda.sjlt(x, idx, sign, 16, deterministic=True)  # warm-up: compiles the kernels
+    stream = torch.cuda.Stream()
+    for valid in (True, False):
+        captured_idx, captured_sign = idx.clone(), sign.clone()  # new tensors: nothing cached for them
+        if not valid:
+            captured_idx[0, 0] = 99  # the ordered kernel's CSR ignores it; the check cannot run while capturing
+        before = len(_checks.validation_cache.entries)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            out = grass_ops.cuda.sjlt(x, captured_idx, captured_sign, 16, deterministic=True)
+        assert len(_checks.validation_cache.entries) == before
+        if valid:
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out.cpu(), grass_ops.sjlt(x.cpu(), idx.cpu(), sign.cpu(), 16))
+        else:
+            with pytest.raises(ValueError, match=r"idx values must lie in \[0, k=16\)"):
+                grass_ops.cuda.sjlt(x, captured_idx, captured_sign, 16, deterministic=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_second_device():
+    idx, sign = grass_ops.sjlt_hash(64, 16, 1, 0)
+    x = torch.randn(8, 64)
+    with torch.cuda.device(0):
+        got = grass_ops.sjlt(x.to("cuda:1"), idx.to("cuda:1"), sign.to("cuda:1"), 16)
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), grass_ops.sjlt(x, idx, sign, 16), rtol=1e-5, atol=1e-5)

@@ -81,3 +81,50 @@ def test_opaque_registration_passes_opcheck_in_the_interpreter():
     compiled = torch.compile(lambda x: interp_sjlt(x, idx, sign, 5).relu(), fullgraph=True)
     x = torch.randn(3, 12)
     torch.testing.assert_close(compiled(x), grass_ops.sjlt(x, idx, sign, 5).relu())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_past_the_grid_y_limit_are_launched_in_chunks(monkeypatch, deterministic):
+    """Rows sit on grid axis y (at most 65535 blocks): the launcher cuts them into chunks. The limit is
+    lowered to 16 blocks so that 600 rows need 3 chunks (atomic, 16-row blocks) or 2 (ordered, 32)."""
+    from grass_ops.cuda import _launch, sjlt_triton
+
+    monkeypatch.setattr(_launch, "MAX_GRID_Y", 16)
+    launches = []
+    kernel = sjlt_triton._sjlt_ordered_kernel if deterministic else sjlt_triton._sjlt_atomic_kernel
+    original = type(kernel).__getitem__
+    monkeypatch.setattr(type(kernel), "__getitem__", lambda self, grid: launches.append(grid) or original(self, grid))
+    idx, sign = grass_ops.sjlt_hash(12, 5, 2, 3)
+    x = torch.randn(600, 12)
+    out = grass_ops.cuda.sjlt(x, idx, sign, 5, deterministic=deterministic)
+    assert all(grid[1] <= 16 for grid in launches) and len(launches) == (2 if deterministic else 3)
+    if deterministic:
+        assert torch.equal(out, grass_ops.sjlt(x, idx, sign, 5))
+    else:
+        assert_close_to_reference(out, reference_sjlt(x, idx, sign, 5), torch.float32)
+
+
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Every launcher enters torch.cuda.device(tensor.device) (a tensor on cuda:1 while cuda:0 is
+    current); observed through the guard each launcher module calls."""
+    from grass_ops.cuda import _launch
+
+    seen = []
+    original = _launch.device_guard
+    monkeypatch.setattr(_launch, "device_guard", lambda device: seen.append(device) or original(device))
+    idx, sign = grass_ops.sjlt_hash(8, 4, 1, 0)
+    x = torch.randn(3, 8)
+    grass_ops.cuda.sjlt(x, idx, sign, 4, deterministic=False)
+    grass_ops.cuda.sjlt(x, idx, sign, 4, deterministic=True)
+    masks = grass_ops.random_mask(6, 2, 0), grass_ops.random_mask(5, 2, 1), *grass_ops.sjlt_hash(4, 4, 1, 2)
+    grass_ops.cuda.factgrass(torch.randn(2, 3, 6), torch.randn(2, 3, 5), *masks, 4, deterministic=False)
+    grass_ops.cuda.factorized_mask_backward(torch.randn(4, 6), torch.randn(4, 5), torch.randn(4, 6), torch.randn(4, 5),
+                                            torch.randn(6), torch.randn(5), 1.0)
+    assert len(seen) == 5 and all(device == torch.device("cpu") for device in seen)  # factorized_mask: two factors
+
+
+def test_ordered_kernel_keeps_every_lane_busy():
+    """One row per lane: BLOCK_N rows on BLOCK_N / 32 warps (4 warps on 32 rows left 3 repeating work)."""
+    from grass_ops.cuda.sjlt_triton import ORDERED_CONFIG
+
+    assert ORDERED_CONFIG["BLOCK_N"] == 32 * ORDERED_CONFIG["num_warps"]
