@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -55,6 +56,14 @@ def _check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
     return int(value)
 
 
+def _portable(spec):
+    """A compressor spec without file locations (learned masks are identified by their digest), so a
+    store and its masks can move together."""
+    if isinstance(spec, dict):
+        return {k: _portable(v) for k, v in spec.items() if not (k == "path" and "digest" in spec)}
+    return spec
+
+
 class Attributor:
     """Gradient-based data attribution with compressed per-sample gradients.
 
@@ -78,7 +87,8 @@ class Attributor:
                  checkpoint_weights: list[float] | None = None, output_fn: Callable | None = None,
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
-                 params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64):
+                 params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
+                 autocast: torch.dtype | str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -133,8 +143,13 @@ class Attributor:
         self.compressors: dict[str, Compressor] = {n: c.to(self.device) for n, c in built.items()}
         self.block_names = self.layer_names + list(param_infos)
         self.checkpoints = Checkpoints(model, checkpoints, checkpoint_weights, method)
+        autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(autocast, autocast)
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, dtype, self.device,
-                                        compile=self.use_compile, param_chunk=_check_int("param_chunk", param_chunk))
+                                        compile=self.use_compile, param_chunk=_check_int("param_chunk", param_chunk),
+                                        autocast=autocast)
         self.dims = self.compress.widths
         if store is None:
             if is_distributed():
@@ -157,7 +172,8 @@ class Attributor:
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
         self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
                              if logits_fn is not None else None)
-        self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0}
+        self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0, "gradient_seconds": 0.0,
+                            "fim_seconds": 0.0}
 
     # ---- configuration ---------------------------------------------------------------------------
     @property
@@ -178,11 +194,12 @@ class Attributor:
             "model_fingerprints": self._model_fingerprints(),
             "layers": {n: [i.d_in, i.d_out, i.kind] for n, i in self.layer_infos.items()},
             "params": self.param_names,
-            "compressors": {n: self.compressors[n].spec() for n in self.block_names},
+            "compressors": {n: _portable(self.compressors[n].spec()) for n in self.block_names},
             "blocks": [[n, w] for n, w in zip(self.block_names, self.compress.widths)],
             "k": self.k, "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
             "gradient_of": "output_fn" if self.method == "trak" else "loss_fn",
             "fisher": self.fisher,
+            **({"autocast": str(self.autocast).replace("torch.", "")} if self.autocast is not None else {}),
         }
 
     def _model_fingerprints(self) -> list[str]:
@@ -202,10 +219,12 @@ class Attributor:
         fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
         was_training = self.model.training
         self.model.eval()
+        start = time.perf_counter()
         try:
             grads, values = self.compress(batch, fn, name)
         finally:
             self.model.train(was_training)
+            self.stats["gradient_seconds"] += time.perf_counter() - start
         self.stats.update(self.compress.stats())
         return grads, values
 
@@ -237,7 +256,9 @@ class Attributor:
         if self.method not in PRECONDITIONED or self.store.has_derived(c, "fim", record.fingerprint):
             return
         writer.ensure()
+        start = time.perf_counter()
         fims = self._compute_fim(c, record, loader)
+        self.stats["fim_seconds"] += time.perf_counter() - start
         self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
                                 {"fisher": self.fisher, "blocks": len(fims)})
         self._fim_cache[(c, record.fingerprint)] = fims

@@ -19,15 +19,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from grass_ops.benchmarking import emit_json_report
 
 from . import llm
 from .attributor import Attributor
+from .compress import parse_spec
 from .report import Attribution, write_reports
-from .store import StoreError, open_store, read_json
+from .store import StoreError, atomic_write_json, open_store, read_json
 
-CACHE_KEYS = ("model", "gguf_file", "corpus", "text_field", "limit", "layers", "compressor", "k", "max_length",
-              "batch_size", "token_batch_size", "dtype", "storage_dtype", "damping", "seed")
+CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field",
+              "messages_field", "limit", "layers", "compressor", "k", "max_length",
+              "batch_size", "token_batch_size", "dtype", "storage_dtype", "damping", "seed", "masks", "mask_documents")
 
 
 class CLIError(SystemExit):
@@ -53,13 +57,52 @@ def _layers(model, patterns):
     return list(patterns)
 
 
+def _compressor(config, store: Path) -> str:
+    """The compressor spec, with the store's data-aware masks for FactGraSS (--masks energy)."""
+    name, options = parse_spec(config["compressor"])
+    if config["masks"] == "energy" and name == "factgrass" and "mask_dir" not in options:
+        return f"{config['compressor']}{',' if ':' in config['compressor'] else ':'}mask_dir={store / 'masks'}"
+    return config["compressor"]
+
+
+def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
+    """Energy masks (attribution.selective_mask.energy_masks) from --mask-documents documents of the
+    corpus (a seeded sample), written once into STORE/masks and reused on resume."""
+    name, options = parse_spec(config["compressor"])
+    if config["masks"] != "energy" or name != "factgrass" or "mask_dir" in options:
+        return
+    folder = store / "masks"
+    record = folder / "masks.json"
+    sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config["seed"]))
+                    [: config["mask_documents"]].tolist())
+    wanted = {"documents": [docs[i]["id"] for i in sample], "k": config["k"], "options": options}
+    if record.is_file() and read_json(record, "mask record") == wanted:
+        return
+    batches, _ = llm.document_batches(tokenizer, [docs[i] for i in sample], config["batch_size"], config["max_length"],
+                                      config["token_batch_size"])
+    from .selective_mask import energy_masks
+
+    energy_masks(model, llm.sequence_loss, batches, folder, config["k"], blowup=float(options.get("blowup", 2.0)),
+                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"))
+    atomic_write_json(record, wanted)
+
+
 def _attributor(model, config, store, method="if", compile=False):
-    return Attributor(model, llm.sequence_loss, method=method, compressor=config["compressor"], k=config["k"],
+    return Attributor(model, llm.sequence_loss, method=method, compressor=_compressor(config, Path(store)), k=config["k"],
                       damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
                       seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"])
 
 
-def _docs(config):
+def _docs(config, tokenizer):
+    if config["dataset"] is not None:
+        if config["corpus"] is not None:
+            raise CLIError("give --corpus or --dataset, not both")
+        if bool(config["prompt_field"]) != bool(config["completion_field"]):
+            raise CLIError("--prompt-field and --completion-field go together")
+        return llm.read_dataset(config["dataset"], config["text_field"], config["prompt_field"], config["completion_field"],
+                                config["messages_field"], tokenizer, config["split"], config["limit"])
+    if any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
+        raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
     if config["corpus"] in (None, "python-docs"):
         return llm.python_docs_corpus(limit=config["limit"])
     return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
@@ -83,14 +126,16 @@ def cmd_cache(args, loaded=None):
     if saved.exists() and _saved_config(store)["flags"] != config:
         raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
                        "new --store")
-    docs = _docs(config)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    docs = _docs(config, tokenizer)
     batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
                                           config["token_batch_size"])
     docs = [docs[i] for i in order]  # store row r is docs[r]: the batches group documents by length
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
+    parse_spec(config["compressor"])  # validate before anything is written
+    _masks(config, store, model, tokenizer, docs)
     attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
     _write_once(store / "docs.jsonl", docs_text, "corpus")
     record = {"flags": config, "corpus": {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}}
@@ -99,8 +144,12 @@ def cmd_cache(args, loaded=None):
     attr.cache(batches)
     seconds = time.perf_counter() - start
     summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
-               "cache_seconds": seconds, "compiled": attr.stats["compiled"], "compile_seconds": attr.stats["compile_seconds"],
-               "graph_breaks": attr.stats["graph_breaks"], "compile_fallback": attr.stats.get("fallback")}
+               "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+               "positions": sum(int(b["attention_mask"].numel()) for b in batches),
+               "cache_seconds": seconds, "gradient_seconds": attr.stats["gradient_seconds"],
+               "fim_seconds": attr.stats["fim_seconds"], "compiled": attr.stats["compiled"],
+               "compile_seconds": attr.stats["compile_seconds"], "graph_breaks": attr.stats["graph_breaks"],
+               "compile_fallback": attr.stats.get("fallback")}
     print(json.dumps(summary))
     return summary
 
@@ -152,21 +201,39 @@ def _queries(args, model, tokenizer):
     return [{"id": q.get("id", str(i)), **q} for i, q in enumerate(queries)]
 
 
+def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
+                      method: str = "if"):
+    """(results, scores [n_rows, n_docs]) for queries with completions, against a cached store.
+    per_token=True: each completion token is its own query; results then carry per-token top documents."""
+    attr = _attributor(model, config, store, method=method)
+    expanded = [llm.per_token_queries(tokenizer, q, config["max_length"]) for q in queries] if per_token else None
+    rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
+    features = attr.query_features(llm.query_batches(tokenizer, rows, config["batch_size"], config["max_length"],
+                                                     config["token_batch_size"]))
+    scores = attr.attribute(features=features)
+    k = min(top_k, scores.shape[1])
+    top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+    ranked = [([(docs[j], float(v)) for j, v in zip(top.indices[i], top.values[i])],
+               [(docs[j], float(v)) for j, v in zip(bottom.indices[i], bottom.values[i])]) for i in range(len(rows))]
+    results = [Attribution(q, *ranked[i]) for i, q in enumerate(queries)]
+    if per_token:
+        start = len(queries)
+        for result, per_query in zip(results, expanded):
+            result.tokens = [{"token": rows[i]["token"], "position": rows[i]["position"], "helpful": ranked[i][0],
+                              "harmful": ranked[i][1]} for i in range(start, start + len(per_query))]
+            start += len(per_query)
+    return results, scores[: len(queries)]
+
+
 def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
-    attr = _attributor(model, config, store)
-    _check_rows(attr, docs, store)  # an incomplete store is refused before the model generates anything
+    _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     queries = _queries(args, model, tokenizer)
-    features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"],
-                                                     config["token_batch_size"]))
-    top = attr.top_k(k=args.top_k, features=features)
-    bottom = attr.top_k(k=args.top_k, largest=False, features=features)
-    results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i])],
-                           [(docs[j], float(s)) for j, s in zip(bottom[1][i], bottom[0][i])])
-               for i, q in enumerate(queries)]
+    results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
+                                   per_token=getattr(args, "per_token", False))
     meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
-            "damping": config["damping"], "documents": len(docs)}
+            "damping": config["damping"], "documents": len(docs), "per_token": getattr(args, "per_token", False)}
     paths = write_reports(args.out, results, meta)
     print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
@@ -180,20 +247,44 @@ def _check_rows(attr, docs, store) -> None:
 
 
 def cmd_demo(args):
-    """The embedded default end to end: cache the corpus, then attribute the default prompts' completions."""
-    loaded = llm.load_model(args.model, args.gguf_file, args.dtype)
+    """The main job (attribution.demo): plant 20 invented facts in the Python-docs corpus, fine-tune the
+    embedded model on it, cache it with the default configuration, ask each fact with a paraphrased
+    question, and measure whether attribution finds each answer's source document."""
+    from . import demo, facts
+
     start = time.perf_counter()
-    summary = cmd_cache(args, loaded)
-    args.prompt = args.prompt or list(llm.DEFAULT_PROMPTS)
-    results = cmd_attribute(args, loaded)
-    lines = [f"{summary['documents']} Python-docs paragraphs cached with FactGraSS (k={args.k} per layer, "
-             f"{summary['layers']} linear layers) in {summary['cache_seconds']:.0f}s; total {time.perf_counter() - start:.0f}s"]
-    for r in results:
-        lines.append(f"\n{r.query['prompt']!r} -> {r.query['completion']!r}")
-        lines += [f"  + {s:9.3g}  [{d['id']}] {d['text'][:110]}" for d, s in r.helpful[:3]]
-    lines.append(f"\nreports: {Path(args.out) / 'report.md'} (and .html, .json)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = facts.fact_corpus(llm.python_docs_corpus(limit=args.limit))
+    model, tokenizer, tuned = demo.finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
+    queries = demo.answer_queries(model, tokenizer)
+    corpus_path = out / "corpus.jsonl"
+    corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
+    summary = cmd_cache(args, (model, tokenizer))
+    store, config, docs = _load_store(args.store)
+    results, scores = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token)
+    ids = [d["id"] for d in docs]
+    default = {"method": f"default ({config['compressor']}, k={config['k']}, IF)",
+               **facts.retrieval_metrics(scores, ids, [q["target"] for q in queries])}
+    base, _ = llm.load_model(llm.DEFAULT_MODEL)
+    rows = [default] + demo.compare(model, tokenizer, base, corpus, queries, config["k"], config["max_length"],
+                                    config["token_batch_size"] or 512, (config["compressor"], "if"))
+    figure = demo.plot(rows, out / "recall.png")
+    meta = {"job": "fact tracing: 20 invented facts planted in the corpus", "model": "SmolLM2-135M-Instruct fine-tuned "
+            f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if",
+            "compressor": config["compressor"], "k": config["k"], "documents": len(docs),
+            "answered_correctly": sum(q["correct"] for q in queries), "cache_seconds": summary["cache_seconds"]}
+    paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k != "ranks"} for r in rows],
+                          plot=figure)
+    (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
+    lines = [f"{len(docs)} documents (96 Python-docs paragraphs + 20 planted facts) cached in {summary['cache_seconds']:.0f}s; "
+             f"the fine-tuned model answers {meta['answered_correctly']}/20 questions correctly; total "
+             f"{time.perf_counter() - start:.0f}s", "", f"{'method':58s} recall@1 recall@5   MRR"]
+    lines += [f"{r['method'][:58]:58s} {r['recall@1']:8.2f} {r['recall@5']:8.2f} {r['mrr']:5.2f}" for r in rows]
+    lines.append(f"\nreports: {paths['md']} (and .html, .json), plot: {figure}")
     print("\n".join(lines))
-    return results
+    return rows
 
 
 def cmd_select(args):
@@ -240,10 +331,14 @@ def cmd_verify(args):
 
 
 def cmd_bench(args):
-    from .llm_bench import run
+    from .llm_bench import job, run
 
-    report = run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
-                 repeats=args.repeats, device=args.device, dtype=args.dtype)
+    report = {}
+    if args.job is not None:
+        report["job"] = [job(flags.split(), args.job_documents) for flags in args.job or [""]]
+    if args.models:
+        report.update(run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
+                          repeats=args.repeats, device=args.device, dtype=args.dtype))
     emit_json_report(report, args.out)
     return report
 
@@ -258,13 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--store", required=True)
     cache.add_argument("--model", default=llm.DEFAULT_MODEL, help="'smollm2' (embedded), a folder or a hub id")
     cache.add_argument("--gguf-file", default=None)
-    cache.add_argument("--corpus", default="python-docs", help="'python-docs' (embedded), a .jsonl or a .txt")
+    cache.add_argument("--corpus", default=None, help="'python-docs' (embedded, the default), a .jsonl or a .txt")
+    cache.add_argument("--dataset", default=None, help="a Hugging Face datasets dataset: a save_to_disk folder, or a "
+                                                       ".parquet / .arrow / .jsonl / .csv file (the `llm` extra)")
+    cache.add_argument("--split", default=None, help="the --dataset split (default: train, or its only split)")
     cache.add_argument("--text-field", default="text")
+    cache.add_argument("--prompt-field", default=None, help="--dataset rows as prompt/completion pairs (only the "
+                                                            "completion is a target), with --completion-field")
+    cache.add_argument("--completion-field", default=None)
+    cache.add_argument("--messages-field", default=None, help="--dataset rows as chat messages, rendered with the "
+                                                              "tokenizer's chat template")
     cache.add_argument("--limit", type=_limit, default=96, help="documents to take from the corpus (a positive int, or 'all')")
     cache.add_argument("--layers", nargs="+", default=None,
                        help="module name patterns, each must match (default: every linear layer of the transformer "
                             "blocks: model.layers.* or transformer.h.*)")
-    cache.add_argument("--compressor", default="factgrass")
+    cache.add_argument("--compressor", default="factgrass:blowup=4",
+                       help="compressor spec (attribution.compress), e.g. factgrass:blowup=4, logra, sjlt")
+    cache.add_argument("--masks", default="energy", choices=["energy", "random"],
+                       help="FactGraSS masks: 'energy' keeps each layer's highest second-moment coordinates, measured "
+                            "on --mask-documents documents of the corpus (default); 'random' draws them from the seed")
+    cache.add_argument("--mask-documents", type=_positive_int, default=32)
     cache.add_argument("--k", type=_positive_int, default=256, help="compressed dimension per layer")
     cache.add_argument("--max-length", type=_max_length, default=128)
     cache.add_argument("--batch-size", type=_positive_int, default=4, help="documents per batch (at most)")
@@ -280,19 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the cache step (default; --no-compile runs it eagerly)")
     cache.set_defaults(func=cmd_cache)
 
-    demo = sub.add_parser("demo", help="the embedded default: cache + attribute the default prompts")
+    demo = sub.add_parser("demo", help="the main job: fact tracing on the embedded model, measured")
+    keep = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "damping", "seed",
+            "compile", "layers", "limit", "masks", "mask_documents"}
     for action in cache._actions:
-        if action.dest not in ("help", "store"):
+        if action.dest in keep:
             demo._add_action(action)
+    demo.set_defaults(model=llm.DEFAULT_MODEL, gguf_file=None, corpus=None, dataset=None, split=None, text_field="text",
+                      prompt_field=None, completion_field=None, messages_field=None)
     demo.add_argument("--store", default="out/llm/store")
-    demo.add_argument("--prompt", action="append", type=_nonempty, help="prompts (default: the paper's and three docs questions)")
-    demo.add_argument("--prompts", default=None)
-    demo.add_argument("--task", default=None)
-    demo.add_argument("--include-path", default=None)
-    demo.add_argument("--query-limit", type=_positive_int, default=None)
-    demo.add_argument("--generate", type=_positive_int, default=24)
-    demo.add_argument("--top-k", type=_positive_int, default=5)
     demo.add_argument("--out", default="out/llm")
+    demo.add_argument("--finetune-epochs", type=_positive_int, default=6)
+    demo.add_argument("--top-k", type=_positive_int, default=5)
+    demo.add_argument("--per-token", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
     for name, helptext in (("attribute", "top-k training documents for prompts / completions"),
@@ -307,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
             p.add_argument("--generate", type=_positive_int, default=24, help="new tokens of each completion")
             p.add_argument("--top-k", type=_positive_int, default=5)
+            p.add_argument("--per-token", action="store_true",
+                           help="also attribute each completion token on its own (one query per token)")
             p.add_argument("--out", default="out/llm_report")
             p.set_defaults(func=cmd_attribute)
         else:
@@ -320,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="throughput of the compress step and the cache stage")
-    bench.add_argument("--models", nargs="+", default=["smollm2", "gpt2-random"])
+    bench.add_argument("--job", nargs="*", default=None, metavar="FLAGS",
+                       help="measure the main job's cache stage in a fresh process, once per FLAGS string of extra "
+                            "`cache` flags ('' = the defaults): real tokens/s, peak RSS, store size")
+    bench.add_argument("--job-documents", type=_positive_int, default=96)
+    bench.add_argument("--models", nargs="*", default=["smollm2", "gpt2-random"])
     bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096])
     bench.add_argument("--batch-size", type=int, default=2)
     bench.add_argument("--seq-len", type=int, default=128)

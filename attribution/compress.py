@@ -10,6 +10,7 @@ side in one row: columns offsets[j]:offsets[j + 1] belong to block j.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from pathlib import Path
@@ -262,9 +263,11 @@ class BatchCompressor:
     The step runs under torch.compile (see :mod:`attribution.compiled`) unless compile=False."""
 
     def __init__(self, model, layers: dict[str, LayerInfo], params: list[str], blocks: dict[str, C.Compressor],
-                 dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64):
+                 dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64,
+                 autocast: torch.dtype | None = None):
         self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
         self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
+        self.autocast = autocast
         self.capture = FactorCapture(model, layers)
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
@@ -285,14 +288,19 @@ class BatchCompressor:
             return {}
         key = (_fn_key(fn), tuple((shape[1:], dtype) for shape, dtype in shape_key(batch)))
         if key not in self._probe_shapes:
-            self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
+            with self._mixed_precision():
+                self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
         return self.capture.zero_probes(self._probe_shapes[key][1], batch_size(batch), self.device)
 
     def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
         """The eager step: (grads [B, columns], values [B])."""
         parts, values = [], None
         if self.layers:
-            inputs, grads, values = self.capture.factors(fn, batch, probes)
+            with self._mixed_precision():
+                inputs, grads, values = self.capture.factors(fn, batch, probes)
+            if self.autocast is not None:  # compress in float32 (the factors of one layer may differ in dtype)
+                inputs = {n: t.float() for n, t in inputs.items()}
+                grads = {n: t.float() for n, t in grads.items()}
             parts = [compress_layer(self.blocks[n], inputs[n], grads[n]).to(self.dtype) for n in self.layers]
         if self.params:
             key = _fn_key(fn)
@@ -304,6 +312,13 @@ class BatchCompressor:
                 with torch.no_grad():
                     values = fn(self.model, batch)
         return torch.cat(parts, dim=1), values.detach()
+
+    def _mixed_precision(self):
+        """torch.autocast to ``self.autocast`` for the forward and backward passes (matmuls in bfloat16 or
+        float16, reductions and norms in float32), or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def step(self, fn: Callable, name: str) -> CompiledStep:
         key = _fn_key(fn)

@@ -135,16 +135,91 @@ def read_corpus(path: str | Path, text_field: str = "text", limit: int | None = 
     return docs[:limit] if limit else docs
 
 
-def document_tokens(tokenizer, docs: list[dict], max_length: int) -> list[list[int]]:
-    """Token ids of each document, cut at ``max_length``. A document with fewer than 2 tokens has no
-    next-token target: an error naming it."""
+def read_dataset(source: str | Path, text_field: str = "text", prompt_field: str | None = None,
+                 completion_field: str | None = None, messages_field: str | None = None, tokenizer=None,
+                 split: str | None = None, limit: int | None = None) -> list[dict]:
+    """Documents from a Hugging Face ``datasets`` dataset: a ``save_to_disk`` folder, or a .parquet,
+    .arrow, .jsonl/.json or .csv file. Each row gives a "text" document (``text_field``), a
+    prompt/completion pair (``prompt_field`` + ``completion_field``: only the completion is a target),
+    or chat ``messages`` rendered with the tokenizer's chat template (the last assistant message is
+    the completion). Ids come from an "id" column when there is one."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+    else:
+        kinds = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+        kind = kinds.get(path.suffix.lower())
+        if not path.is_file() or kind is None:
+            raise ValueError(f"--dataset {source}: expected a save_to_disk folder or a {'/'.join(kinds)} file")
+        data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    if isinstance(data, datasets.DatasetDict):
+        names = list(data)
+        split = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
+        if split not in names:
+            raise ValueError(f"--dataset {source} has splits {names}: choose one with --split")
+        data = data[split]
+    columns = set(data.column_names)
+    wanted = [messages_field] if messages_field else [prompt_field, completion_field] if prompt_field else [text_field]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(f"--dataset {source} has no column(s) {missing}; columns: {sorted(columns)}")
+    docs = []
+    for i, row in enumerate(data):
+        if limit and len(docs) >= limit:
+            break
+        doc_id = str(row["id"]) if "id" in columns else str(i)
+        if messages_field:
+            docs.append({"id": doc_id, **chat_document(tokenizer, row[messages_field], f"{source} row {i}")})
+        elif prompt_field:
+            prompt, completion = row[prompt_field], row[completion_field]
+            if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+                raise ValueError(f"{source} row {i}: {prompt_field!r} and {completion_field!r} must be strings "
+                                 "(a non-empty completion)")
+            docs.append({"id": doc_id, "prompt": prompt, "completion": completion, "text": prompt + completion})
+        else:
+            if not isinstance(row[text_field], str):
+                raise ValueError(f"{source} row {i}: {text_field!r} must be a string")
+            docs.append({"id": doc_id, "text": row[text_field]})
+    if not docs:
+        raise ValueError(f"--dataset {source} holds no rows")
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--dataset {source}: ids are not unique")
+    return docs
+
+
+def chat_document(tokenizer, messages, where: str) -> dict:
+    """A chat (list of {role, content}) rendered with the tokenizer's chat template: the prompt is
+    everything up to the last assistant message, which is the completion."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in messages)):
+        raise ValueError(f"{where}: messages must be a list of {{'role', 'content'}} objects")
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: chat messages need a tokenizer with a chat template")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if messages[-1]["role"] == "assistant":
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        if full.startswith(prompt) and full[len(prompt):].strip():
+            return {"prompt": prompt, "completion": full[len(prompt):], "text": full}
+    return {"text": full}
+
+
+def document_tokens(tokenizer, docs: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(token ids, target mask) of each training document: every token of a "text" document (cut at
+    ``max_length``), or only the completion of a "prompt" + "completion" document (an instruction or
+    chat example; its prompt is cut from the left). A document with no target token is an error naming it."""
     out = []
     for d in docs:
+        if "completion" in d:
+            out.append(query_tokens(tokenizer, {**d, "id": d["id"]}, max_length))
+            continue
         ids = tokenizer(d["text"], truncation=True, max_length=max_length)["input_ids"]
         if len(ids) < 2:
             raise ValueError(f"document {d['id']!r} has {len(ids)} token(s): no next-token target to score "
                              "(remove it from the corpus)")
-        out.append(list(ids))
+        out.append((list(ids), [1] * len(ids)))
     return out
 
 
@@ -190,8 +265,8 @@ def document_batches(tokenizer, docs: list[dict], batch_size: int | None, max_le
     Every real token is a target. Returns (batches, order): order[r] is the index in ``docs`` of the
     r-th cached row."""
     tokens = document_tokens(tokenizer, docs, max_length)
-    groups = length_batches([len(t) for t in tokens], token_batch_size, batch_size, pad_multiple)
-    batches = [pad_batch([tokens[i] for i in g], [[1] * len(tokens[i]) for i in g], tokenizer.pad_token_id, pad_multiple)
+    groups = length_batches([len(ids) for ids, _ in tokens], token_batch_size, batch_size, pad_multiple)
+    batches = [pad_batch([tokens[i][0] for i in g], [tokens[i][1] for i in g], tokenizer.pad_token_id, pad_multiple)
                for g in groups]
     return batches, [i for g in groups for i in g]
 
@@ -220,11 +295,19 @@ def query_tokens(tokenizer, query: dict, max_length: int) -> tuple[list[int], li
     return prompt + completion, targets
 
 
-def query_batches(tokenizer, queries: list[dict], batch_size: int | None, max_length: int,
-                  token_batch_size: int | None = None, pad_multiple: int = 8) -> list[dict]:
-    """Batches of (prompt, completion) queries in their given order (rows = queries), each padded to
-    its longest sequence; only the completion's tokens are targets."""
-    encoded = [query_tokens(tokenizer, q, max_length) for q in queries]
+def per_token_queries(tokenizer, query: dict, max_length: int) -> list[dict]:
+    """One query per completion token: the same tokens, with only that token as the target (its own
+    loss gradient), so the cost is one query per completion token. Each carries ``token`` (its text)
+    and ``position`` (its index among the completion's targets)."""
+    ids, targets = query_tokens(tokenizer, query, max_length)
+    positions = [i for i, t in enumerate(targets) if t]
+    return [{**query, "ids": ids, "targets": [int(i == p) for i in range(len(ids))], "position": n,
+             "token": tokenizer.decode([ids[p]])} for n, p in enumerate(positions)]
+
+
+def encoded_batches(tokenizer, encoded: list[tuple[list[int], list[int]]], batch_size: int | None,
+                    token_batch_size: int | None = None, pad_multiple: int = 8) -> list[dict]:
+    """Batches of (token ids, target mask) rows in their given order, each padded to its longest row."""
     batches, current = [], []
     for seq, target in encoded:
         width = -(-max([len(seq)] + [len(s) for s, _ in current]) // pad_multiple) * pad_multiple
@@ -239,11 +322,21 @@ def query_batches(tokenizer, queries: list[dict], batch_size: int | None, max_le
     return [pad_batch([s for s, _ in b], [t for _, t in b], tokenizer.pad_token_id, pad_multiple) for b in batches]
 
 
+def query_batches(tokenizer, queries: list[dict], batch_size: int | None, max_length: int,
+                  token_batch_size: int | None = None, pad_multiple: int = 8) -> list[dict]:
+    """Batches of (prompt, completion) queries in their given order (rows = queries), each padded to
+    its longest sequence; only the completion's tokens are targets (queries from
+    :func:`per_token_queries` keep their single target)."""
+    encoded = [(q["ids"], q["targets"]) if "ids" in q else query_tokens(tokenizer, q, max_length) for q in queries]
+    return encoded_batches(tokenizer, encoded, batch_size, token_batch_size, pad_multiple)
+
+
 def sequence_loss(model: nn.Module, batch: dict) -> Tensor:
     """Per-sample summed next-token cross-entropy over ``loss_mask`` targets -> [B]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["input_ids"][:, 1:]
-    token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # half precisions: in float32
+    token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (token_loss * batch["loss_mask"][:, 1:].to(token_loss.dtype)).sum(1)
 
 

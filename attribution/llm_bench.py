@@ -116,3 +116,68 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
         report["models"][name] = rows
         del model
     return report
+
+
+def job(flags: list[str] = (), documents: int = 96) -> dict:
+    """The main job's cache stage (``grass-attribute cache`` on ``documents`` Python-docs paragraphs with
+    the default configuration plus ``flags``), measured in a fresh process: real tokens per second of
+    the gradient phase (compile time excluded, and included), the process's peak RSS, the store's size
+    without and with the FIM, and a bare forward + activation-gradient backward on the same batches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="grass_job_") as tmp:
+        cmd = [sys.executable, "-m", "attribution.llm_bench", "--job-child", tmp, "--limit", str(documents), *flags]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"the job failed (status {status}): {output[-2000:]}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_gb"] = usage.ru_maxrss / 2**20
+    return result
+
+
+def _job_child(store: str, flags: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from . import cli
+    from .capture import FactorCapture
+    from .layers import find_layers
+
+    args = cli.build_parser().parse_args(["cache", "--store", f"{store}/store", *flags])
+    model, tokenizer = llm.load_model(args.model, args.gguf_file, args.dtype)
+    summary = cli.cmd_cache(args, (model, tokenizer))
+    sizes = {"shards": 0, "fim": 0, "masks": 0}
+    for path in Path(store).rglob("*"):
+        if path.is_file():
+            kind = "shards" if "/shards/" in str(path) else "fim" if "/fim/" in str(path) else "masks" if "/masks/" in str(path) else None
+            if kind:
+                sizes[kind] += path.stat().st_size
+    config = {k: getattr(args, k) for k in ("batch_size", "max_length", "token_batch_size")}
+    docs = cli._docs({**{k: getattr(args, k) for k in cli.CACHE_KEYS}}, tokenizer)
+    batches, _ = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"], config["token_batch_size"])
+    capture = FactorCapture(model, find_layers(model, cli._layers(model, args.layers)))
+    import time
+
+    start = time.perf_counter()
+    for batch in batches:
+        capture.capture(llm.sequence_loss, batch)
+    bare = time.perf_counter() - start
+    steady = summary["gradient_seconds"] - summary["compile_seconds"]
+    print(json.dumps({**summary, "flags": flags, "store_bytes": sizes, "bare_seconds": bare,
+                      "gradient_tokens_per_s": summary["real_tokens"] / steady,
+                      "gradient_tokens_per_s_with_compile": summary["real_tokens"] / summary["gradient_seconds"],
+                      "bare_tokens_per_s": summary["real_tokens"] / bare, "cache_vs_bare": bare / steady,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--job-child":
+        _job_child(sys.argv[2], sys.argv[3:])

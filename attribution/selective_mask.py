@@ -266,3 +266,52 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
                             d_out=info.d_out, k_in=k_in, k_out=k_out, **common)
         results[name] = result
     return results
+
+
+def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float = 2.0, layers=None,
+                 k_in: int | None = None, k_out: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
+    the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
+    (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
+    of their energy in a few outlier coordinates, which random masks miss. One pass of per-sample
+    factors over ``heldout_loader``; the masks are saved like Selective Masks
+    (<layer>.in.npz / <layer>.out.npz, use "factgrass:mask_dir=..."), with k_in' = k_out' =
+    blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}."""
+    from .batches import batch_digest
+    from .capture import FactorCapture
+    from .layers import find_layers
+
+    infos = find_layers(model, layers)
+    capture = FactorCapture(model, infos)
+    moments = {n: [torch.zeros(i.d_in, dtype=torch.float64), torch.zeros(i.d_out, dtype=torch.float64)] for n, i in infos.items()}
+    digests, samples = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in heldout_loader:
+            digests.append(batch_digest(batch))
+            inputs, grads, values = capture.capture(loss_fn, batch)
+            samples += values.shape[0]
+            for n in infos:
+                moments[n][0] += inputs[n].double().square().sum((0, 1)).cpu()
+                moments[n][1] += grads[n].double().square().sum((0, 1)).cpu()
+    finally:
+        model.train(was_training)
+    if samples == 0:
+        raise ValueError("heldout_loader yielded no samples")
+    root = math.isqrt(k) or 1
+    fingerprint = data_fingerprint(digests)
+    out = {}
+    for n, info in infos.items():
+        kk = [min(d, int(kx)) if kx else max(1, min(d, int(round(blowup * root)))) for d, kx in
+              ((info.d_in, k_in), (info.d_out, k_out))]
+        chosen = [torch.topk(m, kx).indices.sort().values for m, kx in zip(moments[n], kk)]
+        energy = [float(m[c].sum() / m.sum().clamp_min(1e-300)) for m, c in zip(moments[n], chosen)]
+        directory = Path(out_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for suffix, idx, size, kept in zip((".in", ".out"), chosen, (info.d_in, info.d_out), energy):
+            SelectiveMask.save(directory / f"{n}{suffix}.npz", idx, p=size, layer=n, form="energy" + suffix,
+                               target_k=k, blowup=blowup, energy_kept=kept, data_fingerprint=fingerprint,
+                               n_heldout=samples)
+        out[n] = (chosen[0], chosen[1])
+    return out

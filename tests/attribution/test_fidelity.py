@@ -1,0 +1,50 @@
+"""The LLM fidelity harness: its exact truth equals dense per-document gradients, and an exact
+method scores a perfect Spearman against it."""
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import llm  # noqa: E402
+from attribution.fidelity import Method, fidelity, measure, scores  # noqa: E402
+from attribution.layers import find_layers  # noqa: E402
+from attribution.selective_mask import energy_masks  # noqa: E402
+
+TEXTS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
+         "python list data", "the function creates a list", "data for the loop"]
+
+
+def test_truth_is_the_exact_gradient_and_exact_methods_agree(tiny_llama, tmp_path):
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
+    queries = [{"id": "q0", "prompt": "a for", "completion": " loop list"}, {"id": "q1", "prompt": "the", "completion": " data"}]
+    doc_batches, order = llm.document_batches(tok, docs, 3, 8)
+    query_batches = llm.query_batches(tok, queries, None, 8)
+    layers = find_layers(model, ["model.layers.*"])
+    mask_dir = tmp_path / "masks"
+    energy_masks(model, llm.sequence_loss, doc_batches, mask_dir, k=16, layers=["model.layers.*"])
+    methods = {"identity": Method("identity", 10**6, "inner"), "identity-cos": Method("identity", 10**6, "cosine"),
+               "energy": Method(f"factgrass:mask_dir={mask_dir}", 16), "if": Method("sjlt", 16, "if")}
+    truth, features = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, methods, progress=False)
+    mods = [m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+
+    def dense(batches, rows):
+        out = []
+        for b in batches:
+            for i in range(b["input_ids"].shape[0]):
+                model.zero_grad()
+                llm.sequence_loss(model, {k: v[i : i + 1] for k, v in b.items()}).sum().backward()
+                out.append(torch.cat([m.weight.grad.flatten() for m in mods]))
+        return torch.stack(out)
+
+    g, q = dense(doc_batches, None), dense(query_batches, None)
+    torch.testing.assert_close(truth.inner, q @ g.T, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(truth.cosine, (q @ g.T) / (q.norm(dim=1)[:, None] * g.norm(dim=1)[None, :]), rtol=1e-5,
+                               atol=1e-8)
+    exact = fidelity(truth, scores(features["identity"], methods["identity"]))
+    assert exact["spearman_vs_inner"] == pytest.approx(1.0) and fidelity(
+        truth, scores(features["identity-cos"], methods["identity-cos"]))["spearman_vs_cosine"] == pytest.approx(1.0)
+    for name in ("energy", "if"):
+        result = fidelity(truth, scores(features[name], methods[name]))
+        assert -1 <= result["spearman_vs_cosine"] <= 1 and len(result["per_query_vs_cosine"]) == 2

@@ -1,0 +1,115 @@
+"""LLM inputs: Hugging Face datasets (files, save_to_disk folders, prompt/completion, chat messages),
+per-token queries, and the fact-tracing utilities."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+datasets = pytest.importorskip("datasets", reason="the `llm` extra is not installed")
+
+from attribution import Attributor, cli, facts, llm  # noqa: E402
+
+ROWS = [{"id": "a", "text": "the data privacy statement", "prompt": "a for", "completion": " loop list"},
+        {"id": "b", "text": "lambda expression creates function", "prompt": "the", "completion": " data list"},
+        {"id": "c", "text": "assert statement python", "prompt": "python", "completion": " list"}]
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "save_to_disk"])
+def test_datasets_in_every_form(tmp_path, form):
+    data = datasets.Dataset.from_list(ROWS)
+    if form == "jsonl":
+        path = tmp_path / "rows.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in ROWS))
+    elif form == "parquet":
+        path = tmp_path / "rows.parquet"
+        data.to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(str(path))
+    docs = llm.read_dataset(path, limit=2)
+    assert [d["id"] for d in docs] == ["a", "b"] and docs[0]["text"] == "the data privacy statement"
+    pairs = llm.read_dataset(path, prompt_field="prompt", completion_field="completion")
+    assert pairs[2] == {"id": "c", "prompt": "python", "completion": " list", "text": "python list"}
+    with pytest.raises(ValueError, match=r"no column\(s\) \['body'\]"):
+        llm.read_dataset(path, text_field="body")
+
+
+def test_prompt_completion_documents_only_score_their_completion(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    doc = {"id": "x", "prompt": "the data", "completion": " privacy statement", "text": "the data privacy statement"}
+    (ids, targets), = llm.document_tokens(tok, [doc], 8)
+    assert targets == [0, 0, 1, 1] and len(ids) == 4
+
+
+def test_chat_messages_are_rendered_with_the_template(tiny_llama):
+    _, tok = llm.load_model(tiny_llama)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}assistant:{% endif %}"
+    doc = llm.chat_document(tok, [{"role": "user", "content": "a for"}, {"role": "assistant", "content": "loop"}], "row 0")
+    assert doc["prompt"] == "user: a for\nassistant:" and doc["completion"].strip() == "loop"
+    with pytest.raises(ValueError, match="messages must be a list"):
+        llm.chat_document(tok, "hello", "row 1")
+
+
+def test_cli_caches_a_dataset(tiny_llama, tmp_path):
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    store = tmp_path / "store"
+    summary = cli.run(["cache", "--store", str(store), "--model", tiny_llama, "--dataset", str(path), "--prompt-field",
+                       "prompt", "--completion-field", "completion", "--k", "8", "--max-length", "8", "--no-compile"])
+    assert summary["documents"] == 3
+    with pytest.raises(SystemExit, match="give --corpus or --dataset"):
+        cli.run(["cache", "--store", str(tmp_path / "s2"), "--model", tiny_llama, "--dataset", str(path), "--corpus",
+                 "python-docs", "--no-compile"])
+
+
+def test_per_token_queries_sum_to_the_whole_completion(tiny_llama, tmp_path):
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    query = {"id": "q", "prompt": "the data", "completion": " privacy statement list"}
+    per_token = llm.per_token_queries(tok, query, 16)
+    assert [t["position"] for t in per_token] == [0, 1, 2] and [t["token"].strip() for t in per_token] == [
+        "privacy", "statement", "list"]
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(["the data privacy", "a lambda expression creates",
+                                                              "for loop list", "assert statement python"])]
+    batches, _ = llm.document_batches(tok, docs, 2, 8)
+    attr = Attributor(model, llm.sequence_loss, method="graddot", compressor="identity", k=10**6,
+                      layers=["model.layers.*"], dtype=torch.float64, compile=False, progress=False).cache(batches)
+    whole = attr.attribute(llm.query_batches(tok, [query], None, 16))
+    tokens = attr.attribute(llm.query_batches(tok, per_token, None, 16))
+    torch.testing.assert_close(tokens.sum(0, keepdim=True), whole, rtol=1e-6, atol=1e-8)  # linear (Llama norms: float32)
+
+
+def test_cli_per_token_report(tiny_llama, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(
+        ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement"])))
+    store = tmp_path / "store"
+    cli.run(["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "8", "--max-length",
+             "8", "--no-compile"])
+    results = cli.run(["attribute", "--store", str(store), "--prompt", "a for", "--generate", "3", "--top-k", "2",
+                       "--per-token", "--out", str(tmp_path / "r")])
+    assert len(results[0].tokens) == len(llm.query_tokens(llm.load_model(tiny_llama)[1], results[0].query, 8)[1]) - \
+        llm.query_tokens(llm.load_model(tiny_llama)[1], results[0].query, 8)[1].count(0)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert len(report["queries"][0]["tokens"]) == len(results[0].tokens)
+    assert "class='t'" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_retrieval_metrics_and_bm25():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.2, 0.8], [0.3, 0.3, 0.3]], dtype=torch.float64)
+    m = facts.retrieval_metrics(scores, ["a", "b", "c"], ["a", "a", "c"])
+    assert m["ranks"] == [1, 2, 3]  # ties go to the lower index, so c (last) ranks 3rd among equals
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    bm = facts.bm25_scores(["velmora founder"], ["the town of velmora", "a bridge", "founder of a club"])
+    assert bm.shape == (1, 3) and bm[0, 1] == 0 and bm[0, 0] > 0
+
+
+def test_the_fact_corpus_plants_every_fact_once():
+    base = [{"id": f"doc/{i}", "text": f"paragraph {i}"} for i in range(30)]
+    corpus = facts.fact_corpus(base)
+    ids = [d["id"] for d in corpus]
+    assert len(corpus) == 50 and len(set(ids)) == 50 and all(f.id in ids for f in facts.FACTS)
+    for f in facts.FACTS:  # the question is a paraphrase: no sentence of the document is repeated
+        assert f.question.lower().rstrip("?") not in f.text.lower() and f.answer.lower() in f.text.lower()
