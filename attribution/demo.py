@@ -25,8 +25,9 @@ from .layers import find_layers
 def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progress: bool = True):
     """(model, tokenizer, info): the embedded SmolLM2 fine-tuned on ``corpus``, trained once and
     saved under ``out`` (reused when its recorded configuration matches)."""
+    autocast = torch.bfloat16 if llm.fast_bfloat16() else None
     config = {"base": llm.DEFAULT_MODEL, "epochs": epochs, "seed": seed, "lr": 2e-4, "corpus_per_epoch": 12,
-              "documents": [d["id"] for d in corpus]}
+              "autocast": str(autocast), "documents": [d["id"] for d in corpus]}
     folder, record = out / "model", out / "model.json"
     if record.is_file() and json.loads(record.read_text()).get("config") == config and (folder / "config.json").is_file():
         model, tokenizer = llm.load_model(str(folder))
@@ -34,7 +35,7 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
     torch.manual_seed(seed)
     model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
     info = facts.finetune(model, tokenizer, corpus, epochs=epochs, lr=config["lr"], seed=seed,
-                          corpus_per_epoch=config["corpus_per_epoch"], progress=progress)
+                          corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     record.write_text(json.dumps({"config": config, "info": info}, indent=1))

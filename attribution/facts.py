@@ -129,10 +129,12 @@ def answered(fact: Fact, completion: str) -> bool:
 
 
 def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e-4, batch_size: int = 4,
-             max_length: int = 128, seed: int = 0, corpus_per_epoch: int = 12, progress: bool = False) -> dict:
-    """Briefly fine-tune ``model`` in place: each epoch sees every fact document and
-    ``corpus_per_epoch`` other documents of the corpus (a seeded sample), in a seeded order;
-    returns {"steps", "seconds", "loss"}."""
+             max_length: int = 128, seed: int = 0, corpus_per_epoch: int = 12, progress: bool = False,
+             autocast: torch.dtype | None = None) -> dict:
+    """Briefly fine-tune ``model`` in place (AdamW, float32 weights; matmuls in ``autocast`` precision
+    when given): each epoch sees every fact document and ``corpus_per_epoch`` other documents of the
+    corpus (a seeded sample), in a seeded order; returns {"steps", "seconds", "loss"}."""
+    import contextlib
     import time
 
     from tqdm import tqdm
@@ -149,7 +151,8 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
         for b in tqdm(range(0, len(order), batch_size), disable=not progress, leave=False, desc="fine-tune"):
             chunk = [pool[i] for i in order[b : b + batch_size]]
             (batch,), _ = llm.document_batches(tokenizer, chunk, len(chunk), max_length, pad_multiple=1)
-            loss = llm.sequence_loss(model, batch).sum() / batch["loss_mask"][:, 1:].sum()
+            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                loss = llm.sequence_loss(model, batch).sum() / batch["loss_mask"][:, 1:].sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

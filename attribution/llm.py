@@ -53,6 +53,18 @@ def load_model(name: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: s
     return model.to(device).eval(), tokenizer
 
 
+def fast_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively here (AVX512-BF16/AMX CPUs, CUDA GPUs with bf16), so
+    autocast to bfloat16 speeds a pass up instead of emulating it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 DEFAULT_PROMPTS = [
     "To improve data privacy,",  # the paper's prompt
     "In Python, a for loop",
