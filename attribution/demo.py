@@ -36,10 +36,23 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
     model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
     info = facts.finetune(model, tokenizer, corpus, epochs=epochs, lr=config["lr"], seed=seed,
                           corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_folder(model, tokenizer, folder)
     record.write_text(json.dumps({"config": config, "info": info}, indent=1))
     return model, tokenizer, info
+
+
+def save_folder(model, tokenizer, folder: Path) -> None:
+    """A Hugging Face folder (config, tokenizer, model.safetensors) that llm.load_model reads back;
+    a GGUF-loaded model cannot save_pretrained, so its weights are written with safetensors."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)  # the weights are plain float tensors now
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
 
 
 def answer_queries(model, tokenizer, max_new_tokens: int = 16) -> list[dict]:

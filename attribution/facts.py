@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -185,4 +186,5 @@ def bm25_scores(queries: list[str], docs: list[str]) -> Tensor:
     from rank_bm25 import BM25Okapi
 
     index = BM25Okapi([_WORD.findall(d.lower()) or [""] for d in docs])
-    return torch.tensor([index.get_scores(_WORD.findall(q.lower())) for q in queries], dtype=torch.float64)
+    rows = [index.get_scores(_WORD.findall(q.lower())) for q in queries]
+    return torch.from_numpy(np.asarray(rows, dtype=np.float64).reshape(len(queries), len(docs)))
