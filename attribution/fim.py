@@ -30,10 +30,8 @@ def check_damping(value, name: str = "damping") -> float | str:
             number = float(factor) if factor else float("nan")
         except ValueError:
             number = float("nan")
-        if not star:  # "1e-3": an absolute damping written as a string
-            if not math.isfinite(number) or number < 0:
-                raise ValueError(f"{name} must be a number >= 0 or '<factor>*mean' (e.g. '0.1*mean'), got {value!r}")
-            return number
+        if not star:
+            raise TypeError(f"{name} must be a real number >= 0 or '<factor>*mean' (e.g. '0.1*mean'), got {value!r}")
         if unit != "mean" or not math.isfinite(number) or number < 0:
             raise ValueError(f"{name} must be a number >= 0 or '<factor>*mean' with a finite factor >= 0 "
                              f"(e.g. '0.1*mean'), got {value!r}")

@@ -112,7 +112,7 @@ def test_damping_can_change_without_recomputing(tmp_path):
     files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "lock"}
     layers = [model[0], model[2]]
     train_f, test_f = dense_factors(model, train, layers), dense_factors(model, test, layers)
-    for damping in (1e-1, "0.3*mean", "1e-2"):
+    for damping in (1e-1, "0.3*mean", 1e-3):
         attr.damping = damping
         expected = kronecker_closed_form(train_f, test_f, check_damping(damping), "ekfac")
         torch.testing.assert_close(attr.attribute(test), expected, rtol=1e-9, atol=1e-9)
@@ -131,18 +131,20 @@ def test_relative_damping_of_the_fim_is_a_fraction_of_each_blocks_mean_eigenvalu
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("value, expected", [("0.1*mean", "0.1*mean"), (" 1e-3 * mean", "0.001*mean"), ("0.5", 0.5),
-                                             (2, 2.0), ("0*mean", "0.0*mean")])
+@pytest.mark.parametrize("value, expected", [("0.1*mean", "0.1*mean"), (" 1e-3 * mean", "0.001*mean"), (2, 2.0),
+                                             ("0*mean", "0.0*mean")])
 def test_damping_values_are_normalized(value, expected):
     assert check_damping(value) == expected
 
 
-@pytest.mark.parametrize("value", ["mean", "0.1*max", "-1*mean", "nan*mean", "abc", "-0.5", "inf"])
-def test_bad_dampings_are_refused(value):
-    with pytest.raises(ValueError, match="damping"):
+@pytest.mark.parametrize("value, error", [("mean", TypeError), ("0.1*max", ValueError), ("-1*mean", ValueError),
+                                          ("nan*mean", ValueError), ("inf*mean", ValueError), ("abc", TypeError),
+                                          ("0.5", TypeError)])
+def test_bad_dampings_are_refused(value, error):
+    with pytest.raises(error, match="damping must be a .*'<factor>\\*mean'"):
         check_damping(value)
     model, _, _ = make_problem()
-    with pytest.raises(ValueError, match="damping"):
+    with pytest.raises(error, match="damping"):
         Attributor(model, loss_fn, damping=value, **EXACT)
 
 
