@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from attribution_problems import (N_TEST, N_TRAIN, dense_factors, dense_grads, kronecker_closed_form, loss_fn,
-                                  make_problem)
+from attribution_problems import N_TEST, N_TRAIN, dense_factors, dense_grads, kronecker_closed_form, loss_fn, make_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

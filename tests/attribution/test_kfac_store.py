@@ -11,8 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from attribution_problems import (Interrupt, dense_factors, interrupting, kronecker_closed_form, loss_fn, make_problem,
-                                  read_line, store_files)
+from attribution_problems import (
+    Interrupt,
+    dense_factors,
+    interrupting,
+    kronecker_closed_form,
+    loss_fn,
+    make_problem,
+    read_line,
+    store_files,
+)
 
 import attribution.kfac as kfac
 from attribution import Attributor
