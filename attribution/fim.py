@@ -3,7 +3,8 @@
 F_b = (1/n) sum_i g_ib g_ib^T per block b, accumulated in float32 (float64 for float64 runs). The
 inverse is kept as an eigendecomposition F_b = V diag(lam) V^T (computed in float64, stored in float32,
 or float64 for float64 runs), so that (F_b + damping I)^-1 for any damping is
-V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing.
+V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing. A relative damping
+"<f>*mean" is f times the block's mean eigenvalue (see check_damping; used by every preconditioner).
 
 The FIM is derived data: it is stored with the fingerprint of the shards it was computed from, and
 recomputed whenever that fingerprint changes (a store that grew).

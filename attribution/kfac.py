@@ -300,12 +300,11 @@ class KroneckerPreconditioner:
         self.dtype, self.device, self.store, self.progress = dtype, device, store, progress
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._loaded: dict[int, tuple[str, dict[str, KroneckerBlock]]] = {}
-        self.observers: dict[int, CacheObserver] = {}
 
     # ---- cache stage ---------------------------------------------------------------------------
     def observer(self, ckpt: int, writer) -> CacheObserver:
-        self.observers[ckpt] = CacheObserver(self.store, ckpt, writer, self.device)
-        return self.observers[ckpt]
+        """The cache stage's observer of checkpoint ``ckpt`` (see attribution.cache.write_shards)."""
+        return CacheObserver(self.store, ckpt, writer, self.device)
 
     def has_all(self, ckpt: int, fingerprint: str) -> bool:
         names = ("kfac", "ekfac") if self.kind == "ekfac" else ("kfac",)

@@ -19,6 +19,7 @@ from attribution_problems import (
     loss_fn,
     make_problem,
     read_line,
+    snapshot,
     store_files,
 )
 
@@ -61,6 +62,9 @@ def test_the_statistics_come_from_the_cache_step_and_are_recorded(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt_000")) == ["complete.json", "kfac", "shards"]  # no partial sums left, no FIM
     assert attr.verify()["ok"]
     torch.testing.assert_close(attr.attribute(test), closed_form(model, train, test, "kfac"), rtol=1e-9, atol=1e-9)
+    before = snapshot(tmp_path)
+    Attributor(model, loss_fn, preconditioner="kfac", store=tmp_path, **EXACT).cache(train)  # up to date: no write
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("save_seconds", [0.0, 1e9])
