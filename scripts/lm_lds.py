@@ -47,7 +47,10 @@ def main(argv=None):
     parser.add_argument("--compressors", nargs="+", default=list(COMPRESSORS), choices=list(COMPRESSORS))
     parser.add_argument("--preconditioners", nargs="+", default=list(PRECONDITIONERS), choices=list(PRECONDITIONERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: these GEMMs are small, and two "
+                        "OpenMP threads measured up to 10x slower than one on a 2-core machine shared with other jobs)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     config, grid = LMConfig(), RELATIVE_DAMPING_GRID
     if args.quick:
         config = replace(config, n_train=240, n_test=40, epochs=2, d_model=64)

@@ -15,6 +15,15 @@ from attribution.metrics import pearson
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: one thread (two OpenMP threads run up to 10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- the preconditioner of one layer against a dense float64 reference -------------------------------
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 6), t=st.integers(1, 3), d_in=st.integers(1, 4), d_out=st.integers(1, 4), seed=st.integers(0, 2**16),

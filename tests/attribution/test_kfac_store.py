@@ -31,6 +31,15 @@ EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False,
 FAST = dict(compressor="factgrass", k=16, seed=3, compile=False, progress=False, damping="0.1*mean")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: one thread (two OpenMP threads run up to 10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Counting:
     """A loss that counts the samples it differentiates (calls with grad enabled, not shape passes)."""
 
@@ -135,6 +144,7 @@ def test_sigkill_during_the_ekfac_pass_resumes_in_a_fresh_process(tmp_path):
         sys.path.insert(0, {HERE!r})
         from attribution_problems import loss_fn, make_problem
         from attribution import Attributor
+        torch.set_num_threads(1)  # this process's GEMM blocking: the same bits
         model, train, test = make_problem()
         attr = Attributor(model, loss_fn, preconditioner="ekfac", store={store!r}, compressor="identity", k=10**6,
                           dtype=torch.float64, compile=False, progress=False, damping="0.1*mean")
