@@ -15,18 +15,21 @@ compressed gradients, so a new damping needs no new cache.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+import grass_ops
 from grass_ops.compressors import Compressor
 
 from . import fim as fim_module
-from .batches import to_device
+from .batches import batch_digest, to_device
 from .cache import LazyWriter, cache_checkpoint, require_reiterable
 from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
@@ -40,6 +43,7 @@ from .scoring import PRECONDITIONED, QueryFeatures, Scorer, TopK
 from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, read_json
 
 METHODS = ("if", "graddot", "gradcos", "tracin", "trak")
+PARAM_SEED_TAG = 1 << 20  # params= blocks draw their seeds from derive_seed(seed, PARAM_SEED_TAG, ...)
 FISHERS = ("empirical", "true", "true_sampled")
 
 
@@ -90,10 +94,15 @@ class Attributor:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if fisher != "empirical" and logits_fn is None:
-            raise ValueError(f"fisher={fisher!r} needs logits_fn(model, batch) -> Tensor[B, C]")
-        if method == "trak" and output_fn is None:
-            raise ValueError("method='trak' needs output_fn(model, batch) -> Tensor[B] (the model-output function)")
+        if fisher != "empirical" and not callable(logits_fn):
+            raise ValueError(f"fisher={fisher!r} needs a callable logits_fn(model, batch) -> Tensor[B, C]")
+        if method == "trak" and not callable(output_fn):
+            raise ValueError("method='trak' needs a callable output_fn(model, batch) -> Tensor[B] (the model-output function)")
+        if method == "trak" and fisher != "empirical":
+            raise ValueError("method='trak' preconditions with the empirical FIM of output_fn's gradients: fisher must "
+                             "be 'empirical'")
+        if method not in ("if", "trak") and fisher != "empirical":
+            raise ValueError(f"fisher={fisher!r} only matters for method='if'")
         self.preconditioner = check_preconditioner(preconditioner, method, PRECONDITIONED)
         if self.preconditioner in KRONECKER and fisher != "empirical":
             raise ValueError(f"preconditioner={self.preconditioner!r} uses the empirical Fisher (the training factors); "
@@ -124,11 +133,16 @@ class Attributor:
             raise ValueError("nothing to attribute through: layers=[] and no params")
         if not self.layer_names and self.preconditioner in KRONECKER:
             raise ValueError(f"preconditioner={self.preconditioner!r} needs target linear layers (layers=[] selects none)")
-        built = build_compressors(compressor, self.layer_infos, k, seed) if self.layer_names else {}
         named = dict(model.named_parameters())
+        covered = {id(named[f"{m}.weight"]) for info in self.layer_infos.values() for m in info.modules
+                   if f"{m}.weight" in named}
+        twice = [n for n in self.param_names if id(named[n]) in covered]
+        if twice:
+            raise ValueError(f"params {twice} are already attributed as target layers' weights; leave them out of params")
+        built = build_compressors(compressor, self.layer_infos, k, seed) if self.layer_names else {}
         param_infos = {f"param:{n}": LayerInfo(n, 1, named[n].numel(), "param") for n in self.param_names}
-        if param_infos:  # other parameters: flat per-sample gradients, one block each (seeds after the layers')
-            built.update(build_compressors(param_compressor, param_infos, k, seed + 1))
+        if param_infos:  # other parameters: flat per-sample gradients, one block each (seeds apart from the layers')
+            built.update(build_compressors(param_compressor, param_infos, k, grass_ops.derive_seed(seed, PARAM_SEED_TAG)))
         self.compressors: dict[str, Compressor] = {n: c.to(self.device) for n, c in built.items()}
         self.block_names = self.layer_names + list(param_infos)
         self.checkpoints = Checkpoints(model, checkpoints, checkpoint_weights, method)
@@ -140,9 +154,18 @@ class Attributor:
             if is_distributed():
                 raise ValueError("caching under torch.distributed needs store=<a directory every rank shares>: "
                                  "ranks write their shards there and read each other's")
+            manifest = self._manifest(None)
             self.store = MemoryStore(self.compress.columns, storage)
         else:
-            self.store = DiskStore(store, self._manifest(Path(store)), storage)
+            if not isinstance(store, (str, Path)) or not str(store):
+                raise TypeError(f"store must be None or a directory path, got {store!r}")
+            if Path(store).exists() and not Path(store).is_dir():
+                raise ValueError(f"store {store} exists and is not a directory")
+            manifest = self._manifest(Path(store))
+            self.store = DiskStore(store, manifest, storage)
+        self._fingerprints = manifest["model_fingerprints"]
+        self._signature = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "fisher"},
+                                                    sort_keys=True).encode()).hexdigest()[:24]
         self._kron = (KroneckerPreconditioner(self.preconditioner, self.layer_names, self.compressors, self.compress.offsets,
                                               dtype, self.device, self.store, self.progress)
                       if self.preconditioner in KRONECKER else None)
@@ -162,13 +185,14 @@ class Attributor:
     def damping(self, value) -> None:
         self._damping = check_damping(value)
 
-    def _manifest(self, root: Path) -> dict:
-        algorithm = None
-        if (root / "manifest.json").is_file():  # check the model with the algorithm the store used
-            recorded = read_json(root / "manifest.json", "manifest").get("model_fingerprints") or [None]
-            algorithm = fingerprint_algorithm(recorded[0])
+    def _manifest(self, root: Path | None) -> dict:
+        self._algorithm = None
+        if root is not None and (root / "manifest.json").is_file():  # check with the algorithm the store used
+            recorded = read_json(root / "manifest.json", "manifest")
+            if isinstance(recorded, dict) and isinstance(recorded.get("model_fingerprints"), list) and recorded["model_fingerprints"]:
+                self._algorithm = fingerprint_algorithm(recorded["model_fingerprints"][0])
         return {
-            "model_fingerprints": [model_fingerprint(self.checkpoints.state(c), algorithm) for c in range(len(self.checkpoints))],
+            "model_fingerprints": self._model_fingerprints(),
             "layers": {n: [i.d_in, i.d_out, i.kind] for n, i in self.layer_infos.items()},
             "params": self.param_names,
             "compressors": {n: self.compressors[n].spec() for n in self.block_names},
@@ -178,11 +202,27 @@ class Attributor:
             "fisher": self.fisher,
         }
 
+    def _model_fingerprints(self) -> list[str]:
+        return [model_fingerprint(self.checkpoints.state(c), self._algorithm) for c in range(len(self.checkpoints))]
+
+    def _check_model_unchanged(self) -> None:
+        if self._model_fingerprints() != self._fingerprints:
+            raise ValueError("the model's weights changed since this Attributor was built, and its store holds gradients "
+                             "of the weights it was built with: build a new Attributor (with a new store) for the new weights")
+
     def compress_batch(self, batch, kind: str = "loss") -> tuple[Tensor, Tensor]:
-        """Compressed per-sample gradients of one batch: (grads [n, columns], values [n]); block j
-        is columns offsets[j]:offsets[j + 1] of ``self.compress``. kind: "loss" or "output" (TRAK)."""
+        """Compressed per-sample gradients of one batch (the model in eval mode): (grads [n, columns],
+        values [n]); block j is columns offsets[j]:offsets[j + 1] of ``self.compress``.
+        kind: "loss" or "output" (TRAK's output_fn)."""
+        if kind not in ("loss", "output"):
+            raise ValueError(f"kind must be 'loss' or 'output', got {kind!r}")
         fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
-        grads, values = self.compress(batch, fn, name)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            grads, values = self.compress(batch, fn, name)
+        finally:
+            self.model.train(was_training)
         self.stats.update(self.compress.stats())
         return grads, values
 
@@ -194,6 +234,7 @@ class Attributor:
             require_reiterable(train_loader, "it is read once per checkpoint")
         if self.method in PRECONDITIONED and self.fisher != "empirical" and self.method != "trak":
             require_reiterable(train_loader, f"fisher={self.fisher!r} reads it again to form the FIM")
+        self._check_model_unchanged()
         kind = "output" if self.method == "trak" else "loss"
         records = []
         with LazyWriter(self.store) as writer, self.checkpoints.each() as indices:
@@ -203,8 +244,10 @@ class Attributor:
                                           writer, lambda record, c=c: self._derive(c, record, train_loader, writer),
                                           self.progress, observer)
                 records.append(record)
-        if len({r.samples for r in records}) != 1:
-            raise ValueError(f"checkpoints saw different numbers of training samples: {[r.samples for r in records]}")
+        digests = {tuple(s.digest for s in r.shards) for r in records}
+        if len(digests) != 1:
+            raise ValueError("the train loader yielded different batches for different checkpoints (a shuffling "
+                             "DataLoader?): every checkpoint must see the same batches in the same order")
         return self
 
     def _cache_step(self, batch, kind: str, observer) -> tuple[Tensor, Tensor]:
@@ -269,7 +312,7 @@ class Attributor:
                 raise RuntimeError(f"{self.store!r} has no FIM for its current data (checkpoint {c}): call cache() to "
                                    "complete it")
             self._fim_cache = {k: v for k, v in self._fim_cache.items() if k[0] != c}
-            self._fim_cache[key] = fim_module.from_arrays(loaded[0], len(self.dims))
+            self._fim_cache[key] = fim_module.from_arrays(loaded[0], self.dims, f"{self.store!r} (checkpoint {c}) fim")
         return self._fim_cache[key]
 
     def _row_budget(self, n_test: int) -> int:
@@ -278,33 +321,41 @@ class Attributor:
         return max(1, self.memory_budget // per_row)
 
     def query_features(self, test_loader: Iterable) -> QueryFeatures:
-        """Compressed query gradients (per checkpoint [n_test, columns]); reusable across dampings.
-        With preconditioner="kfac" / "ekfac" they also hold every layer's query gradients in the Kronecker
-        eigenbasis (n_test x the target layers' parameters; attribute(test_loader) streams instead)."""
+        """Compressed query gradients (per checkpoint [n_test, columns]); reusable across dampings and
+        by this Attributor (or another with the same configuration and model) only. With preconditioner=
+        "kfac" / "ekfac" they also hold every layer's query gradients in the Kronecker eigenbasis (n_test x
+        the target layers' parameters; attribute(test_loader) streams instead)."""
         records = self._records()
         if self._kron is not None:
             return self._kron_features(test_loader, records)
+        self._check_model_unchanged()
         if len(self.checkpoints) > 1:
             require_reiterable(test_loader, "it is read once per checkpoint")
         kind = "output" if self.method == "trak" else "loss"
-        grads = []
+        grads, digests = [], []
         with self.checkpoints.each() as indices:
             for _ in indices:
-                parts = [self.compress_batch(batch, kind)[0] for batch in test_loader]
+                parts, seen = [], []
+                for batch in test_loader:
+                    seen.append(batch_digest(batch))
+                    parts.append(self.compress_batch(batch, kind)[0])
                 if not parts:
                     raise ValueError("test_loader yielded no batches")
                 grads.append(torch.cat(parts))
-        if grads[0].shape[0] == 0:
-            raise ValueError("test_loader yielded no samples")
-        return QueryFeatures(grads)
+                digests.append(seen)
+        if any(d != digests[0] for d in digests):
+            raise ValueError("the test loader yielded different batches for different checkpoints (a shuffling "
+                             "DataLoader?): every checkpoint must see the same queries in the same order")
+        return QueryFeatures(grads, self._signature)
 
     def _kron_features(self, test_loader: Iterable, records: list[Completion], damping=None) -> QueryFeatures:
+        self._check_model_unchanged()
         if len(self.checkpoints) > 1:
             require_reiterable(test_loader, "it is read once per checkpoint")
         kind = "output" if self.method == "trak" else "loss"
         with self.checkpoints.each() as indices:
             return self._kron.query_features(test_loader, records, indices, lambda b: self._with_factors(b, kind),
-                                             self._other_blocks, damping)
+                                             self._other_blocks, self._signature, damping)
 
     def _other_blocks(self, c: int, record: Completion, q: Tensor, damping) -> Tensor:
         """The params= blocks of queries [n, columns] preconditioned by their FIM (K-FAC covers the layers)."""
@@ -326,17 +377,20 @@ class Attributor:
             if test_loader is None:
                 raise ValueError("give test_loader or features (from query_features)")
             return self.query_features(test_loader)
+        if test_loader is not None:
+            raise ValueError("give test_loader or features, not both")
         if not isinstance(features, QueryFeatures):
             raise TypeError(f"features must come from Attributor.query_features, got {type(features).__name__}")
-        if len(features.grads) != len(self.checkpoints) or any(g.shape[1] != self.compress.columns for g in features.grads):
-            raise ValueError("features were computed by an Attributor with another configuration")
+        if features.signature != self._signature:
+            raise ValueError("features were computed by an Attributor with another configuration or model (compressor, "
+                             "seed, k, gradient function or weights differ); recompute them with this one")
         return features
 
     def _score_blocks(self, test_loader, damping, features):
         damping = self.damping if damping is None else check_damping(damping)
         records = self._records()
         if features is None and test_loader is not None and self._kron is not None:  # stream, one layer at a time
-            features = self._kron_features(test_loader, records, damping)
+            features, test_loader = self._kron_features(test_loader, records, damping), None
         features = self._features(test_loader, features)
         queries = self.scorer.prepared_queries(features, damping, records)
         return features.n_test, records[0].samples, self.scorer.score_blocks(queries, records, self._row_budget(features.n_test))
@@ -357,8 +411,10 @@ class Attributor:
         training examples, streamed over the store (the [n_test, n_train] matrix is never formed).
         Ties go to the lower training index."""
         k = _check_int("k", k)
+        if not isinstance(largest, bool):
+            raise TypeError(f"largest must be a bool, got {largest!r}")
         _, _, blocks = self._score_blocks(test_loader, damping, features)
-        best = TopK(k, bool(largest))
+        best = TopK(k, largest)
         for start, block in blocks:
             best.add(start, block)
         return best.values, best.indices

@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .batches import batch_digest, batch_size
 from .distributed import all_gather_objects, barrier, first_error, rank_and_world
-from .store import Completion
+from .store import Completion, CorruptStoreError
 
 
 class LazyWriter:
@@ -76,6 +76,8 @@ def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, w
         if index % world != rank:  # another rank's batch
             n += rows
             continue
+        if rows == 0:
+            raise ValueError(f"batch {index} of the train loader holds no samples")
         digest = batch_digest(batch)
         if index in done:
             if done[index]["digest"] != digest or int(done[index]["rows"]) != rows:
@@ -107,7 +109,19 @@ def completion_record(store, ckpt: int, count: int) -> Completion:
         raise RuntimeError(f"shards {missing[:5]} are missing after caching (did a rank fail?); call cache() again")
     if count == 0:
         raise ValueError("train_loader yielded no batches")
-    record = Completion.from_shards([store.shard_info(ckpt, i, done[i]) for i in range(count)])
+    previous = store.completion(ckpt)
+    recorded = {s.index: s for s in previous.shards} if previous is not None else {}
+    shards = []
+    for i in range(count):
+        info = store.shard_info(ckpt, i, done[i])
+        if i in recorded:
+            if info != recorded[i]:  # a completed shard never changes: its files were altered
+                raise CorruptStoreError(f"shard {i} of checkpoint {ckpt} differs from the completion record (its files were "
+                                        "altered); delete that shard directory and run cache() to rewrite it")
+        else:
+            store.read_shard(ckpt, info)  # a new shard is checked against its own checksum before it is recorded
+        shards.append(info)
+    record = Completion.from_shards(shards)
     starts = [int(done[i]["start"]) for i in range(count)]
     if starts != record.starts():
         raise RuntimeError(f"the shards' row offsets {starts[:5]}... disagree with their sizes: the store is inconsistent; "

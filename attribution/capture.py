@@ -6,22 +6,30 @@ in eval mode). One ``torch.func.grad`` w.r.t. the probes therefore yields every 
 gradients for the whole batch, and since no parameter is differentiated the weight-gradient GEMMs
 of the backward pass are skipped entirely. Forward hooks record the layer inputs and add the probes.
 
-A layer that runs more than once in a forward pass (weight sharing, a block reused in a loop) gets
-one probe per call; its weight gradient is the sum over calls, so the calls' inputs and output
-gradients are concatenated along the token axis: the factors are [B, T_1 + T_2 + ..., d].
-
-The hooks are registered only while a capture runs (:meth:`FactorCapture.hooks`), so any number of
-captures can share one model without stacking hooks or changing what torch.compile traces.
+* A layer that runs more than once in a forward pass (weight sharing, a block reused in a loop), or
+  several modules that share one weight, get one probe per call; the weight gradient is the sum over
+  calls, so the calls' inputs and output gradients are concatenated along the token axis: the factors
+  are [B, T_1 + T_2 + ..., d].
+* Every call must keep the batch's samples along dim 0 of its input and output ([B, ..., d]); a
+  sequence-first layer ([T, B, d]) or one applied to batch-free tensors is refused, naming it.
+* The probes' shapes come from a no-grad forward of the batch's first sample (cached per shape of
+  the other dims), so a new batch size costs no extra forward pass.
+* The hooks are registered only while a capture runs (:meth:`FactorCapture.hooks`), so any number of
+  captures can share one model without stacking hooks or changing what torch.compile traces.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .batches import batch_size, batch_tensors, slice_rows
 from .layers import LayerInfo
+
+Shapes = dict[str, list[tuple[tuple[int, ...], torch.dtype]]]  # per layer, per call: (shape without dim 0, dtype)
 
 
 def tokens_view(t: Tensor) -> Tensor:
@@ -29,33 +37,58 @@ def tokens_view(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+class LayoutError(ValueError):
+    """A target layer's input or output does not hold the batch's samples along dim 0."""
+
+
+class CaptureError(RuntimeError):
+    """The forward pass called the target layers differently from when their shapes were taken."""
+
+
 class FactorCapture:
-    """Forward hooks on the target layers, registered only inside :meth:`hooks`."""
+    """Forward hooks on the target layers (and the modules that share their weights), registered
+    only inside :meth:`hooks`."""
 
     def __init__(self, model: nn.Module, layers: dict[str, LayerInfo]):
         self.model = model
         self.layers = layers
-        modules = dict(model.named_modules())
-        self.modules = {name: modules[name] for name in layers}
+        modules = dict(model.named_modules(remove_duplicate=False))
+        self.modules = {name: list({id(modules[m]): modules[m] for m in info.modules}.values())  # one hook per module
+                        for name, info in layers.items()}
         self._hook_fns = {name: self._make_hook(name) for name in layers}  # stable objects: stable compile guards
         self.probes: dict[str, list[Tensor]] | None = None
+        self.rows: int | None = None
         self.inputs: dict[str, list[Tensor]] = {}
-        self.shapes: dict[str, list[torch.Size]] = {}
+        self.shapes: Shapes = {}
         self._hook_depth = 0
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
+            if self.rows is None:  # neither a shape pass nor a capture (e.g. params= gradients): inert
+                return None
+            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                raise LayoutError(f"layer {name} must be called with a tensor and return one")
+            x = args[0]
+            if x.dim() < 2 or output.dim() < 2 or x.shape[0] != self.rows or output.shape[0] != self.rows:
+                raise LayoutError(f"layer {name} was called with input {tuple(x.shape)} and output {tuple(output.shape)}, "
+                                  f"but the batch has {self.rows} samples: every target layer must keep the samples along "
+                                  "dim 0 ([B, ..., d]); exclude sequence-first layers ([T, B, d]) and layers applied to "
+                                  "tensors without a batch dimension")
             if self.probes is None:  # shape pass
-                self.shapes.setdefault(name, []).append(output.shape)
+                self.shapes.setdefault(name, []).append((tuple(output.shape[1:]), output.dtype))
                 return None
             calls = self.inputs.setdefault(name, [])
             probes = self.probes[name]
             if len(calls) >= len(probes):
-                raise RuntimeError(f"layer {name} ran {len(calls) + 1} times in this forward pass, but {len(probes)} "
+                raise CaptureError(f"layer {name} ran {len(calls) + 1} times in this forward pass, but {len(probes)} "
                                    "times when its output shapes were taken: the forward pass must not depend on the "
                                    "values in the batch")
-            calls.append(args[0])
-            return output + probes[len(calls) - 1]
+            probe = probes[len(calls)]
+            if output.shape != probe.shape:
+                raise LayoutError(f"layer {name}'s output {tuple(output.shape)} differs from the shape {tuple(probe.shape)} "
+                                  "seen on one sample of the batch: the forward pass must treat every sample alike")
+            calls.append(x)
+            return output + probe
 
         return hook
 
@@ -69,7 +102,7 @@ class FactorCapture:
             finally:
                 self._hook_depth -= 1
             return
-        handles = [self.modules[name].register_forward_hook(self._hook_fns[name]) for name in self.layers]
+        handles = [m.register_forward_hook(self._hook_fns[name]) for name in self.layers for m in self.modules[name]]
         self._hook_depth = 1
         try:
             yield
@@ -78,28 +111,39 @@ class FactorCapture:
             for handle in handles:
                 handle.remove()
 
-    def output_shapes(self, loss_fn: Callable, batch) -> dict[str, list[torch.Size]]:
-        """One no-grad forward to learn each layer's output shape at every call, for this batch shape."""
-        self.shapes, self.probes = {}, None
-        with torch.no_grad(), self.hooks():
-            loss_fn(self.model, batch)
+    def output_shapes(self, loss_fn: Callable, batch) -> Shapes:
+        """One no-grad forward of the batch's first sample: each layer's output shape (without the
+        sample dim) and dtype at every call."""
+        self.shapes, self.probes, self.rows = {}, None, 1
+        try:
+            with torch.no_grad(), self.hooks():
+                loss_fn(self.model, slice_rows(batch, 0, 1))
+        finally:
+            self.rows = None
         missing = [n for n in self.layers if n not in self.shapes]
         if missing:
-            raise ValueError(f"layers {missing} were not called by the forward pass of loss_fn")
+            raise ValueError(f"layers {missing} were not called by the forward pass of loss_fn (a module whose weight "
+                             "the model uses directly, like nn.MultiheadAttention's out_proj, cannot be captured: "
+                             "exclude it with layers=...)")
         shapes, self.shapes = self.shapes, {}
         return shapes
+
+    def zero_probes(self, shapes: Shapes, rows: int, device=None) -> dict[str, list[Tensor]]:
+        """One zero probe [rows, *shape] per call of each layer, in the dtype of its output."""
+        return {n: [torch.zeros((rows, *s), device=device, dtype=dtype) for s, dtype in calls] for n, calls in shapes.items()}
 
     def factors(self, loss_fn: Callable, batch, probes: dict[str, list[Tensor]]):
         """-> (inputs {name: [B, T, d_in]}, output grads {name: [B, T, d_out]}, values [B]).
         Call inside :meth:`hooks`; ``probes`` holds one zero tensor per call of each layer."""
+        rows = batch_tensors(batch)[0].shape[0]  # batch_size() checked the others; no set of sizes (compile-friendly)
 
         def summed_loss(probes):
-            self.probes, self.inputs = probes, {}
+            self.probes, self.inputs, self.rows = probes, {}, rows
             try:
                 values = loss_fn(self.model, batch)
                 inputs = dict(self.inputs)
             finally:
-                self.probes, self.inputs = None, {}
+                self.probes, self.inputs, self.rows = None, {}, None
             if not isinstance(values, Tensor) or not values.is_floating_point():
                 kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
                 raise TypeError(f"loss_fn must return a floating-point Tensor [B] of per-sample values, got {kind}")
@@ -108,26 +152,31 @@ class FactorCapture:
         # no_grad outside: parameters are not differentiated, so nothing links the results to them
         # (torch.func.grad enables grad for its own level).
         with torch.no_grad():
-            grads, (values, inputs) = torch.func.grad(summed_loss, has_aux=True)(probes)
+            try:
+                grads, (values, inputs) = torch.func.grad(summed_loss, has_aux=True)(probes)
+            except RuntimeError as err:
+                if type(err) is not RuntimeError or torch.compiler.is_compiling():
+                    raise
+                raise RuntimeError(f"loss_fn failed while its per-sample gradients were taken with torch.func.grad (use "
+                                   "differentiable torch operations only: no .numpy() or .item() on tensors that depend "
+                                   f"on the model, no in-place changes of tensors it did not create): {err}") from err
         short = [n for n in self.layers if len(inputs.get(n, [])) != len(probes[n])]
         if short:
-            raise RuntimeError(f"layers {short} ran fewer times than when their output shapes were taken")
+            raise CaptureError(f"layers {short} ran fewer times than when their output shapes were taken")
         x = {n: _concat_calls([c.detach() for c in inputs[n]]) for n in self.layers}
         g = {n: _concat_calls(grads[n]) for n in self.layers}
         return x, g, values.detach()
 
-    def zero_probes(self, shapes: dict[str, list[torch.Size]], device=None) -> dict[str, list[Tensor]]:
-        """One zero probe per call of each layer, in the model's parameter dtype."""
-        dtype = next(self.model.parameters()).dtype
-        return {n: [torch.zeros(s, device=device, dtype=dtype) for s in calls] for n, calls in shapes.items()}
-
     def capture(self, loss_fn: Callable, batch, device=None):
         """Eager shapes + probes + factors of one batch: (inputs, output grads, values)."""
-        probes = self.zero_probes(self.output_shapes(loss_fn, batch), device)
+        probes = self.zero_probes(self.output_shapes(loss_fn, batch), batch_size(batch), device)
         with self.hooks():
             return self.factors(loss_fn, batch, probes)
 
 
 def _concat_calls(calls: list[Tensor]) -> Tensor:
     parts = [tokens_view(c) for c in calls]
+    if len({p.dtype for p in parts}) > 1:
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
+        parts = [p.to(dtype) for p in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -1,5 +1,9 @@
 """The model states an Attributor computes gradients at: the model as it is, or a list of state
-dicts (TracIn's and TRAK's checkpoints) with their weights, swapped in one at a time."""
+dicts (TracIn's and TRAK's checkpoints) with their weights, swapped in one at a time.
+
+A checkpoint's tensors that share memory with the model (e.g. ``model.state_dict()`` itself) would
+change when another checkpoint is loaded, so they are copied when the Attributor is built. ``None``
+in the list means the model's own weights as they were when the swapping started."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +11,30 @@ import math
 import numbers
 import warnings
 
-from torch import nn
+from torch import Tensor, nn
+
+
+def _check_state(model: nn.Module, state, index: int) -> dict:
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoints[{index}] must be a state dict (name -> Tensor) or None, got {type(state).__name__}")
+    expected = model.state_dict()
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"checkpoints[{index}] holds non-tensor values for {bad[:3]}: pass the model's state dict "
+                        "(e.g. checkpoint['model']), not a training checkpoint")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoints[{index}] does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    shapes = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise ValueError(f"checkpoints[{index}][{k!r}] has shape {tuple(state[k].shape)}, the model's is {tuple(expected[k].shape)}")
+    live = {t.untyped_storage().data_ptr() for t in expected.values() if t.numel()}
+    return {k: v.detach().clone() if v.numel() and v.untyped_storage().data_ptr() in live else v for k, v in state.items()}
 
 
 class Checkpoints:
-    def __init__(self, model: nn.Module, states: list[dict] | None, weights: list[float] | None, method: str):
+    def __init__(self, model: nn.Module, states: list | None, weights: list[float] | None, method: str):
         if states is not None and not isinstance(states, (list, tuple)):
             raise TypeError(f"checkpoints must be a list of state dicts, got {type(states).__name__}")
         if states is not None and not states:
@@ -19,7 +42,7 @@ class Checkpoints:
         if method == "tracin" and not states:
             warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)", stacklevel=3)
         self.model = model
-        self.states = list(states) if states else [None]
+        self.states = [None if s is None else _check_state(model, s, i) for i, s in enumerate(states or [None])]
         weights = [1.0] * len(self.states) if weights is None else list(weights)
         if len(weights) != len(self.states):
             raise ValueError(f"checkpoint_weights has {len(weights)} entries for {len(self.states)} checkpoints")
@@ -46,8 +69,8 @@ class Checkpoints:
 
         def indices():
             for c, state in enumerate(self.states):
-                if state is not None:
-                    self.model.load_state_dict(state)
+                if swapped:
+                    self.model.load_state_dict(original if state is None else state)
                 yield c
 
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import sys
 import time
@@ -23,10 +24,10 @@ from grass_ops.benchmarking import emit_json_report
 from . import llm
 from .attributor import Attributor
 from .report import Attribution, write_reports
-from .store import open_store, read_json
+from .store import StoreError, open_store, read_json
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "text_field", "limit", "layers", "compressor", "k", "max_length",
-              "batch_size", "dtype", "damping", "seed")
+              "batch_size", "token_batch_size", "dtype", "storage_dtype", "damping", "seed")
 
 
 class CLIError(SystemExit):
@@ -55,7 +56,7 @@ def _layers(model, patterns):
 def _attributor(model, config, store, method="if", compile=False):
     return Attributor(model, llm.sequence_loss, method=method, compressor=config["compressor"], k=config["k"],
                       damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
-                      seed=config["seed"], compile=compile)
+                      seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"])
 
 
 def _docs(config):
@@ -79,17 +80,21 @@ def cmd_cache(args, loaded=None):
     store = Path(args.store)
     config = {key: getattr(args, key) for key in CACHE_KEYS}
     saved = store / "cli.json"
-    if saved.exists() and read_json(saved, "CLI configuration") != config:
-        raise CLIError(f"{store} was cached with {saved.read_text()}; use the same flags or a new --store")
+    if saved.exists() and _saved_config(store)["flags"] != config:
+        raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
+                       "new --store")
     docs = _docs(config)
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
+                                          config["token_batch_size"])
+    docs = [docs[i] for i in order]  # store row r is docs[r]: the batches group documents by length
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
-    batches = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"])
     attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
     _write_once(store / "docs.jsonl", docs_text, "corpus")
-    _write_once(saved, json.dumps(config, indent=1, sort_keys=True) + "\n", "configuration")
+    record = {"flags": config, "corpus": {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}}
+    _write_once(saved, json.dumps(record, indent=1, sort_keys=True) + "\n", "configuration")
     start = time.perf_counter()
     attr.cache(batches)
     seconds = time.perf_counter() - start
@@ -100,13 +105,28 @@ def cmd_cache(args, loaded=None):
     return summary
 
 
+def _saved_config(store: Path) -> dict:
+    record = read_json(store / "cli.json", "CLI configuration")
+    flags = record.get("flags") if isinstance(record, dict) else None
+    corpus = record.get("corpus") if isinstance(record, dict) else None
+    if not isinstance(flags, dict) or set(flags) != set(CACHE_KEYS) or not isinstance(corpus, dict):
+        raise StoreError(f"{store / 'cli.json'}: not a grass-attribute configuration (flags {list(CACHE_KEYS)} and corpus)")
+    return record
+
+
 def _load_store(store):
+    """(store path, cache flags, documents in store row order), after checking docs.jsonl against the record."""
     store = Path(store)
     if not (store / "cli.json").exists():
         raise CLIError(f"{store} is not a grass-attribute store (run `grass-attribute cache --store {store}` first)")
-    config = read_json(store / "cli.json", "CLI configuration")
-    docs = [record for _, record in llm.read_jsonl(store / "docs.jsonl", "cached corpus")]
-    return store, config, docs
+    record = _saved_config(store)
+    path = store / "docs.jsonl"
+    data = path.read_bytes() if path.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != record["corpus"].get("sha256"):
+        raise StoreError(f"{path} is missing or was modified after caching (its rows must match the cached gradients); "
+                         "restore it or cache again into a new --store")
+    docs = [doc for _, doc in llm.read_jsonl(path, "cached corpus")]
+    return store, record["flags"], docs
 
 
 def _queries(args, model, tokenizer):
@@ -115,9 +135,13 @@ def _queries(args, model, tokenizer):
     queries = []
     if args.prompts:
         for n, record in llm.read_jsonl(args.prompts, "prompts file"):
-            if not isinstance(record.get("prompt"), str):
-                raise CLIError(f"{args.prompts}:{n}: needs a string 'prompt' field")
-            queries.append({"prompt": record["prompt"], "completion": record.get("completion"),
+            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise CLIError(f"{args.prompts}:{n}: needs a non-empty string 'prompt' field")
+            completion = record.get("completion")
+            if completion is not None and (not isinstance(completion, str) or not completion.strip()):
+                raise CLIError(f"{args.prompts}:{n}: 'completion' must be a non-empty string (or absent: the model "
+                               "completes the prompt)")
+            queries.append({"prompt": record["prompt"], "completion": completion,
                             **({"id": str(record["id"])} if "id" in record else {})})
     queries += [{"prompt": p, "completion": None} for p in args.prompt or []]
     if not queries:
@@ -132,9 +156,10 @@ def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
     attr = _attributor(model, config, store)
-    attr.n_train  # an incomplete store is refused before the model generates anything
+    _check_rows(attr, docs, store)  # an incomplete store is refused before the model generates anything
     queries = _queries(args, model, tokenizer)
-    features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
+    features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"],
+                                                     config["token_batch_size"]))
     top = attr.top_k(k=args.top_k, features=features)
     bottom = attr.top_k(k=args.top_k, largest=False, features=features)
     results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i])],
@@ -147,6 +172,11 @@ def cmd_attribute(args, loaded=None):
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
                                    "top": [d["id"] for d, _ in r.helpful]} for r in results]}))
     return results
+
+
+def _check_rows(attr, docs, store) -> None:
+    if attr.n_train != len(docs):
+        raise StoreError(f"{store}: docs.jsonl lists {len(docs)} documents but the store holds {attr.n_train} rows")
 
 
 def cmd_demo(args):
@@ -170,7 +200,7 @@ def cmd_select(args):
     store, config, docs = _load_store(args.store)
     model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"])
     attr = _attributor(model, config, store, method="gradcos")
-    attr.n_train  # refuse an incomplete store first
+    _check_rows(attr, docs, store)
     if args.task:
         targets = llm.lm_eval_queries(args.task, args.include_path, args.query_limit)
     elif args.target:
@@ -180,11 +210,14 @@ def cmd_select(args):
             if not isinstance(completion, str):
                 raise CLIError(f"{args.target}:{n}: needs a string 'completion' (with 'prompt') or 'text' field")
             targets.append({"id": f"{args.target}:{n}", "prompt": str(r.get("prompt", "")), "completion": completion})
+        if not targets:
+            raise CLIError(f"target file {args.target} holds no records")
     else:
         raise CLIError("select needs --target FILE or --task TASK")
     if not 0 < args.fraction <= 1:
         raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}")
-    scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"]))
+    scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"],
+                                              config["token_batch_size"]))
     mean = scores.mean(0)  # LESS: average cosine similarity to the target set
     n_keep = max(1, int(round(args.fraction * len(docs))))
     keep = mean.topk(n_keep).indices.tolist()
@@ -232,11 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="module name patterns, each must match (default: every linear layer of the transformer "
                             "blocks: model.layers.* or transformer.h.*)")
     cache.add_argument("--compressor", default="factgrass")
-    cache.add_argument("--k", type=int, default=256, help="compressed dimension per layer")
-    cache.add_argument("--max-length", type=int, default=128)
-    cache.add_argument("--batch-size", type=int, default=4)
+    cache.add_argument("--k", type=_positive_int, default=256, help="compressed dimension per layer")
+    cache.add_argument("--max-length", type=_max_length, default=128)
+    cache.add_argument("--batch-size", type=_positive_int, default=4, help="documents per batch (at most)")
+    cache.add_argument("--token-batch-size", type=_positive_int, default=None,
+                       help="padded tokens per batch (at most); documents are grouped by length, so no compute is "
+                            "spent on padding beyond each batch's longest document")
+    cache.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the stored gradients (bfloat16 halves the store)")
     cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
-    cache.add_argument("--damping", type=float, default=1e-3)
+    cache.add_argument("--damping", type=_nonnegative_float, default=1e-3)
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="torch.compile the cache step (default; --no-compile runs it eagerly)")
@@ -247,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest not in ("help", "store"):
             demo._add_action(action)
     demo.add_argument("--store", default="out/llm/store")
-    demo.add_argument("--prompt", action="append", help="prompts (default: the paper's and three docs questions)")
+    demo.add_argument("--prompt", action="append", type=_nonempty, help="prompts (default: the paper's and three docs questions)")
     demo.add_argument("--prompts", default=None)
     demo.add_argument("--task", default=None)
     demo.add_argument("--include-path", default=None)
-    demo.add_argument("--query-limit", type=int, default=None)
-    demo.add_argument("--generate", type=int, default=24)
-    demo.add_argument("--top-k", type=int, default=5)
+    demo.add_argument("--query-limit", type=_positive_int, default=None)
+    demo.add_argument("--generate", type=_positive_int, default=24)
+    demo.add_argument("--top-k", type=_positive_int, default=5)
     demo.add_argument("--out", default="out/llm")
     demo.set_defaults(func=cmd_demo)
 
@@ -263,17 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", required=True)
         p.add_argument("--task", default=None, help="an lm-eval task as the query/target set")
         p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
-        p.add_argument("--query-limit", type=int, default=None)
+        p.add_argument("--query-limit", type=_positive_int, default=None)
         if name == "attribute":
-            p.add_argument("--prompt", action="append", help="a prompt (repeatable); completed by the model")
+            p.add_argument("--prompt", action="append", type=_nonempty, help="a prompt (repeatable); completed by the model")
             p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
-            p.add_argument("--generate", type=int, default=24, help="new tokens of each completion")
-            p.add_argument("--top-k", type=int, default=5)
+            p.add_argument("--generate", type=_positive_int, default=24, help="new tokens of each completion")
+            p.add_argument("--top-k", type=_positive_int, default=5)
             p.add_argument("--out", default="out/llm_report")
             p.set_defaults(func=cmd_attribute)
         else:
             p.add_argument("--target", default=None, help="jsonl of {prompt, completion} or {text}")
-            p.add_argument("--fraction", type=float, default=0.1)
+            p.add_argument("--fraction", type=_fraction, default=0.1)
             p.add_argument("--out", default="out/selected.jsonl")
             p.set_defaults(func=cmd_select)
 
@@ -294,6 +332,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _max_length(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a target token needs a token before it), got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _limit(text: str):
     if str(text).lower() == "all":
         return None
@@ -306,27 +387,35 @@ def _limit(text: str):
     return value
 
 
-def _apply_config(parser, args, argv) -> None:
-    """Fill flags from --config FILE (JSON object; keys are flag names with underscores). Flags given
-    on the command line win; unknown keys are an error."""
-    values = read_json(Path(args.config), "--config file") if Path(args.config).is_file() else None
-    if values is None:
-        raise CLIError(f"--config file not found: {args.config}")
+def _config_flags(parser: argparse.ArgumentParser, command: str, values, path: str, given: set[str]) -> list[str]:
+    """--config values as command-line flags of ``command`` (so argparse checks their types); keys
+    given on the command line are left out (the command line wins); unknown keys are an error."""
     if not isinstance(values, dict):
-        raise CLIError(f"--config {args.config} must hold a JSON object of flag values")
-    unknown = sorted(k for k in values if not hasattr(args, k) or k in ("func", "command", "config"))
+        raise CLIError(f"--config {path} must hold a JSON object of flag values")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(k for k in values if k not in actions)
     if unknown:
-        raise CLIError(f"--config {args.config}: unknown keys {unknown} for `{args.command}`")
-    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        raise CLIError(f"--config {path}: unknown keys {unknown} for `{command}`")
+    flags: list[str] = []
     for key, value in values.items():
         if key in given:
             continue
-        if key == "limit":
-            try:
-                value = _limit(value)
-            except argparse.ArgumentTypeError as err:
-                raise CLIError(f"--config {args.config}: limit {err}") from None
-        setattr(args, key, value)
+        action, flag = actions[key], actions[key].option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise CLIError(f"--config {path}: {key} must be true or false, got {value!r}")
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list) else [value]
+            if not items or any(isinstance(v, (dict, list, bool)) or v is None for v in items):
+                raise CLIError(f"--config {path}: {key} must be a string or a list of strings, got {value!r}")
+            flags += [flag, *map(str, items)] if action.nargs in ("+", "*") else [x for v in items for x in (flag, str(v))]
+        else:
+            if isinstance(value, (dict, list, bool)) or value is None:
+                raise CLIError(f"--config {path}: {key} must be a single value, got {value!r}")
+            flags += [flag, str(value)]
+    return flags
 
 
 def run(argv=None):
@@ -335,12 +424,26 @@ def run(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        _apply_config(parser, args, argv)
+        path = Path(args.config)
+        if not path.is_file():
+            raise CLIError(f"--config file not found: {args.config}")
+        at = argv.index(args.command)
+        own = argv[at + 1:]
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in own if a.startswith("--")}
+        given |= {g[3:] for g in given if g.startswith("no_")}
+        values = read_json(path, "--config file")
+        args = parser.parse_args([args.command, *_config_flags(parser, args.command, values, args.config, given), *own])
     return args.func(args)
 
 
 def main(argv=None) -> int:
-    run(argv)
+    """Console entry point: expected errors (bad input, a store that cannot serve the request) are
+    printed as one line with exit status 2; anything else keeps its traceback."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, StoreError, FloatingPointError) as err:
+        print(f"grass-attribute: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

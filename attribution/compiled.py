@@ -3,9 +3,10 @@
 * Every :class:`CompiledStep` compiles its own copy of the step's code object, so each instance has
   its own recompile budget: any number of Attributors can share a process (Dynamo caches compiled
   code per code object, and 8 recompiles of one code object are the limit).
-* A batch with fewer rows than one already compiled is padded to that size (its last row repeated)
-  and the padding rows are dropped from the outputs, so a short last batch does not recompile.
-  Samples are independent (the model runs in eval mode), so the kept rows are unchanged.
+* The sample dimension of every batch tensor (and of the probes) is marked dynamic, so batches of
+  any size but one share a graph: a short last batch does not recompile, and nothing is padded (a
+  loss that depends on the batch size stays exactly the eager one). Other dims (e.g. sequence
+  lengths) become dynamic after their first change (torch.compile's automatic dynamic shapes).
 * A model that cannot be captured whole compiles with graph breaks (their count is in ``stats``);
   any other failure of the compiled step falls back to eager with one warning, never an exception
   (an error that eager raises too is the caller's, and propagates).
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .batches import batch_size, pad_rows, shape_key
+from .batches import batch_tensors
 
 _copies = itertools.count()
 
@@ -45,29 +46,18 @@ class CompiledStep:
         self.fn, self.prepare, self.name = fn, prepare, name
         self.mode = "compiled" if compile else "eager"
         self.compiled = torch.compile(own_code_copy(fn), fullgraph=True) if compile else None
-        self.sizes: set[tuple] = set()  # (shapes without dim 0, batch size) compiled so far
         self.stats = {"compiled": False, "graph_breaks": None, "compile_seconds": 0.0, "graphs": 0, "fallback": None}
 
     def __call__(self, batch):
-        rows = batch_size(batch)
         if self.mode == "eager":
             return self.fn(batch, *self.prepare(batch))
-        target = self._padded_size(batch, rows)
-        padded = pad_rows(batch, target) if target > rows else batch
-        out = self._run(padded)
-        return tuple(t[:rows] for t in out) if target > rows else out
-
-    def _padded_size(self, batch, rows: int) -> int:
-        """The smallest compiled batch size >= rows for this batch's other dims (else rows itself)."""
-        key = tuple((shape[1:], dtype) for shape, dtype in shape_key(batch))
-        known = [size for k, size in self.sizes if k == key and size >= rows]
-        if known:
-            return min(known)
-        self.sizes.add((key, rows))
-        return rows
+        return self._run(batch)
 
     def _run(self, batch):
         args = self.prepare(batch)
+        for t in batch_tensors((batch, args)):
+            if t.dim():
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         before, graphs = _compile_seconds(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:
             out = self.compiled(batch, *args)

@@ -44,6 +44,12 @@ def _intermediate(d: int, k_sqrt: int, blowup: float) -> int:
     return max(1, min(d, int(round(blowup * k_sqrt))))
 
 
+def _at_most(option: str, value: int, bound: int, layer: LayerInfo, what: str) -> int:
+    if value > bound:
+        raise ValueError(f"compressor option {option}={value} exceeds {what} ({bound}) of layer {layer.name}")
+    return value
+
+
 def _learned(mask_dir: str | None, layer: LayerInfo, part: str, size: int, k: int | None):
     """A Selective Mask saved by attribution.selective_mask.train_masks (None: use a random mask)."""
     if mask_dir is None:
@@ -57,9 +63,9 @@ def _factgrass(layer: LayerInfo, k: int, seed: int, blowup: float = 2.0, k_in: i
     """k_in' = k_out' = blowup * sqrt(k) (capped at d), as in the paper's FactGraSS. mask_dir: learned
     factorized Selective Masks (<layer>.in.npz / <layer>.out.npz) instead of random ones."""
     root = math.isqrt(k) or 1
-    k_in = int(k_in) if k_in else _intermediate(layer.d_in, root, blowup)
-    k_out = int(k_out) if k_out else _intermediate(layer.d_out, root, blowup)
-    return C.FactGraSS(layer.d_in, layer.d_out, k, k_in, k_out, seed=seed, s=int(s),
+    k_in = _at_most("k_in", k_in, layer.d_in, layer, "d_in") if k_in else _intermediate(layer.d_in, root, blowup)
+    k_out = _at_most("k_out", k_out, layer.d_out, layer, "d_out") if k_out else _intermediate(layer.d_out, root, blowup)
+    return C.FactGraSS(layer.d_in, layer.d_out, k, k_in, k_out, seed=seed, s=min(s, k),
                        in_mask=_learned(mask_dir, layer, ".in", layer.d_in, k_in),
                        out_mask=_learned(mask_dir, layer, ".out", layer.d_out, k_out))
 
@@ -67,12 +73,14 @@ def _factgrass(layer: LayerInfo, k: int, seed: int, blowup: float = 2.0, k_in: i
 @_builder("logra")
 def _logra(layer: LayerInfo, k: int, seed: int, k_in: int | None = None, k_out: int | None = None):
     root = math.isqrt(k) or 1
-    return C.LoGra(layer.d_in, layer.d_out, int(k_in or min(layer.d_in, root)), int(k_out or min(layer.d_out, root)), seed)
+    k_in = _at_most("k_in", k_in, layer.d_in, layer, "d_in") if k_in else min(layer.d_in, root)
+    k_out = _at_most("k_out", k_out, layer.d_out, layer, "d_out") if k_out else min(layer.d_out, root)
+    return C.LoGra(layer.d_in, layer.d_out, k_in, k_out, seed)
 
 
 @_builder("sjlt")
 def _sjlt(layer, k, seed, s: int = 1):
-    return C.SJLT(layer.params, k, int(s), seed)
+    return C.SJLT(layer.params, k, _at_most("s", s, k, layer, "k"), seed)
 
 
 @_builder("random_mask", "rm")
@@ -90,9 +98,14 @@ def _selective_mask(layer, k, seed, mask_dir: str | None = None):
 @_builder("grass")
 def _grass(layer, k, seed, k_prime: int | None = None, blowup: float = 4.0, s: int = 1, mask_dir: str | None = None):
     """SJLT_k o Mask_k'; mask_dir: a learned plain Selective Mask of k' coordinates (GraSS with SM)."""
-    k_prime = int(k_prime) if k_prime else min(layer.params, int(blowup * k))
-    k_prime = max(k_prime, k)
-    return C.GraSS(layer.params, k, k_prime, int(s), seed, mask=_learned(mask_dir, layer, "", layer.params, k_prime))
+    if k_prime is not None:
+        _at_most("k_prime", k_prime, layer.params, layer, "the parameter count")
+        if k_prime < k:
+            raise ValueError(f"compressor option k_prime={k_prime} must be >= k={k} (layer {layer.name})")
+    else:
+        k_prime = max(k, min(layer.params, int(blowup * k)))
+    return C.GraSS(layer.params, k, k_prime, _at_most("s", s, k, layer, "k"), seed,
+                   mask=_learned(mask_dir, layer, "", layer.params, k_prime))
 
 
 @_builder("gaussian")
@@ -115,27 +128,55 @@ def _identity(layer, k, seed):
     return C.Identity(layer.params)
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
+def _options_of(name: str) -> dict[str, str]:
+    """{option: annotation} of a builder (everything after layer, k, seed)."""
+    params = list(inspect.signature(_BUILDERS[name]).parameters.values())[3:]
+    return {p.name: str(p.annotation) for p in params}
+
+
+def _parse_option(spec: str, name: str, key: str, text: str, annotation: str):
+    """One option value, checked against the builder's annotation: ints and floats must be positive
+    (and finite), strings non-empty."""
+    if "int" in annotation:
         try:
-            return cast(text)
+            value = int(text)
         except ValueError:
-            pass
+            raise ValueError(f"compressor option {key}={text!r} in {spec!r} must be a positive int") from None
+        if value < 1:
+            raise ValueError(f"compressor option {key}={value} in {spec!r} must be a positive int")
+        return value
+    if "float" in annotation:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"compressor option {key}={text!r} in {spec!r} must be a positive number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"compressor option {key}={text} in {spec!r} must be a positive finite number")
+        return value
+    if not text:
+        raise ValueError(f"compressor option {key} in {spec!r} needs a value")
     return text
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """"name" or "name:key=value,key=value" -> (name, options)."""
+    """"name" or "name:key=value,key=value" -> (name, options), each option checked by name and value."""
+    if not isinstance(spec, str):
+        raise TypeError(f"compressor must be a spec string, a Compressor, a dict or a factory, got {type(spec).__name__}")
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if name not in _BUILDERS:
         raise ValueError(f"compressor must be one of {sorted(_BUILDERS)} (optionally 'name:key=value,...'), got {spec!r}")
+    known = _options_of(name)
     options = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq:
+        key = key.strip()
+        if not eq or not key:
             raise ValueError(f"compressor option {item!r} in {spec!r} must be key=value")
-        options[key.strip()] = _parse_value(value.strip())
+        if key not in known:
+            valid = ", ".join(known) or "none"
+            raise ValueError(f"compressor {name!r} has no option {key!r} (options: {valid})")
+        options[key] = _parse_option(spec, name, key, value.strip(), known[key])
     return name, options
 
 
@@ -183,8 +224,26 @@ def compress_layer(comp: C.Compressor, x_in: Tensor, g_out: Tensor, chunk_elemen
     if isinstance(comp, C.FactorizedCompressor):
         return comp.compress_factors(x_in, g_out)
     step = max(1, chunk_elements // max(1, x_in.shape[-1] * g_out.shape[-1]))
+    if x_in.shape[0] <= step:  # one chunk: no loop over the (possibly symbolic) batch size
+        return comp(weight_gradients(x_in, g_out))
     parts = [comp(weight_gradients(x_in[s : s + step], g_out[s : s + step])) for s in range(0, x_in.shape[0], step)]
-    return torch.cat(parts) if parts else x_in.new_zeros(0, comp.out_features)
+    return torch.cat(parts)
+
+
+def check_gradients(grads: Tensor, values: Tensor, name: str) -> None:
+    """Refuse what would be cached silently wrong: non-finite values or gradients, and gradients that
+    are all zero for the whole batch (a value detached from the model)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()[:5].tolist()
+        raise FloatingPointError(f"{name} is not finite for samples {bad} of the batch")
+    finite = torch.isfinite(grads)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite.all(1)).flatten()[:5].tolist()
+        raise FloatingPointError(f"the compressed gradients of samples {bad} of the batch are not finite (overflow or NaN "
+                                 f"in {name}'s backward)")
+    if grads.numel() and not bool(grads.any()):
+        raise ValueError(f"every gradient of the batch is zero: {name}'s value does not depend on the target layers "
+                         "(is it detached, or computed without the model?)")
 
 
 def _fn_key(fn: Callable):
@@ -224,13 +283,14 @@ class BatchCompressor:
         return self.offsets[-1]
 
     def probes(self, fn: Callable, batch) -> dict[str, list[Tensor]]:
-        """Zero probes, one per call of each target layer, for this batch's shapes."""
+        """Zero probes, one per call of each target layer, for this batch's shapes (the layers' output
+        shapes are taken once per shape of the batch's non-sample dims, from one sample)."""
         if not self.layers:
             return {}
-        key = (_fn_key(fn), shape_key(batch))
+        key = (_fn_key(fn), tuple((shape[1:], dtype) for shape, dtype in shape_key(batch)))
         if key not in self._probe_shapes:
             self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
-        return self.capture.zero_probes(self._probe_shapes[key][1], self.device)
+        return self.capture.zero_probes(self._probe_shapes[key][1], batch_size(batch), self.device)
 
     def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, ...]:
         """The eager step: (grads [B, columns], values [B]), then with return_factors every layer's
@@ -260,27 +320,34 @@ class BatchCompressor:
         return self._steps[key][1]
 
     def __call__(self, batch, fn: Callable, name: str = "loss_fn") -> tuple[Tensor, Tensor]:
+        """(grads [B, columns], values [B]) of one batch; refuses empty batches, non-finite gradients and
+        a function whose value does not depend on the target layers."""
         return self.with_factors(batch, fn, name)[:2]
 
     def with_factors(self, batch, fn: Callable, name: str = "loss_fn") -> tuple:
         """(grads [B, columns], values [B], inputs {layer: [B, T, d_in]}, output grads {layer: [B, T, d_out]});
-        the factor dicts are empty unless return_factors=True."""
+        the factor dicts are empty unless return_factors=True. Checks as :meth:`__call__`."""
         batch = to_device(batch, self.device)
         rows = batch_size(batch)
+        if rows == 0:
+            raise ValueError("a batch holds no samples (its tensors have 0 rows)")
         with self.capture.hooks():
             grads, values, *factors = self.step(fn, name)(batch)
         if not values.is_floating_point():
             raise TypeError(f"{name} must return floating-point per-sample values, got {values.dtype}")
         if values.dim() != 1 or values.shape[0] != rows:
             raise ValueError(f"{name} must return per-sample values of shape [B] = [{rows}], got {tuple(values.shape)}")
+        check_gradients(grads, values, name)
         n = len(factors) // 2
         return grads, values, dict(zip(self.layers, factors[:n])), dict(zip(self.layers, factors[n:]))
 
-    def eager(self, batch, fn: Callable) -> tuple[Tensor, Tensor]:
+    def eager(self, batch, fn: Callable, name: str = "loss") -> tuple[Tensor, Tensor]:
         """The step without torch.compile (e.g. for the true Fisher's relabelled losses)."""
         batch = to_device(batch, self.device)
         with self.capture.hooks():
-            return self.raw(fn, batch, self.probes(fn, batch))[:2]
+            grads, values = self.raw(fn, batch, self.probes(fn, batch))[:2]
+        check_gradients(grads, values, name)
+        return grads, values
 
     def stats(self) -> dict:
         """Compile statistics summed over this compressor's steps."""

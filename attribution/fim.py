@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .store import CorruptStoreError
+
 
 def check_damping(value, name: str = "damping") -> float | str:
     """A finite float >= 0 (absolute damping), or "<factor>*mean" (relative damping: factor times the mean
@@ -114,9 +116,17 @@ def to_arrays(fims: list[DampedInverse]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def from_arrays(arrays: dict[str, np.ndarray], blocks: int) -> list[DampedInverse]:
-    return [DampedInverse(torch.from_numpy(arrays[f"block_{j:03d}.eigvals"]),
-                          torch.from_numpy(arrays[f"block_{j:03d}.eigvecs"])) for j in range(blocks)]
+def from_arrays(arrays: dict[str, np.ndarray], widths: list[int], where: str) -> list[DampedInverse]:
+    """The per-block inverses saved by :func:`to_arrays`, checked against the blocks' widths."""
+    out = []
+    for j, w in enumerate(widths):
+        vals, vecs = arrays.get(f"block_{j:03d}.eigvals"), arrays.get(f"block_{j:03d}.eigvecs")
+        if (vals is None or vecs is None or vals.shape != (w,) or vecs.shape != (w, w)
+                or vals.dtype.kind != "f" or vecs.dtype.kind != "f"):
+            raise CorruptStoreError(f"{where}: block {j}'s eigendecomposition is missing or malformed (expected "
+                                    f"[{w}] and [{w}, {w}] floats); run cache() to recompute it")
+        out.append(DampedInverse(torch.from_numpy(vals), torch.from_numpy(vecs)))
+    return out
 
 
 def block_fims(grads: Iterable[tuple[Tensor, Tensor | None]], split: Callable[[Tensor], list[Tensor]], widths: list[int],
@@ -139,19 +149,29 @@ class TrueFisherGradients:
 
     def __init__(self, fisher: str, logits_fn: Callable, gradients: Callable, device):
         self.fisher, self.logits_fn, self.gradients, self.device = fisher, logits_fn, gradients, device
-        self.labels: Tensor | None = None
 
-    def loss(self, model: nn.Module, batch) -> Tensor:
-        """Cross-entropy against the labels of the current draw (a stable callable: compiled once)."""
-        return nn.functional.cross_entropy(self.logits_fn(model, batch), self.labels, reduction="none")
+    def logits(self, model: nn.Module, batch) -> Tensor:
+        """logits_fn's [B, C] floating logits, or a clear error."""
+        logits = self.logits_fn(model, batch)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point() or logits.shape[1] < 2:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits_fn must return floating-point logits [B, C] with C >= 2 classes, got {got}")
+        return logits
+
+    def loss(self, model: nn.Module, batch_and_labels) -> Tensor:
+        """Cross-entropy of (batch, labels): the labels travel with the batch, so every slice of it is consistent."""
+        batch, labels = batch_and_labels
+        return nn.functional.cross_entropy(self.logits(model, batch), labels, reduction="none")
 
     def __call__(self, model: nn.Module, batch, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor | None]]:
         with torch.no_grad():
-            probs = torch.softmax(self.logits_fn(model, batch).double(), dim=-1)
+            logits = self.logits(model, batch).double()
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("logits_fn returned non-finite logits")
+        probs = torch.softmax(logits, dim=-1)
         if self.fisher == "true_sampled":
             draws = [(torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(self.device), None)]
         else:
             draws = [(torch.full((probs.shape[0],), c, device=self.device), probs[:, c]) for c in range(probs.shape[1])]
         for labels, weights in draws:
-            self.labels = labels
-            yield self.gradients(batch, self.loss), weights
+            yield self.gradients((batch, labels), self.loss), weights

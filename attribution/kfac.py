@@ -44,7 +44,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .batches import batch_digest
 from .distributed import rank_and_world
@@ -434,16 +434,18 @@ class KroneckerPreconditioner:
         return out
 
     def query_features(self, test_loader: Iterable, records: list, checkpoints: Iterable[int], factors: Callable,
-                       other: Callable, damping=None) -> QueryFeatures:
+                       other: Callable, signature: str, damping=None) -> QueryFeatures:
         """Per checkpoint (``checkpoints`` iterates them with the model in each state): damping None ->
         :class:`KroneckerQueryFeatures` (rotated, reusable across dampings); else
         :class:`PreconditionedQueries` for that damping, preconditioned and compressed one layer at a time.
-        ``factors(batch)`` is the step with factors; ``other(c, record, q, damping)`` preconditions params= blocks."""
-        grads, rotated = [], []
+        ``factors(batch)`` is the step with factors; ``other(c, record, q, damping)`` preconditions params= blocks;
+        ``signature``: the Attributor's (see QueryFeatures)."""
+        grads, rotated, digests = [], [], []
         for c in checkpoints:
             blocks = self.blocks(c, records[c])
-            parts, rots = [], []
+            parts, rots, seen = [], [], []
             for batch in test_loader:
+                seen.append(batch_digest(batch))
                 g, _, x, go = factors(batch)
                 if damping is None:
                     parts.append(g.to(self.dtype))
@@ -454,9 +456,15 @@ class KroneckerPreconditioner:
                 raise ValueError("test_loader yielded no batches")
             grads.append(torch.cat(parts))
             rotated.append({n: torch.cat([r[n] for r in rots]) for n in self.layers} if rots else {})
+            digests.append(seen)
+        if any(d != digests[0] for d in digests):
+            raise ValueError("the test loader yielded different batches for different checkpoints (a shuffling "
+                             "DataLoader?): every checkpoint must see the same queries in the same order")
         if grads[0].shape[0] == 0:
             raise ValueError("test_loader yielded no samples")
-        return KroneckerQueryFeatures(grads, rotated) if damping is None else PreconditionedQueries(grads, damping)
+        if damping is None:
+            return KroneckerQueryFeatures(grads, signature, rotated=rotated)
+        return PreconditionedQueries(grads, signature, damping=damping)
 
     def prepared(self, c: int, record, features: QueryFeatures, damping, other: Callable, checkpoints: int) -> Tensor:
         """The query side of checkpoint c for ``damping`` from features of :meth:`query_features`."""

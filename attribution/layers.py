@@ -22,33 +22,53 @@ def is_target(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """One block: a target layer's weight [d_in, d_out] (grass_ops' orientation) and every module that
+    uses it (``modules``: the layer itself, and any module that shares its weight)."""
+
     name: str
     d_in: int
     d_out: int
-    kind: str  # "linear" or "conv1d"
+    kind: str  # "linear", "conv1d" or "param"
+    modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.modules:
+            object.__setattr__(self, "modules", (self.name,))
 
     @property
     def params(self) -> int:
         return self.d_in * self.d_out
 
 
-def layer_info(name: str, module: nn.Module) -> LayerInfo:
+def layer_info(name: str, module: nn.Module, modules: tuple[str, ...] = ()) -> LayerInfo:
     if isinstance(module, nn.Linear):
-        return LayerInfo(name, module.in_features, module.out_features, "linear")
+        return LayerInfo(name, module.in_features, module.out_features, "linear", modules)
     d_in, d_out = module.weight.shape
-    return LayerInfo(name, int(d_in), int(d_out), "conv1d")
+    return LayerInfo(name, int(d_in), int(d_out), "conv1d", modules)
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the names of every module that holds it (shared and tied weights included)."""
+    owners: dict[int, list[str]] = {}
+    for full, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(full.rpartition(".")[0])
+    return owners
 
 
 def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict[str, LayerInfo]:
     """Target layers by name. None: every nn.Linear / Conv1D. A string or list may hold exact names or
     glob patterns ("model.layers.*.mlp.*"). Unknown names raise, listing what exists."""
-    candidates = {name: module for name, module in model.named_modules() if is_target(module)}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    candidates = {name: module for name, module in modules.items() if is_target(module)}
     if not candidates:
-        raise ValueError("the model has no nn.Linear or Conv1D layers to attribute through")
-    if layers is None:
-        chosen = list(candidates)
+        raise ValueError("the model has no nn.Linear or Conv1D layers to attribute through (to use other "
+                         "parameters only, pass layers=[] and params=[...])")
+    if layers is None:  # every layer, except those used through their weights alone (MultiheadAttention)
+        chosen = [n for n in candidates if not isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)]
     else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
+        patterns = [layers] if isinstance(layers, str) else layers
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"layers must be None, a name or a list of names / glob patterns, got {layers!r}")
         if not patterns:
             raise ValueError("layers must name at least one layer (or be None for every linear layer)")
         chosen = []
@@ -58,4 +78,18 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
                 known = ", ".join(list(candidates)[:20])
                 raise ValueError(f"layers: {pattern!r} matches no nn.Linear/Conv1D layer; available: {known}")
             chosen.extend(m for m in matches if m not in chosen)
-    return {name: layer_info(name, candidates[name]) for name in chosen}
+    owners = _owners(model)
+    blocks: dict[str, LayerInfo] = {}
+    absorbed: set[str] = set()
+    for name in chosen:
+        if name in absorbed:
+            continue
+        users = owners[id(candidates[name].weight)]
+        foreign = [u for u in users if u not in candidates or is_conv1d(candidates[u]) != is_conv1d(candidates[name])]
+        if foreign:
+            raise ValueError(f"layer {name}'s weight is shared with {', '.join(repr(u) for u in foreign)} "
+                             f"({type(modules[foreign[0]]).__name__}), which uses it outside a linear layer: its gradient "
+                             f"has contributions that cannot be captured; exclude {name!r} from layers")
+        absorbed.update(users)
+        blocks[name] = layer_info(name, candidates[name], tuple(users))
+    return blocks

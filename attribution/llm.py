@@ -42,6 +42,8 @@ def load_model(name: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: s
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if name == DEFAULT_MODEL:
         name, gguf_file = smollm2_location()
+    elif name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder not found: {name}")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **kwargs)
@@ -117,9 +119,9 @@ def read_corpus(path: str | Path, text_field: str = "text", limit: int | None = 
     docs = []
     if suffix == ".jsonl":
         for n, record in read_jsonl(path, "corpus file"):
-            if text_field not in record:
-                raise ValueError(f"{path}:{n} has no {text_field!r} field")
-            docs.append({"id": str(record.get("id", n - 1)), "text": str(record[text_field])})
+            if not isinstance(record.get(text_field), str):
+                raise ValueError(f"{path}:{n}: needs a string {text_field!r} field")
+            docs.append({"id": str(record.get("id", n - 1)), "text": record[text_field]})
     else:
         for n, para in enumerate(re.split(r"\n\s*\n", read_text(path, "corpus file"))):
             if para.strip():
@@ -133,29 +135,76 @@ def read_corpus(path: str | Path, text_field: str = "text", limit: int | None = 
     return docs[:limit] if limit else docs
 
 
-def document_batches(tokenizer, docs: list[dict], batch_size: int, max_length: int) -> list[dict]:
-    """Padded batches of training documents; every real token is a target (documents longer than
-    max_length tokens are cut at max_length). A document with fewer than 2 tokens has no target: an error."""
+def document_tokens(tokenizer, docs: list[dict], max_length: int) -> list[list[int]]:
+    """Token ids of each document, cut at ``max_length``. A document with fewer than 2 tokens has no
+    next-token target: an error naming it."""
     out = []
-    for start in range(0, len(docs), batch_size):
-        chunk = docs[start : start + batch_size]
-        enc = tokenizer([d["text"] for d in chunk], return_tensors="pt", padding="max_length", truncation=True,
-                        max_length=max_length)
-        for d, mask in zip(chunk, enc["attention_mask"]):
-            if int(mask.sum()) < 2:
-                raise ValueError(f"document {d['id']!r} has {int(mask.sum())} token(s): no next-token target to score "
-                                 "(remove it from the corpus)")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                    "loss_mask": enc["attention_mask"].clone()})
+    for d in docs:
+        ids = tokenizer(d["text"], truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) < 2:
+            raise ValueError(f"document {d['id']!r} has {len(ids)} token(s): no next-token target to score "
+                             "(remove it from the corpus)")
+        out.append(list(ids))
     return out
+
+
+def length_batches(lengths: list[int], token_batch_size: int | None = None, batch_size: int | None = None,
+                   pad_multiple: int = 1) -> list[list[int]]:
+    """Group documents into batches, longest first: each batch is padded only to its own longest
+    document (rounded up to ``pad_multiple``) and holds at most ``token_batch_size`` padded tokens and
+    ``batch_size`` documents. Returns the document indices of each batch (a pure function of the
+    lengths: ties keep the corpus order)."""
+    if token_batch_size is None and batch_size is None:
+        raise ValueError("give token_batch_size or batch_size")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        width = -(-lengths[i] // pad_multiple) * pad_multiple
+        if batches:
+            current = batches[-1]
+            padded = -(-lengths[current[0]] // pad_multiple) * pad_multiple
+            fits_tokens = token_batch_size is None or (len(current) + 1) * padded <= token_batch_size
+            fits_rows = batch_size is None or len(current) < batch_size
+            if fits_tokens and fits_rows:
+                current.append(i)
+                continue
+        if token_batch_size is not None and width > token_batch_size:
+            raise ValueError(f"a document of {lengths[i]} tokens does not fit --token-batch-size {token_batch_size}")
+        batches.append([i])
+    return batches
+
+
+def pad_batch(rows: list[list[int]], targets: list[list[int]], pad_id: int, pad_multiple: int = 1) -> dict:
+    """Right-padded batch dict (input_ids, attention_mask, loss_mask) of token rows and target masks."""
+    width = -(-max(len(r) for r in rows) // pad_multiple) * pad_multiple
+    ids = [r + [pad_id] * (width - len(r)) for r in rows]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    loss = [t + [0] * (width - len(t)) for t in targets]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "loss_mask": torch.tensor(loss)}
+
+
+def document_batches(tokenizer, docs: list[dict], batch_size: int | None, max_length: int,
+                     token_batch_size: int | None = None, pad_multiple: int = 8) -> tuple[list[dict], list[int]]:
+    """Batches of training documents for the cache stage, with no compute on padding: documents are
+    grouped by length (see :func:`length_batches`) and each batch is padded to its longest document.
+    Every real token is a target. Returns (batches, order): order[r] is the index in ``docs`` of the
+    r-th cached row."""
+    tokens = document_tokens(tokenizer, docs, max_length)
+    groups = length_batches([len(t) for t in tokens], token_batch_size, batch_size, pad_multiple)
+    batches = [pad_batch([tokens[i] for i in g], [[1] * len(tokens[i]) for i in g], tokenizer.pad_token_id, pad_multiple)
+               for g in groups]
+    return batches, [i for g in groups for i in g]
 
 
 def query_tokens(tokenizer, query: dict, max_length: int) -> tuple[list[int], list[int]]:
     """(token ids, target mask) of prompt + completion. A prompt that does not fit is cut from the
     left, so the completion (what is being explained) is always kept whole."""
+    label = query.get("id", str(query.get("prompt"))[:60])
+    for field in ("prompt", "completion"):
+        if not isinstance(query.get(field), str):
+            raise ValueError(f"query {label!r}: {field} must be a string, got {type(query.get(field)).__name__}")
     prompt = tokenizer(query["prompt"], add_special_tokens=False)["input_ids"]
     completion = tokenizer(query["completion"], add_special_tokens=False)["input_ids"]
-    label = query.get("id", query["prompt"][:60])
     if not completion:
         raise ValueError(f"query {label!r} has an empty completion: no token to attribute")
     if len(completion) > max_length:
@@ -171,20 +220,23 @@ def query_tokens(tokenizer, query: dict, max_length: int) -> tuple[list[int], li
     return prompt + completion, targets
 
 
-def query_batches(tokenizer, queries: list[dict], batch_size: int, max_length: int) -> list[dict]:
-    """Batches of (prompt, completion) queries; only the completion's tokens are targets."""
-    out = []
-    for start in range(0, len(queries), batch_size):
-        ids, masks, targets = [], [], []
-        for q in queries[start : start + batch_size]:
-            seq, target = query_tokens(tokenizer, q, max_length)
-            pad = max_length - len(seq)
-            ids.append(seq + [tokenizer.pad_token_id] * pad)
-            masks.append([1] * len(seq) + [0] * pad)
-            targets.append(target + [0] * pad)
-        out.append({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(masks),
-                    "loss_mask": torch.tensor(targets)})
-    return out
+def query_batches(tokenizer, queries: list[dict], batch_size: int | None, max_length: int,
+                  token_batch_size: int | None = None, pad_multiple: int = 8) -> list[dict]:
+    """Batches of (prompt, completion) queries in their given order (rows = queries), each padded to
+    its longest sequence; only the completion's tokens are targets."""
+    encoded = [query_tokens(tokenizer, q, max_length) for q in queries]
+    batches, current = [], []
+    for seq, target in encoded:
+        width = -(-max([len(seq)] + [len(s) for s, _ in current]) // pad_multiple) * pad_multiple
+        too_many = (batch_size is not None and len(current) >= batch_size) or (
+            token_batch_size is not None and (len(current) + 1) * width > token_batch_size)
+        if current and too_many:
+            batches.append(current)
+            current = []
+        current.append((seq, target))
+    if current:
+        batches.append(current)
+    return [pad_batch([s for s, _ in b], [t for _, t in b], tokenizer.pad_token_id, pad_multiple) for b in batches]
 
 
 def sequence_loss(model: nn.Module, batch: dict) -> Tensor:

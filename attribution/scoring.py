@@ -32,6 +32,7 @@ class QueryFeatures:
     ``Attributor.query_features``); reusable across dampings."""
 
     grads: list[Tensor]
+    signature: str = ""  # the configuration (and model) they were computed with
 
     @property
     def n_test(self) -> int:
@@ -77,9 +78,9 @@ class Scorer:
         checkpoints = list(range(len(records))) if checkpoints is None else checkpoints
         first = records[0]
         for c, record in zip(checkpoints[1:], records[1:]):
-            if [s.rows for s in record.shards] != [s.rows for s in first.shards]:
-                raise ValueError(f"checkpoint {c} was cached from different batches than checkpoint {checkpoints[0]}; "
-                                 "cache() again")
+            if [(s.rows, s.digest) for s in record.shards] != [(s.rows, s.digest) for s in first.shards]:
+                raise ValueError(f"checkpoint {c} was cached from different batches than checkpoint {checkpoints[0]} "
+                                 "(a shuffling loader?): cache into a new store with a loader that repeats its batches")
         start = 0
         for j, shard in enumerate(first.shards):
             grads = [self.store.read_shard(c, r.shards[j]) for c, r in zip(checkpoints, records)]
@@ -117,8 +118,8 @@ class Scorer:
             total = 0.0
             for c, g in enumerate(grads):
                 g = g.to(self.device, self.dtype)
-                if self.method == "gradcos":
-                    part = torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
+                if self.method == "gradcos":  # the cosine of a row with itself: 1 (0 for a zero row, as in score_blocks)
+                    part = (g.double().square().sum(1) > 0).double()
                 elif fims is not None:
                     part = sum(f.quadratic(b, damping) for f, b in zip(fims[c], self.split(g)))
                 else:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import grass_ops
 from grass_ops.compressors import SelectiveMask

@@ -183,6 +183,38 @@ def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ..
     return np.frombuffer(buf, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
 
 
+def _sealed(meta: dict) -> dict:
+    """meta with "self_crc32": the CRC32 of its own canonical JSON, so any edit of the file is detected."""
+    body = {k: v for k, v in meta.items() if k != "self_crc32"}
+    return {**body, "self_crc32": crc32_of(json.dumps(body, sort_keys=True).encode())}
+
+
+def _check_sealed(meta, path: Path, required: tuple[str, ...]) -> dict:
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise CorruptStoreError(f"{path}: malformed shard metadata (needs {', '.join(required)})")
+    if _sealed(meta)["self_crc32"] != meta.get("self_crc32"):
+        raise CorruptStoreError(f"{path}: the shard metadata was altered after it was written (checksum mismatch); "
+                                "delete the shard directory and run cache() to rewrite it")
+    return meta
+
+
+_META_KEYS = ("rows", "digest", "start", "values", "files")
+
+
+def check_manifest(manifest, where) -> dict:
+    """The manifest's shape, or CorruptStoreError naming the file."""
+    if not isinstance(manifest, dict):
+        raise CorruptStoreError(f"{where}: the manifest must be a JSON object")
+    blocks = manifest.get("blocks")
+    if (not isinstance(blocks, list) or not blocks
+            or not all(isinstance(b, list) and len(b) == 2 and isinstance(b[0], str) and isinstance(b[1], int) and b[1] > 0
+                       for b in blocks)):
+        raise CorruptStoreError(f"{where}: the manifest's 'blocks' must list [name, width] pairs")
+    if manifest.get("storage_dtype") not in STORAGE_DTYPES:
+        raise CorruptStoreError(f"{where}: unknown storage_dtype {manifest.get('storage_dtype')!r}")
+    return manifest
+
+
 def to_numpy(t: Tensor, storage: str) -> np.ndarray:
     t = t.detach().to("cpu", STORAGE_DTYPES[storage]).contiguous()
     if storage == "bfloat16":
@@ -346,6 +378,8 @@ class DiskStore:
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root} exists and is not a directory")
         path = self.root / "manifest.json"
         if manifest is None:
             if not path.is_file():
@@ -355,6 +389,8 @@ class DiskStore:
             manifest = {**manifest, "storage_dtype": storage, "format": FORMAT}
         if path.is_file():
             existing = read_json(path, "manifest")
+            if not isinstance(existing, dict):
+                raise CorruptStoreError(f"{path}: the manifest must be a JSON object")
             if existing.get("format") != FORMAT:
                 raise StoreError(f"{self.root} was written in format {existing.get('format')!r}; this version reads "
                                  f"{FORMAT!r}: cache into a new store path")
@@ -373,7 +409,7 @@ class DiskStore:
             self.root.mkdir(parents=True, exist_ok=True)
             if not _create_json(path, manifest):  # another process created it meanwhile: check against it
                 return self.__init__(root, manifest, storage)
-        self.manifest = manifest
+        self.manifest = check_manifest(manifest, path)
         self.storage = manifest["storage_dtype"]
         self.columns = int(sum(width for _, width in manifest["blocks"]))
         self._lock_fd: int | None = None
@@ -464,7 +500,7 @@ class DiskStore:
         out = {}
         for entry in shard_root.iterdir():
             if entry.name.isdigit():
-                out[int(entry.name)] = read_json(entry / META_FILE, "shard metadata")
+                out[int(entry.name)] = self.shard_meta_of(ckpt, int(entry.name))
         return dict(sorted(out.items()))
 
     def _visible(self, ckpt: int) -> set[int]:
@@ -482,8 +518,13 @@ class DiskStore:
         tmp = shard_root / _tmp_name(final.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        files = {GRADS_FILE: _write_bytes(tmp / GRADS_FILE, _npy_bytes(to_numpy(grads, self.storage)))}
-        _write_bytes(tmp / META_FILE, _json_bytes({**meta, "files": files}))
+        array = to_numpy(grads, self.storage)
+        if self.storage in ("float16", "bfloat16") and not bool(torch.isfinite(from_numpy(array, self.storage)).all()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FloatingPointError(f"batch {index}: the compressed gradients overflow {self.storage} storage; use "
+                                     "storage_dtype='float32' (or 'bfloat16', whose range is float32's)")
+        files = {GRADS_FILE: _write_bytes(tmp / GRADS_FILE, _npy_bytes(array))}
+        _write_bytes(tmp / META_FILE, _json_bytes(_sealed({**meta, "files": files})))
         _fsync_dir(tmp)
         os.rename(tmp, final)  # atomic: the shard appears complete or not at all
         _fsync_dir(shard_root)
@@ -502,8 +543,12 @@ class DiskStore:
 
     def read_values(self, ckpt: int, shard: ShardInfo) -> list[float]:
         path = self._ckpt(ckpt) / "shards" / f"{shard.index:08d}" / META_FILE
-        meta = json.loads(bytes(_read_checked(path, shard.files[META_FILE], "shard metadata")))
-        return meta["values"]
+        meta = _check_sealed(json.loads(bytes(_read_checked(path, shard.files[META_FILE], "shard metadata"))), path, _META_KEYS)
+        values = meta["values"]
+        if not isinstance(values, list) or len(values) != shard.rows:
+            raise CorruptStoreError(f"{path}: holds {len(values) if isinstance(values, list) else 'no'} per-sample values "
+                                    f"for {shard.rows} rows")
+        return values
 
     # ---- completion ----------------------------------------------------------------------------
     def completion(self, ckpt: int) -> Completion | None:
@@ -545,21 +590,24 @@ class DiskStore:
     def has_derived(self, ckpt: int, name: str, fingerprint: str) -> bool:
         """Whether ckpt_XXX/<name>/ records this fingerprint (reads only its done.json)."""
         done = self._ckpt(ckpt) / name / DONE_FILE
-        return done.is_file() and read_json(done, f"{name} record").get("fingerprint") == fingerprint
+        return done.is_file() and _check_done(read_json(done, f"{name} record"), done)["fingerprint"] == fingerprint
 
     def load_derived(self, ckpt: int, name: str, fingerprint: str):
         """(arrays, meta) if ckpt_XXX/<name>/ was computed from data with this fingerprint, else None."""
         folder = self._ckpt(ckpt) / name
         if not (folder / DONE_FILE).is_file():
             return None
-        done = read_json(folder / DONE_FILE, f"{name} record")
-        if done.get("fingerprint") != fingerprint:
+        done = _check_done(read_json(folder / DONE_FILE, f"{name} record"), folder / DONE_FILE)
+        if done["fingerprint"] != fingerprint:
             return None
         arrays = {}
         for fname, record in done["files"].items():
             buf = _read_checked(folder / fname, record, f"{name} file")
-            arrays[fname[:-4]] = np.load(io.BytesIO(buf), allow_pickle=False)
-        return arrays, done.get("meta", {})
+            try:
+                arrays[fname[:-4]] = np.load(io.BytesIO(buf), allow_pickle=False)
+            except ValueError as err:
+                raise CorruptStoreError(f"{folder / fname}: not a valid .npy file ({err})") from None
+        return arrays, done["meta"]
 
     def derived_names(self, ckpt: int) -> list[str]:
         """The names of ckpt_XXX's derived folders (those with a done.json); reads only."""
@@ -580,7 +628,7 @@ class DiskStore:
     def verify(self) -> dict:
         """Check every checkpoint's completion and every file's size, header and CRC32.
         Returns {"ok", "checkpoints", "shards", "samples", "bytes", "problems": [...]}."""
-        problems, shards, samples, nbytes = [], 0, 0, 0
+        problems, shards, samples, nbytes, derived = [], 0, 0, 0, {}
         checkpoints = self.checkpoints()
         if not checkpoints:
             problems.append(f"store {self.root} holds no cached gradients")
@@ -602,19 +650,38 @@ class DiskStore:
                     nbytes += sum(size for size, _ in shard.files.values())
                 except StoreError as err:
                     problems.append(str(err))
-            for folder in sorted(p for p in self._ckpt(ckpt).iterdir() if (p / DONE_FILE).is_file()):
+            for folder in sorted(p for p in self._ckpt(ckpt).iterdir() if p.is_dir() and p.name != "shards"
+                                 and not p.name.startswith(".")):
                 try:
-                    done = read_json(folder / DONE_FILE, f"{folder.name} record")
+                    if not (folder / DONE_FILE).is_file():
+                        raise CorruptStoreError(f"{folder}: derived data without its record ({DONE_FILE})")
+                    done = _check_done(read_json(folder / DONE_FILE, f"{folder.name} record"), folder / DONE_FILE)
                     for fname, rec in done["files"].items():
                         _read_checked(folder / fname, rec, f"{folder.name} file")
                         nbytes += rec[0]
+                    current = done["fingerprint"] == record.fingerprint
+                    derived[f"ckpt_{ckpt:03d}/{folder.name}"] = "current" if current else "stale (recomputed by cache())"
                 except StoreError as err:
                     problems.append(str(err))
         return {"ok": not problems, "store": str(self.root), "checkpoints": len(checkpoints), "shards": shards,
-                "samples": samples, "bytes": nbytes, "problems": problems}
+                "samples": samples, "bytes": nbytes, "derived": derived, "problems": problems}
 
     def shard_meta_of(self, ckpt: int, index: int) -> dict:
-        return read_json(self._ckpt(ckpt) / "shards" / f"{index:08d}" / META_FILE, "shard metadata")
+        """A shard's meta.json, checked against its own checksum."""
+        path = self._ckpt(ckpt) / "shards" / f"{index:08d}" / META_FILE
+        if not path.is_file():
+            raise CorruptStoreError(f"{path}: the shard metadata is missing; delete the shard directory and run cache()")
+        return _check_sealed(read_json(path, "shard metadata"), path, _META_KEYS)
+
+
+def _check_done(done, path: Path) -> dict:
+    files = done.get("files") if isinstance(done, dict) else None
+    if (not isinstance(done, dict) or not isinstance(done.get("fingerprint"), str) or not isinstance(files, dict)
+            or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in files.values())
+            or not isinstance(done.get("meta", {}), dict)):
+        raise CorruptStoreError(f"{path}: malformed record of derived data")
+    done.setdefault("meta", {})
+    return done
 
 
 def _short(value) -> str:

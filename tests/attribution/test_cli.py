@@ -8,7 +8,7 @@ from attribution_problems import snapshot
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import IncompleteStoreError, cli, llm  # noqa: E402
+from attribution import IncompleteStoreError, StoreError, cli, llm  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]
@@ -120,7 +120,7 @@ def test_bad_input_files_name_file_and_line(tiny_llama, tmp_path, corpus):
 def test_an_incomplete_store_is_refused_by_attribute_and_select(tiny_llama, tmp_path, corpus, monkeypatch):
     store = tmp_path / "store"
     real = llm.document_batches
-    monkeypatch.setattr(llm, "document_batches", lambda *a: real(*a)[:2])  # as if killed after two batches
+    monkeypatch.setattr(llm, "document_batches", lambda *a: (lambda b, o: (b[:2], o))(*real(*a)))  # as if killed
     cli.run(_cache_args(store, tiny_llama, corpus))
     (store / "ckpt_000" / "complete.json").unlink()
     monkeypatch.undo()
@@ -160,6 +160,64 @@ def _prompts(tmp_path, payload):
 def test_sequence_loss_ignores_padding_exactly(tiny_llama):
     model, tok = llm.load_model(tiny_llama)
     docs = [{"id": "0", "text": "the data privacy statement"}, {"id": "1", "text": "a for loop"}]
-    (batch,) = llm.document_batches(tok, docs, batch_size=2, max_length=8)
-    alone = llm.document_batches(tok, docs[1:], 1, 3)[0]
-    torch.testing.assert_close(llm.sequence_loss(model, batch)[1], llm.sequence_loss(model, alone)[0], rtol=1e-5, atol=1e-5)
+    (batch,), order = llm.document_batches(tok, docs, batch_size=2, max_length=8)
+    (alone,), _ = llm.document_batches(tok, docs[1:], 1, 3)
+    row = order.index(1)
+    torch.testing.assert_close(llm.sequence_loss(model, batch)[row], llm.sequence_loss(model, alone)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flag_values_are_checked_on_the_command_line_and_in_config_files(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    for flags in (["--max-length", "1"], ["--batch-size", "0"], ["--batch-size", "-1"], ["--k", "0"], ["--damping", "nan"]):
+        with pytest.raises(SystemExit):
+            cli.run(_cache_args(store, tiny_llama, corpus, *flags))
+        assert not store.exists() or not (store / "cli.json").exists()  # refused before anything is written
+    config = tmp_path / "config.json"
+    minimal = ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus)]
+    for values, match in (({"compile": "false"}, "compile must be true or false"), ({"limit": 1.5}, None),
+                          ({"layers": [1]}, r"--layers patterns \['1'\] match no module"),
+                          ({"batch_size": [2]}, "batch_size must be a single value"), ({"bogus": 1}, "unknown keys")):
+        config.write_text(json.dumps(values))
+        with pytest.raises(SystemExit, match=match):
+            cli.run(["--config", str(config), *minimal])
+        assert not (store / "cli.json").exists()
+    config.write_text(json.dumps({"batch_size": "3", "layers": "model.layers.0.*"}))  # strings are parsed like flags
+    summary = cli.run(["--config", str(config), *_cache_args(store, tiny_llama, corpus)[:-3], "--no-compile"])
+    assert summary["layers"] == 7
+    config.write_text(json.dumps({"prompt": "a for", "generate": 2}))  # one prompt, not one per character
+    results = cli.run(["--config", str(config), "attribute", "--store", str(store), "--out", str(tmp_path / "r")])
+    assert [r.query["prompt"] for r in results] == ["a for"]
+
+
+def test_query_and_store_files_are_checked(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    prompts = tmp_path / "prompts.jsonl"
+    for line, match in (('{"prompt": "a for", "completion": ""}', "'completion' must be a non-empty string"),
+                        ('{"prompt": "a for", "completion": 3}', "'completion' must be a non-empty string"),
+                        ('{"prompt": ""}', "non-empty string 'prompt'")):
+        prompts.write_text(line + "\n")
+        with pytest.raises(SystemExit, match=match):
+            cli.run(["attribute", "--store", str(store), "--prompts", str(prompts)])
+    with pytest.raises(SystemExit):
+        cli.run(["attribute", "--store", str(store), "--prompt", ""])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="holds no records"):
+        cli.run(["select", "--store", str(store), "--target", str(empty)])
+    docs = store / "docs.jsonl"
+    original = docs.read_text()
+    docs.write_text("\n".join(original.splitlines()[1:]) + "\n")  # a line deleted
+    with pytest.raises(StoreError, match="docs.jsonl is missing or was modified"):
+        cli.run(["attribute", "--store", str(store), "--prompt", "a for"])
+    docs.write_text(original)
+    (store / "cli.json").write_text("[]")
+    with pytest.raises(StoreError, match="not a grass-attribute configuration"):
+        cli.run(["attribute", "--store", str(store), "--prompt", "a for"])
+    with pytest.raises(FileNotFoundError, match="model folder not found: /nonexistent"):
+        cli.run(_cache_args(tmp_path / "s2", "/nonexistent", corpus))
+
+
+def test_main_prints_expected_errors_on_one_line(tmp_path, capsys):
+    assert cli.main(["verify", "--store", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("grass-attribute: error: ")

@@ -28,24 +28,25 @@ def test_twenty_compiled_attributors_on_one_model_with_a_short_last_batch():
             attr = Attributor(model, loss_fn, compressor=specs[i % len(specs)], k=32, compile=True, progress=False)
             scores = attr.cache(train).attribute(test)
             assert attr.stats["compiled"] and attr.stats["fallback"] is None
-            assert attr.stats["graphs"] <= 2  # the 16-row batches (the 13-row one is padded), and the queries
+            assert attr.stats["graphs"] <= 2  # one graph for every batch size (16, 13 and the 6 queries)
             if i % len(specs) == 0:
                 torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
     bad = [str(w.message) for w in caught if "torch.compile failed" in str(w.message) or "graph breaks" in str(w.message)]
     assert not bad, bad[:3]
 
 
-def test_padding_rows_are_dropped_and_do_not_change_the_kept_rows():
+def test_batch_sizes_share_one_graph_and_batch_dependent_losses_stay_exact():
     model, train, _ = make_problem(torch.float64, n_train=21, batch=8)  # 8, 8, 5
-    eager = Attributor(model, loss_fn, compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
-    compiled = Attributor(model, loss_fn, compressor="identity", k=10**6, dtype=torch.float64, compile=True, progress=False)
-    for batch in train:
+    mean_loss = lambda m, b: loss_fn(m, b) / b[0].shape[0]  # noqa: E731  (depends on the batch size)
+    kwargs = dict(compressor="identity", k=10**6, dtype=torch.float64, progress=False)
+    eager = Attributor(model, mean_loss, compile=False, **kwargs)
+    compiled = Attributor(model, mean_loss, compile=True, **kwargs)
+    for batch in train + [(train[0][0][:1], train[0][1][:1])]:
         g_eager, v_eager = eager.compress_batch(batch)
         g_comp, v_comp = compiled.compress_batch(batch)
-        assert g_comp.shape[0] == batch[0].shape[0]
         torch.testing.assert_close(g_comp, g_eager, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(v_comp, v_eager, rtol=1e-10, atol=1e-12)
-    assert compiled.compress.stats()["graphs"] == 1
+    assert compiled.compress.stats()["graphs"] <= 2  # 8 and 5 rows share a graph; one row may specialize
 
 
 def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):

@@ -11,32 +11,43 @@ from attribution import Attributor, cli, llm  # noqa: E402
 def test_sequence_loss_masks_padding_and_prompt(tiny_llama):
     model, tok = llm.load_model(tiny_llama)
     docs = [{"id": "0", "text": "the data privacy statement"}, {"id": "1", "text": "a for loop"}]
-    (batch,) = llm.document_batches(tok, docs, batch_size=2, max_length=8)
+    (batch,), order = llm.document_batches(tok, docs, batch_size=2, max_length=8)
     losses = llm.sequence_loss(model, batch)
-    alone = llm.sequence_loss(model, llm.document_batches(tok, docs[1:], 1, 3)[0])
-    torch.testing.assert_close(losses[1], alone[0], rtol=1e-5, atol=1e-5)  # padding adds nothing
+    alone = llm.sequence_loss(model, llm.document_batches(tok, docs[1:], 1, 3)[0][0])
+    torch.testing.assert_close(losses[order.index(1)], alone[0], rtol=1e-5, atol=1e-5)  # padding adds nothing
     (query,) = llm.query_batches(tok, [{"prompt": "a for", "completion": " loop"}], 1, 8)
     assert query["loss_mask"][0].tolist()[:3] == [0, 0, 1]
 
 
-def test_attribution_on_a_causal_lm_matches_dense_gradients(tiny_llama):
+@pytest.mark.parametrize("token_batch_size", [None, 12])
+def test_grouped_batches_give_the_gradients_of_the_unpadded_documents(tiny_llama, token_batch_size):
+    """Documents grouped by length and padded to their batch's longest: every row's per-sample loss and
+    gradient equal those of the document alone, without any padding."""
     model, tok = llm.load_model(tiny_llama)
     model = model.double()
-    docs = [{"id": str(i), "text": t} for i, t in enumerate(["the data privacy", "a lambda expression creates",
-                                                              "for loop list", "assert statement python"])]
-    batches = llm.document_batches(tok, docs, 2, 6)
+    texts = ["the data privacy", "a lambda expression creates function", "for loop", "assert statement python list",
+             "the", "data list"]
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(texts[:4] + texts[5:])]
+    batches, order = llm.document_batches(tok, docs, 3, 8, token_batch_size=token_batch_size, pad_multiple=1)
+    assert sorted(order) == list(range(len(docs))) and sum(int(b["attention_mask"].sum()) for b in batches) == sum(
+        len(tok(d["text"])["input_ids"]) for d in docs)
     attr = Attributor(model, llm.sequence_loss, method="graddot", compressor="identity", k=10**6, layers=["model.layers.*"],
                       dtype=torch.float64, compile=False, progress=False)
-    scores = attr.cache(batches).attribute(batches[:1])
+    scores = attr.cache(batches).attribute(batches)
     layers = [m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
-    grads = []
-    for b in batches:
-        for i in range(2):
-            model.zero_grad()
-            llm.sequence_loss(model, {k: v[i : i + 1] for k, v in b.items()}).sum().backward()
-            grads.append(torch.cat([m.weight.grad.T.flatten() for m in layers]))
+    grads, losses = [], []
+    for i in order:  # each document alone, unpadded
+        (alone,), _ = llm.document_batches(tok, [docs[i]], 1, 8, pad_multiple=1)
+        assert int(alone["attention_mask"].sum()) == alone["input_ids"].shape[1]
+        model.zero_grad()
+        loss = llm.sequence_loss(model, alone)
+        loss.sum().backward()
+        losses.append(loss.detach()[0])
+        grads.append(torch.cat([m.weight.grad.T.flatten() for m in layers]))
     g = torch.stack(grads)
-    torch.testing.assert_close(scores, g[:2] @ g.T, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores, g @ g.T, rtol=1e-9, atol=1e-10)
+    batch_losses = torch.cat([llm.sequence_loss(model, b).detach() for b in batches])
+    torch.testing.assert_close(batch_losses, torch.stack(losses), rtol=1e-12, atol=1e-12)
 
 
 def test_gpt2_conv1d_layers_are_targeted(tmp_path):
