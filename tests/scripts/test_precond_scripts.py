@@ -1,4 +1,4 @@
-"""scripts/lm_lds.py --quick end to end, and its resumption (everything cached is reused)."""
+"""scripts/lm_lds.py and scripts/lds_precond.py --quick end to end, and their resumption."""
 import importlib.util
 import json
 from pathlib import Path
