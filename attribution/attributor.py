@@ -36,6 +36,7 @@ from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
 from .distributed import is_distributed
 from .fim import DampedInverse, TrueFisherGradients, check_damping
+from .kfac import KRONECKER, KroneckerPreconditioner, check_preconditioner
 from .layers import LayerInfo, find_layers
 from .manifest import fingerprint_algorithm, model_fingerprint
 from .param_grads import find_params
@@ -79,6 +80,11 @@ class Attributor:
     model-output function (e.g. the margin log(p / (1 - p))). fisher: "empirical" (the paper's),
     "true" (exact expectation over classes) or "true_sampled" (labels drawn from the model), the latter
     two need logits_fn(model, batch) -> Tensor[B, C] and use the cross-entropy of those logits.
+    preconditioner (if / trak): "fim" (default: the block-diagonal FIM of the compressed gradients, the
+    paper's), "kfac" / "ekfac" (Kronecker-factored curvature of each target layer, applied to the query in
+    the full parameter space before it is compressed; see attribution.kfac) or "none".
+    damping: a number >= 0 (absolute) or "<factor>*mean" (relative: factor x the mean eigenvalue of each
+    block's preconditioner, e.g. "0.1*mean").
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, method: str = "if", compressor="factgrass",
@@ -88,7 +94,7 @@ class Attributor:
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
-                 autocast: torch.dtype | str | None = None):
+                 preconditioner: str | None = None, autocast: torch.dtype | str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -106,6 +112,10 @@ class Attributor:
                              "be 'empirical'")
         if method not in ("if", "trak") and fisher != "empirical":
             raise ValueError(f"fisher={fisher!r} only matters for method='if'")
+        self.preconditioner = check_preconditioner(preconditioner, method, PRECONDITIONED)
+        if self.preconditioner in KRONECKER and fisher != "empirical":
+            raise ValueError(f"preconditioner={self.preconditioner!r} uses the empirical Fisher (the training factors); "
+                             f"fisher={fisher!r} is supported with preconditioner='fim'")
         k = _check_int("k", k)
         seed = _check_int("seed", seed, 0, 2**63)
         self._damping = check_damping(damping)
@@ -130,6 +140,8 @@ class Attributor:
         self.param_names = list(find_params(model, params)) if params else []
         if not self.layer_names and not self.param_names:
             raise ValueError("nothing to attribute through: layers=[] and no params")
+        if not self.layer_names and self.preconditioner in KRONECKER:
+            raise ValueError(f"preconditioner={self.preconditioner!r} needs target linear layers (layers=[] selects none)")
         named = dict(model.named_parameters())
         covered = {id(named[f"{m}.weight"]) for info in self.layer_infos.values() for m in info.modules
                    if f"{m}.weight" in named}
@@ -149,7 +161,7 @@ class Attributor:
         self.autocast = autocast
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, dtype, self.device,
                                         compile=self.use_compile, param_chunk=_check_int("param_chunk", param_chunk),
-                                        autocast=autocast)
+                                        return_factors=self.preconditioner in KRONECKER, autocast=autocast)
         self.dims = self.compress.widths
         if store is None:
             if is_distributed():
@@ -167,8 +179,11 @@ class Attributor:
         self._fingerprints = manifest["model_fingerprints"]
         self._signature = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "fisher"},
                                                     sort_keys=True).encode()).hexdigest()[:24]
+        self._kron = (KroneckerPreconditioner(self.preconditioner, self.layer_names, self.compressors, self.compress.offsets,
+                                              dtype, self.device, self.store, self.progress)
+                      if self.preconditioner in KRONECKER else None)
         self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
-                             self._fims)
+                             self._fims, None if self.preconditioner == "fim" else self._precondition_queries)
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
         self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
                              if logits_fn is not None else None)
@@ -241,9 +256,10 @@ class Attributor:
         records = []
         with LazyWriter(self.store) as writer, self.checkpoints.each() as indices:
             for c in indices:
-                record = cache_checkpoint(self.store, lambda batch: self.compress_batch(batch, kind), train_loader, c,
+                observer = self._kron.observer(c, writer) if self._kron is not None else None
+                record = cache_checkpoint(self.store, lambda batch: self._cache_step(batch, kind, observer), train_loader, c,
                                           writer, lambda record, c=c: self._derive(c, record, train_loader, writer),
-                                          self.progress)
+                                          self.progress, observer)
                 records.append(record)
         digests = {tuple(s.digest for s in r.shards) for r in records}
         if len(digests) != 1:
@@ -251,16 +267,38 @@ class Attributor:
                              "DataLoader?): every checkpoint must see the same batches in the same order")
         return self
 
+    def _cache_step(self, batch, kind: str, observer) -> tuple[Tensor, Tensor]:
+        """One training batch's compressed gradients; with K-FAC its factors' sums go to ``observer``."""
+        if observer is None:
+            return self.compress_batch(batch, kind)
+        grads, values, x, g = self._with_factors(batch, kind)
+        observer.computed(x, g)
+        return grads, values
+
+    def _with_factors(self, batch, kind: str):
+        fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
+        out = self.compress.with_factors(batch, fn, name)
+        self.stats.update(self.compress.stats())
+        return out
+
     def _derive(self, c: int, record: Completion, loader: Iterable, writer: LazyWriter) -> None:
-        """Everything computed from the cached data: the FIM (for if / trak), if not already there."""
-        if self.method not in PRECONDITIONED or self.store.has_derived(c, "fim", record.fingerprint):
+        """Everything computed from the cached data: the FIM (for if / trak), if not already there;
+        the K-FAC factors and EK-FAC correction for those preconditioners (the FIM then only for params= blocks)."""
+        meta = {"preconditioner": self.preconditioner, "damping": self.damping}
+        if self._kron is not None:
+            kind = "output" if self.method == "trak" else "loss"
+            self._kron.derive(c, record, loader, writer, lambda batch: self._with_factors(batch, kind), meta)
+            if not self.param_names:
+                return
+        if (self.method not in PRECONDITIONED or self.preconditioner == "none"
+                or self.store.has_derived(c, "fim", record.fingerprint)):
             return
         writer.ensure()
         start = time.perf_counter()
         fims = self._compute_fim(c, record, loader)
         self.stats["fim_seconds"] += time.perf_counter() - start
         self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
-                                {"fisher": self.fisher, "blocks": len(fims)})
+                                {"fisher": self.fisher, "blocks": len(fims), **meta})
         self._fim_cache[(c, record.fingerprint)] = fims
 
     def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse]:
@@ -303,8 +341,12 @@ class Attributor:
 
     def query_features(self, test_loader: Iterable) -> QueryFeatures:
         """Compressed query gradients (per checkpoint [n_test, columns]); reusable across dampings and
-        by this Attributor (or another with the same configuration and model) only."""
-        self._records()
+        by this Attributor (or another with the same configuration and model) only. With preconditioner=
+        "kfac" / "ekfac" they also hold every layer's query gradients in the Kronecker eigenbasis (n_test x
+        the target layers' parameters; attribute(test_loader) streams instead)."""
+        records = self._records()
+        if self._kron is not None:
+            return self._kron_features(test_loader, records)
         self._check_model_unchanged()
         if len(self.checkpoints) > 1:
             require_reiterable(test_loader, "it is read once per checkpoint")
@@ -325,6 +367,30 @@ class Attributor:
                              "DataLoader?): every checkpoint must see the same queries in the same order")
         return QueryFeatures(grads, self._signature)
 
+    def _kron_features(self, test_loader: Iterable, records: list[Completion], damping=None) -> QueryFeatures:
+        self._check_model_unchanged()
+        if len(self.checkpoints) > 1:
+            require_reiterable(test_loader, "it is read once per checkpoint")
+        kind = "output" if self.method == "trak" else "loss"
+        with self.checkpoints.each() as indices:
+            return self._kron.query_features(test_loader, records, indices, lambda b: self._with_factors(b, kind),
+                                             self._other_blocks, self._signature, damping)
+
+    def _other_blocks(self, c: int, record: Completion, q: Tensor, damping) -> Tensor:
+        """The params= blocks of queries [n, columns] preconditioned by their FIM (K-FAC covers the layers)."""
+        if not self.param_names:
+            return q
+        q, offsets, fims = q.to(self.device, self.dtype).clone(), self.compress.offsets, self._fims(c, record)
+        for j in range(len(self.layer_names), len(self.block_names)):
+            q[:, offsets[j] : offsets[j + 1]] = fims[j].apply(q[:, offsets[j] : offsets[j + 1]], damping)
+        return q
+
+    def _precondition_queries(self, c: int, record: Completion, features: QueryFeatures, damping) -> Tensor:
+        """The query side for preconditioner "kfac" / "ekfac" / "none" (the Scorer's hook)."""
+        if self._kron is None:  # preconditioner="none"
+            return features.grads[c].to(self.device, self.dtype)
+        return self._kron.prepared(c, record, features, damping, self._other_blocks, len(self.checkpoints))
+
     def _features(self, test_loader, features) -> QueryFeatures:
         if features is None:
             if test_loader is None:
@@ -342,6 +408,8 @@ class Attributor:
     def _score_blocks(self, test_loader, damping, features):
         damping = self.damping if damping is None else check_damping(damping)
         records = self._records()
+        if features is None and test_loader is not None and self._kron is not None:  # stream, one layer at a time
+            features, test_loader = self._kron_features(test_loader, records, damping), None
         features = self._features(test_loader, features)
         queries = self.scorer.prepared_queries(features, damping, records)
         return features.n_test, records[0].samples, self.scorer.score_blocks(queries, records, self._row_budget(features.n_test))
@@ -375,6 +443,10 @@ class Attributor:
         attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store."""
         damping = self.damping if damping is None else check_damping(damping)
         records = self._records()
+        if self._kron is not None:
+            raise ValueError(f"self_influence with preconditioner={self.preconditioner!r} needs each training gradient in "
+                             "full (the store keeps them compressed): use the diagonal of attribute(train_loader), or "
+                             "preconditioner='fim'")
         return self.scorer.self_influence(damping, records, self._row_budget(1)).to(self.dtype)
 
     def verify(self) -> dict:

@@ -62,8 +62,10 @@ def _collective(step: Callable[[], object]):
 
 
 def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
-                 progress: bool = True) -> int:
-    """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches."""
+                 progress: bool = True, observer=None) -> int:
+    """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches.
+    ``observer`` (optional): ``written(index, digest)`` after each shard this rank writes, ``flush()`` once
+    this rank's batches are done (e.g. to accumulate statistics of the batches with the shards)."""
     rank, world = rank_and_world()
     done = store.shard_meta(ckpt)
     count, n = 0, 0
@@ -87,7 +89,11 @@ def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, w
         grads, values = compress_batch(batch)
         store.write_shard(ckpt, index, grads, {"rows": rows, "digest": digest, "start": n,
                                                "values": values.double().cpu().tolist()})
+        if observer is not None:
+            observer.written(index, digest)
         n += rows
+    if observer is not None:
+        observer.flush()
     return count
 
 
@@ -126,15 +132,16 @@ def completion_record(store, ckpt: int, count: int) -> Completion:
 
 
 def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
-                     derive: Callable[[Completion], None], progress: bool = True) -> Completion:
+                     derive: Callable[[Completion], None], progress: bool = True, observer=None) -> Completion:
     """The cache stage for one checkpoint (collective under torch.distributed). ``derive(record)``
-    runs on rank 0 (holding the writer when it writes) before the completion record is written."""
+    runs on rank 0 (holding the writer when it writes) before the completion record is written.
+    ``observer``: see :func:`write_shards`."""
     rank, world = rank_and_world()
     if world > 1:  # rank 0 holds the lock for the whole job and cleans up before anyone writes
         writer.delegated = rank != 0
         _collective(writer.ensure)
         barrier()
-    count = _collective(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress))
+    count = _collective(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress, observer))
     if world > 1 and len(set(all_gather_objects(count))) != 1:
         raise RuntimeError("ranks saw different numbers of batches: give every rank the same train loader")
     barrier()

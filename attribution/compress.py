@@ -260,14 +260,16 @@ class BatchCompressor:
     ``blocks``: {block name: Compressor}, target layers first (names as in ``layers``), then
     "param:<name>" blocks. Calling it with a batch and a per-sample function fn(model, batch) -> [B]
     (the loss, or TRAK's output function) returns (grads [B, columns] in ``dtype``, values [B] of fn).
-    The step runs under torch.compile (see :mod:`attribution.compiled`) unless compile=False."""
+    The step runs under torch.compile (see :mod:`attribution.compiled`) unless compile=False.
+    return_factors=True: the step also returns every target layer's factors (see :meth:`with_factors`),
+    e.g. for the K-FAC statistics, from the same compiled step (no extra pass)."""
 
     def __init__(self, model, layers: dict[str, LayerInfo], params: list[str], blocks: dict[str, C.Compressor],
                  dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64,
-                 autocast: torch.dtype | None = None):
+                 return_factors: bool = False, autocast: torch.dtype | None = None):
         self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
         self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
-        self.autocast = autocast
+        self.return_factors, self.autocast = bool(return_factors), autocast
         self.capture = FactorCapture(model, layers)
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
@@ -292,9 +294,10 @@ class BatchCompressor:
                 self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
         return self.capture.zero_probes(self._probe_shapes[key][1], batch_size(batch), self.device)
 
-    def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
-        """The eager step: (grads [B, columns], values [B])."""
-        parts, values = [], None
+    def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, ...]:
+        """The eager step: (grads [B, columns], values [B]), then with return_factors every layer's
+        inputs [B, T, d_in] and then every layer's output gradients [B, T, d_out]."""
+        parts, values, inputs, grads = [], None, {}, {}
         if self.layers:
             with self._mixed_precision():
                 inputs, grads, values = self.capture.factors(fn, batch, probes)
@@ -311,7 +314,8 @@ class BatchCompressor:
             if values is None:
                 with torch.no_grad():
                     values = fn(self.model, batch)
-        return torch.cat(parts, dim=1), values.detach()
+        factors = tuple(inputs[n] for n in self.layers) + tuple(grads[n] for n in self.layers) if self.return_factors else ()
+        return (torch.cat(parts, dim=1), values.detach()) + factors
 
     def _mixed_precision(self):
         """torch.autocast to ``self.autocast`` for the forward and backward passes (matmuls in bfloat16 or
@@ -331,24 +335,30 @@ class BatchCompressor:
     def __call__(self, batch, fn: Callable, name: str = "loss_fn") -> tuple[Tensor, Tensor]:
         """(grads [B, columns], values [B]) of one batch; refuses empty batches, non-finite gradients and
         a function whose value does not depend on the target layers."""
+        return self.with_factors(batch, fn, name)[:2]
+
+    def with_factors(self, batch, fn: Callable, name: str = "loss_fn") -> tuple:
+        """(grads [B, columns], values [B], inputs {layer: [B, T, d_in]}, output grads {layer: [B, T, d_out]});
+        the factor dicts are empty unless return_factors=True. Checks as :meth:`__call__`."""
         batch = to_device(batch, self.device)
         rows = batch_size(batch)
         if rows == 0:
             raise ValueError("a batch holds no samples (its tensors have 0 rows)")
         with self.capture.hooks():
-            grads, values = self.step(fn, name)(batch)
+            grads, values, *factors = self.step(fn, name)(batch)
         if not values.is_floating_point():
             raise TypeError(f"{name} must return floating-point per-sample values, got {values.dtype}")
         if values.dim() != 1 or values.shape[0] != rows:
             raise ValueError(f"{name} must return per-sample values of shape [B] = [{rows}], got {tuple(values.shape)}")
         check_gradients(grads, values, name)
-        return grads, values
+        n = len(factors) // 2
+        return grads, values, dict(zip(self.layers, factors[:n])), dict(zip(self.layers, factors[n:]))
 
     def eager(self, batch, fn: Callable, name: str = "loss") -> tuple[Tensor, Tensor]:
         """The step without torch.compile (e.g. for the true Fisher's relabelled losses)."""
         batch = to_device(batch, self.device)
         with self.capture.hooks():
-            grads, values = self.raw(fn, batch, self.probes(fn, batch))
+            grads, values = self.raw(fn, batch, self.probes(fn, batch))[:2]
         check_gradients(grads, values, name)
         return grads, values
 

@@ -3,7 +3,8 @@
 F_b = (1/n) sum_i g_ib g_ib^T per block b, accumulated in float32 (float64 for float64 runs). The
 inverse is kept as an eigendecomposition F_b = V diag(lam) V^T (computed in float64, stored in float32,
 or float64 for float64 runs), so that (F_b + damping I)^-1 for any damping is
-V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing.
+V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing. A relative damping
+"<f>*mean" is f times the block's mean eigenvalue (see check_damping; used by every preconditioner).
 
 The FIM is derived data: it is stored with the fingerprint of the shards it was computed from, and
 recomputed whenever that fingerprint changes (a store that grew).
@@ -22,14 +23,36 @@ from torch import Tensor, nn
 from .store import CorruptStoreError
 
 
-def check_damping(value, name: str = "damping") -> float:
-    """A finite float >= 0, or a clear error naming ``name``."""
+def check_damping(value, name: str = "damping") -> float | str:
+    """A finite float >= 0 (absolute damping), or "<factor>*mean" (relative damping: factor times the mean
+    eigenvalue of each block's preconditioner, e.g. "0.1*mean"), normalized; else a clear error naming ``name``."""
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        factor, star, unit = text.partition("*")
+        try:
+            number = float(factor) if factor else float("nan")
+        except ValueError:
+            number = float("nan")
+        if not star:
+            raise TypeError(f"{name} must be a real number >= 0 or '<factor>*mean' (e.g. '0.1*mean'), got {value!r}")
+        if unit != "mean" or not math.isfinite(number) or number < 0:
+            raise ValueError(f"{name} must be a number >= 0 or '<factor>*mean' with a finite factor >= 0 "
+                             f"(e.g. '0.1*mean'), got {value!r}")
+        return f"{number!r}*mean"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0, got {value!r}")
+        raise TypeError(f"{name} must be a real number >= 0 or '<factor>*mean', got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return value
+
+
+def absolute_damping(damping: float | str, mean_eigenvalue: float) -> float:
+    """The damping added to a block's eigenvalues: ``damping`` itself, or factor * the block's mean
+    eigenvalue for a relative damping "<factor>*mean" (from :func:`check_damping`)."""
+    if isinstance(damping, str):
+        return float(damping.partition("*")[0]) * float(mean_eigenvalue)
+    return float(damping)
 
 
 class FIMAccumulator:
@@ -65,8 +88,10 @@ class DampedInverse:
         eigvals, eigvecs = torch.linalg.eigh(sym)
         return cls(eigvals.clamp_min(0.0), eigvecs.to(store_dtype))
 
-    def apply(self, vectors: Tensor, damping: float) -> Tensor:
-        """(F + damping I)^-1 applied to the rows of ``vectors`` [m, k]; returns vectors.dtype."""
+    def apply(self, vectors: Tensor, damping: float | str) -> Tensor:
+        """(F + damping I)^-1 applied to the rows of ``vectors`` [m, k]; returns vectors.dtype. A relative
+        damping "<factor>*mean" is factor times the mean eigenvalue of this block's FIM."""
+        damping = absolute_damping(damping, float(self.eigvals.mean()))
         if damping <= 0 and bool((self.eigvals <= 0).any()):
             raise ValueError("damping must be > 0: the FIM is singular")
         v = self.eigvecs.to(vectors.device, torch.float64)
@@ -74,8 +99,9 @@ class DampedInverse:
         coeffs = vectors.double() @ v
         return ((coeffs * scale) @ v.T).to(vectors.dtype)
 
-    def quadratic(self, vectors: Tensor, damping: float) -> Tensor:
+    def quadratic(self, vectors: Tensor, damping: float | str) -> Tensor:
         """[m]: v^T (F + damping I)^-1 v for the rows of ``vectors`` (float64)."""
+        damping = absolute_damping(damping, float(self.eigvals.mean()))
         if damping <= 0 and bool((self.eigvals <= 0).any()):
             raise ValueError("damping must be > 0: the FIM is singular")
         coeffs = vectors.double() @ self.eigvecs.to(vectors.device, torch.float64)

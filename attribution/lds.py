@@ -96,19 +96,25 @@ class LDSHarness:
 
 
 DAMPING_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+# relative dampings (a fraction of each block's mean eigenvalue, see attribution.fim.check_damping)
+RELATIVE_DAMPING_GRID = tuple(f"{f}*mean" for f in (1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0))
 
 
 def cross_validated_lds(harness: LDSHarness, scores_for: Callable[[float], Tensor], n_test: int,
-                        grid=DAMPING_GRID, cv_fraction: float = 0.1, seed: int = 0) -> dict:
-    """Pick the damping on ``cv_fraction`` of the test points (paper §B.2), report LDS on the rest."""
+                        grid=DAMPING_GRID, cv_fraction: float = 0.1, seed: int = 0, all_dampings: bool = False) -> dict:
+    """Pick the damping on ``cv_fraction`` of the test points (paper §B.2), report LDS on the rest.
+    all_dampings=True adds "by_damping": {damping: {"cv", "lds", "stderr"}} (held-out LDS of every grid value)."""
     perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
     n_cv = max(1, int(round(cv_fraction * n_test)))
     cv, held = perm[:n_cv], perm[n_cv:]
-    best = None
+    best, by_damping = None, {}
     for damping in grid:
         scores = scores_for(damping)
         cv_lds = harness.score(scores, cv).mean
+        if all_dampings:
+            result = harness.score(scores, held)
+            by_damping[str(damping)] = {"cv": cv_lds, "lds": result.mean, "stderr": result.stderr}
         if best is None or cv_lds > best[1]:
             best = (damping, cv_lds, scores)
     result = harness.score(best[2], held)
-    return {**result.as_dict(), "damping": best[0], "cv_lds": best[1]}
+    return {**result.as_dict(), "damping": best[0], "cv_lds": best[1], **({"by_damping": by_damping} if all_dampings else {})}

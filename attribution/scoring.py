@@ -40,12 +40,15 @@ class QueryFeatures:
 
 
 class Scorer:
-    """The methods over one store. ``fims(c)`` -> the checkpoint's per-block DampedInverse list."""
+    """The methods over one store. ``fims(c)`` -> the checkpoint's per-block DampedInverse list.
+    ``precondition(c, record, features, damping) -> [n_test, columns]``, if given, replaces the FIM on the
+    query side of "if" / "trak" (K-FAC, EK-FAC or no preconditioner; see attribution.kfac)."""
 
     def __init__(self, method: str, store, offsets: list[int], weights: list[float], dtype: torch.dtype,
-                 device: torch.device, fims: Callable[[int, Completion], list[DampedInverse]]):
+                 device: torch.device, fims: Callable[[int, Completion], list[DampedInverse]],
+                 precondition: Callable | None = None):
         self.method, self.store, self.offsets, self.weights = method, store, offsets, weights
-        self.dtype, self.device, self.fims = dtype, device, fims
+        self.dtype, self.device, self.fims, self.precondition = dtype, device, fims, precondition
 
     # ---- queries -------------------------------------------------------------------------------
     def split(self, x: Tensor) -> list[Tensor]:
@@ -57,7 +60,9 @@ class Scorer:
         out = []
         for c, q in enumerate(features.grads):
             q = q.to(self.device, self.dtype)
-            if self.method in PRECONDITIONED:
+            if self.method in PRECONDITIONED and self.precondition is not None:
+                q = self.precondition(c, records[c], features, damping)
+            elif self.method in PRECONDITIONED:
                 fims = self.fims(c, records[c])
                 q = torch.cat([fim.apply(block, damping) for fim, block in zip(fims, self.split(q))], dim=1)
             elif self.method == "gradcos":
@@ -107,7 +112,8 @@ class Scorer:
         """[n_train] float64: each training row's score against itself (the diagonal of attribute(train))."""
         out = torch.zeros(records[0].samples, dtype=torch.float64)
         m = len(records)
-        fims = [self.fims(c, r) for c, r in enumerate(records)] if self.method in PRECONDITIONED else None
+        preconditioned = self.method in PRECONDITIONED and self.precondition is None
+        fims = [self.fims(c, r) for c, r in enumerate(records)] if preconditioned else None
         for start, grads, values in self.train_blocks(records, rows_per_block):
             total = 0.0
             for c, g in enumerate(grads):

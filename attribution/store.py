@@ -361,6 +361,12 @@ class MemoryStore:
             return None
         return entry[1], entry[2]
 
+    def derived_names(self, ckpt: int) -> list[str]:
+        return sorted(name for c, name in self.derived if c == ckpt)
+
+    def remove_derived(self, ckpt: int, name: str) -> None:
+        self.derived.pop((ckpt, name), None)
+
 
 class DiskStore:
     """Sharded, checksummed, crash-safe store under ``root`` (see the module docstring).
@@ -602,6 +608,21 @@ class DiskStore:
             except ValueError as err:
                 raise CorruptStoreError(f"{folder / fname}: not a valid .npy file ({err})") from None
         return arrays, done["meta"]
+
+    def derived_names(self, ckpt: int) -> list[str]:
+        """The names of ckpt_XXX's derived folders (those with a done.json); reads only."""
+        folder = self._ckpt(ckpt)
+        return sorted(p.name for p in folder.iterdir() if (p / DONE_FILE).is_file()) if folder.is_dir() else []
+
+    def remove_derived(self, ckpt: int, name: str) -> None:
+        """Delete ckpt_XXX/<name>/ (e.g. partial sums made obsolete by their final result); atomic."""
+        self._require_lock()
+        folder = self._ckpt(ckpt) / name
+        if folder.exists():
+            old = folder.with_name(f".{name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            _fsync_dir(folder.parent)
+            shutil.rmtree(old, ignore_errors=True)
 
     # ---- verification --------------------------------------------------------------------------
     def verify(self) -> dict:

@@ -107,3 +107,49 @@ def read_line(proc, timeout: float = 120.0) -> str:
             proc.kill()
             pytest.fail(f"no output from the child process within {timeout} s")
     return proc.stdout.readline().strip()
+
+
+def dense_factors(model, batches, layers, fn=loss_fn):
+    """Per-sample factors of each layer, one sample at a time with plain autograd: a list over layers of
+    (inputs [n, T, d_in], output gradients [n, T, d_out]); 2-D layer inputs give T = 1."""
+    xs, gs = [[] for _ in layers], [[] for _ in layers]
+    for batch in batches:
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        for i in range(len(x)):
+            seen = {}
+            hooks = [layer.register_forward_hook(lambda m, a, o, j=j: seen.__setitem__(j, (a[0], o)))
+                     for j, layer in enumerate(layers)]
+            try:
+                value = fn(model, (x[i : i + 1], y[i : i + 1]) if y is not None else x[i : i + 1]).sum()
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            outs = torch.autograd.grad(value, [seen[j][1] for j in range(len(layers))])
+            for j in range(len(layers)):
+                xs[j].append(seen[j][0].detach().reshape(-1, seen[j][0].shape[-1]))
+                gs[j].append(outs[j].reshape(-1, outs[j].shape[-1]))
+    return [(torch.stack(a), torch.stack(b)) for a, b in zip(xs, gs)]
+
+
+def kronecker_closed_form(train_factors, test_factors, damping, kind):
+    """Dense float64 K-FAC / EK-FAC influence scores from per-sample factors (see dense_factors):
+    A = sum x x^T / tokens, G = sum g g^T / samples, P = A (x) G (kfac) or, in the eigenbasis U of A (x) G,
+    U diag(mean_n (U^T vec G_n)^2) U^T (ekfac); damping a number or "<f>*mean" of P's eigenvalues."""
+    scores = 0
+    for (x, g), (xq, gq) in zip(train_factors, test_factors):
+        n, t, d_in = x.shape
+        a = x.reshape(-1, d_in).T @ x.reshape(-1, d_in) / (n * t)
+        gg = g.reshape(-1, g.shape[-1]).T @ g.reshape(-1, g.shape[-1]) / n
+        grads = torch.einsum("nti,ntj->nij", x, g).flatten(1)
+        queries = torch.einsum("nti,ntj->nij", xq, gq).flatten(1)
+        vals_a, vecs_a = torch.linalg.eigh(a)
+        vals_g, vecs_g = torch.linalg.eigh(gg)
+        basis = torch.kron(vecs_a, vecs_g)
+        if kind == "kfac":
+            eig = torch.kron(vals_a.clamp_min(0), vals_g.clamp_min(0))
+        else:
+            eig = ((grads @ basis) ** 2).mean(0)
+        lam = float(damping.split("*")[0]) * float(eig.mean()) if isinstance(damping, str) else damping
+        precond = basis @ torch.diag(eig + lam) @ basis.T
+        scores = scores + queries @ torch.linalg.solve(precond, grads.T)
+    return scores
