@@ -19,6 +19,7 @@ import numbers
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -26,11 +27,12 @@ from tqdm.auto import tqdm
 from grass_ops.compressors import Compressor
 
 from . import fim as fim_module
+from . import parallel, streaming
 from .batches import to_device
 from .cache import LazyWriter, cache_checkpoint, require_reiterable
 from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
-from .distributed import is_distributed
+from .distributed import is_distributed, rank_and_world
 from .fim import DampedInverse, TrueFisherGradients, check_damping
 from .layers import LayerInfo, find_layers
 from .manifest import fingerprint_algorithm, model_fingerprint
@@ -190,24 +192,40 @@ class Attributor:
         return self
 
     def _derive(self, c: int, record: Completion, loader: Iterable, writer: LazyWriter) -> None:
-        """Everything computed from the cached data: the FIM (for if / trak), if not already there."""
-        if self.method not in PRECONDITIONED or self.store.has_derived(c, "fim", record.fingerprint):
+        """Everything computed from the cached data: the FIM (for if / trak), if not already there.
+        Collective under torch.distributed: every rank takes part, rank 0 writes."""
+        if self.method not in PRECONDITIONED:
             return
-        writer.ensure()
+        if parallel.agreed(parallel.collectively(lambda: self.store.has_derived(c, "fim", record.fingerprint))):
+            return
         fims = self._compute_fim(c, record, loader)
-        self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
-                                {"fisher": self.fisher, "blocks": len(fims)})
-        self._fim_cache[(c, record.fingerprint)] = fims
 
-    def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse]:
+        def save():
+            if rank_and_world()[0] == 0:
+                writer.ensure()
+                self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
+                                        {"fisher": self.fisher, "blocks": len(fims)})
+
+        parallel.collectively(save)
+        if fims is not None:
+            self._fim_cache[(c, record.fingerprint)] = fims
+
+    def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse] | None:
+        """Collective. The empirical FIM: every rank its own shards (parallel.empirical_fims). The true
+        Fisher re-reads the loader through the model: rank 0 alone (None on the other ranks)."""
         if self.fisher == "empirical" or self.method == "trak":
-            rows = ((grads[0].to(self.device), None)
-                    for _, grads, _ in self.scorer.train_blocks([record], self._row_budget(1), [c]))
-        else:
+            return parallel.empirical_fims(self.store, c, record, self.scorer.split, self.dims, self._row_budget(1),
+                                           self.device, self.dtype)
+
+        def true_fisher():
+            if rank_and_world()[0] != 0:
+                return None
             generator = torch.Generator().manual_seed(self.seed)  # one label stream for the whole FIM
             rows = (pair for batch in tqdm(loader, desc=f"true fisher ckpt {c}", disable=not self.progress, leave=False)
                     for pair in self._true_fisher(self.model, to_device(batch, self.device), generator))
-        return fim_module.block_fims(rows, self.scorer.split, self.dims, record.samples, self.device, self.dtype)
+            return fim_module.block_fims(rows, self.scorer.split, self.dims, record.samples, self.device, self.dtype)
+
+        return parallel.collectively(true_fisher)
 
     # ---- attribute stage -------------------------------------------------------------------------
     def _records(self) -> list[Completion]:
@@ -233,8 +251,11 @@ class Attributor:
         return self._fim_cache[key]
 
     def _row_budget(self, n_test: int) -> int:
+        """Training rows per block, so that one block (its rows in the storage and the compute dtype for
+        every checkpoint, and its [n_test, rows] scores) fits in memory_budget."""
         itemsize = torch.finfo(self.dtype).bits // 8
-        per_row = itemsize * (self.compress.columns + n_test) + 4 * self.compress.columns
+        stored = torch.finfo(STORAGE_DTYPES[self.store.storage]).bits // 8
+        per_row = len(self.checkpoints) * self.compress.columns * (stored + itemsize) + n_test * (2 * itemsize + 1)
         return max(1, self.memory_budget // per_row)
 
     def query_features(self, test_loader: Iterable) -> QueryFeatures:
@@ -265,41 +286,98 @@ class Attributor:
             raise ValueError("features were computed by an Attributor with another configuration")
         return features
 
-    def _score_blocks(self, test_loader, damping, features):
+    def _queries(self, test_loader, damping, features) -> tuple[list[Completion], QueryFeatures, list[Tensor]]:
+        """(records, features, prepared queries); collective under torch.distributed (the same on every rank)."""
         damping = self.damping if damping is None else check_damping(damping)
-        records = self._records()
-        features = self._features(test_loader, features)
-        queries = self.scorer.prepared_queries(features, damping, records)
-        return features.n_test, records[0].samples, self.scorer.score_blocks(queries, records, self._row_budget(features.n_test))
+
+        def prepare():
+            records = self._records()
+            feats = self._features(test_loader, features)
+            return records, feats, self.scorer.prepared_queries(feats, damping, records)
+
+        records, feats, queries = parallel.collectively(prepare)
+        parallel.check_same_queries(queries)
+        return records, feats, queries
+
+    def _score_blocks(self, test_loader, damping, features):
+        """(n_test, n_train, this rank's score blocks, every rank's (first, end) training rows)."""
+        records, features, queries = self._queries(test_loader, damping, features)
+        rank, world = rank_and_world()
+        rows = self._row_budget(features.n_test)
+        plan = self.scorer.plan(records, rows)
+        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        blocks = self.scorer.score_blocks(queries, records, rows, part=(rank, world))
+        return features.n_test, records[0].samples, blocks, bounds
 
     def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
-                  features: QueryFeatures | None = None) -> Tensor:
+                  features: QueryFeatures | None = None, out: str | Path | None = None) -> Tensor:
         """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring.
-        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries."""
-        n_test, n_train, blocks = self._score_blocks(test_loader, damping, features)
-        scores = torch.empty(n_test, n_train, dtype=self.dtype, device=self.device)
-        for start, block in blocks:
-            scores[:, start : start + block.shape[1]] = block
-        return scores
+        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries.
+        ``out=PATH``: the matrix is written to PATH as an .npy in row blocks (for matrices larger than RAM;
+        renamed into place when complete) and returned as a tensor over a copy-on-write memory map of it.
+        Under torch.distributed every rank scores its share of the training rows and returns the whole matrix."""
+        n_test, n_train, blocks, bounds = self._score_blocks(test_loader, damping, features)
+        if out is not None:
+            return self._attribute_to(Path(out), n_test, n_train, blocks)
+        scores = torch.zeros(n_test, n_train, dtype=self.dtype, device=self.device)
+
+        def fill():
+            for start, block in blocks:
+                scores[:, start : start + block.shape[1]] = block
+
+        parallel.collectively(fill)
+        return parallel.share_columns(scores, bounds)
+
+    def _attribute_to(self, path: Path, n_test: int, n_train: int, blocks) -> Tensor:
+        rank = rank_and_world()[0]
+        tmp = Path(parallel.agreed(str(streaming.tmp_path_for(path))))
+        dtype = np.dtype("<f8" if self.dtype == torch.float64 else "<f4")
+        try:
+            parallel.collectively(lambda: rank == 0 and streaming.create_npy(tmp, (n_test, n_train), dtype))
+            parallel.collectively(lambda: streaming.write_columns(tmp, blocks))
+            parallel.collectively(lambda: rank == 0 and streaming.finish_npy(tmp, path))
+        except BaseException:
+            if rank == 0:
+                tmp.unlink(missing_ok=True)
+            raise
+        return streaming.open_matrix(path)
 
     def top_k(self, test_loader: Iterable | None = None, k: int = 10, largest: bool = True, *,
               damping: float | None = None, features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
         """(values, indices) [n_test, min(k, n_train)]: the most helpful (largest=True) or most harmful
         training examples, streamed over the store (the [n_test, n_train] matrix is never formed).
-        Ties go to the lower training index."""
+        Ties go to the lower training index. Under torch.distributed every rank scores its share of the
+        store and every rank returns the merged result."""
         k = _check_int("k", k)
-        _, _, blocks = self._score_blocks(test_loader, damping, features)
+        n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
         best = TopK(k, bool(largest))
-        for start, block in blocks:
-            best.add(start, block)
-        return best.values, best.indices
+        parallel.collectively(lambda: [best.add(start, block) for start, block in blocks])
+        return parallel.merge_top_k(best.values, best.indices, n_test, k, bool(largest), self.device)
+
+    def select(self, test_loader: Iterable | None = None, n: int = 10, *, damping: float | None = None,
+               features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
+        """(mean scores [n'], indices [n']), n' = min(n, n_train): the training examples with the largest
+        mean score over the queries (LESS-style data selection with method="gradcos"), best first, ties
+        to the lower index; streamed like top_k (collective under torch.distributed)."""
+        n = _check_int("n", n)
+        n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
+        best = TopK(n, True)
+        parallel.collectively(lambda: [best.add(start, block.mean(0, keepdim=True)) for start, block in blocks])
+        values, indices = parallel.merge_top_k(best.values, best.indices, 1, n, True, self.device)
+        return values[0], indices[0]
 
     def self_influence(self, damping: float | None = None) -> Tensor:
         """[n_train]: each training example's score against itself, i.e. the diagonal of
-        attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store."""
+        attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store (every rank its
+        share under torch.distributed; every rank returns the whole vector)."""
         damping = self.damping if damping is None else check_damping(damping)
-        records = self._records()
-        return self.scorer.self_influence(damping, records, self._row_budget(1)).to(self.dtype)
+        records = parallel.collectively(self._records)
+        rank, world = rank_and_world()
+        rows = self._row_budget(1)
+        plan = self.scorer.plan(records, rows)
+        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        out = parallel.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=(rank, world)))
+        return parallel.share_columns(out, bounds).to(self.dtype)
 
     def verify(self) -> dict:
         """Check every file of a disk store (sizes, headers, CRC32s, completion); raises
