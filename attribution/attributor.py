@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from grass_ops.compressors import Compressor
 
 from . import fim as fim_module
+from . import index as index_module
 from . import parallel, streaming
 from .batches import to_device
 from .cache import LazyWriter, cache_checkpoint, require_reiterable
 from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
-from .distributed import is_distributed, rank_and_world
+from .distributed import all_gather_objects, is_distributed, rank_and_world
 from .fim import DampedInverse, TrueFisherGradients, check_damping
 from .layers import LayerInfo, find_layers
 from .manifest import fingerprint_algorithm, model_fingerprint
@@ -134,6 +135,7 @@ class Attributor:
         self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
                              self._fims)
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
+        self._ann: dict = {}
         self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
                              if logits_fn is not None else None)
         self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0}
@@ -187,9 +189,52 @@ class Attributor:
                                           writer, lambda record, c=c: self._derive(c, record, train_loader, writer),
                                           self.progress)
                 records.append(record)
+            self._refresh_indexes(records, writer)
         if len({r.samples for r in records}) != 1:
             raise ValueError(f"checkpoints saw different numbers of training samples: {[r.samples for r in records]}")
         return self
+
+    def cache_gradients(self, batches: Iterable[Tensor]) -> "Attributor":
+        """Cache precomputed compressed gradients instead of computing them from a model: each batch a
+        [B, columns] float tensor, the blocks side by side (``self.compress.offsets``), e.g. from another
+        pipeline or synthetic data for benchmarks. The same store and guarantees as :meth:`cache`
+        (resume, growth, torch.distributed), then the FIM. One checkpoint, empirical Fisher, not TRAK."""
+        if len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical":
+            raise ValueError("cache_gradients needs one checkpoint, the empirical Fisher and a method other than 'trak' "
+                             "(those need the model)")
+        columns = self.compress.columns
+
+        def rows(batch):
+            if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] != columns or not batch.is_floating_point():
+                what = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+                raise ValueError(f"cache_gradients: each batch must be a float tensor [rows, {columns}], got {what}")
+            return batch, torch.zeros(batch.shape[0], dtype=torch.float64)
+
+        with LazyWriter(self.store) as writer:
+            record = cache_checkpoint(self.store, rows, batches, 0, writer,
+                                      lambda record: self._derive(0, record, batches, writer), self.progress)
+            self._refresh_indexes([record], writer)
+        return self
+
+    def _refresh_indexes(self, records: list[Completion], writer: LazyWriter) -> None:
+        """Rebuild every ANN index of the store that was built from older data (the store grew), with its
+        recorded parameters. Collective: rank 0 builds."""
+        fingerprint = index_module.data_fingerprint(records)
+        stale = parallel.agreed(parallel.collectively(lambda: [
+            (mode, found[1]) for mode in index_module.MODES
+            if (found := self.store.derived_meta(0, index_module.derived_name(mode))) is not None and found[0] != fingerprint]))
+
+        def rebuild():
+            if rank_and_world()[0] != 0:
+                return
+            for mode, meta in stale:
+                writer.ensure()
+                index_module.build(self.store, records, list(range(len(records))), mode, meta["factory"],
+                                   train_size=meta.get("train_size_requested"), nprobe=meta.get("nprobe"),
+                                   seed=meta.get("seed", 0), rows_per_block=self._row_budget(1))
+
+        if stale:
+            parallel.collectively(rebuild)
 
     def _derive(self, c: int, record: Completion, loader: Iterable, writer: LazyWriter) -> None:
         """Everything computed from the cached data: the FIM (for if / trak), if not already there.
@@ -343,16 +388,81 @@ class Attributor:
         return streaming.open_matrix(path)
 
     def top_k(self, test_loader: Iterable | None = None, k: int = 10, largest: bool = True, *,
-              damping: float | None = None, features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
+              damping: float | None = None, features: QueryFeatures | None = None, index: bool = False,
+              candidates: int | None = None, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
         """(values, indices) [n_test, min(k, n_train)]: the most helpful (largest=True) or most harmful
         training examples, streamed over the store (the [n_test, n_train] matrix is never formed).
         Ties go to the lower training index. Under torch.distributed every rank scores its share of the
-        store and every rank returns the merged result."""
+        store and every rank returns the merged result.
+
+        ``index=True``: use the store's ANN index (:meth:`build_index`): ``candidates`` per query
+        (default max(10 k, 100)) from the index, probing ``nprobe`` lists (default: the index's), re-ranked
+        exactly against the stored rows; under torch.distributed the ranks split the queries."""
         k = _check_int("k", k)
+        if index:
+            return self._top_k_indexed(test_loader, k, bool(largest), damping, features, candidates, nprobe)
         n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
         best = TopK(k, bool(largest))
         parallel.collectively(lambda: [best.add(start, block) for start, block in blocks])
         return parallel.merge_top_k(best.values, best.indices, n_test, k, bool(largest), self.device)
+
+    def build_index(self, factory: str = index_module.DEFAULT_FACTORY, *, train_size: int | None = None,
+                    nprobe: int | None = None, seed: int = 0) -> dict:
+        """Build the ANN index (FAISS ``factory`` string, inner-product metric) over the stored training
+        gradients for this method's scores (raw rows for if/graddot/tracin, normalized for gradcos,
+        TRAK-weighted for trak), trained on ``train_size`` random rows (default 40 per IVF list), and
+        save it in the store as derived data. Returns its summary. Collective: rank 0 builds."""
+        if not isinstance(factory, str) or not factory:
+            raise TypeError(f"factory must be a FAISS index_factory string, got {factory!r}")
+        if train_size is not None:
+            train_size = _check_int("train_size", train_size)
+        if nprobe is not None:
+            nprobe = _check_int("nprobe", nprobe)
+        seed = _check_int("seed", seed, 0, 2**32)
+        records = parallel.collectively(self._records)
+        mode = index_module.mode_of(self.method)
+
+        def build():
+            if rank_and_world()[0] != 0:
+                return None
+            with self.store.writer():
+                return index_module.build(self.store, records, list(range(len(records))), mode, factory,
+                                          train_size=train_size, nprobe=nprobe, seed=seed,
+                                          rows_per_block=self._row_budget(1))
+
+        return parallel.agreed(parallel.collectively(build))
+
+    def _top_k_indexed(self, test_loader, k, largest, damping, features, candidates, nprobe):
+        candidates = max(10 * k, 100) if candidates is None else _check_int("candidates", candidates)
+        if nprobe is not None:
+            nprobe = _check_int("nprobe", nprobe)
+        records, feats, queries = self._queries(test_loader, damping, features)
+        mode = index_module.mode_of(self.method)
+        checkpoints = list(range(len(records)))
+
+        def load():
+            key = (mode, index_module.data_fingerprint(records))
+            if key not in self._ann:
+                self._ann = {key: index_module.load(self.store, records, checkpoints, mode)}
+            return self._ann[key]
+
+        loaded = parallel.collectively(load)
+        weights = self.checkpoints.weights if self.method == "tracin" else [1.0] * len(queries)
+        vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu().numpy()
+        rank, world = rank_and_world()
+        mine = streaming.share(feats.n_test, rank, world)  # the ranks split the queries
+
+        def local():
+            part = vectors[mine.start : mine.stop]
+            ids = loaded.search(part if largest else -part, candidates, nprobe)
+            return index_module.rerank(self.scorer, [q[mine.start : mine.stop] for q in queries], ids, k, largest,
+                                       self.store, records, checkpoints, loaded.crcs, self._row_budget(1))
+
+        values, indices = parallel.collectively(local)
+        if world > 1:
+            parts = all_gather_objects((values, indices))
+            values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return values.to(self.device), indices.to(self.device)
 
     def select(self, test_loader: Iterable | None = None, n: int = 10, *, damping: float | None = None,
                features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:

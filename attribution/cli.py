@@ -4,6 +4,8 @@
     grass-attribute attribute --store out/llm --prompt "To improve data privacy,"
     grass-attribute select --store out/llm --target target.jsonl --fraction 0.1 --out selected.jsonl
     grass-attribute bench --out bench.json
+    grass-attribute index --store out/llm [--factory "IVF4096,PQ64"]    # ANN index (the `faiss` extra)
+    torchrun --nproc_per_node 2 -m attribution.cli cache --store out/llm # every rank its share (gloo/nccl)
 
 Every flag can also come from ``--config file.json`` (keys = flag names with underscores). ``cache``
 records its configuration in the store (cli.json), so later commands need only ``--store``; an
@@ -18,10 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from grass_ops.benchmarking import emit_json_report
 
-from . import llm
+from . import distributed, llm
+from . import index as index_module
 from .attributor import Attributor
+from .parallel import agreed, collectively
 from .report import Attribution, write_reports
 from .store import open_store, read_json
 
@@ -58,6 +64,19 @@ def _attributor(model, config, store, method="if", compile=False):
                       seed=config["seed"], compile=compile)
 
 
+def _main_rank() -> bool:
+    """Whether this process prints and writes the outputs (rank 0 under torchrun)."""
+    return distributed.rank_and_world()[0] == 0
+
+
+def _device() -> str:
+    """cuda:LOCAL_RANK under torchrun with NCCL, else the CPU."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return str(distributed.local_device())
+    return "cpu"
+
+
 def _docs(config):
     if config["corpus"] in (None, "python-docs"):
         return llm.python_docs_corpus(limit=config["limit"])
@@ -85,18 +104,24 @@ def cmd_cache(args, loaded=None):
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     batches = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"])
     attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
-    _write_once(store / "docs.jsonl", docs_text, "corpus")
-    _write_once(saved, json.dumps(config, indent=1, sort_keys=True) + "\n", "configuration")
+
+    def record():  # rank 0 writes; the others wait for it
+        if _main_rank():
+            _write_once(store / "docs.jsonl", docs_text, "corpus")
+            _write_once(saved, json.dumps(config, indent=1, sort_keys=True) + "\n", "configuration")
+
+    collectively(record)
     start = time.perf_counter()
     attr.cache(batches)
     seconds = time.perf_counter() - start
     summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
                "cache_seconds": seconds, "compiled": attr.stats["compiled"], "compile_seconds": attr.stats["compile_seconds"],
                "graph_breaks": attr.stats["graph_breaks"], "compile_fallback": attr.stats.get("fallback")}
-    print(json.dumps(summary))
+    if _main_rank():
+        print(json.dumps(summary))
     return summary
 
 
@@ -130,18 +155,21 @@ def _queries(args, model, tokenizer):
 
 def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     attr = _attributor(model, config, store)
     attr.n_train  # an incomplete store is refused before the model generates anything
     queries = _queries(args, model, tokenizer)
     features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
-    top = attr.top_k(k=args.top_k, features=features)
-    bottom = attr.top_k(k=args.top_k, largest=False, features=features)
-    results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i])],
-                           [(docs[j], float(s)) for j, s in zip(bottom[1][i], bottom[0][i])])
+    ann = dict(index=args.index, candidates=args.candidates, nprobe=args.nprobe)
+    top = attr.top_k(k=args.top_k, features=features, **ann)
+    bottom = attr.top_k(k=args.top_k, largest=False, features=features, **ann)
+    results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i]) if j >= 0],
+                           [(docs[j], float(s)) for j, s in zip(bottom[1][i], bottom[0][i]) if j >= 0])
                for i, q in enumerate(queries)]
     meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
-            "damping": config["damping"], "documents": len(docs)}
+            "damping": config["damping"], "documents": len(docs), "index": bool(args.index)}
+    if not _main_rank():
+        return results
     paths = write_reports(args.out, results, meta)
     print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
@@ -168,7 +196,7 @@ def cmd_demo(args):
 
 def cmd_select(args):
     store, config, docs = _load_store(args.store)
-    model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     attr = _attributor(model, config, store, method="gradcos")
     attr.n_train  # refuse an incomplete store first
     if args.task:
@@ -184,15 +212,17 @@ def cmd_select(args):
         raise CLIError("select needs --target FILE or --task TASK")
     if not 0 < args.fraction <= 1:
         raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}")
-    scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"]))
-    mean = scores.mean(0)  # LESS: average cosine similarity to the target set
     n_keep = max(1, int(round(args.fraction * len(docs))))
-    keep = mean.topk(n_keep).indices.tolist()
+    # LESS: the mean cosine similarity to the target set, streamed over the store (every rank its share)
+    mean, keep = attr.select(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"]), n=n_keep)
+    keep = keep.tolist()
+    if not _main_rank():
+        return keep
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for j in keep:
-            f.write(json.dumps({**docs[j], "score": float(mean[j])}) + "\n")
+        for j, score in zip(keep, mean.tolist()):
+            f.write(json.dumps({**docs[j], "score": score}) + "\n")
     print(json.dumps({"selected": n_keep, "of": len(docs), "out": str(out), "top": [docs[j]["id"] for j in keep[:5]]}))
     return keep
 
@@ -204,6 +234,26 @@ def cmd_verify(args):
     if not report["ok"]:
         raise SystemExit(1)
     return report
+
+
+def cmd_index(args):
+    """Build the store's ANN index (FAISS) for `attribute --index`; prints its summary."""
+    index_module.require_faiss()
+    store = open_store(args.store)
+
+    def build():
+        records = [store.require_complete(c) for c in store.checkpoints()]
+        if not _main_rank():
+            return None
+        rows = max(1, args.memory_budget // (store.columns * len(records) * 8))
+        with store.writer():
+            return index_module.build(store, records, store.checkpoints(), args.mode, args.factory,
+                                      train_size=args.train_size, nprobe=args.nprobe, seed=args.seed, rows_per_block=rows)
+
+    summary = agreed(collectively(build))
+    if _main_rank():
+        print(json.dumps(summary))
+    return summary
 
 
 def cmd_bench(args):
@@ -265,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
         p.add_argument("--query-limit", type=int, default=None)
         if name == "attribute":
+            p.add_argument("--index", action="store_true",
+                           help="candidates from the store's ANN index (grass-attribute index), re-ranked exactly")
+            p.add_argument("--candidates", type=int, default=None, help="--index: candidates per query (default 10 x top-k, >= 100)")
+            p.add_argument("--nprobe", type=int, default=None, help="--index: inverted lists to probe (default: the index's)")
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); completed by the model")
             p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
             p.add_argument("--generate", type=int, default=24, help="new tokens of each completion")
@@ -276,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fraction", type=float, default=0.1)
             p.add_argument("--out", default="out/selected.jsonl")
             p.set_defaults(func=cmd_select)
+
+    index = sub.add_parser("index", help="build the store's ANN index (FAISS, the `faiss` extra) for `attribute --index`")
+    index.add_argument("--store", required=True)
+    index.add_argument("--factory", default=index_module.DEFAULT_FACTORY, help="a FAISS index_factory string")
+    index.add_argument("--mode", default="ip", choices=index_module.MODES,
+                       help="ip: raw vectors (if, graddot, tracin; what `attribute` uses), cosine: normalized (gradcos), "
+                            "trak: TRAK-weighted")
+    index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
+    index.add_argument("--nprobe", type=int, default=None, help=f"default lists to probe (default {index_module.DEFAULT_NPROBE})")
+    index.add_argument("--seed", type=int, default=0)
+    index.add_argument("--memory-budget", type=int, default=1 << 30, help="bytes of training rows read at once")
+    index.set_defaults(func=cmd_index)
 
     verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
     verify.add_argument("--store", required=True)
@@ -330,17 +396,26 @@ def _apply_config(parser, args, argv) -> None:
 
 
 def run(argv=None):
-    """Parse and run one subcommand; returns its result (main() is the console entry point)."""
+    """Parse and run one subcommand; returns its result (main() is the console entry point). Under
+    torchrun (WORLD_SIZE > 1) the process group is initialized from the environment first (gloo on
+    CPU, nccl with one GPU per LOCAL_RANK) and every rank runs the command on its share."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
         _apply_config(parser, args, argv)
+    distributed.init_from_environment()
     return args.func(args)
 
 
 def main(argv=None) -> int:
-    run(argv)
+    dist = torch.distributed
+    started = dist.is_available() and dist.is_initialized()
+    try:
+        run(argv)
+    finally:
+        if not started and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

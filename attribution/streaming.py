@@ -103,6 +103,7 @@ def tmp_path_for(path: Path) -> Path:
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """An .npy file of ``shape`` (zeros, sparse where the file system allows), written header first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     array.flush()
     del array
