@@ -230,7 +230,8 @@ class Attributor:
             for mode, meta in stale:
                 writer.ensure()
                 index_module.build(self.store, records, list(range(len(records))), mode, meta["factory"],
-                                   train_size=meta.get("train_size_requested"), nprobe=meta.get("nprobe"),
+                                   project=meta.get("project"), train_size=meta.get("train_size_requested"),
+                                   nprobe=meta.get("nprobe"),
                                    seed=meta.get("seed", 0), rows_per_block=self._row_budget(1))
 
         if stale:
@@ -406,16 +407,21 @@ class Attributor:
         parallel.collectively(lambda: [best.add(start, block) for start, block in blocks])
         return parallel.merge_top_k(best.values, best.indices, n_test, k, bool(largest), self.device)
 
-    def build_index(self, factory: str = index_module.DEFAULT_FACTORY, *, train_size: int | None = None,
-                    nprobe: int | None = None, seed: int = 0) -> dict:
-        """Build the ANN index (FAISS ``factory`` string, inner-product metric) over the stored training
-        gradients for this method's scores (raw rows for if/graddot/tracin, normalized for gradcos,
-        TRAK-weighted for trak), trained on ``train_size`` random rows (default 40 per IVF list), and
-        save it in the store as derived data. Returns its summary. Collective: rank 0 builds."""
+    def build_index(self, factory: str = index_module.DEFAULT_FACTORY, *, project: int | None = index_module.DEFAULT_PROJECT,
+                    train_size: int | None = None, nprobe: int | None = None, seed: int = 0) -> dict:
+        """Build the ANN index over the stored training gradients for this method's scores (raw rows for
+        if/graddot/tracin, normalized for gradcos, TRAK-weighted for trak) and save it in the store as
+        derived data: the rows are projected on the top ``project`` eigenvectors of their second moment
+        (None: kept whole) plus one coordinate that turns inner products into distances (see
+        attribution.index), and indexed by FAISS ``factory`` (L2), trained on ``train_size`` random rows
+        (default 40 per IVF list). ``nprobe``: the lists searched by default. Returns its summary.
+        Collective: rank 0 builds."""
         if not isinstance(factory, str) or not factory:
             raise TypeError(f"factory must be a FAISS index_factory string, got {factory!r}")
         if train_size is not None:
             train_size = _check_int("train_size", train_size)
+        if project is not None:
+            project = _check_int("project", project, 0)
         if nprobe is not None:
             nprobe = _check_int("nprobe", nprobe)
         seed = _check_int("seed", seed, 0, 2**32)
@@ -427,7 +433,7 @@ class Attributor:
                 return None
             with self.store.writer():
                 return index_module.build(self.store, records, list(range(len(records))), mode, factory,
-                                          train_size=train_size, nprobe=nprobe, seed=seed,
+                                          project=project, train_size=train_size, nprobe=nprobe, seed=seed,
                                           rows_per_block=self._row_budget(1))
 
         return parallel.agreed(parallel.collectively(build))
@@ -448,7 +454,7 @@ class Attributor:
 
         loaded = parallel.collectively(load)
         weights = self.checkpoints.weights if self.method == "tracin" else [1.0] * len(queries)
-        vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu().numpy()
+        vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu()
         rank, world = rank_and_world()
         mine = streaming.share(feats.n_test, rank, world)  # the ranks split the queries
 

@@ -248,7 +248,8 @@ def cmd_index(args):
         rows = max(1, args.memory_budget // (store.columns * len(records) * 8))
         with store.writer():
             return index_module.build(store, records, store.checkpoints(), args.mode, args.factory,
-                                      train_size=args.train_size, nprobe=args.nprobe, seed=args.seed, rows_per_block=rows)
+                                      project=args.project or None, train_size=args.train_size, nprobe=args.nprobe,
+                                      seed=args.seed, rows_per_block=rows)
 
     summary = agreed(collectively(build))
     if _main_rank():
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--mode", default="ip", choices=index_module.MODES,
                        help="ip: raw vectors (if, graddot, tracin; what `attribute` uses), cosine: normalized (gradcos), "
                             "trak: TRAK-weighted")
+    index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
+                       help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
     index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
     index.add_argument("--nprobe", type=int, default=None, help=f"default lists to probe (default {index_module.DEFAULT_NPROBE})")
     index.add_argument("--seed", type=int, default=0)

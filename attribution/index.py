@@ -10,8 +10,12 @@ stored rows alone (concatenated over checkpoints):
 * ``cosine`` (gradcos): the normalized vectors, against normalized queries.
 * ``trak``: the rows times the TRAK weight mean_c(1 - sigmoid(f_i)) / checkpoints.
 
-The index finds candidates (``candidates`` per query; the most harmful are the largest scores of the
-negated query), then the candidates are re-ranked exactly: their rows are read from the store (one
+Before indexing, the vectors are projected on the top ``project`` eigenvectors of their uncentered
+second moment (the reduction that preserves inner products best; PCA would center them) and one
+coordinate is appended that turns maximum inner product into nearest neighbour (:class:`Transform`),
+so any FAISS index over L2 distances applies (``factory``, default "IVF4096,PQ64" over 255 + 1
+dimensions). The index finds candidates (``candidates`` per query; the most harmful are the largest
+scores of the negated query), then the candidates are re-ranked exactly: their rows are read from the store (one
 positioned read per row, each checked against the CRC32 recorded for it when the index was built)
 and scored by the same code as the exhaustive path.
 
@@ -36,7 +40,9 @@ from .store import StoreError, to_numpy
 from .streaming import plan_blocks, read_blocks
 
 DEFAULT_FACTORY = "IVF4096,PQ64"
-DEFAULT_NPROBE = 64
+DEFAULT_PROJECT = 255  # + 1 augmented coordinate: 256 dimensions, 64 PQ sub-vectors of 4
+DEFAULT_NPROBE = 256
+MOMENT_ROWS = 65536  # rows sampled for the second moment behind the projection
 MODES = ("ip", "cosine", "trak")
 
 
@@ -90,6 +96,26 @@ def vectors(mode: str, grads: list[Tensor], values: list[Tensor]) -> Tensor:
     return out.contiguous()
 
 
+class Transform:
+    """Inner products to nearest neighbours: y = P v (P: the top eigenvectors of the uncentered second
+    moment of the vectors, the reduction that best preserves inner products; PCA would center them and
+    bias each score by a per-row term), then z = [y, sqrt(R^2 - |y|^2)] with R >= every |v| (Bachrach
+    et al. 2014). A query q becomes [P q, 0], so |z_q - z_i|^2 = |P q|^2 + R^2 - 2 <P q, y_i>: the
+    nearest neighbours are the largest inner products, and an L2 index partitions them well."""
+
+    def __init__(self, projection: Tensor | None, radius: float):
+        self.projection, self.radius = projection, float(radius)
+
+    def rows(self, v: Tensor) -> np.ndarray:
+        y = v if self.projection is None else v @ self.projection.T
+        extra = (self.radius**2 - y.double().square().sum(1, keepdim=True)).clamp_min(0).sqrt().float()
+        return torch.cat([y, extra], dim=1).numpy()
+
+    def queries(self, q: Tensor) -> np.ndarray:
+        y = q.float() if self.projection is None else q.float() @ self.projection.T
+        return torch.cat([y, torch.zeros(y.shape[0], 1)], dim=1).numpy()
+
+
 def row_crcs(grads: Tensor, storage: str) -> np.ndarray:
     """CRC32 of each stored row's bytes (as the shard file holds them)."""
     rows = to_numpy(grads, storage)
@@ -97,11 +123,18 @@ def row_crcs(grads: Tensor, storage: str) -> np.ndarray:
                        count=rows.shape[0])
 
 
+def _faiss_message(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1]
+
+
 def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, factory: str = DEFAULT_FACTORY, *,
-          train_size: int | None = None, nprobe: int | None = None, seed: int = 0, rows_per_block: int = 16384) -> dict:
+          project: int | None = DEFAULT_PROJECT, train_size: int | None = None, nprobe: int | None = None,
+          seed: int = 0, rows_per_block: int = 16384) -> dict:
     """Build the index over every stored row and save it as derived data (the caller holds the writer).
-    Two passes over the store: a seeded random sample of ``train_size`` rows to train on (and every
-    row's CRC32), then every row added in order (index id = training row). Returns the summary."""
+    Three passes over the store: (1) every row's CRC32 and norm, and the second moment of a seeded
+    random sample of rows (``project``: dimensions kept, None or 0 for none); (2) a seeded random
+    sample of ``train_size`` transformed rows to train ``factory`` (FAISS, L2 over the transformed
+    vectors); (3) every row added in order (index id = training row). Returns the summary."""
     faiss = require_faiss()
     name = derived_name(mode)
     n = records[0].samples
@@ -110,58 +143,84 @@ def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, facto
     train_size = default_train_size(factory, n) if train_size is None else min(int(train_size), n)
     if not 1 <= train_size <= n:
         raise ValueError(f"train_size must be in [1, {n}], got {train_size}")
-    started = time.perf_counter()
     dim = store.columns * len(records)
+    project = min(int(project), dim) if project else None
+    started = time.perf_counter()
     try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory((project or dim) + 1, factory, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise ValueError(f"FAISS cannot build index factory {factory!r}: {str(err).strip().splitlines()[-1]}") from None
+        raise ValueError(f"FAISS cannot build index factory {factory!r} over {(project or dim) + 1} dimensions: "
+                         f"{_faiss_message(err)}") from None
     blocks = plan_blocks([s.rows for s in records[0].shards], rows_per_block)
-    picks = np.sort(np.random.default_rng(seed).choice(n, size=train_size, replace=False))
-    sample = np.empty((train_size, dim), dtype=np.float32)
-    crcs = np.zeros((len(records), n if disk else 0), dtype=np.uint32)
-    filled = 0
+    rng = np.random.default_rng(seed)
+    moment_rows = np.sort(rng.choice(n, size=min(n, MOMENT_ROWS), replace=False)) if project else np.zeros(0, np.int64)
+    picks = np.sort(rng.choice(n, size=train_size, replace=False))
     with_values = mode == "trak"
-    for block, grads, values in read_blocks(store, checkpoints, records, blocks, with_values):
-        lo, hi = np.searchsorted(picks, [block.start, block.start + block.rows])
+
+    def passes():
+        return read_blocks(store, checkpoints, records, blocks, with_values)
+
+    crcs = np.zeros((len(records), n if disk else 0), dtype=np.uint32)
+    moment = torch.zeros(dim, dim, dtype=torch.float64) if project else None
+    radius = 0.0
+    for block, grads, values in passes():  # (1)
+        v = vectors(mode, grads, values)
+        radius = max(radius, float(v.double().norm(dim=1).max()))
+        lo, hi = np.searchsorted(moment_rows, [block.start, block.start + block.rows])
         if hi > lo:
-            sample[filled : filled + hi - lo] = vectors(mode, grads, values)[picks[lo:hi] - block.start].numpy()
-            filled += hi - lo
+            chosen = v[torch.as_tensor(moment_rows[lo:hi] - block.start)].double()
+            moment.addmm_(chosen.T, chosen)
         if disk:
             for c, g in enumerate(grads):
                 crcs[c, block.start : block.start + block.rows] = row_crcs(g, store.storage)
+    projection = None
+    if project:
+        eigvecs = torch.linalg.eigh(moment)[1]
+        projection = eigvecs[:, -project:].flip(1).T.float().contiguous()  # [project, dim], largest first
+        del moment, eigvecs
+    transform = Transform(projection, radius * (1 + 1e-6) + 1e-30)
+    sample = np.empty((train_size, (project or dim) + 1), dtype=np.float32)
+    filled = 0
+    for block, grads, values in passes():  # (2)
+        lo, hi = np.searchsorted(picks, [block.start, block.start + block.rows])
+        if hi > lo:
+            rows = vectors(mode, grads, values)[torch.as_tensor(picks[lo:hi] - block.start)]
+            sample[filled : filled + hi - lo] = transform.rows(rows)
+            filled += hi - lo
     trained = time.perf_counter()
     try:
         index.train(sample)
     except RuntimeError as err:
-        raise ValueError(f"FAISS could not train {factory!r} on {train_size} rows: "
-                         f"{str(err).strip().splitlines()[-1]}") from None
+        raise ValueError(f"FAISS could not train {factory!r} on {train_size} rows: {_faiss_message(err)}") from None
     del sample
     train_seconds = time.perf_counter() - trained
     added = time.perf_counter()
-    for _, grads, values in read_blocks(store, checkpoints, records, blocks, with_values):
-        index.add(vectors(mode, grads, values).numpy())
+    for _, grads, values in passes():  # (3)
+        index.add(transform.rows(vectors(mode, grads, values)))
     add_seconds = time.perf_counter() - added
     if index.ntotal != n:
         raise RuntimeError(f"internal: the index holds {index.ntotal} vectors, the store {n}")
     serialized = faiss.serialize_index(index)
-    meta = {"factory": factory, "mode": mode, "dimension": dim, "rows": n, "train_size": train_size,
-            "train_size_requested": requested, "seed": seed,
+    arrays = {"faiss": serialized, "row_crc32": crcs,
+              "projection": projection.numpy() if projection is not None else np.zeros((0, dim), np.float32)}
+    meta = {"factory": factory, "mode": mode, "dimension": dim, "project": project, "radius": transform.radius,
+            "rows": n, "train_size": train_size, "train_size_requested": requested, "seed": seed,
             "nprobe": DEFAULT_NPROBE if nprobe is None else int(nprobe), "checkpoints": list(checkpoints),
             "bytes": int(serialized.nbytes), "train_seconds": train_seconds, "add_seconds": add_seconds,
             "build_seconds": time.perf_counter() - started, "faiss": faiss.__version__}
-    store.save_derived(checkpoints[0], name, {"faiss": serialized, "row_crc32": crcs}, data_fingerprint(records), meta)
+    store.save_derived(checkpoints[0], name, arrays, data_fingerprint(records), meta)
     return meta
 
 
 class LoadedIndex:
-    """A deserialized index with its rows' CRC32s and build record."""
+    """A deserialized index with its transform, its rows' CRC32s and build record."""
 
-    def __init__(self, index, crcs: np.ndarray, meta: dict, fingerprint: str):
-        self.index, self.crcs, self.meta, self.fingerprint = index, crcs, meta, fingerprint
+    def __init__(self, index, transform: Transform, crcs: np.ndarray, meta: dict, fingerprint: str):
+        self.index, self.transform, self.crcs, self.meta, self.fingerprint = index, transform, crcs, meta, fingerprint
 
-    def search(self, queries: np.ndarray, candidates: int, nprobe: int | None = None) -> np.ndarray:
-        """[n, candidates] training rows (-1 where the index found fewer)."""
+    def search(self, queries: Tensor, candidates: int, nprobe: int | None = None) -> np.ndarray:
+        """[n, candidates] training rows with the largest inner products with ``queries`` [n, dimension]
+        (-1 where the index found fewer)."""
         faiss = require_faiss()
         nprobe = self.meta.get("nprobe") if nprobe is None else nprobe
         if nprobe is not None:
@@ -169,7 +228,7 @@ class LoadedIndex:
                 faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", int(nprobe))
             except RuntimeError:
                 pass  # an index without inverted lists (e.g. HNSW, Flat) has no nprobe
-        _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(candidates))
+        _, ids = self.index.search(np.ascontiguousarray(self.transform.queries(queries)), int(candidates))
         return ids
 
 
@@ -189,7 +248,8 @@ def load(store, records: Sequence, checkpoints: Sequence[int], mode: str) -> Loa
                               "Attributor.build_index() / `grass-attribute index`")
     arrays, meta = found
     index = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss"], dtype=np.uint8))
-    return LoadedIndex(index, arrays["row_crc32"], meta, fingerprint)
+    projection = torch.from_numpy(arrays["projection"]) if arrays["projection"].shape[0] else None
+    return LoadedIndex(index, Transform(projection, meta["radius"]), arrays["row_crc32"], meta, fingerprint)
 
 
 def read_candidates(store, records: Sequence, checkpoints: Sequence[int], rows: np.ndarray, crcs: np.ndarray,
