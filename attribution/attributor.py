@@ -407,16 +407,18 @@ class Attributor:
         parallel.collectively(lambda: [best.add(start, block) for start, block in blocks])
         return parallel.merge_top_k(best.values, best.indices, n_test, k, bool(largest), self.device)
 
-    def build_index(self, factory: str = index_module.DEFAULT_FACTORY, *, project: int | None = index_module.DEFAULT_PROJECT,
+    def build_index(self, factory: str | None = index_module.DEFAULT_FACTORY, *,
+                    project: int | None = index_module.DEFAULT_PROJECT,
                     train_size: int | None = None, nprobe: int | None = None, seed: int = 0) -> dict:
         """Build the ANN index over the stored training gradients for this method's scores (raw rows for
         if/graddot/tracin, normalized for gradcos, TRAK-weighted for trak) and save it in the store as
         derived data: the rows are projected on the top ``project`` eigenvectors of their second moment
         (None: kept whole) plus one coordinate that turns inner products into distances (see
-        attribution.index), and indexed by FAISS ``factory`` (L2), trained on ``train_size`` random rows
-        (default 40 per IVF list). ``nprobe``: the lists searched by default. Returns its summary.
-        Collective: rank 0 builds."""
-        if not isinstance(factory, str) or not factory:
+        attribution.index), and indexed by FAISS ``factory`` (an index_factory string over L2; None: a flat
+        scan below 20,000 rows, else "IVF<~4 sqrt(n)>,SQfp16"), trained on ``train_size`` random rows
+        (default 40 per IVF list). ``nprobe``: the lists searched by default (default an eighth). Returns
+        its summary. Collective: rank 0 builds."""
+        if factory is not None and (not isinstance(factory, str) or not factory):
             raise TypeError(f"factory must be a FAISS index_factory string, got {factory!r}")
         if train_size is not None:
             train_size = _check_int("train_size", train_size)

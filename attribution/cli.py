@@ -334,14 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build the store's ANN index (FAISS, the `faiss` extra) for `attribute --index`")
     index.add_argument("--store", required=True)
-    index.add_argument("--factory", default=index_module.DEFAULT_FACTORY, help="a FAISS index_factory string")
+    index.add_argument("--factory", default=index_module.DEFAULT_FACTORY,
+                       help='a FAISS index_factory string, e.g. "IVF4096,PQ64" (default: "Flat" below 20,000 documents, '
+                            'else "IVF<about 4 sqrt(n)>,SQfp16")')
     index.add_argument("--mode", default="ip", choices=index_module.MODES,
                        help="ip: raw vectors (if, graddot, tracin; what `attribute` uses), cosine: normalized (gradcos), "
                             "trak: TRAK-weighted")
     index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
                        help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
     index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
-    index.add_argument("--nprobe", type=int, default=None, help=f"default lists to probe (default {index_module.DEFAULT_NPROBE})")
+    index.add_argument("--nprobe", type=int, default=None, help="lists probed by default (default: an eighth of them)")
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--memory-budget", type=int, default=1 << 30, help="bytes of training rows read at once")
     index.set_defaults(func=cmd_index)

@@ -27,6 +27,7 @@ existing index when the store grows.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 import zlib
@@ -39,10 +40,11 @@ from torch import Tensor
 from .store import StoreError, to_numpy
 from .streaming import plan_blocks, read_blocks
 
-DEFAULT_FACTORY = "IVF4096,PQ64"
-DEFAULT_PROJECT = 255  # + 1 augmented coordinate: 256 dimensions, 64 PQ sub-vectors of 4
-DEFAULT_NPROBE = 256
+DEFAULT_FACTORY = None  # auto_factory(rows)
+DEFAULT_PROJECT = 255  # + 1 augmented coordinate: 256 dimensions
 MOMENT_ROWS = 65536  # rows sampled for the second moment behind the projection
+EXACT_MOMENT_MAX_DIM = 8192  # above: a randomized range finder instead of the [dim, dim] moment
+OVERSAMPLE = 64
 MODES = ("ip", "cosine", "trak")
 
 
@@ -73,6 +75,22 @@ def data_fingerprint(records: Sequence) -> str:
     if len(records) == 1:
         return records[0].fingerprint
     return hashlib.sha256("".join(r.fingerprint for r in records).encode()).hexdigest()[:32]
+
+
+def auto_factory(n: int) -> str:
+    """The default index for n rows: a flat scan below 20,000 rows; else inverted lists (about 4 sqrt(n),
+    a power of two: 1,024 for 100,000 rows, 4,096 for a million) with float16 codes (the 8-bit ones
+    lose candidates to the quantization of the distance coordinate, PQ codes more, and PQ training takes
+    minutes: measured in BENCHMARKS.md)."""
+    if n < 20_000:
+        return "Flat"
+    return f"IVF{2 ** round(math.log2(4 * math.sqrt(n)))},SQfp16"
+
+
+def default_nprobe(factory: str) -> int | None:
+    """An eighth of the inverted lists (None for an index without them)."""
+    lists = [int(m) for m in re.findall(r"IVF(\d+)", factory)]
+    return max(1, lists[0] // 8) if lists else None
 
 
 def default_train_size(factory: str, n: int) -> int:
@@ -127,17 +145,35 @@ def _faiss_message(err: Exception) -> str:
     return str(err).strip().splitlines()[-1]
 
 
-def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, factory: str = DEFAULT_FACTORY, *,
+def _without_polysemous_training(index) -> None:
+    """index_factory turns on polysemous training for 8-bit PQ codes: it only serves Hamming-threshold
+    search (not used here) and costs minutes (measured: 135 s of 140 to train PQ64 on 10,240 rows)."""
+    faiss = require_faiss()
+    try:
+        ivf = faiss.try_extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    for part in (ivf, index):
+        if part is not None:
+            inner = faiss.downcast_index(part)
+            if hasattr(inner, "do_polysemous_training"):
+                inner.do_polysemous_training = False
+
+
+def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, factory: str | None = DEFAULT_FACTORY, *,
           project: int | None = DEFAULT_PROJECT, train_size: int | None = None, nprobe: int | None = None,
           seed: int = 0, rows_per_block: int = 16384) -> dict:
     """Build the index over every stored row and save it as derived data (the caller holds the writer).
     Three passes over the store: (1) every row's CRC32 and norm, and the second moment of a seeded
-    random sample of rows (``project``: dimensions kept, None or 0 for none); (2) a seeded random
-    sample of ``train_size`` transformed rows to train ``factory`` (FAISS, L2 over the transformed
-    vectors); (3) every row added in order (index id = training row). Returns the summary."""
+    random sample of rows (``project``: dimensions kept, None or 0 for none; above 8,192 dimensions a
+    randomized range finder, Halko et al. 2011, with one more pass); (2) a seeded random sample of
+    ``train_size`` transformed rows to train ``factory`` (FAISS, L2 over the transformed vectors; None:
+    :func:`auto_factory`); (3) every row added in order (index id = training row). Returns the summary."""
     faiss = require_faiss()
     name = derived_name(mode)
     n = records[0].samples
+    factory = auto_factory(n) if factory is None else factory
+    nprobe = default_nprobe(factory) if nprobe is None else int(nprobe)
     disk = hasattr(store, "root")
     requested = train_size
     train_size = default_train_size(factory, n) if train_size is None else min(int(train_size), n)
@@ -151,6 +187,7 @@ def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, facto
     except RuntimeError as err:
         raise ValueError(f"FAISS cannot build index factory {factory!r} over {(project or dim) + 1} dimensions: "
                          f"{_faiss_message(err)}") from None
+    _without_polysemous_training(index)
     blocks = plan_blocks([s.rows for s in records[0].shards], rows_per_block)
     rng = np.random.default_rng(seed)
     moment_rows = np.sort(rng.choice(n, size=min(n, MOMENT_ROWS), replace=False)) if project else np.zeros(0, np.int64)
@@ -161,23 +198,43 @@ def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, facto
         return read_blocks(store, checkpoints, records, blocks, with_values)
 
     crcs = np.zeros((len(records), n if disk else 0), dtype=np.uint32)
-    moment = torch.zeros(dim, dim, dtype=torch.float64) if project else None
+    exact = project is not None and dim <= EXACT_MOMENT_MAX_DIM
+    moment = torch.zeros(dim, dim, dtype=torch.float64) if exact else None
+    if project and not exact:  # randomized: the sample's range through a Gaussian test matrix
+        width = min(dim, project + OVERSAMPLE)
+        omega = torch.randn(dim, width, generator=torch.Generator().manual_seed(seed))
+        sketch = torch.zeros(len(moment_rows), width, dtype=torch.float64)
     radius = 0.0
+
+    def sampled(block, v):
+        lo, hi = np.searchsorted(moment_rows, [block.start, block.start + block.rows])
+        return slice(lo, hi), v[torch.as_tensor(moment_rows[lo:hi] - block.start, dtype=torch.long)]
+
     for block, grads, values in passes():  # (1)
         v = vectors(mode, grads, values)
         radius = max(radius, float(v.double().norm(dim=1).max()))
-        lo, hi = np.searchsorted(moment_rows, [block.start, block.start + block.rows])
-        if hi > lo:
-            chosen = v[torch.as_tensor(moment_rows[lo:hi] - block.start)].double()
-            moment.addmm_(chosen.T, chosen)
+        if project:
+            where, chosen = sampled(block, v)
+            if exact:
+                moment.addmm_(chosen.double().T, chosen.double())
+            else:
+                sketch[where] = (chosen @ omega).double()
         if disk:
             for c, g in enumerate(grads):
                 crcs[c, block.start : block.start + block.rows] = row_crcs(g, store.storage)
     projection = None
-    if project:
+    if exact:
         eigvecs = torch.linalg.eigh(moment)[1]
         projection = eigvecs[:, -project:].flip(1).T.float().contiguous()  # [project, dim], largest first
         del moment, eigvecs
+    elif project:  # B = Q^T X_sample, then the top right singular vectors of B
+        basis = torch.linalg.qr(sketch).Q
+        small = torch.zeros(basis.shape[1], dim, dtype=torch.float64)
+        for block, grads, values in passes():  # (1b)
+            where, chosen = sampled(block, vectors(mode, grads, values))
+            small.addmm_(basis[where].T, chosen.double())
+        projection = torch.linalg.svd(small, full_matrices=False).Vh[:project].float().contiguous()
+        del sketch, basis, small
     transform = Transform(projection, radius * (1 + 1e-6) + 1e-30)
     sample = np.empty((train_size, (project or dim) + 1), dtype=np.float32)
     filled = 0
@@ -205,7 +262,7 @@ def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, facto
               "projection": projection.numpy() if projection is not None else np.zeros((0, dim), np.float32)}
     meta = {"factory": factory, "mode": mode, "dimension": dim, "project": project, "radius": transform.radius,
             "rows": n, "train_size": train_size, "train_size_requested": requested, "seed": seed,
-            "nprobe": DEFAULT_NPROBE if nprobe is None else int(nprobe), "checkpoints": list(checkpoints),
+            "nprobe": nprobe, "checkpoints": list(checkpoints),
             "bytes": int(serialized.nbytes), "train_seconds": train_seconds, "add_seconds": add_seconds,
             "build_seconds": time.perf_counter() - started, "faiss": faiss.__version__}
     store.save_derived(checkpoints[0], name, arrays, data_fingerprint(records), meta)

@@ -181,3 +181,20 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         attr.top_k(test, k=3, index=True, candidates=0)
     assert not (tmp_path / "ckpt_000" / "index-ip").exists()
+
+
+def test_the_randomized_projection_keeps_the_energy_of_the_exact_one(tmp_path, monkeypatch):
+    model, train, test = _problem(n_train=300, batch=9)
+    attr = Attributor(model, loss_fn, method="graddot", store=tmp_path, **FAST).cache(train)
+    folder = tmp_path / "ckpt_000" / "index-ip"
+    attr.build_index("Flat", project=6)
+    exact = torch.from_numpy(np.load(folder / "projection.npy"))
+    monkeypatch.setattr(index, "EXACT_MOMENT_MAX_DIM", 8)  # 32 columns: take the randomized path
+    monkeypatch.setattr(index, "OVERSAMPLE", 4)  # a sketch of 10 of the 32 directions
+    attr.build_index("Flat", project=6)
+    randomized = torch.from_numpy(np.load(folder / "projection.npy"))
+    assert exact.shape == randomized.shape == (6, 32) and not torch.allclose(exact.abs(), randomized.abs())
+    rows = torch.cat([attr.store.read_shard(0, s).float() for s in attr._records()[0].shards])
+    energy = [float((rows @ p.T).square().sum() / rows.square().sum()) for p in (exact, randomized)]
+    assert energy[1] >= 0.85 * energy[0] and energy[0] > 0.5, energy
+    assert torch.equal(attr.top_k(test, k=4, index=True, candidates=300)[1], attr.top_k(test, k=4)[1])
