@@ -160,14 +160,15 @@ def cmd_attribute(args, loaded=None):
     attr.n_train  # an incomplete store is refused before the model generates anything
     queries = _queries(args, model, tokenizer)
     features = attr.query_features(llm.query_batches(tokenizer, queries, config["batch_size"], config["max_length"]))
-    ann = dict(index=args.index, candidates=args.candidates, nprobe=args.nprobe)
+    ann = {key: getattr(args, key, None) for key in ("index", "candidates", "nprobe")}  # `demo` has no --index
+    ann["index"] = bool(ann["index"])
     top = attr.top_k(k=args.top_k, features=features, **ann)
     bottom = attr.top_k(k=args.top_k, largest=False, features=features, **ann)
     results = [Attribution(q, [(docs[j], float(s)) for j, s in zip(top[1][i], top[0][i]) if j >= 0],
                            [(docs[j], float(s)) for j, s in zip(bottom[1][i], bottom[0][i]) if j >= 0])
                for i, q in enumerate(queries)]
     meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
-            "damping": config["damping"], "documents": len(docs), "index": bool(args.index)}
+            "damping": config["damping"], "documents": len(docs), "index": ann["index"]}
     if not _main_rank():
         return results
     paths = write_reports(args.out, results, meta)
