@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -30,11 +31,13 @@ import grass_ops
 from grass_ops.compressors import Compressor
 
 from . import fim as fim_module
+from . import index as index_module
+from . import parallel, streaming
 from .batches import batch_digest, to_device
 from .cache import LazyWriter, cache_checkpoint, require_reiterable
 from .checkpoints import Checkpoints
 from .compress import BatchCompressor, build_compressors
-from .distributed import is_distributed
+from .distributed import all_gather_objects, is_distributed, rank_and_world
 from .fim import DampedInverse, TrueFisherGradients, check_damping
 from .kfac import KRONECKER, KroneckerPreconditioner, check_preconditioner
 from .layers import LayerInfo, find_layers
@@ -185,6 +188,7 @@ class Attributor:
         self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
                              self._fims, None if self.preconditioner == "fim" else self._precondition_queries)
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
+        self._ann: dict = {}
         self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
                              if logits_fn is not None else None)
         self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0, "gradient_seconds": 0.0,
@@ -261,6 +265,7 @@ class Attributor:
                                           writer, lambda record, c=c: self._derive(c, record, train_loader, writer),
                                           self.progress, observer)
                 records.append(record)
+            self._refresh_indexes(records, writer)
         digests = {tuple(s.digest for s in r.shards) for r in records}
         if len(digests) != 1:
             raise ValueError("the train loader yielded different batches for different checkpoints (a shuffling "
@@ -281,35 +286,96 @@ class Attributor:
         self.stats.update(self.compress.stats())
         return out
 
+    def cache_gradients(self, batches: Iterable[Tensor]) -> "Attributor":
+        """Cache precomputed compressed gradients instead of computing them from a model: each batch a
+        [B, columns] float tensor, the blocks side by side (``self.compress.offsets``), e.g. from another
+        pipeline or synthetic data for benchmarks. The same store and guarantees as :meth:`cache`
+        (resume, growth, torch.distributed), then the FIM. One checkpoint, empirical Fisher, not TRAK,
+        preconditioner "fim" or "none" (K-FAC needs the model's factors)."""
+        if len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical" or self._kron is not None:
+            raise ValueError("cache_gradients needs one checkpoint, the empirical Fisher, a method other than 'trak' "
+                             "and preconditioner 'fim' or 'none' (those need the model)")
+        columns = self.compress.columns
+
+        def rows(batch):
+            if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] != columns or not batch.is_floating_point():
+                what = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+                raise ValueError(f"cache_gradients: each batch must be a float tensor [rows, {columns}], got {what}")
+            return batch, torch.zeros(batch.shape[0], dtype=torch.float64)
+
+        with LazyWriter(self.store) as writer:
+            record = cache_checkpoint(self.store, rows, batches, 0, writer,
+                                      lambda record: self._derive(0, record, batches, writer), self.progress)
+            self._refresh_indexes([record], writer)
+        return self
+
+    def _refresh_indexes(self, records: list[Completion], writer: LazyWriter) -> None:
+        """Rebuild every ANN index of the store that was built from older data (the store grew), with its
+        recorded parameters. Collective: rank 0 builds."""
+        fingerprint = index_module.data_fingerprint(records)
+        stale = parallel.agreed(parallel.collectively(lambda: [
+            (mode, found[1]) for mode in index_module.MODES
+            if (found := self.store.derived_meta(0, index_module.derived_name(mode))) is not None and found[0] != fingerprint]))
+
+        def rebuild():
+            if rank_and_world()[0] != 0:
+                return
+            for mode, meta in stale:
+                writer.ensure()
+                index_module.build(self.store, records, list(range(len(records))), mode, meta["factory"],
+                                   project=meta.get("project"), train_size=meta.get("train_size_requested"),
+                                   nprobe=meta.get("nprobe"),
+                                   seed=meta.get("seed", 0), rows_per_block=self._row_budget(1))
+
+        if stale:
+            parallel.collectively(rebuild)
+
     def _derive(self, c: int, record: Completion, loader: Iterable, writer: LazyWriter) -> None:
-        """Everything computed from the cached data: the FIM (for if / trak), if not already there;
-        the K-FAC factors and EK-FAC correction for those preconditioners (the FIM then only for params= blocks)."""
+        """Everything computed from the cached data, if not already there: the FIM (for if / trak), or the
+        K-FAC factors and EK-FAC correction for those preconditioners (the FIM then only for params= blocks).
+        Collective under torch.distributed: every rank takes part in the FIM, rank 0 writes; rank 0 merges
+        the ranks' K-FAC partials and runs the EK-FAC pass."""
         meta = {"preconditioner": self.preconditioner, "damping": self.damping}
         if self._kron is not None:
             kind = "output" if self.method == "trak" else "loss"
-            self._kron.derive(c, record, loader, writer, lambda batch: self._with_factors(batch, kind), meta)
+            parallel.collectively(lambda: rank_and_world()[0] == 0 and self._kron.derive(
+                c, record, loader, writer, lambda batch: self._with_factors(batch, kind), meta))
             if not self.param_names:
                 return
-        if (self.method not in PRECONDITIONED or self.preconditioner == "none"
-                or self.store.has_derived(c, "fim", record.fingerprint)):
+        if self.method not in PRECONDITIONED or self.preconditioner == "none":
             return
-        writer.ensure()
+        if parallel.agreed(parallel.collectively(lambda: self.store.has_derived(c, "fim", record.fingerprint))):
+            return
         start = time.perf_counter()
         fims = self._compute_fim(c, record, loader)
         self.stats["fim_seconds"] += time.perf_counter() - start
-        self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
-                                {"fisher": self.fisher, "blocks": len(fims), **meta})
-        self._fim_cache[(c, record.fingerprint)] = fims
 
-    def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse]:
+        def save():
+            if rank_and_world()[0] == 0:
+                writer.ensure()
+                self.store.save_derived(c, "fim", fim_module.to_arrays(fims), record.fingerprint,
+                                        {"fisher": self.fisher, "blocks": len(fims), **meta})
+
+        parallel.collectively(save)
+        if fims is not None:
+            self._fim_cache[(c, record.fingerprint)] = fims
+
+    def _compute_fim(self, c: int, record: Completion, loader: Iterable) -> list[DampedInverse] | None:
+        """Collective. The empirical FIM: every rank its own shards (parallel.empirical_fims). The true
+        Fisher re-reads the loader through the model: rank 0 alone (None on the other ranks)."""
         if self.fisher == "empirical" or self.method == "trak":
-            rows = ((grads[0].to(self.device), None)
-                    for _, grads, _ in self.scorer.train_blocks([record], self._row_budget(1), [c]))
-        else:
+            return parallel.empirical_fims(self.store, c, record, self.scorer.split, self.dims, self._row_budget(1),
+                                           self.device, self.dtype)
+
+        def true_fisher():
+            if rank_and_world()[0] != 0:
+                return None
             generator = torch.Generator().manual_seed(self.seed)  # one label stream for the whole FIM
             rows = (pair for batch in tqdm(loader, desc=f"true fisher ckpt {c}", disable=not self.progress, leave=False)
                     for pair in self._true_fisher(self.model, to_device(batch, self.device), generator))
-        return fim_module.block_fims(rows, self.scorer.split, self.dims, record.samples, self.device, self.dtype)
+            return fim_module.block_fims(rows, self.scorer.split, self.dims, record.samples, self.device, self.dtype)
+
+        return parallel.collectively(true_fisher)
 
     # ---- attribute stage -------------------------------------------------------------------------
     def _records(self) -> list[Completion]:
@@ -335,8 +401,11 @@ class Attributor:
         return self._fim_cache[key]
 
     def _row_budget(self, n_test: int) -> int:
+        """Training rows per block, so that one block (its rows in the storage and the compute dtype for
+        every checkpoint, and its [n_test, rows] scores) fits in memory_budget."""
         itemsize = torch.finfo(self.dtype).bits // 8
-        per_row = itemsize * (self.compress.columns + n_test) + 4 * self.compress.columns
+        stored = torch.finfo(STORAGE_DTYPES[self.store.storage]).bits // 8
+        per_row = len(self.checkpoints) * self.compress.columns * (stored + itemsize) + n_test * (2 * itemsize + 1)
         return max(1, self.memory_budget // per_row)
 
     def query_features(self, test_loader: Iterable) -> QueryFeatures:
@@ -366,6 +435,27 @@ class Attributor:
             raise ValueError("the test loader yielded different batches for different checkpoints (a shuffling "
                              "DataLoader?): every checkpoint must see the same queries in the same order")
         return QueryFeatures(grads, self._signature)
+
+    def features_from_gradients(self, grads: Tensor | list[Tensor]) -> QueryFeatures:
+        """Query features from precomputed compressed query gradients, the counterpart of
+        :meth:`cache_gradients`: one [n_test, columns] float tensor per checkpoint (a tensor for one).
+        Not with preconditioner "kfac" / "ekfac" (they precondition the full query gradient)."""
+        if self._kron is not None:
+            raise ValueError(f"features_from_gradients: preconditioner={self.preconditioner!r} needs the query's "
+                             "full gradient; use query_features(test_loader)")
+        grads = [grads] if isinstance(grads, Tensor) else list(grads)
+        if len(grads) != len(self.checkpoints):
+            raise ValueError(f"features_from_gradients: one tensor per checkpoint ({len(self.checkpoints)}), got {len(grads)}")
+        columns = self.compress.columns
+        for g in grads:
+            if not isinstance(g, Tensor) or g.dim() != 2 or g.shape[1] != columns or not g.is_floating_point():
+                what = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(f"features_from_gradients: each tensor must be a float tensor [n_test, {columns}], got {what}")
+            if g.shape[0] != grads[0].shape[0] or g.shape[0] == 0:
+                raise ValueError("features_from_gradients: every checkpoint's tensor needs the same number (>= 1) of rows")
+            if not torch.isfinite(g).all():
+                raise FloatingPointError("features_from_gradients: the query gradients hold non-finite values")
+        return QueryFeatures([g.to(self.device, self.dtype) for g in grads], self._signature)
 
     def _kron_features(self, test_loader: Iterable, records: list[Completion], damping=None) -> QueryFeatures:
         self._check_model_unchanged()
@@ -405,49 +495,179 @@ class Attributor:
                              "seed, k, gradient function or weights differ); recompute them with this one")
         return features
 
-    def _score_blocks(self, test_loader, damping, features):
+    def _queries(self, test_loader, damping, features) -> tuple[list[Completion], QueryFeatures, list[Tensor]]:
+        """(records, features, prepared queries); collective under torch.distributed (the same on every rank)."""
         damping = self.damping if damping is None else check_damping(damping)
-        records = self._records()
-        if features is None and test_loader is not None and self._kron is not None:  # stream, one layer at a time
-            features, test_loader = self._kron_features(test_loader, records, damping), None
-        features = self._features(test_loader, features)
-        queries = self.scorer.prepared_queries(features, damping, records)
-        return features.n_test, records[0].samples, self.scorer.score_blocks(queries, records, self._row_budget(features.n_test))
+
+        def prepare():
+            records = self._records()
+            feats, loader = features, test_loader
+            if feats is None and loader is not None and self._kron is not None:  # stream, one layer at a time
+                feats, loader = self._kron_features(loader, records, damping), None
+            feats = self._features(loader, feats)
+            return records, feats, self.scorer.prepared_queries(feats, damping, records)
+
+        records, feats, queries = parallel.collectively(prepare)
+        parallel.check_same_queries(queries)
+        return records, feats, queries
+
+    def _score_blocks(self, test_loader, damping, features):
+        """(n_test, n_train, this rank's score blocks, every rank's (first, end) training rows)."""
+        records, features, queries = self._queries(test_loader, damping, features)
+        rank, world = rank_and_world()
+        rows = self._row_budget(features.n_test)
+        plan = self.scorer.plan(records, rows)
+        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        blocks = self.scorer.score_blocks(queries, records, rows, part=(rank, world))
+        return features.n_test, records[0].samples, blocks, bounds
 
     def attribute(self, test_loader: Iterable | None = None, *, damping: float | None = None,
-                  features: QueryFeatures | None = None) -> Tensor:
+                  features: QueryFeatures | None = None, out: str | Path | None = None) -> Tensor:
         """Scores [n_test, n_train] (float32, or float64 with dtype=torch.float64); see the module docstring.
-        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries."""
-        n_test, n_train, blocks = self._score_blocks(test_loader, damping, features)
-        scores = torch.empty(n_test, n_train, dtype=self.dtype, device=self.device)
-        for start, block in blocks:
-            scores[:, start : start + block.shape[1]] = block
-        return scores
+        ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries.
+        ``out=PATH``: the matrix is written to PATH as an .npy in row blocks (for matrices larger than RAM;
+        renamed into place when complete) and returned as a tensor over a copy-on-write memory map of it.
+        Under torch.distributed every rank scores its share of the training rows and returns the whole matrix."""
+        n_test, n_train, blocks, bounds = self._score_blocks(test_loader, damping, features)
+        if out is not None:
+            return self._attribute_to(Path(out), n_test, n_train, blocks)
+        scores = torch.zeros(n_test, n_train, dtype=self.dtype, device=self.device)
+
+        def fill():
+            for start, block in blocks:
+                scores[:, start : start + block.shape[1]] = block
+
+        parallel.collectively(fill)
+        return parallel.share_columns(scores, bounds)
+
+    def _attribute_to(self, path: Path, n_test: int, n_train: int, blocks) -> Tensor:
+        rank = rank_and_world()[0]
+        tmp = Path(parallel.agreed(str(streaming.tmp_path_for(path))))
+        dtype = np.dtype("<f8" if self.dtype == torch.float64 else "<f4")
+        try:
+            parallel.collectively(lambda: rank == 0 and streaming.create_npy(tmp, (n_test, n_train), dtype))
+            parallel.collectively(lambda: streaming.write_columns(tmp, blocks))
+            parallel.collectively(lambda: rank == 0 and streaming.finish_npy(tmp, path))
+        except BaseException:
+            if rank == 0:
+                tmp.unlink(missing_ok=True)
+            raise
+        return streaming.open_matrix(path)
 
     def top_k(self, test_loader: Iterable | None = None, k: int = 10, largest: bool = True, *,
-              damping: float | None = None, features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
+              damping: float | None = None, features: QueryFeatures | None = None, index: bool = False,
+              candidates: int | None = None, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
         """(values, indices) [n_test, min(k, n_train)]: the most helpful (largest=True) or most harmful
         training examples, streamed over the store (the [n_test, n_train] matrix is never formed).
-        Ties go to the lower training index."""
+        Ties go to the lower training index. Under torch.distributed every rank scores its share of the
+        store and every rank returns the merged result.
+
+        ``index=True``: use the store's ANN index (:meth:`build_index`): ``candidates`` per query
+        (default max(10 k, 100)) from the index, probing ``nprobe`` lists (default: the index's), re-ranked
+        exactly against the stored rows; under torch.distributed the ranks split the queries."""
         k = _check_int("k", k)
         if not isinstance(largest, bool):
             raise TypeError(f"largest must be a bool, got {largest!r}")
-        _, _, blocks = self._score_blocks(test_loader, damping, features)
+        if index:
+            return self._top_k_indexed(test_loader, k, largest, damping, features, candidates, nprobe)
+        n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
         best = TopK(k, largest)
-        for start, block in blocks:
-            best.add(start, block)
-        return best.values, best.indices
+        parallel.collectively(lambda: [best.add(start, block) for start, block in blocks])
+        return parallel.merge_top_k(best.values, best.indices, n_test, k, largest, self.device)
+
+    def build_index(self, factory: str | None = index_module.DEFAULT_FACTORY, *,
+                    project: int | None = index_module.DEFAULT_PROJECT,
+                    train_size: int | None = None, nprobe: int | None = None, seed: int = 0) -> dict:
+        """Build the ANN index over the stored training gradients for this method's scores (raw rows for
+        if/graddot/tracin, normalized for gradcos, TRAK-weighted for trak) and save it in the store as
+        derived data: the rows are projected on the top ``project`` eigenvectors of their second moment
+        (None: kept whole) plus one coordinate that turns inner products into distances (see
+        attribution.index), and indexed by FAISS ``factory`` (an index_factory string over L2; None: a flat
+        scan below 20,000 rows, else "IVF<~4 sqrt(n)>,SQfp16"), trained on ``train_size`` random rows
+        (default 40 per IVF list). ``nprobe``: the lists searched by default (default an eighth). Returns
+        its summary. Collective: rank 0 builds."""
+        if factory is not None and (not isinstance(factory, str) or not factory):
+            raise TypeError(f"factory must be a FAISS index_factory string, got {factory!r}")
+        if train_size is not None:
+            train_size = _check_int("train_size", train_size)
+        if project is not None:
+            project = _check_int("project", project, 0)
+        if nprobe is not None:
+            nprobe = _check_int("nprobe", nprobe)
+        seed = _check_int("seed", seed, 0, 2**32)
+        records = parallel.collectively(self._records)
+        mode = index_module.mode_of(self.method)
+
+        def build():
+            if rank_and_world()[0] != 0:
+                return None
+            with self.store.writer():
+                return index_module.build(self.store, records, list(range(len(records))), mode, factory,
+                                          project=project, train_size=train_size, nprobe=nprobe, seed=seed,
+                                          rows_per_block=self._row_budget(1))
+
+        return parallel.agreed(parallel.collectively(build))
+
+    def _top_k_indexed(self, test_loader, k, largest, damping, features, candidates, nprobe):
+        candidates = max(10 * k, 100) if candidates is None else _check_int("candidates", candidates)
+        if nprobe is not None:
+            nprobe = _check_int("nprobe", nprobe)
+        records, feats, queries = self._queries(test_loader, damping, features)
+        mode = index_module.mode_of(self.method)
+        checkpoints = list(range(len(records)))
+
+        def load():
+            key = (mode, index_module.data_fingerprint(records))
+            if key not in self._ann:
+                self._ann = {key: index_module.load(self.store, records, checkpoints, mode)}
+            return self._ann[key]
+
+        loaded = parallel.collectively(load)
+        weights = self.checkpoints.weights if self.method == "tracin" else [1.0] * len(queries)
+        vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu()
+        rank, world = rank_and_world()
+        mine = streaming.share(feats.n_test, rank, world)  # the ranks split the queries
+
+        def local():
+            part = vectors[mine.start : mine.stop]
+            ids = loaded.search(part if largest else -part, candidates, nprobe)
+            return index_module.rerank(self.scorer, [q[mine.start : mine.stop] for q in queries], ids, k, largest,
+                                       self.store, records, checkpoints, loaded.crcs, self._row_budget(1))
+
+        values, indices = parallel.collectively(local)
+        if world > 1:
+            parts = all_gather_objects((values, indices))
+            values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return values.to(self.device), indices.to(self.device)
+
+    def select(self, test_loader: Iterable | None = None, n: int = 10, *, damping: float | None = None,
+               features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
+        """(mean scores [n'], indices [n']), n' = min(n, n_train): the training examples with the largest
+        mean score over the queries (LESS-style data selection with method="gradcos"), best first, ties
+        to the lower index; streamed like top_k (collective under torch.distributed)."""
+        n = _check_int("n", n)
+        n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
+        best = TopK(n, True)
+        parallel.collectively(lambda: [best.add(start, block.mean(0, keepdim=True)) for start, block in blocks])
+        values, indices = parallel.merge_top_k(best.values, best.indices, 1, n, True, self.device)
+        return values[0], indices[0]
 
     def self_influence(self, damping: float | None = None) -> Tensor:
         """[n_train]: each training example's score against itself, i.e. the diagonal of
-        attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store."""
+        attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store (every rank its
+        share under torch.distributed; every rank returns the whole vector)."""
         damping = self.damping if damping is None else check_damping(damping)
-        records = self._records()
         if self._kron is not None:
             raise ValueError(f"self_influence with preconditioner={self.preconditioner!r} needs each training gradient in "
                              "full (the store keeps them compressed): use the diagonal of attribute(train_loader), or "
                              "preconditioner='fim'")
-        return self.scorer.self_influence(damping, records, self._row_budget(1)).to(self.dtype)
+        records = parallel.collectively(self._records)
+        rank, world = rank_and_world()
+        rows = self._row_budget(1)
+        plan = self.scorer.plan(records, rows)
+        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        out = parallel.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=(rank, world)))
+        return parallel.share_columns(out, bounds).to(self.dtype)
 
     def verify(self) -> dict:
         """Check every file of a disk store (sizes, headers, CRC32s, completion); raises

@@ -6,8 +6,9 @@
   record and everything derived from the data (e.g. the FIM) are then recomputed.
 * Nothing to do writes nothing: the writer lock is taken only before the first write.
 * torch.distributed: rank r caches the batches i % world == r into the shared store; rank 0 holds
-  the writer lock for the whole job, cleans up leftovers before a barrier, and writes the derived
-  data and the completion record once every rank's shards are visible.
+  the writer lock for the whole job and cleans up leftovers before a barrier; once every rank's shards
+  are visible, every rank takes part in deriving data from them (e.g. the FIM partials of its own
+  shards), and rank 0 writes the derived data and the completion record.
 """
 from __future__ import annotations
 
@@ -134,8 +135,8 @@ def completion_record(store, ckpt: int, count: int) -> Completion:
 def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
                      derive: Callable[[Completion], None], progress: bool = True, observer=None) -> Completion:
     """The cache stage for one checkpoint (collective under torch.distributed). ``derive(record)``
-    runs on rank 0 (holding the writer when it writes) before the completion record is written.
-    ``observer``: see :func:`write_shards`."""
+    runs on every rank (collective itself; rank 0 holds the writer and writes) before the completion
+    record is written. ``observer``: see :func:`write_shards`."""
     rank, world = rank_and_world()
     if world > 1:  # rank 0 holds the lock for the whole job and cleans up before anyone writes
         writer.delegated = rank != 0
@@ -146,11 +147,11 @@ def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: in
         raise RuntimeError("ranks saw different numbers of batches: give every rank the same train loader")
     barrier()
     record = _collective(lambda: completion_record(store, ckpt, count))
+    derive(record)
 
     def finalize():
         if rank != 0:
             return
-        derive(record)
         if store.completion(ckpt) != record:
             writer.ensure()
             store.write_completion(ckpt, record)

@@ -4,6 +4,8 @@
     grass-attribute attribute --store out/llm --prompt "To improve data privacy,"
     grass-attribute select --store out/llm --target target.jsonl --fraction 0.1 --out selected.jsonl
     grass-attribute bench --out bench.json
+    grass-attribute index --store out/llm [--factory "IVF4096,PQ64"]    # ANN index (the `faiss` extra)
+    torchrun --nproc_per_node 2 -m attribution.cli cache --store out/llm # every rank its share (gloo/nccl)
 
 Every flag can also come from ``--config file.json`` (keys = flag names with underscores). ``cache``
 records its configuration in the store (cli.json), so later commands need only ``--store``; an
@@ -23,9 +25,11 @@ import torch
 
 from grass_ops.benchmarking import emit_json_report
 
-from . import llm
+from . import distributed, llm
+from . import index as index_module
 from .attributor import Attributor
 from .compress import parse_spec
+from .parallel import agreed, collectively
 from .report import Attribution, write_reports
 from .store import StoreError, atomic_write_json, open_store, read_json
 
@@ -93,6 +97,19 @@ def _attributor(model, config, store, method="if", compile=False):
                       seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"])
 
 
+def _main_rank() -> bool:
+    """Whether this process prints and writes the outputs (rank 0 under torchrun)."""
+    return distributed.rank_and_world()[0] == 0
+
+
+def _device() -> str:
+    """cuda:LOCAL_RANK under torchrun with NCCL, else the CPU."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return str(distributed.local_device())
+    return "cpu"
+
+
 def _docs(config, tokenizer):
     if config["dataset"] is not None:
         if config["corpus"] is not None:
@@ -126,7 +143,7 @@ def cmd_cache(args, loaded=None):
     if saved.exists() and _saved_config(store)["flags"] != config:
         raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
                        "new --store")
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     docs = _docs(config, tokenizer)
     batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
                                           config["token_batch_size"])
@@ -135,11 +152,17 @@ def cmd_cache(args, loaded=None):
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
-    _masks(config, store, model, tokenizer, docs)
+    collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, docs))  # rank 0 writes them
     attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
-    _write_once(store / "docs.jsonl", docs_text, "corpus")
-    record = {"flags": config, "corpus": {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}}
-    _write_once(saved, json.dumps(record, indent=1, sort_keys=True) + "\n", "configuration")
+
+    def record():  # rank 0 writes; the others wait for it
+        if _main_rank():
+            _write_once(store / "docs.jsonl", docs_text, "corpus")
+            corpus = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}
+            _write_once(saved, json.dumps({"flags": config, "corpus": corpus}, indent=1, sort_keys=True) + "\n",
+                        "configuration")
+
+    collectively(record)
     start = time.perf_counter()
     attr.cache(batches)
     seconds = time.perf_counter() - start
@@ -150,7 +173,8 @@ def cmd_cache(args, loaded=None):
                "fim_seconds": attr.stats["fim_seconds"], "compiled": attr.stats["compiled"],
                "compile_seconds": attr.stats["compile_seconds"], "graph_breaks": attr.stats["graph_breaks"],
                "compile_fallback": attr.stats.get("fallback")}
-    print(json.dumps(summary))
+    if _main_rank():
+        print(json.dumps(summary))
     return summary
 
 
@@ -202,19 +226,29 @@ def _queries(args, model, tokenizer):
 
 
 def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
-                      method: str = "if"):
-    """(results, scores [n_rows, n_docs]) for queries with completions, against a cached store.
-    per_token=True: each completion token is its own query; results then carry per-token top documents."""
+                      method: str = "if", ann: dict | None = None):
+    """(results, scores [n_queries, n_docs] or None) for queries with completions, against a cached store.
+    per_token=True: each completion token is its own query; results then carry per-token top documents.
+    ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
+    ANN index (Attributor.top_k(index=True)) and no score matrix is formed (scores is None)."""
     attr = _attributor(model, config, store, method=method)
     expanded = [llm.per_token_queries(tokenizer, q, config["max_length"]) for q in queries] if per_token else None
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
     features = attr.query_features(llm.query_batches(tokenizer, rows, config["batch_size"], config["max_length"],
                                                      config["token_batch_size"]))
-    scores = attr.attribute(features=features)
-    k = min(top_k, scores.shape[1])
-    top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
-    ranked = [([(docs[j], float(v)) for j, v in zip(top.indices[i], top.values[i])],
-               [(docs[j], float(v)) for j, v in zip(bottom.indices[i], bottom.values[i])]) for i in range(len(rows))]
+    if ann and ann.get("index"):
+        scores = None
+        top = attr.top_k(k=top_k, features=features, **ann)
+        bottom = attr.top_k(k=top_k, largest=False, features=features, **ann)
+    else:
+        scores = attr.attribute(features=features)
+        k = min(top_k, scores.shape[1])
+        top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+
+    def listed(values, indices, i):
+        return [(docs[j], float(v)) for j, v in zip(indices[i].tolist(), values[i].tolist()) if j >= 0]
+
+    ranked = [(listed(*top, i), listed(*bottom, i)) for i in range(len(rows))]
     results = [Attribution(q, *ranked[i]) for i, q in enumerate(queries)]
     if per_token:
         start = len(queries)
@@ -222,18 +256,23 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
             result.tokens = [{"token": rows[i]["token"], "position": rows[i]["position"], "helpful": ranked[i][0],
                               "harmful": ranked[i][1]} for i in range(start, start + len(per_query))]
             start += len(per_query)
-    return results, scores[: len(queries)]
+    return results, None if scores is None else scores[: len(queries)]
 
 
 def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     queries = _queries(args, model, tokenizer)
+    ann = {key: getattr(args, key, None) for key in ("index", "candidates", "nprobe")}  # `demo` has no --index
+    ann["index"] = bool(ann["index"])
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
-                                   per_token=getattr(args, "per_token", False))
+                                   per_token=getattr(args, "per_token", False), ann=ann)
     meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
-            "damping": config["damping"], "documents": len(docs), "per_token": getattr(args, "per_token", False)}
+            "damping": config["damping"], "documents": len(docs), "per_token": getattr(args, "per_token", False),
+            "index": ann["index"]}
+    if not _main_rank():
+        return results
     paths = write_reports(args.out, results, meta)
     print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
@@ -289,7 +328,7 @@ def cmd_demo(args):
 
 def cmd_select(args):
     store, config, docs = _load_store(args.store)
-    model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"])
+    model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     attr = _attributor(model, config, store, method="gradcos")
     _check_rows(attr, docs, store)
     if args.task:
@@ -307,16 +346,18 @@ def cmd_select(args):
         raise CLIError("select needs --target FILE or --task TASK")
     if not 0 < args.fraction <= 1:
         raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}")
-    scores = attr.attribute(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"],
-                                              config["token_batch_size"]))
-    mean = scores.mean(0)  # LESS: average cosine similarity to the target set
     n_keep = max(1, int(round(args.fraction * len(docs))))
-    keep = mean.topk(n_keep).indices.tolist()
+    # LESS: the mean cosine similarity to the target set, streamed over the store (every rank its share)
+    mean, keep = attr.select(llm.query_batches(tokenizer, targets, config["batch_size"], config["max_length"],
+                                               config["token_batch_size"]), n=n_keep)
+    keep = keep.tolist()
+    if not _main_rank():
+        return keep
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for j in keep:
-            f.write(json.dumps({**docs[j], "score": float(mean[j])}) + "\n")
+        for j, score in zip(keep, mean.tolist()):
+            f.write(json.dumps({**docs[j], "score": score}) + "\n")
     print(json.dumps({"selected": n_keep, "of": len(docs), "out": str(out), "top": [docs[j]["id"] for j in keep[:5]]}))
     return keep
 
@@ -328,6 +369,27 @@ def cmd_verify(args):
     if not report["ok"]:
         raise SystemExit(1)
     return report
+
+
+def cmd_index(args):
+    """Build the store's ANN index (FAISS) for `attribute --index`; prints its summary."""
+    index_module.require_faiss()
+    store = open_store(args.store)
+
+    def build():
+        records = [store.require_complete(c) for c in store.checkpoints()]
+        if not _main_rank():
+            return None
+        rows = max(1, args.memory_budget // (store.columns * len(records) * 8))
+        with store.writer():
+            return index_module.build(store, records, store.checkpoints(), args.mode, args.factory,
+                                      project=args.project or None, train_size=args.train_size, nprobe=args.nprobe,
+                                      seed=args.seed, rows_per_block=rows)
+
+    summary = agreed(collectively(build))
+    if _main_rank():
+        print(json.dumps(summary))
+    return summary
 
 
 def cmd_bench(args):
@@ -411,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
         p.add_argument("--query-limit", type=_positive_int, default=None)
         if name == "attribute":
+            p.add_argument("--index", action="store_true",
+                           help="candidates from the store's ANN index (grass-attribute index), re-ranked exactly")
+            p.add_argument("--candidates", type=_positive_int, default=None,
+                           help="--index: candidates per query (default 10 x top-k, >= 100)")
+            p.add_argument("--nprobe", type=_positive_int, default=None,
+                           help="--index: inverted lists to probe (default: the index's)")
             p.add_argument("--prompt", action="append", type=_nonempty, help="a prompt (repeatable); completed by the model")
             p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
             p.add_argument("--generate", type=_positive_int, default=24, help="new tokens of each completion")
@@ -424,6 +492,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fraction", type=_fraction, default=0.1)
             p.add_argument("--out", default="out/selected.jsonl")
             p.set_defaults(func=cmd_select)
+
+    index = sub.add_parser("index", help="build the store's ANN index (FAISS, the `faiss` extra) for `attribute --index`")
+    index.add_argument("--store", required=True)
+    index.add_argument("--factory", default=index_module.DEFAULT_FACTORY,
+                       help='a FAISS index_factory string, e.g. "IVF4096,PQ64" (default: "Flat" below 20,000 documents, '
+                            'else "IVF<about 4 sqrt(n)>,SQfp16")')
+    index.add_argument("--mode", default="ip", choices=index_module.MODES,
+                       help="ip: raw vectors (if, graddot, tracin; what `attribute` uses), cosine: normalized (gradcos), "
+                            "trak: TRAK-weighted")
+    index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
+                       help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
+    index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
+    index.add_argument("--nprobe", type=int, default=None, help="lists probed by default (default: an eighth of them)")
+    index.add_argument("--seed", type=int, default=0)
+    index.add_argument("--memory-budget", type=int, default=1 << 30, help="bytes of training rows read at once")
+    index.set_defaults(func=cmd_index)
 
     verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
     verify.add_argument("--store", required=True)
@@ -533,7 +617,9 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, values, path: s
 
 
 def run(argv=None):
-    """Parse and run one subcommand; returns its result (main() is the console entry point)."""
+    """Parse and run one subcommand; returns its result (main() is the console entry point). Under
+    torchrun (WORLD_SIZE > 1) the process group is initialized from the environment first (gloo on
+    CPU, nccl with one GPU per LOCAL_RANK) and every rank runs the command on its share."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -547,17 +633,24 @@ def run(argv=None):
         given |= {g[3:] for g in given if g.startswith("no_")}
         values = read_json(path, "--config file")
         args = parser.parse_args([args.command, *_config_flags(parser, args.command, values, args.config, given), *own])
+    distributed.init_from_environment()
     return args.func(args)
 
 
 def main(argv=None) -> int:
     """Console entry point: expected errors (bad input, a store that cannot serve the request) are
-    printed as one line with exit status 2; anything else keeps its traceback."""
+    printed as one line with exit status 2; anything else keeps its traceback. Under torchrun the
+    process group this call started is destroyed at the end."""
+    dist = torch.distributed
+    started = dist.is_available() and dist.is_initialized()
     try:
         run(argv)
     except (ValueError, FileNotFoundError, StoreError, FloatingPointError) as err:
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if not started and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .fim import DampedInverse
 from .store import Completion
+from .streaming import Block, plan_blocks, read_blocks, share
 
 PRECONDITIONED = ("if", "trak")
 
@@ -71,50 +72,59 @@ class Scorer:
         return out
 
     # ---- training rows -------------------------------------------------------------------------
-    def train_blocks(self, records: list[Completion], rows_per_block: int,
-                     checkpoints: list[int] | None = None) -> Iterator[tuple[int, list[Tensor], list[Tensor]]]:
+    def plan(self, records: list[Completion], rows_per_block: int) -> list[Block]:
+        """The row blocks over the whole training set (see streaming.plan_blocks)."""
+        return plan_blocks([s.rows for s in records[0].shards], rows_per_block)
+
+    def train_blocks(self, records: list[Completion], rows_per_block: int, checkpoints: list[int] | None = None,
+                     part: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, list[Tensor], list[Tensor]]]:
         """Yield (start row, [grads [r, columns] per checkpoint], [values [r] per checkpoint, TRAK only]).
-        ``checkpoints``: the checkpoint index of each record (default 0, 1, ...)."""
+        ``checkpoints``: the checkpoint index of each record (default 0, 1, ...); ``part`` = (rank, world):
+        only that rank's contiguous share of the blocks."""
         checkpoints = list(range(len(records))) if checkpoints is None else checkpoints
         first = records[0]
         for c, record in zip(checkpoints[1:], records[1:]):
             if [(s.rows, s.digest) for s in record.shards] != [(s.rows, s.digest) for s in first.shards]:
                 raise ValueError(f"checkpoint {c} was cached from different batches than checkpoint {checkpoints[0]} "
                                  "(a shuffling loader?): cache into a new store with a loader that repeats its batches")
-        start = 0
-        for j, shard in enumerate(first.shards):
-            grads = [self.store.read_shard(c, r.shards[j]) for c, r in zip(checkpoints, records)]
-            values = ([torch.tensor(self.store.read_values(c, r.shards[j]), dtype=torch.float64)
-                       for c, r in zip(checkpoints, records)] if self.method == "trak" else [])
-            for s in range(0, shard.rows, rows_per_block):
-                yield (start + s, [g[s : s + rows_per_block] for g in grads], [v[s : s + rows_per_block] for v in values])
-            start += shard.rows
+        blocks = self.plan(records, rows_per_block)
+        mine = [blocks[i] for i in share(len(blocks), *part)]
+        for block, grads, values in read_blocks(self.store, checkpoints, records, mine, self.method == "trak"):
+            yield block.start, grads, values
 
-    def score_blocks(self, queries: list[Tensor], records: list[Completion], rows_per_block: int) -> Iterator[tuple[int, Tensor]]:
-        """Yield (start row, scores [n_test, r]) over the whole training set."""
+    def score_rows(self, queries: list[Tensor], grads: list[Tensor], values: list[Tensor]) -> Tensor:
+        """Scores [n_test, r] of the queries (from prepared_queries) against training rows (per checkpoint
+        [r, columns]; values [r] per checkpoint for TRAK)."""
         m = len(queries)
-        for start, grads, values in self.train_blocks(records, rows_per_block):
-            total = None
-            for c, (q, g) in enumerate(zip(queries, grads)):
-                g = g.to(self.device, self.dtype)
-                part = q @ g.T
-                if self.method == "gradcos":
-                    part = part / g.double().norm(dim=1).clamp_min(1e-30).to(part.dtype)
-                weight = self.weights[c] if self.method == "tracin" else 1.0
-                part = part * weight if weight != 1.0 else part
-                total = part if total is None else total + part
-            if self.method == "trak":
-                keep = sum(1.0 - torch.sigmoid(v) for v in values) / m
-                total = total / m * keep.to(total.device, total.dtype).unsqueeze(0)
-            yield start, total
+        total = None
+        for c, (q, g) in enumerate(zip(queries, grads)):
+            g = g.to(self.device, self.dtype)
+            part = q @ g.T
+            if self.method == "gradcos":
+                part = part / g.double().norm(dim=1).clamp_min(1e-30).to(part.dtype)
+            weight = self.weights[c] if self.method == "tracin" else 1.0
+            part = part * weight if weight != 1.0 else part
+            total = part if total is None else total + part
+        if self.method == "trak":
+            keep = sum(1.0 - torch.sigmoid(v) for v in values) / m
+            total = total / m * keep.to(total.device, total.dtype).unsqueeze(0)
+        return total
 
-    def self_influence(self, damping: float, records: list[Completion], rows_per_block: int) -> Tensor:
-        """[n_train] float64: each training row's score against itself (the diagonal of attribute(train))."""
+    def score_blocks(self, queries: list[Tensor], records: list[Completion], rows_per_block: int,
+                     part: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, Tensor]]:
+        """Yield (start row, scores [n_test, r]) over the training set (this rank's share of it)."""
+        for start, grads, values in self.train_blocks(records, rows_per_block, part=part):
+            yield start, self.score_rows(queries, grads, values)
+
+    def self_influence(self, damping: float, records: list[Completion], rows_per_block: int,
+                       part: tuple[int, int] = (0, 1)) -> Tensor:
+        """[n_train] float64: each training row's score against itself (the diagonal of attribute(train));
+        with ``part`` = (rank, world), only that rank's rows are filled (the others are 0)."""
         out = torch.zeros(records[0].samples, dtype=torch.float64)
         m = len(records)
         preconditioned = self.method in PRECONDITIONED and self.precondition is None
         fims = [self.fims(c, r) for c, r in enumerate(records)] if preconditioned else None
-        for start, grads, values in self.train_blocks(records, rows_per_block):
+        for start, grads, values in self.train_blocks(records, rows_per_block, part=part):
             total = 0.0
             for c, g in enumerate(grads):
                 g = g.to(self.device, self.dtype)
@@ -136,7 +146,8 @@ class TopK:
     """Running top-k along the training axis of streamed score blocks (largest or smallest).
 
     Exact and deterministic: among equal scores the lower training index wins, so the result does
-    not depend on how the rows were split into blocks or ranks."""
+    not depend on how the rows were split into blocks or ranks. Each block is reduced to its own
+    top-k before it meets the running buffers, so memory is one block plus [n_test, 2k]."""
 
     def __init__(self, k: int, largest: bool):
         self.k, self.largest = k, largest
@@ -145,24 +156,32 @@ class TopK:
 
     def add(self, start: int, block: Tensor, indices: Tensor | None = None) -> None:
         """block [n_test, r] scores of training rows start..start+r (or of ``indices`` [n_test, r])."""
-        if indices is None:
-            indices = torch.arange(start, start + block.shape[1], device=block.device).expand(block.shape[0], -1)
+        if block.shape[1] == 0:
+            return
+        values, pos = _select(block, indices, min(self.k, block.shape[1]), self.largest)
+        chosen = pos + start if indices is None else indices.gather(1, pos)
         if self.values is not None:
-            block = torch.cat([self.values.to(block.device), block], dim=1)
-            indices = torch.cat([self.indices.to(block.device), indices], dim=1)
-        key = block if self.largest else -block
-        k = min(self.k, key.shape[1])
-        values, pos = torch.topk(key, k, dim=1, sorted=False)
-        kth = values.min(dim=1, keepdim=True).values
-        tied = ((key == kth).sum(1) != (values == kth).sum(1)).nonzero().flatten()
-        if tied.numel():  # the k-th score is shared beyond the cut: take the lowest indices among the ties
-            by_index = indices[tied].argsort(dim=1, stable=True)
-            order = torch.sort(key[tied].gather(1, by_index), dim=1, descending=True, stable=True).indices[:, :k]
-            pos[tied] = by_index.gather(1, order)
-            values[tied] = key[tied].gather(1, pos[tied])
-        chosen = indices.gather(1, pos)
-        by_index = chosen.argsort(dim=1, stable=True)
+            merged = torch.cat([self.values.to(values.device), values], dim=1)
+            merged_idx = torch.cat([self.indices.to(chosen.device), chosen], dim=1)
+            values, pos = _select(merged, merged_idx, min(self.k, merged.shape[1]), self.largest)
+            chosen = merged_idx.gather(1, pos)
+        by_index = chosen.argsort(dim=1, stable=True)  # best first, equal scores by index
         values, chosen = values.gather(1, by_index), chosen.gather(1, by_index)
-        order = torch.sort(values, dim=1, descending=True, stable=True).indices
-        values, chosen = values.gather(1, order), chosen.gather(1, order)
-        self.values, self.indices = (values if self.largest else -values), chosen
+        order = torch.sort(values, dim=1, descending=self.largest, stable=True).indices
+        self.values, self.indices = values.gather(1, order), chosen.gather(1, order)
+
+
+def _select(scores: Tensor, indices: Tensor | None, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """(values, positions) [n, k] of the k best scores per row; where the k-th best score is shared
+    beyond the cut, the lowest ``indices`` (default: positions) among the ties are taken."""
+    values, pos = torch.topk(scores, k, dim=1, largest=largest, sorted=False)
+    kth = (values.min if largest else values.max)(dim=1, keepdim=True).values
+    tied = ((scores == kth).sum(1) != (values == kth).sum(1)).nonzero().flatten()
+    if tied.numel():
+        sub = scores[tied]
+        by_index = (torch.arange(sub.shape[1], device=sub.device).expand_as(sub) if indices is None
+                    else indices[tied].argsort(dim=1, stable=True))
+        order = torch.sort(sub.gather(1, by_index), dim=1, descending=largest, stable=True).indices[:, :k]
+        pos[tied] = by_index.gather(1, order)
+        values[tied] = sub.gather(1, pos[tied])
+    return values, pos

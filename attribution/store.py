@@ -348,6 +348,9 @@ class MemoryStore:
     def read_values(self, ckpt: int, shard: ShardInfo) -> list[float]:
         return self.shards[ckpt][shard.index][1]["values"]
 
+    def read_rows(self, ckpt: int, shard: ShardInfo, rows) -> Tensor:
+        return self.shards[ckpt][shard.index][0][torch.as_tensor(rows, dtype=torch.long)]
+
     def save_derived(self, ckpt: int, name: str, arrays: dict[str, np.ndarray], fingerprint: str, meta: dict) -> None:
         self.derived[(ckpt, name)] = (fingerprint, {k: np.array(v) for k, v in arrays.items()}, dict(meta))
 
@@ -366,6 +369,10 @@ class MemoryStore:
 
     def remove_derived(self, ckpt: int, name: str) -> None:
         self.derived.pop((ckpt, name), None)
+
+    def derived_meta(self, ckpt: int, name: str) -> tuple[str, dict] | None:
+        entry = self.derived.get((ckpt, name))
+        return None if entry is None else (entry[0], dict(entry[2]))
 
 
 class DiskStore:
@@ -550,6 +557,44 @@ class DiskStore:
                                     f"for {shard.rows} rows")
         return values
 
+    def read_rows(self, ckpt: int, shard: ShardInfo, rows) -> Tensor:
+        """Some rows of a shard, [len(rows), columns] in the storage dtype, read in place (one positioned
+        read per row). The file's size and .npy header are checked against the record; the rows' bytes
+        cannot be checked against the shard's CRC32 without reading it all: callers that read rows this
+        way check them against checksums of their own (the ANN index records a CRC32 per row)."""
+        path = self._ckpt(ckpt) / "shards" / f"{shard.index:08d}" / GRADS_FILE
+        dtype = _NUMPY_STORAGE[self.storage]
+        out = np.empty((len(rows), self.columns), dtype=dtype)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{path}: the shard file is missing; run cache() again to rewrite it") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != shard.files[GRADS_FILE][0]:
+                raise CorruptStoreError(f"{path}: {size} bytes but the store recorded {shard.files[GRADS_FILE][0]} "
+                                        "(truncated or altered); delete the shard directory and run cache() to rewrite it")
+            head = bytearray(os.pread(fd, 4096, 0))
+            stream = io.BytesIO(head)
+            try:
+                version = np.lib.format.read_magic(stream)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                got_shape, fortran, got_dtype = read_header(stream)
+            except ValueError as err:
+                raise CorruptStoreError(f"{path}: not a valid .npy file ({err})") from None
+            if got_dtype != dtype or tuple(got_shape) != (shard.rows, self.columns) or fortran:
+                raise CorruptStoreError(f"{path}: holds {got_dtype} {tuple(got_shape)}, the store expects {dtype} "
+                                        f"{(shard.rows, self.columns)}")
+            offset, row_bytes = stream.tell(), self.columns * dtype.itemsize
+            for i, r in enumerate(rows):
+                if not 0 <= int(r) < shard.rows:
+                    raise IndexError(f"row {r} of shard {shard.index} (it holds {shard.rows})")
+                if os.preadv(fd, [memoryview(out[i]).cast("B")], offset + int(r) * row_bytes) != row_bytes:
+                    raise CorruptStoreError(f"{path}: short read")
+        finally:
+            os.close(fd)
+        return from_numpy(out, self.storage)
+
     # ---- completion ----------------------------------------------------------------------------
     def completion(self, ckpt: int) -> Completion | None:
         path = self._ckpt(ckpt) / COMPLETE_FILE
@@ -591,6 +636,14 @@ class DiskStore:
         """Whether ckpt_XXX/<name>/ records this fingerprint (reads only its done.json)."""
         done = self._ckpt(ckpt) / name / DONE_FILE
         return done.is_file() and _check_done(read_json(done, f"{name} record"), done)["fingerprint"] == fingerprint
+
+    def derived_meta(self, ckpt: int, name: str) -> tuple[str, dict] | None:
+        """(fingerprint, meta) of ckpt_XXX/<name>/ whatever data it was computed from, or None if absent."""
+        done = self._ckpt(ckpt) / name / DONE_FILE
+        if not done.is_file():
+            return None
+        record = _check_done(read_json(done, f"{name} record"), done)
+        return record["fingerprint"], dict(record.get("meta", {}))
 
     def load_derived(self, ckpt: int, name: str, fingerprint: str):
         """(arrays, meta) if ckpt_XXX/<name>/ was computed from data with this fingerprint, else None."""
