@@ -97,7 +97,8 @@ class Attributor:
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
-                 preconditioner: str | None = None, autocast: torch.dtype | str | None = None):
+                 preconditioner: str | None = None, autocast: torch.dtype | str | None = None,
+                 normalize: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -115,6 +116,12 @@ class Attributor:
                              "be 'empirical'")
         if method not in ("if", "trak") and fisher != "empirical":
             raise ValueError(f"fisher={fisher!r} only matters for method='if'")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        if normalize and method == "trak":
+            raise ValueError("normalize=True is for 'if', 'graddot' and 'tracin' ('gradcos' is normalized; TRAK weights "
+                             "its own scores)")
+        self.normalize = normalize or method == "gradcos"
         self.preconditioner = check_preconditioner(preconditioner, method, PRECONDITIONED)
         if self.preconditioner in KRONECKER and fisher != "empirical":
             raise ValueError(f"preconditioner={self.preconditioner!r} uses the empirical Fisher (the training factors); "
@@ -186,7 +193,8 @@ class Attributor:
                                               dtype, self.device, self.store, self.progress)
                       if self.preconditioner in KRONECKER else None)
         self.scorer = Scorer(method, self.store, self.compress.offsets, self.checkpoints.weights, dtype, self.device,
-                             self._fims, None if self.preconditioner == "fim" else self._precondition_queries)
+                             self._fims, None if self.preconditioner == "fim" else self._precondition_queries,
+                             normalize=self.normalize)
         self._fim_cache: dict[tuple[int, str], list[DampedInverse]] = {}
         self._ann: dict = {}
         self._true_fisher = (TrueFisherGradients(fisher, logits_fn, lambda b, loss: self.compress.eager(b, loss)[0], self.device)
@@ -281,8 +289,16 @@ class Attributor:
         return grads, values
 
     def _with_factors(self, batch, kind: str):
+        """compress_batch with every layer's factors (K-FAC), the model in eval mode likewise."""
         fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
-        out = self.compress.with_factors(batch, fn, name)
+        was_training = self.model.training
+        self.model.eval()
+        start = time.perf_counter()
+        try:
+            out = self.compress.with_factors(batch, fn, name)
+        finally:
+            self.model.train(was_training)
+            self.stats["gradient_seconds"] += time.perf_counter() - start
         self.stats.update(self.compress.stats())
         return out
 
@@ -431,6 +447,8 @@ class Attributor:
                     raise ValueError("test_loader yielded no batches")
                 grads.append(torch.cat(parts))
                 digests.append(seen)
+        if grads[0].shape[0] == 0:
+            raise ValueError("test_loader yielded no samples")
         if any(d != digests[0] for d in digests):
             raise ValueError("the test loader yielded different batches for different checkpoints (a shuffling "
                              "DataLoader?): every checkpoint must see the same queries in the same order")
@@ -596,7 +614,7 @@ class Attributor:
             nprobe = _check_int("nprobe", nprobe)
         seed = _check_int("seed", seed, 0, 2**32)
         records = parallel.collectively(self._records)
-        mode = index_module.mode_of(self.method)
+        mode = index_module.mode_of(self.method, self.normalize)
 
         def build():
             if rank_and_world()[0] != 0:
@@ -613,7 +631,7 @@ class Attributor:
         if nprobe is not None:
             nprobe = _check_int("nprobe", nprobe)
         records, feats, queries = self._queries(test_loader, damping, features)
-        mode = index_module.mode_of(self.method)
+        mode = index_module.mode_of(self.method, self.normalize)
         checkpoints = list(range(len(records)))
 
         def load():
@@ -667,7 +685,7 @@ class Attributor:
         plan = self.scorer.plan(records, rows)
         bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
         out = parallel.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=(rank, world)))
-        return parallel.share_columns(out, bounds).to(self.dtype)
+        return parallel.share_columns(out.to(self.device), bounds).to(self.dtype)  # NCCL sends device tensors
 
     def verify(self) -> dict:
         """Check every file of a disk store (sizes, headers, CRC32s, completion); raises

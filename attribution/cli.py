@@ -38,6 +38,12 @@ CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", 
               "batch_size", "token_batch_size", "dtype", "storage_dtype", "damping", "seed", "masks", "mask_documents")
 
 
+# Scores from unit-normalized gradients by default: chosen by the fact-tracing measurement (BENCHMARKS.md).
+DEFAULT_NORMALIZE = True
+NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|) (the default; --no-normalize: raw "
+                  "IF scores, which high-norm documents dominate)")
+
+
 class CLIError(SystemExit):
     """A usage error: printed as one line, exit status 2."""
 
@@ -91,10 +97,10 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     atomic_write_json(record, wanted)
 
 
-def _attributor(model, config, store, method="if", compile=False):
+def _attributor(model, config, store, method="if", compile=False, normalize=False):
     return Attributor(model, llm.sequence_loss, method=method, compressor=_compressor(config, Path(store)), k=config["k"],
                       damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
-                      seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"])
+                      seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"], normalize=normalize)
 
 
 def _main_rank() -> bool:
@@ -226,12 +232,13 @@ def _queries(args, model, tokenizer):
 
 
 def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
-                      method: str = "if", ann: dict | None = None):
+                      method: str = "if", ann: dict | None = None, normalize: bool = DEFAULT_NORMALIZE):
     """(results, scores [n_queries, n_docs] or None) for queries with completions, against a cached store.
     per_token=True: each completion token is its own query; results then carry per-token top documents.
     ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
-    ANN index (Attributor.top_k(index=True)) and no score matrix is formed (scores is None)."""
-    attr = _attributor(model, config, store, method=method)
+    ANN index (Attributor.top_k(index=True)) and no score matrix is formed (scores is None).
+    normalize: unit-normalized gradients (Attributor(normalize=True)), else raw IF scores."""
+    attr = _attributor(model, config, store, method=method, normalize=normalize)
     expanded = [llm.per_token_queries(tokenizer, q, config["max_length"]) for q in queries] if per_token else None
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
     features = attr.query_features(llm.query_batches(tokenizer, rows, config["batch_size"], config["max_length"],
@@ -263,12 +270,14 @@ def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
-    queries = _queries(args, model, tokenizer)
+    # rank 0 generates the completions and sends them (every rank must score the same queries)
+    queries = agreed(collectively(lambda: _queries(args, model, tokenizer) if _main_rank() else None))
     ann = {key: getattr(args, key, None) for key in ("index", "candidates", "nprobe")}  # `demo` has no --index
     ann["index"] = bool(ann["index"])
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
-                                   per_token=getattr(args, "per_token", False), ann=ann)
-    meta = {"model": config["model"], "method": "if", "compressor": config["compressor"], "k": config["k"],
+                                   per_token=getattr(args, "per_token", False), ann=ann, normalize=args.normalize)
+    meta = {"model": config["model"], "method": "if", "normalize": args.normalize, "compressor": config["compressor"],
+            "k": config["k"],
             "damping": config["damping"], "documents": len(docs), "per_token": getattr(args, "per_token", False),
             "index": ann["index"]}
     if not _main_rank():
@@ -302,16 +311,20 @@ def cmd_demo(args):
     args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
     summary = cmd_cache(args, (model, tokenizer))
     store, config, docs = _load_store(args.store)
-    results, scores = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token)
-    ids = [d["id"] for d in docs]
-    default = {"method": f"default ({config['compressor']}, k={config['k']}, IF)",
-               **facts.retrieval_metrics(scores, ids, [q["target"] for q in queries])}
+    results, scores = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token,
+                                        normalize=args.normalize)
+    _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=not args.normalize)
+    ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
+    scoring = {True: "IF on unit-normalized gradients", False: "raw IF"}
+    rows = [{"method": f"default ({config['compressor']}, {config['masks']} masks, k={config['k']}, {scoring[args.normalize]})",
+             **facts.retrieval_metrics(scores, ids, targets)},
+            {"method": f"the same store, {scoring[not args.normalize]}", **facts.retrieval_metrics(other, ids, targets)}]
     base, _ = llm.load_model(llm.DEFAULT_MODEL)
-    rows = [default] + demo.compare(model, tokenizer, base, corpus, queries, config["k"], config["max_length"],
-                                    config["token_batch_size"] or 512, (config["compressor"], "if"))
+    rows += demo.compare(model, tokenizer, base, corpus, queries, config["k"], config["max_length"],
+                         config["token_batch_size"] or 512, (config["compressor"], "if-unit" if args.normalize else "if"))
     figure = demo.plot(rows, out / "recall.png")
     meta = {"job": "fact tracing: 20 invented facts planted in the corpus", "model": "SmolLM2-135M-Instruct fine-tuned "
-            f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if",
+            f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
             "compressor": config["compressor"], "k": config["k"], "documents": len(docs),
             "answered_correctly": sum(q["correct"] for q in queries), "cache_seconds": summary["cache_seconds"]}
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k != "ranks"} for r in rows],
@@ -463,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-epochs", type=_positive_int, default=6)
     demo.add_argument("--top-k", type=_positive_int, default=5)
     demo.add_argument("--per-token", action="store_true")
+    demo.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=DEFAULT_NORMALIZE, help=NORMALIZE_HELP)
     demo.set_defaults(func=cmd_demo)
 
     for name, helptext in (("attribute", "top-k training documents for prompts / completions"),
@@ -483,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
             p.add_argument("--generate", type=_positive_int, default=24, help="new tokens of each completion")
             p.add_argument("--top-k", type=_positive_int, default=5)
+            p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=DEFAULT_NORMALIZE,
+                           help=NORMALIZE_HELP)
             p.add_argument("--per-token", action="store_true",
                            help="also attribute each completion token on its own (one query per token)")
             p.add_argument("--out", default="out/llm_report")
@@ -498,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--factory", default=index_module.DEFAULT_FACTORY,
                        help='a FAISS index_factory string, e.g. "IVF4096,PQ64" (default: "Flat" below 20,000 documents, '
                             'else "IVF<about 4 sqrt(n)>,SQfp16")')
-    index.add_argument("--mode", default="ip", choices=index_module.MODES,
-                       help="ip: raw vectors (if, graddot, tracin; what `attribute` uses), cosine: normalized (gradcos), "
-                            "trak: TRAK-weighted")
+    index.add_argument("--mode", default="cosine" if DEFAULT_NORMALIZE else "ip", choices=index_module.MODES,
+                       help="cosine: normalized vectors (what `attribute --normalize`, the default, and gradcos use), ip: "
+                            "raw vectors (`attribute --no-normalize`: raw IF, graddot, tracin), trak: TRAK-weighted")
     index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
                        help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
     index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")

@@ -67,6 +67,7 @@ COMPARED = {  # name -> (compressor spec, scoring); the default is added by the 
     "FactGraSS, random masks (blow-up 2), raw IF": ("factgrass:blowup=2", "if"),
     "FactGraSS, random masks (blow-up 2), cosine": ("factgrass:blowup=2", "cosine"),
     "LoGra, cosine": ("logra", "cosine"),
+    "LoGra, IF on unit-normalized gradients": ("logra", "if-unit"),
     "SJLT on the flat gradient, cosine": ("sjlt", "cosine"),
     "SJLT on the flat gradient, raw IF": ("sjlt", "if"),
 }

@@ -34,7 +34,7 @@ class Method:
 
     compressor: object
     k: int
-    scoring: str = "cosine"  # "cosine" | "inner" | "if" | "if-normalized"
+    scoring: str = "cosine"  # "cosine" | "inner" | "if" | "if-unit" | "if-normalized"
     damping: float = 0.1  # relative: a fraction of each block's mean FIM eigenvalue (if variants)
     seed: int = 0
 
@@ -127,8 +127,8 @@ def scores(features: Features, method: Method) -> Tensor:
         return q @ d.T
     if method.scoring == "cosine":
         return (q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)) @ (d / d.norm(dim=1, keepdim=True).clamp_min(1e-300)).T
-    if method.scoring not in ("if", "if-normalized"):
-        raise ValueError(f"scoring must be 'cosine', 'inner', 'if' or 'if-normalized', got {method.scoring!r}")
+    if method.scoring not in ("if", "if-unit", "if-normalized"):
+        raise ValueError(f"scoring must be 'cosine', 'inner', 'if', 'if-unit' or 'if-normalized', got {method.scoring!r}")
     total = torch.zeros(q.shape[0], d.shape[0], dtype=torch.float64)
     q_quad = torch.zeros(q.shape[0], dtype=torch.float64)
     d_quad = torch.zeros(d.shape[0], dtype=torch.float64)
@@ -146,6 +146,8 @@ def scores(features: Features, method: Method) -> Tensor:
         start += w
     if method.scoring == "if-normalized":  # the cosine in the metric (F + damping I)^-1
         total = total / (q_quad.sqrt()[:, None] * d_quad.sqrt()[None, :]).clamp_min(1e-300)
+    if method.scoring == "if-unit":  # IF on unit-normalized gradients: Attributor(normalize=True)
+        total = total / (q.norm(dim=1)[:, None] * d.norm(dim=1)[None, :]).clamp_min(1e-300)
     return total
 
 

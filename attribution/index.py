@@ -60,8 +60,9 @@ def require_faiss():
     return faiss
 
 
-def mode_of(method: str) -> str:
-    return "cosine" if method == "gradcos" else "trak" if method == "trak" else "ip"
+def mode_of(method: str, normalize: bool = False) -> str:
+    """The index a method's scores search: unit-normalized rows for gradcos and normalize=True."""
+    return "cosine" if method == "gradcos" or normalize else "trak" if method == "trak" else "ip"
 
 
 def derived_name(mode: str) -> str:
@@ -299,7 +300,7 @@ def load(store, records: Sequence, checkpoints: Sequence[int], mode: str) -> Loa
         recorded = store.derived_meta(checkpoints[0], name)
         if recorded is None:
             raise StoreError(f"{store!r} has no ANN index ({name}): build it with Attributor.build_index() or "
-                             "`grass-attribute index --store S`")
+                             f"`grass-attribute index --store S --mode {mode}`")
         raise StaleIndexError(f"the ANN index {name} of {store!r} is stale: it was built from data {recorded[0]}, the store "
                               f"now holds data {fingerprint} (it grew); cache() rebuilds it, or rebuild it with "
                               "Attributor.build_index() / `grass-attribute index`")

@@ -440,13 +440,14 @@ class KroneckerPreconditioner:
         :class:`PreconditionedQueries` for that damping, preconditioned and compressed one layer at a time.
         ``factors(batch)`` is the step with factors; ``other(c, record, q, damping)`` preconditions params= blocks;
         ``signature``: the Attributor's (see QueryFeatures)."""
-        grads, rotated, digests = [], [], []
+        grads, rotated, digests, norms = [], [], [], []
         for c in checkpoints:
             blocks = self.blocks(c, records[c])
-            parts, rots, seen = [], [], []
+            parts, rots, seen, raw_norms = [], [], [], []
             for batch in test_loader:
                 seen.append(batch_digest(batch))
                 g, _, x, go = factors(batch)
+                raw_norms.append(g.double().norm(dim=1).cpu())
                 if damping is None:
                     parts.append(g.to(self.dtype))
                     rots.append(self.rotated(blocks, x, go))
@@ -455,6 +456,7 @@ class KroneckerPreconditioner:
             if not parts:
                 raise ValueError("test_loader yielded no batches")
             grads.append(torch.cat(parts))
+            norms.append(torch.cat(raw_norms))
             rotated.append({n: torch.cat([r[n] for r in rots]) for n in self.layers} if rots else {})
             digests.append(seen)
         if any(d != digests[0] for d in digests):
@@ -464,7 +466,7 @@ class KroneckerPreconditioner:
             raise ValueError("test_loader yielded no samples")
         if damping is None:
             return KroneckerQueryFeatures(grads, signature, rotated=rotated)
-        return PreconditionedQueries(grads, signature, damping=damping)
+        return PreconditionedQueries(grads, signature, norms=norms, damping=damping)
 
     def prepared(self, c: int, record, features: QueryFeatures, damping, other: Callable, checkpoints: int) -> Tensor:
         """The query side of checkpoint c for ``damping`` from features of :meth:`query_features`."""

@@ -36,7 +36,7 @@ def collectively(step: Callable[[], object]):
     result, error = None, None
     try:
         result = step()
-    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - re-raised below, on every rank (SystemExit: CLI errors)
         error = err
     error = first_error(error)
     if error is not None:

@@ -34,6 +34,11 @@ class QueryFeatures:
 
     grads: list[Tensor]
     signature: str = ""  # the configuration (and model) they were computed with
+    norms: list[Tensor] | None = None  # per checkpoint [n_test]: the raw queries' norms where grads are not raw
+
+    def query_norms(self, c: int) -> Tensor:
+        """[n_test] float64 norms of checkpoint c's raw compressed query gradients (for normalize)."""
+        return self.norms[c] if self.norms is not None else _norms(self.grads[c])
 
     @property
     def n_test(self) -> int:
@@ -43,13 +48,17 @@ class QueryFeatures:
 class Scorer:
     """The methods over one store. ``fims(c)`` -> the checkpoint's per-block DampedInverse list.
     ``precondition(c, record, features, damping) -> [n_test, columns]``, if given, replaces the FIM on the
-    query side of "if" / "trak" (K-FAC, EK-FAC or no preconditioner; see attribution.kfac)."""
+    query side of "if" / "trak" (K-FAC, EK-FAC or no preconditioner; see attribution.kfac).
+    ``normalize``: unit-normalized gradients on both sides (per checkpoint, by their compressed norms),
+    so no high-norm training example dominates every query: gradcos is GradDot normalized, and "if"
+    becomes q^T (F + damping I)^-1 g / (|q| |g|) with F the FIM of the raw gradients."""
 
     def __init__(self, method: str, store, offsets: list[int], weights: list[float], dtype: torch.dtype,
                  device: torch.device, fims: Callable[[int, Completion], list[DampedInverse]],
-                 precondition: Callable | None = None):
+                 precondition: Callable | None = None, normalize: bool = False):
         self.method, self.store, self.offsets, self.weights = method, store, offsets, weights
         self.dtype, self.device, self.fims, self.precondition = dtype, device, fims, precondition
+        self.normalize = normalize or method == "gradcos"
 
     # ---- queries -------------------------------------------------------------------------------
     def split(self, x: Tensor) -> list[Tensor]:
@@ -66,8 +75,8 @@ class Scorer:
             elif self.method in PRECONDITIONED:
                 fims = self.fims(c, records[c])
                 q = torch.cat([fim.apply(block, damping) for fim, block in zip(fims, self.split(q))], dim=1)
-            elif self.method == "gradcos":
-                q = q / q.double().norm(dim=1, keepdim=True).clamp_min(1e-30).to(q.dtype)
+            if self.normalize:  # P^-1 (q / |q|) = (P^-1 q) / |q|
+                q = q / features.query_norms(c).clamp_min(1e-30).to(q.device, q.dtype).unsqueeze(1)
             out.append(q)
         return out
 
@@ -100,8 +109,8 @@ class Scorer:
         for c, (q, g) in enumerate(zip(queries, grads)):
             g = g.to(self.device, self.dtype)
             part = q @ g.T
-            if self.method == "gradcos":
-                part = part / g.double().norm(dim=1).clamp_min(1e-30).to(part.dtype)
+            if self.normalize:
+                part = part / _norms(g).to(part.dtype)
             weight = self.weights[c] if self.method == "tracin" else 1.0
             part = part * weight if weight != 1.0 else part
             total = part if total is None else total + part
@@ -134,12 +143,19 @@ class Scorer:
                     part = sum(f.quadratic(b, damping) for f, b in zip(fims[c], self.split(g)))
                 else:
                     part = g.double().square().sum(1)
+                if self.normalize and self.method != "gradcos":
+                    part = part / _norms(g).square()
                 total = total + part * (self.weights[c] if self.method == "tracin" else 1.0)
             if self.method == "trak":
                 keep = sum(1.0 - torch.sigmoid(v) for v in values) / m
                 total = total / m * keep.to(total.device)
             out[start : start + grads[0].shape[0]] = total.cpu()
         return out
+
+
+def _norms(x: Tensor) -> Tensor:
+    """Row norms [r] in float64, clamped away from 0 (a zero row scores 0)."""
+    return x.double().norm(dim=1).clamp_min(1e-30)
 
 
 class TopK:

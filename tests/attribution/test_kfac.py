@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from attribution_problems import N_TEST, N_TRAIN, dense_factors, dense_grads, kronecker_closed_form, loss_fn, make_problem
+from attribution_problems import N_TEST, N_TRAIN, closed_form, dense_factors, dense_grads, kronecker_closed_form, loss_fn, make_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -240,3 +240,21 @@ def test_singular_curvature_needs_a_positive_damping():
         block.apply(torch.ones(1, 2, 1, dtype=torch.float64), 0.0)
     torch.testing.assert_close(block.apply(torch.ones(1, 2, 1, dtype=torch.float64), "0.5*mean").flatten(),
                                torch.tensor([2.0, 0.4], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_normalized_kfac_scores_equal_streamed_and_from_features(kind):
+    """normalize=True divides by the raw query norm whether the queries are streamed (preconditioned
+    while read) or come from query_features."""
+    model, train, test = make_problem()
+    attr = Attributor(model, loss_fn, compressor="identity", k=10**6, preconditioner=kind, damping="0.1*mean",
+                      normalize=True, dtype=torch.float64, compile=False, progress=False).cache(train)
+    raw = Attributor(model, loss_fn, compressor="identity", k=10**6, preconditioner=kind, damping="0.1*mean",
+                     dtype=torch.float64, compile=False, progress=False).cache(train)
+    streamed = attr.attribute(test)
+    torch.testing.assert_close(streamed, attr.attribute(features=attr.query_features(test)), rtol=1e-9, atol=1e-12)
+    _, g_train, g_test = closed_form(model, train, test, 1e-2, "graddot")
+    norms_test, norms_train = torch.cat(g_test, 1).norm(dim=1), torch.cat(g_train, 1).norm(dim=1)
+    torch.testing.assert_close(streamed, raw.attribute(test) / (norms_test[:, None] * norms_train[None, :]),
+                               rtol=1e-9, atol=1e-12)
+    assert torch.equal(attr.select(test, n=5)[1], attr.select(features=attr.query_features(test), n=5)[1])

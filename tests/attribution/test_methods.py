@@ -222,3 +222,32 @@ def test_a_single_compressor_object_serves_layers_of_its_size():
     torch.testing.assert_close(scores, g[:2] @ g.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="other sizes"):
         Attributor(model, loss_fn, compressor=grass_ops.SJLT(35, 12), k=12, compile=False)
+
+
+@pytest.mark.parametrize("method", ["if", "graddot"])
+def test_normalized_scores_divide_by_both_gradient_norms(method):
+    """normalize=True: IF (or GradDot) on unit-normalized gradients; GradDot normalized is GradCos."""
+    model, train, test = make_problem()
+    attr = Attributor(model, loss_fn, method=method, damping=1e-2, normalize=True, memory_budget=8 * 200 * 5,
+                      **EXACT).cache(train)
+    expected, g_train, g_test = closed_form(model, train, test, 1e-2, method)
+    norms_test, norms_train = torch.cat(g_test, 1).norm(dim=1), torch.cat(g_train, 1).norm(dim=1)
+    expected = expected / (norms_test[:, None] * norms_train[None, :])
+    scores = attr.attribute(test)
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
+    values, indices = attr.top_k(test, k=4)
+    assert torch.equal(indices, torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :4])
+    raw = Attributor(model, loss_fn, method=method, damping=1e-2, **EXACT).cache(train)
+    self_raw = raw.self_influence()
+    torch.testing.assert_close(attr.self_influence(), self_raw / norms_train.square(), rtol=1e-9, atol=1e-12)
+    if method == "graddot":
+        cos = Attributor(model, loss_fn, method="gradcos", **EXACT).cache(train)
+        torch.testing.assert_close(scores, cos.attribute(test), rtol=1e-9, atol=1e-12)
+
+
+def test_normalize_is_checked():
+    model, _, _ = make_problem()
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        Attributor(model, loss_fn, normalize="yes", **EXACT)
+    with pytest.raises(ValueError, match="normalize=True is for"):
+        Attributor(model, loss_fn, method="trak", output_fn=margin, normalize=True, **EXACT)
