@@ -35,9 +35,11 @@ from .store import StoreError, atomic_write_json, open_store, read_json
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field",
               "messages_field", "limit", "layers", "compressor", "k", "max_length",
-              "batch_size", "token_batch_size", "dtype", "storage_dtype", "damping", "seed", "masks", "mask_documents")
+              "batch_size", "token_batch_size", "dtype", "autocast", "storage_dtype", "damping", "seed", "masks", "mask_documents")
 
 
+# Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements (BENCHMARKS.md).
+DEFAULT_AUTOCAST = "none"
 # Scores from unit-normalized gradients by default: chosen by the fact-tracing measurement (BENCHMARKS.md).
 DEFAULT_NORMALIZE = True
 NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|) (the default; --no-normalize: raw "
@@ -100,7 +102,8 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
 def _attributor(model, config, store, method="if", compile=False, normalize=False):
     return Attributor(model, llm.sequence_loss, method=method, compressor=_compressor(config, Path(store)), k=config["k"],
                       damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
-                      seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"], normalize=normalize)
+                      seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"], normalize=normalize,
+                      autocast=None if config["autocast"] == "none" else config["autocast"])
 
 
 def _main_rank() -> bool:
@@ -144,6 +147,8 @@ def _write_once(path: Path, text: str, what: str) -> None:
 
 def cmd_cache(args, loaded=None):
     store = Path(args.store)
+    if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
+        args.autocast = "bfloat16" if llm.fast_bfloat16(_device()) else "none"
     config = {key: getattr(args, key) for key in CACHE_KEYS}
     saved = store / "cli.json"
     if saved.exists() and _saved_config(store)["flags"] != config:
@@ -457,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the stored gradients (bfloat16 halves the store)")
     cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+    cache.add_argument("--autocast", default=DEFAULT_AUTOCAST, choices=["none", "bfloat16", "float16", "auto"],
+                       help="matmuls of the gradient passes under torch.autocast (float32 weights, factors compressed in "
+                            "float32); auto: bfloat16 where the hardware runs it natively, else none (recorded resolved)")
     cache.add_argument("--damping", type=_nonnegative_float, default=1e-3)
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -464,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=cmd_cache)
 
     demo = sub.add_parser("demo", help="the main job: fact tracing on the embedded model, measured")
-    keep = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "damping", "seed",
+    keep = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping", "seed",
             "compile", "layers", "limit", "masks", "mask_documents"}
     for action in cache._actions:
         if action.dest in keep:

@@ -221,3 +221,17 @@ def test_query_and_store_files_are_checked(tiny_llama, tmp_path, corpus):
 def test_main_prints_expected_errors_on_one_line(tmp_path, capsys):
     assert cli.main(["verify", "--store", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("grass-attribute: error: ")
+
+
+def test_autocast_auto_is_recorded_resolved_and_normalize_is_a_scoring_choice(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus, "--autocast", "auto"))
+    recorded = json.loads((store / "cli.json").read_text())["flags"]["autocast"]
+    assert recorded == ("bfloat16" if llm.fast_bfloat16() else "none")
+    assert cli.run(_cache_args(store, tiny_llama, corpus, "--autocast", recorded))["documents"] == 6  # the same store
+    common = ["attribute", "--store", str(store), "--prompt", "a for", "--generate", "3", "--top-k", "6"]
+    unit = cli.run([*common, "--out", str(tmp_path / "unit")])[0]
+    raw = cli.run([*common, "--no-normalize", "--out", str(tmp_path / "raw")])[0]
+    assert {d["id"] for d, _ in unit.helpful} == {d["id"] for d, _ in raw.helpful} == {f"d{i}" for i in range(6)}
+    assert sorted(s for _, s in unit.helpful) != sorted(s for _, s in raw.helpful)
+    assert json.loads((tmp_path / "unit" / "report.json").read_text())["meta"]["normalize"] is True
