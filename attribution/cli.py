@@ -38,12 +38,14 @@ CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", 
               "batch_size", "token_batch_size", "dtype", "autocast", "storage_dtype", "damping", "seed", "masks", "mask_documents")
 
 
-# Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements (BENCHMARKS.md).
-DEFAULT_AUTOCAST = "none"
-# Scores from unit-normalized gradients by default: chosen by the fact-tracing measurement (BENCHMARKS.md).
-DEFAULT_NORMALIZE = True
-NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|) (the default; --no-normalize: raw "
-                  "IF scores, which high-norm documents dominate)")
+# Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements
+# (BENCHMARKS.md: bfloat16 autocast 1.37x the float32 tokens/s, mean Spearman vs exact 0.893 vs 0.894).
+DEFAULT_AUTOCAST = "auto"
+# Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
+# (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
+DEFAULT_NORMALIZE = False
+NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|), so that no high-norm document "
+                  "tops every query (default: raw IF scores, which traced the planted facts as well or better)")
 
 
 class CLIError(SystemExit):
@@ -193,8 +195,12 @@ def _saved_config(store: Path) -> dict:
     record = read_json(store / "cli.json", "CLI configuration")
     flags = record.get("flags") if isinstance(record, dict) else None
     corpus = record.get("corpus") if isinstance(record, dict) else None
-    if not isinstance(flags, dict) or set(flags) != set(CACHE_KEYS) or not isinstance(corpus, dict):
+    if not isinstance(flags, dict) or not isinstance(corpus, dict):
         raise StoreError(f"{store / 'cli.json'}: not a grass-attribute configuration (flags {list(CACHE_KEYS)} and corpus)")
+    if set(flags) != set(CACHE_KEYS):
+        missing, unknown = sorted(set(CACHE_KEYS) - set(flags)), sorted(set(flags) - set(CACHE_KEYS))
+        raise StoreError(f"{store / 'cli.json'}: written by another version of grass-attribute (flags missing: {missing}, "
+                         f"unknown: {unknown}); cache into a new --store")
     return record
 
 
@@ -327,6 +333,10 @@ def cmd_demo(args):
     base, _ = llm.load_model(llm.DEFAULT_MODEL)
     rows += demo.compare(model, tokenizer, base, corpus, queries, config["k"], config["max_length"],
                          config["token_batch_size"] or 512, (config["compressor"], "if-unit" if args.normalize else "if"))
+    correct = [q["correct"] for q in queries]
+    for row in rows:  # the questions the model answers right: their gradient points at the planted fact
+        row["mrr_answered"] = (sum(1.0 / r for r, c in zip(row["ranks"], correct) if c) / sum(correct)
+                               if any(correct) else None)
     figure = demo.plot(rows, out / "recall.png")
     meta = {"job": "fact tracing: 20 invented facts planted in the corpus", "model": "SmolLM2-135M-Instruct fine-tuned "
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
@@ -337,8 +347,9 @@ def cmd_demo(args):
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
     lines = [f"{len(docs)} documents (96 Python-docs paragraphs + 20 planted facts) cached in {summary['cache_seconds']:.0f}s; "
              f"the fine-tuned model answers {meta['answered_correctly']}/20 questions correctly; total "
-             f"{time.perf_counter() - start:.0f}s", "", f"{'method':58s} recall@1 recall@5   MRR"]
-    lines += [f"{r['method'][:58]:58s} {r['recall@1']:8.2f} {r['recall@5']:8.2f} {r['mrr']:5.2f}" for r in rows]
+             f"{time.perf_counter() - start:.0f}s", "", f"{'method':58s} recall@1 recall@5   MRR  MRR (answered right)"]
+    lines += [f"{r['method'][:58]:58s} {r['recall@1']:8.2f} {r['recall@5']:8.2f} {r['mrr']:5.2f}  "
+              f"{'-' if r['mrr_answered'] is None else format(r['mrr_answered'], '.2f')}" for r in rows]
     lines.append(f"\nreports: {paths['md']} (and .html, .json), plot: {figure}")
     print("\n".join(lines))
     return rows
@@ -473,12 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: fact tracing on the embedded model, measured")
     keep = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping", "seed",
-            "compile", "layers", "limit", "masks", "mask_documents"}
+            "layers", "limit", "masks", "mask_documents"}
     for action in cache._actions:
         if action.dest in keep:
             demo._add_action(action)
     demo.set_defaults(model=llm.DEFAULT_MODEL, gguf_file=None, corpus=None, dataset=None, split=None, text_field="text",
                       prompt_field=None, completion_field=None, messages_field=None)
+    demo.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                      help="torch.compile the cache step (off here: on 116 documents one compile costs more than it saves; "
+                           "see BENCHMARKS.md)")
     demo.add_argument("--store", default="out/llm/store")
     demo.add_argument("--out", default="out/llm")
     demo.add_argument("--finetune-epochs", type=_positive_int, default=6)
@@ -523,8 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='a FAISS index_factory string, e.g. "IVF4096,PQ64" (default: "Flat" below 20,000 documents, '
                             'else "IVF<about 4 sqrt(n)>,SQfp16")')
     index.add_argument("--mode", default="cosine" if DEFAULT_NORMALIZE else "ip", choices=index_module.MODES,
-                       help="cosine: normalized vectors (what `attribute --normalize`, the default, and gradcos use), ip: "
-                            "raw vectors (`attribute --no-normalize`: raw IF, graddot, tracin), trak: TRAK-weighted")
+                       help="ip: raw vectors (what `attribute` uses by default: raw IF, graddot, tracin), cosine: normalized "
+                            "vectors (`attribute --normalize`, gradcos), trak: TRAK-weighted")
     index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
                        help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
     index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
@@ -538,9 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", help="throughput of the compress step and the cache stage")
-    bench.add_argument("--job", nargs="*", default=None, metavar="FLAGS",
-                       help="measure the main job's cache stage in a fresh process, once per FLAGS string of extra "
-                            "`cache` flags ('' = the defaults): real tokens/s, peak RSS, store size")
+    bench.add_argument("--job", action="append", nargs="?", const="", default=None, metavar="FLAGS",
+                       help="measure the main job's cache stage in a fresh process (real tokens/s, peak RSS, store size) "
+                            "with the default flags (--job) or extra `cache` flags (--job='--no-compile'); repeatable")
     bench.add_argument("--job-documents", type=_positive_int, default=96)
     bench.add_argument("--models", nargs="*", default=["smollm2", "gpt2-random"])
     bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096])

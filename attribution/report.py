@@ -55,7 +55,7 @@ def write_reports(out: str | Path, results: list[Attribution], meta: dict, evalu
             " td,th{padding:.2em .6em;text-align:left}</style></head><body>",
             f"<h1>Training-data attribution</h1><p class='s'>{e(json.dumps(meta))}</p>"]
     if evaluation:
-        columns = [c for c in ("method", "recall@1", "recall@5", "mrr") if c in evaluation[0]]
+        columns = [c for c in ("method", "recall@1", "recall@5", "mrr", "mrr_answered") if c in evaluation[0]]
         md += ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         md += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in evaluation]
         page.append("<h2>Evaluation</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>")

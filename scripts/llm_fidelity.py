@@ -54,6 +54,8 @@ IF_VARIANTS = {  # scored from the features of the named method
     "IF (raw), FactGraSS blow-up 2 random": ("FactGraSS, blow-up 2 (random masks)", "if"),
     "IF (raw), FactGraSS energy": ("FactGraSS, blow-up 2, energy masks", "if"),
     "IF, normalized, FactGraSS energy": ("FactGraSS, blow-up 2, energy masks", "if-normalized"),
+    "IF (raw), FactGraSS blow-up 4 energy (the CLI default)": ("FactGraSS, blow-up 4, energy masks", "if"),
+    "IF, unit-normalized gradients, FactGraSS blow-up 4 energy": ("FactGraSS, blow-up 4, energy masks", "if-unit"),
     "IF (raw), SJLT flat": ("SJLT on the flat gradient", "if"),
     "IF, normalized, SJLT flat": ("SJLT on the flat gradient", "if-normalized"),
 }

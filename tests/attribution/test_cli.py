@@ -230,8 +230,8 @@ def test_autocast_auto_is_recorded_resolved_and_normalize_is_a_scoring_choice(ti
     assert recorded == ("bfloat16" if llm.fast_bfloat16() else "none")
     assert cli.run(_cache_args(store, tiny_llama, corpus, "--autocast", recorded))["documents"] == 6  # the same store
     common = ["attribute", "--store", str(store), "--prompt", "a for", "--generate", "3", "--top-k", "6"]
-    unit = cli.run([*common, "--out", str(tmp_path / "unit")])[0]
-    raw = cli.run([*common, "--no-normalize", "--out", str(tmp_path / "raw")])[0]
+    unit = cli.run([*common, "--normalize", "--out", str(tmp_path / "unit")])[0]
+    raw = cli.run([*common, "--out", str(tmp_path / "raw")])[0]
     assert {d["id"] for d, _ in unit.helpful} == {d["id"] for d, _ in raw.helpful} == {f"d{i}" for i in range(6)}
     assert sorted(s for _, s in unit.helpful) != sorted(s for _, s in raw.helpful)
     assert json.loads((tmp_path / "unit" / "report.json").read_text())["meta"]["normalize"] is True

@@ -79,7 +79,7 @@ def test_torchrun_attribute_with_the_ann_index(setup):
     store = tmp_path / "store"
     _single(*cache_args(store))
     summary = _torchrun("index", "--store", str(store), "--factory", "Flat")[0]
-    assert summary["rows"] == 7 and summary["mode"] == "cosine"  # what `attribute` scores by default
+    assert summary["rows"] == 7 and summary["mode"] == "ip"  # what `attribute` scores by default
     _torchrun("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--index",
               "--out", str(tmp_path / "indexed"))
     _single("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--out", str(tmp_path / "exact"))
