@@ -118,3 +118,21 @@ def cross_validated_lds(harness: LDSHarness, scores_for: Callable[[float], Tenso
             best = (damping, cv_lds, scores)
     result = harness.score(best[2], held)
     return {**result.as_dict(), "damping": best[0], "cv_lds": best[1], **({"by_damping": by_damping} if all_dampings else {})}
+
+
+def preconditioner_table(report: dict, title: str, k_header: str = "k") -> str:
+    """Markdown: one row per (compressor, k) of ``report["cells"]`` (k None for "exact"), one column per
+    preconditioner, each cell "LDS ± s.e. (damping)"; ``title`` above it."""
+    cells = report["cells"]
+    preconditioners = list(dict.fromkeys(c["preconditioner"] for c in cells))
+    lines = [f"\n{title}\n", f"| compressor | {k_header} | " + " | ".join(preconditioners) + " |",
+             "|---|---|" + "---|" * len(preconditioners)]
+    for compressor in dict.fromkeys(c["compressor"] for c in cells):
+        for k in [None] if compressor == "exact" else report["k_per_layer"]:
+            row = []
+            for p in preconditioners:
+                cell = next((c for c in cells if c["compressor"] == compressor and c["k"] == k and c["preconditioner"] == p),
+                            None)
+                row.append("" if cell is None else f"{cell['lds']:.3f} ± {cell['stderr']:.3f} ({cell['damping']})")
+            lines.append(f"| {compressor} | {'full' if k is None else k} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"

@@ -168,9 +168,10 @@ def _read_checked(path: Path, record, what: str) -> bytearray:
     return buf
 
 
-def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A writable array over ``buf`` (no copy), after checking the header's dtype and shape."""
-    stream = io.BytesIO(buf)
+def _npy_data_offset(head: bytes, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The offset of the data in a .npy file that starts with ``head``, after checking that its header
+    holds ``dtype`` and ``shape`` in C order."""
+    stream = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -179,8 +180,13 @@ def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ..
         raise CorruptStoreError(f"{path}: not a valid .npy file ({err})") from None
     if got_dtype != dtype or tuple(got_shape) != tuple(shape) or fortran:
         raise CorruptStoreError(f"{path}: holds {got_dtype} {tuple(got_shape)}, the store expects {dtype} {tuple(shape)}")
-    count = int(np.prod(shape))
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    return stream.tell()
+
+
+def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable array over ``buf`` (no copy), after checking the header's dtype and shape."""
+    offset = _npy_data_offset(buf, path, dtype, shape)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
 
 def _sealed(meta: dict) -> dict:
@@ -574,18 +580,8 @@ class DiskStore:
             if size != shard.files[GRADS_FILE][0]:
                 raise CorruptStoreError(f"{path}: {size} bytes but the store recorded {shard.files[GRADS_FILE][0]} "
                                         "(truncated or altered); delete the shard directory and run cache() to rewrite it")
-            head = bytearray(os.pread(fd, 4096, 0))
-            stream = io.BytesIO(head)
-            try:
-                version = np.lib.format.read_magic(stream)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                got_shape, fortran, got_dtype = read_header(stream)
-            except ValueError as err:
-                raise CorruptStoreError(f"{path}: not a valid .npy file ({err})") from None
-            if got_dtype != dtype or tuple(got_shape) != (shard.rows, self.columns) or fortran:
-                raise CorruptStoreError(f"{path}: holds {got_dtype} {tuple(got_shape)}, the store expects {dtype} "
-                                        f"{(shard.rows, self.columns)}")
-            offset, row_bytes = stream.tell(), self.columns * dtype.itemsize
+            offset = _npy_data_offset(os.pread(fd, 4096, 0), path, dtype, (shard.rows, self.columns))
+            row_bytes = self.columns * dtype.itemsize
             for i, r in enumerate(rows):
                 if not 0 <= int(r) < shard.rows:
                     raise IndexError(f"row {r} of shard {shard.index} (it holds {shard.rows})")

@@ -28,7 +28,7 @@ from torch import nn
 
 from attribution import Attributor
 from attribution.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
-from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds
+from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
 
 PRECONDITIONERS = ("fim", "kfac", "ekfac")
 COMPRESSORS = ("factgrass", "logra", "sjlt")
@@ -121,20 +121,8 @@ def main(argv=None):
 
 
 def markdown_table(report) -> str:
-    ks = report["k_per_layer"]
-    preconditioners = list(dict.fromkeys(c["preconditioner"] for c in report["cells"]))
-    lines = [f"\n**{report['model']}, {report['n_train']} train / {report['n_test']} test, IF** (LDS ± s.e. at the "
-             "cross-validated damping; the damping in brackets)\n",
-             "| compressor | k | " + " | ".join(preconditioners) + " |", "|---|---|" + "---|" * len(preconditioners)]
-    for compressor in dict.fromkeys(c["compressor"] for c in report["cells"]):
-        for k in ([None] if compressor == "exact" else ks):
-            row = []
-            for p in preconditioners:
-                cell = next((c for c in report["cells"] if c["compressor"] == compressor and c["k"] == k
-                             and c["preconditioner"] == p), None)
-                row.append("" if cell is None else f"{cell['lds']:.3f} ± {cell['stderr']:.3f} ({cell['damping']})")
-            lines.append(f"| {compressor} | {'full' if k is None else k} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return preconditioner_table(report, f"**{report['model']}, {report['n_train']} train / {report['n_test']} test, IF** "
+                                "(LDS ± s.e. at the cross-validated damping; the damping in brackets)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from attribution import Attributor
-from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds
+from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
 from attribution.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
 
 PRECONDITIONERS = ("ekfac", "kfac", "fim")  # ekfac first: its cache accumulates the K-FAC sums, the others reuse the store
@@ -140,19 +140,8 @@ def run_cell(model, data, config, harness, store, compressor, k, preconditioner,
 
 
 def markdown_table(report) -> str:
-    preconditioners = list(dict.fromkeys(c["preconditioner"] for c in report["cells"]))
-    lines = [f"\n**{report['model']}, {report['n_train']} train / {report['n_test']} held-out sequences, IF** (LDS ± s.e. "
-             "at the cross-validated damping, in brackets)\n",
-             "| compressor | k per layer | " + " | ".join(preconditioners) + " |", "|---|---|" + "---|" * len(preconditioners)]
-    for compressor in dict.fromkeys(c["compressor"] for c in report["cells"]):
-        for k in [None] if compressor == "exact" else report["k_per_layer"]:
-            row = []
-            for p in preconditioners:
-                cell = next((c for c in report["cells"] if c["compressor"] == compressor and c["k"] == k
-                             and c["preconditioner"] == p), None)
-                row.append("" if cell is None else f"{cell['lds']:.3f} ± {cell['stderr']:.3f} ({cell['damping']})")
-            lines.append(f"| {compressor} | {k or 'full'} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return preconditioner_table(report, f"**{report['model']}, {report['n_train']} train / {report['n_test']} held-out "
+                                "sequences, IF** (LDS ± s.e. at the cross-validated damping, in brackets)", "k per layer")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,42 @@ def kronecker_closed_form(train_factors, test_factors, damping, kind):
         precond = basis @ torch.diag(eig + lam) @ basis.T
         scores = scores + queries @ torch.linalg.solve(precond, grads.T)
     return scores
+
+
+def _grow_on_two_ranks(rank, world, init_file, store, result, kwargs):
+    import torch.distributed as dist
+
+    from attribution import Attributor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, train, test = make_problem(torch.float32, n_train=45, batch=8)  # 6 batches, the last of 5 rows
+        attr = Attributor(model, loss_fn, store=store, **kwargs)
+        scores = attr.cache(train[:5]).attribute(test)  # 5 batches: an uneven split over 2 ranks
+        grown = attr.cache(train).attribute(test)
+        torch.save((scores, grown), f"{result}.{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def grow_on_two_ranks_and_one(tmp_path, kwargs: dict):
+    """Cache make_problem's 5 then 6 batches (45 rows, the last batch short), scoring after each, with
+    2 gloo ranks into tmp_path/"dist" and in one process (one thread: the ranks' GEMM blocking) into
+    tmp_path/"single". Returns ([(scores, grown)] per rank, (scores, grown) of the single process)."""
+    import torch.multiprocessing as mp
+
+    from attribution import Attributor
+
+    result = str(tmp_path / "scores")
+    mp.spawn(_grow_on_two_ranks, args=(2, str(tmp_path / "init"), str(tmp_path / "dist"), result, kwargs), nprocs=2,
+             join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, train, test = make_problem(torch.float32, n_train=45, batch=8)
+        single = Attributor(model, loss_fn, store=tmp_path / "single", **kwargs)
+        expected = (single.cache(train[:5]).attribute(test), single.cache(train).attribute(test))
+    finally:
+        torch.set_num_threads(threads)
+    return [torch.load(f"{result}.{rank}.pt") for rank in range(2)], expected

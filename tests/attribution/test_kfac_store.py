@@ -9,11 +9,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from attribution_problems import (
     Interrupt,
     dense_factors,
+    grow_on_two_ranks_and_one,
     interrupting,
     kronecker_closed_form,
     loss_fn,
@@ -223,38 +222,15 @@ def test_smallest_and_odd_batches_compiled(kind="ekfac"):
 FAST32 = dict(compressor="factgrass", k=32, seed=3, compile=False, progress=False, damping="0.1*mean", preconditioner="ekfac")
 
 
-def _worker(rank, world, init_file, store, result):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model, train, test = make_problem(torch.float32, n_train=45, batch=8)  # 6 batches, the last of 5 rows
-        attr = Attributor(model, loss_fn, store=store, **FAST32)
-        scores = attr.cache(train[:5]).attribute(test)  # 5 batches: an uneven split over 2 ranks
-        grown = attr.cache(train).attribute(test)
-        torch.save((scores, grown), f"{result}.{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_give_the_scores_of_one_process(tmp_path):
-    store, result = str(tmp_path / "dist"), str(tmp_path / "scores")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), store, result), nprocs=2, join=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' GEMM blocking: the shards are then the same bytes
-    try:
-        model, train, test = make_problem(torch.float32, n_train=45, batch=8)
-        single = Attributor(model, loss_fn, store=tmp_path / "single", **FAST32)
-        expected_part = single.cache(train[:5]).attribute(test)
-        expected = single.cache(train).attribute(test)
-    finally:
-        torch.set_num_threads(threads)
+    ranks, (expected_part, expected) = grow_on_two_ranks_and_one(tmp_path, FAST32)
+    store = str(tmp_path / "dist")
     files = store_files(store)
     assert {k: v for k, v in files.items() if "shards" in k} == {k: v for k, v in store_files(tmp_path / "single").items()
                                                                   if "shards" in k}
     assert not [k for k in files if "partial" in k]
     counts = json.loads(files["ckpt_000/kfac/done.json"])["meta"]["counts"]
     assert counts["samples"] == 45
-    for rank in range(2):
-        scores, grown = torch.load(f"{result}.{rank}.pt")
+    for scores, grown in ranks:
         torch.testing.assert_close(scores, expected_part, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grown, expected, rtol=1e-4, atol=1e-4)
