@@ -33,17 +33,6 @@ def to_device(batch, device):
     return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
 
 
-def pad_rows(batch, rows: int):
-    """The batch with its last sample repeated up to ``rows`` samples."""
-
-    def pad(t):
-        if not isinstance(t, Tensor) or t.shape[0] >= rows:
-            return t
-        return torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])])
-
-    return tree_map(pad, batch)
-
-
 def slice_rows(batch, start: int, stop: int):
     return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, batch)
 

@@ -76,7 +76,7 @@ COMPARED = {  # name -> (compressor spec, scoring); the default is added by the 
 def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict], k: int, max_length: int,
             token_batch_size: int, default: tuple[str, str]) -> list[dict]:
     """Retrieval metrics of every compared method (one pass over the corpus for all of them), BM25,
-    and the default method with the untuned model's gradients."""
+    and the default compressor spec (random masks) with the untuned model's gradients."""
     layers = find_layers(model, llm.DEFAULT_LAYERS[:1])
     doc_batches, order = llm.document_batches(tokenizer, docs, None, max_length, token_batch_size)
     ordered = [docs[i] for i in order]
@@ -100,7 +100,7 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     base_layers = find_layers(base_model, llm.DEFAULT_LAYERS[:1])
     _, base = measure(base_model, llm.sequence_loss, base_layers, doc_batches, query_batches,
                       {"default": methods["default"]}, truth=False)
-    rows.append({"method": "untuned model, default method", "compressor": str(default[0]), "scoring": default[1],
+    rows.append({"method": "untuned model, the default spec with random masks", "compressor": str(default[0]), "scoring": default[1],
                  **facts.retrieval_metrics(scores(base["default"], methods["default"]), ids, targets)})
     for row in rows:
         row["seconds"] = time.perf_counter() - start

