@@ -1,6 +1,7 @@
 """Small attribution problems and dense references shared by the attribution tests."""
 import os
 
+import pytest
 import torch
 from torch import nn
 
@@ -192,3 +193,12 @@ def grow_on_two_ranks_and_one(tmp_path, kwargs: dict):
     finally:
         torch.set_num_threads(threads)
     return [torch.load(f"{result}.{rank}.pt") for rank in range(2)], expected
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module for tiny problems: one thread (two OpenMP threads run up to 10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,17 @@
 import numpy as np
 import pytest
 import torch
-from attribution_problems import N_TEST, N_TRAIN, closed_form, dense_factors, dense_grads, kronecker_closed_form, loss_fn, make_problem
+from attribution_problems import (
+    N_TEST,
+    N_TRAIN,
+    closed_form,
+    dense_factors,
+    dense_grads,
+    kronecker_closed_form,
+    loss_fn,
+    make_problem,
+    one_thread,  # noqa: F401 - autouse fixture: one torch thread for these tiny problems
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,13 +25,6 @@ from attribution.metrics import pearson
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one thread (two OpenMP threads run up to 10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- the preconditioner of one layer against a dense float64 reference -------------------------------

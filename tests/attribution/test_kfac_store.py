@@ -17,6 +17,7 @@ from attribution_problems import (
     kronecker_closed_form,
     loss_fn,
     make_problem,
+    one_thread,  # noqa: F401 - autouse fixture: one torch thread for these tiny problems
     read_line,
     snapshot,
     store_files,
@@ -30,13 +31,6 @@ EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False,
 FAST = dict(compressor="factgrass", k=16, seed=3, compile=False, progress=False, damping="0.1*mean")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: one thread (two OpenMP threads run up to 10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Counting:
