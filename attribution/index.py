@@ -318,6 +318,11 @@ def read_candidates(store, records: Sequence, checkpoints: Sequence[int], rows: 
 
     starts = np.asarray(records[0].starts())
     shard_of = np.searchsorted(starts, rows, side="right") - 1
+    prefetch = getattr(store, "prefetch_rows", None)
+    if prefetch is not None:  # every read queued before the first one blocks (cold page cache)
+        for ckpt, record in zip(checkpoints, records):
+            for j in np.unique(shard_of):
+                prefetch(ckpt, record.shards[int(j)], rows[shard_of == j] - starts[j])
     grads, values = [], []
     for c, (ckpt, record) in enumerate(zip(checkpoints, records)):
         parts, vparts = [], []
