@@ -261,3 +261,21 @@ def test_normalized_kfac_scores_equal_streamed_and_from_features(kind):
     torch.testing.assert_close(streamed, raw.attribute(test) / (norms_test[:, None] * norms_train[None, :]),
                                rtol=1e-9, atol=1e-12)
     assert torch.equal(attr.select(test, n=5)[1], attr.select(features=attr.query_features(test), n=5)[1])
+
+
+def test_kfac_passes_run_the_model_in_eval_mode():
+    """A model left in train mode (dropout active) gets the same K-FAC scores as in eval mode, and its
+    mode is restored afterwards."""
+    _, train, test = make_problem()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 24), nn.Dropout(0.5), nn.Tanh(), nn.Linear(24, 4)).double()
+    kw = dict(compressor="identity", k=10**6, preconditioner="ekfac", damping="0.1*mean", dtype=torch.float64,
+              compile=False, progress=False)
+    model.eval()
+    expected = Attributor(model, loss_fn, **kw).cache(train).attribute(test)
+    model.train()
+    attr = Attributor(model, loss_fn, **kw).cache(train)
+    assert model.training
+    torch.testing.assert_close(attr.attribute(test), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(attr.attribute(features=attr.query_features(test)), expected, rtol=1e-9, atol=1e-12)
+    assert model.training
