@@ -189,6 +189,13 @@ def _parse_npy(buf: bytearray, path: Path, dtype: np.dtype, shape: tuple[int, ..
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
 
+def _check_storage_range(stored: Tensor, storage: str, index: int) -> None:
+    """Refuse a shard whose values did not fit the storage dtype (float16 overflows past 65504)."""
+    if storage in ("float16", "bfloat16") and not bool(torch.isfinite(stored).all()):
+        raise FloatingPointError(f"batch {index}: the compressed gradients overflow {storage} storage; use "
+                                 "storage_dtype='float32' (or 'bfloat16', whose range is float32's)")
+
+
 def _sealed(meta: dict) -> dict:
     """meta with "self_crc32": the CRC32 of its own canonical JSON, so any edit of the file is detected."""
     body = {k: v for k, v in meta.items() if k != "self_crc32"}
@@ -332,6 +339,7 @@ class MemoryStore:
 
     def write_shard(self, ckpt: int, index: int, grads: Tensor, meta: dict) -> None:
         stored = grads.detach().to("cpu", STORAGE_DTYPES[self.storage]).clone()
+        _check_storage_range(stored, self.storage, index)
         self.shards.setdefault(ckpt, {})[index] = (stored, {**meta, "files": {}})
 
     def shard_info(self, ckpt: int, index: int, meta: dict) -> ShardInfo:
@@ -532,10 +540,11 @@ class DiskStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         array = to_numpy(grads, self.storage)
-        if self.storage in ("float16", "bfloat16") and not bool(torch.isfinite(from_numpy(array, self.storage)).all()):
+        try:
+            _check_storage_range(from_numpy(array, self.storage), self.storage, index)
+        except FloatingPointError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise FloatingPointError(f"batch {index}: the compressed gradients overflow {self.storage} storage; use "
-                                     "storage_dtype='float32' (or 'bfloat16', whose range is float32's)")
+            raise
         files = {GRADS_FILE: _write_bytes(tmp / GRADS_FILE, _npy_bytes(array))}
         _write_bytes(tmp / META_FILE, _json_bytes(_sealed({**meta, "files": files})))
         _fsync_dir(tmp)
@@ -726,6 +735,11 @@ class DiskStore:
                     for fname, rec in done["files"].items():
                         _read_checked(folder / fname, rec, f"{folder.name} file")
                         nbytes += rec[0]
+                    unrecorded = sorted(p.name for p in folder.iterdir() if p.name != DONE_FILE and not p.name.startswith(".")
+                                        and p.name not in done["files"])
+                    if unrecorded:
+                        raise CorruptStoreError(f"{folder}: files {unrecorded[:3]} are not in its {DONE_FILE} (an edited "
+                                                "record); delete the folder and cache() recomputes it")
                     current = done["fingerprint"] == record.fingerprint
                     derived[f"ckpt_{ckpt:03d}/{folder.name}"] = "current" if current else "stale (recomputed by cache())"
                 except StoreError as err:

@@ -127,8 +127,9 @@ def test_non_finite_gradients_are_refused(tmp_path):
     with pytest.raises(FloatingPointError, match="not finite"):
         Attributor(model, nan_loss, method="graddot", **FAST).cache(train)
     huge = lambda m, b: loss_fn(m, b) * 1e8  # noqa: E731
-    with pytest.raises(FloatingPointError, match="overflow float16 storage"):
-        Attributor(model, huge, method="graddot", store=tmp_path, storage_dtype="float16", **FAST).cache(train)
+    for store in (tmp_path, None):  # on disk and in memory
+        with pytest.raises(FloatingPointError, match="overflow float16 storage"):
+            Attributor(model, huge, method="graddot", store=store, storage_dtype="float16", **FAST).cache(train)
 
 
 def test_a_loss_detached_from_the_model_is_refused():

@@ -211,3 +211,17 @@ def test_an_old_format_store_is_refused(tmp_path):
     model, _, _ = make_problem(torch.float32)
     with pytest.raises(StoreError, match="format .*store/1.*new store path"):
         Attributor(model, loss_fn, store=tmp_path, **FAST)
+
+
+def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
+    """A derived folder (the FIM) whose done.json lost a file's entry fails verify, naming the file."""
+    model, train, _ = make_problem(torch.float32)
+    attr = Attributor(model, loss_fn, store=tmp_path, **FAST).cache(train)
+    done = tmp_path / "ckpt_000" / "fim" / "done.json"
+    record = json.loads(done.read_text())
+    dropped = sorted(record["files"])[0]
+    del record["files"][dropped]
+    done.write_text(json.dumps(record))
+    report = Attributor(model, loss_fn, store=tmp_path, **FAST).store.verify()
+    assert not report["ok"] and any(dropped in p for p in report["problems"])
+    assert attr.store.verify()["problems"] == report["problems"]
