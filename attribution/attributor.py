@@ -60,6 +60,13 @@ def _check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
     return int(value)
 
 
+def _check_gradient_matrix(t, columns: int, what: str, rows: str) -> None:
+    """A float tensor [rows, columns] of precomputed compressed gradients, else a ValueError naming it."""
+    if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != columns or not t.is_floating_point():
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{what} must be a float tensor [{rows}, {columns}], got {got}")
+
+
 def _portable(spec):
     """A compressor spec without file locations (learned masks are identified by their digest), so a
     store and its masks can move together."""
@@ -243,17 +250,21 @@ class Attributor:
         kind: "loss" or "output" (TRAK's output_fn)."""
         if kind not in ("loss", "output"):
             raise ValueError(f"kind must be 'loss' or 'output', got {kind!r}")
+        return self._gradient_pass(self.compress, batch, kind)
+
+    def _gradient_pass(self, step: Callable, batch, kind: str):
+        """step(batch, fn, name) with the model in eval mode (its mode restored), timed in stats."""
         fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
         try:
-            grads, values = self.compress(batch, fn, name)
+            out = step(batch, fn, name)
         finally:
             self.model.train(was_training)
             self.stats["gradient_seconds"] += time.perf_counter() - start
         self.stats.update(self.compress.stats())
-        return grads, values
+        return out
 
     # ---- cache stage -----------------------------------------------------------------------------
     def cache(self, train_loader: Iterable) -> "Attributor":
@@ -289,18 +300,8 @@ class Attributor:
         return grads, values
 
     def _with_factors(self, batch, kind: str):
-        """compress_batch with every layer's factors (K-FAC), the model in eval mode likewise."""
-        fn, name = (self.output_fn, "output_fn") if kind == "output" else (self.loss_fn, "loss_fn")
-        was_training = self.model.training
-        self.model.eval()
-        start = time.perf_counter()
-        try:
-            out = self.compress.with_factors(batch, fn, name)
-        finally:
-            self.model.train(was_training)
-            self.stats["gradient_seconds"] += time.perf_counter() - start
-        self.stats.update(self.compress.stats())
-        return out
+        """compress_batch with every layer's factors (K-FAC)."""
+        return self._gradient_pass(self.compress.with_factors, batch, kind)
 
     def cache_gradients(self, batches: Iterable[Tensor]) -> "Attributor":
         """Cache precomputed compressed gradients instead of computing them from a model: each batch a
@@ -314,9 +315,7 @@ class Attributor:
         columns = self.compress.columns
 
         def rows(batch):
-            if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] != columns or not batch.is_floating_point():
-                what = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
-                raise ValueError(f"cache_gradients: each batch must be a float tensor [rows, {columns}], got {what}")
+            _check_gradient_matrix(batch, columns, "cache_gradients: each batch", "rows")
             return batch, torch.zeros(batch.shape[0], dtype=torch.float64)
 
         with LazyWriter(self.store) as writer:
@@ -416,6 +415,12 @@ class Attributor:
             self._fim_cache[key] = fim_module.from_arrays(loaded[0], self.dims, f"{self.store!r} (checkpoint {c}) fim")
         return self._fim_cache[key]
 
+    def _rank_bounds(self, records: list[Completion], rows_per_block: int) -> list[tuple[int, int]]:
+        """Every rank's (first, end) training rows under the streamed plan (one rank: the whole set)."""
+        plan = self.scorer.plan(records, rows_per_block)
+        world = rank_and_world()[1]
+        return [streaming.rank_rows(plan, r, world) for r in range(world)]
+
     def _row_budget(self, n_test: int) -> int:
         """Training rows per block, so that one block (its rows in the storage and the compute dtype for
         every checkpoint, and its [n_test, rows] scores) fits in memory_budget."""
@@ -466,9 +471,7 @@ class Attributor:
             raise ValueError(f"features_from_gradients: one tensor per checkpoint ({len(self.checkpoints)}), got {len(grads)}")
         columns = self.compress.columns
         for g in grads:
-            if not isinstance(g, Tensor) or g.dim() != 2 or g.shape[1] != columns or not g.is_floating_point():
-                what = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-                raise ValueError(f"features_from_gradients: each tensor must be a float tensor [n_test, {columns}], got {what}")
+            _check_gradient_matrix(g, columns, "features_from_gradients: each tensor", "n_test")
             if g.shape[0] != grads[0].shape[0] or g.shape[0] == 0:
                 raise ValueError("features_from_gradients: every checkpoint's tensor needs the same number (>= 1) of rows")
             if not torch.isfinite(g).all():
@@ -534,8 +537,7 @@ class Attributor:
         records, features, queries = self._queries(test_loader, damping, features)
         rank, world = rank_and_world()
         rows = self._row_budget(features.n_test)
-        plan = self.scorer.plan(records, rows)
-        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        bounds = self._rank_bounds(records, rows)
         blocks = self.scorer.score_blocks(queries, records, rows, part=(rank, world))
         return features.n_test, records[0].samples, blocks, bounds
 
@@ -682,8 +684,7 @@ class Attributor:
         records = parallel.collectively(self._records)
         rank, world = rank_and_world()
         rows = self._row_budget(1)
-        plan = self.scorer.plan(records, rows)
-        bounds = [streaming.rank_rows(plan, r, world) for r in range(world)]
+        bounds = self._rank_bounds(records, rows)
         out = parallel.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=(rank, world)))
         return parallel.share_columns(out.to(self.device), bounds).to(self.dtype)  # NCCL sends device tensors
 
