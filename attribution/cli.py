@@ -429,7 +429,9 @@ def cmd_bench(args):
         report["job"] = [job(flags.split(), args.job_documents) for flags in args.job or [""]]
     if args.models:
         report.update(run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
-                          repeats=args.repeats, device=args.device, dtype=args.dtype))
+                          repeats=args.repeats, device=args.device, dtype=args.dtype,
+                          on_progress=(lambda partial: emit_json_report({**report, **partial, "partial": True}, args.out, quiet=True))
+                          if args.out else None))
     emit_json_report(report, args.out)
     return report
 

@@ -28,12 +28,13 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, 
     return statistics.median(samples)
 
 
-def emit_json_report(report: dict, out: str | os.PathLike | None = None) -> str:
-    """Print ``report`` as indented JSON on stdout and, when ``out`` is given, also write it there
-    (parent folders created; written to a temporary file and renamed, so a killed run never leaves a
-    truncated report). Returns the JSON text."""
+def emit_json_report(report: dict, out: str | os.PathLike | None = None, quiet: bool = False) -> str:
+    """Print ``report`` as indented JSON on stdout (unless ``quiet``) and, when ``out`` is given, also
+    write it there (parent folders created; written to a temporary file and renamed, so a killed run
+    never leaves a truncated report). Returns the JSON text."""
     text = json.dumps(report, indent=1)
-    print(text)
+    if not quiet:
+        print(text)
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ else
   if [ "$dry" = 1 ]; then fact=(--quick); else fact=(--llama-tokens 7168); fi
   step factgrass_bfloat16 45 "$PY" scripts/bench_ops.py --device "$device" --dtype bfloat16 --only factgrass "${fact[@]}" \
     --out "$out/bench_factgrass_bfloat16.json"
-  step llm_llama3_8b 135 "$PY" -m attribution.cli bench "${llm[@]}" --out "$out/bench_llm.json"
+  step llm_llama3_8b 170 "$PY" -m attribution.cli bench "${llm[@]}" --out "$out/bench_llm.json"
 fi
 echo "gpu_check $mode: $([ $failed = 0 ] && echo all steps passed || echo some steps failed, see $out/steps.txt)"
 exit $failed
