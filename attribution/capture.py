@@ -1,4 +1,12 @@
-"""Capture stage: per-sample gradient factors of the target layers with torch.func.
+"""Capture stage: per-sample gradients of the target layers with torch.func, compressed inside the
+backward (:meth:`FactorCapture.sketches`) or as factors (:meth:`FactorCapture.factors`).
+
+In-backward compression: each target layer's output y becomes ``tap(y, x_in, z)``, equal to y, where
+z [B, k] is a zero "sketch" per layer and the tap is built so that the gradient of the summed loss
+w.r.t. z is the layer's compressed per-sample gradient (see ``FactorizedCompressor.sketch_output``).
+Autograd forms it as soon as the layer's output gradient exists; the backward keeps only what the
+tap saved (FactGraSS: the k_in' masked input columns), and no output gradient outlives its layer.
+Calls of one layer share its z, so their gradients add up like the weight gradient's.
 
 For a batch with per-sample losses L_b, the gradient of sum_b L_b w.r.t. a zero probe added to a
 layer's output is, row by row, the per-sample gradient w.r.t. that output (samples are independent
@@ -57,6 +65,9 @@ class FactorCapture:
                         for name, info in layers.items()}
         self._hook_fns = {name: self._make_hook(name) for name in layers}  # stable objects: stable compile guards
         self.probes: dict[str, list[Tensor]] | None = None
+        self.taps: dict[str, tuple[Callable, Tensor]] | None = None  # sketch mode: {layer: (tap, z)}
+        self.calls: dict[str, int] = {}
+        self.called: list[str] = []  # the layers the last sketch pass called
         self.rows: int | None = None
         self.inputs: dict[str, list[Tensor]] = {}
         self.shapes: Shapes = {}
@@ -74,6 +85,10 @@ class FactorCapture:
                                   f"but the batch has {self.rows} samples: every target layer must keep the samples along "
                                   "dim 0 ([B, ..., d]); exclude sequence-first layers ([T, B, d]) and layers applied to "
                                   "tensors without a batch dimension")
+            if self.taps is not None:  # in-backward compression
+                self.calls[name] = self.calls.get(name, 0) + 1
+                tap, z = self.taps[name]
+                return tap(output, x, z)
             if self.probes is None:  # shape pass
                 self.shapes.setdefault(name, []).append((tuple(output.shape[1:]), output.dtype))
                 return None
@@ -132,6 +147,31 @@ class FactorCapture:
         """One zero probe [rows, *shape] per call of each layer, in the dtype of its output."""
         return {n: [torch.zeros((rows, *s), device=device, dtype=dtype) for s, dtype in calls] for n, calls in shapes.items()}
 
+    def sketches(self, loss_fn: Callable, batch, taps: dict[str, Callable], zeros: dict[str, Tensor]):
+        """-> (compressed per-sample gradients {name: [B, k]}, values [B]), formed inside the backward.
+        Call inside :meth:`hooks`; ``taps[name](y, x_in, z)`` returns the layer output with its sketch
+        term, ``zeros[name]`` is that layer's zero z [B, k]."""
+        rows = batch_tensors(batch)[0].shape[0]
+
+        def summed_loss(zs):
+            self.taps, self.calls, self.rows = {n: (taps[n], zs[n]) for n in self.layers}, {}, rows
+            try:
+                values = loss_fn(self.model, batch)
+                self.called = sorted(self.calls)  # read after the step (torch.compile replays this side effect)
+            finally:
+                self.taps, self.calls, self.rows = None, {}, None
+            _check_values(values)
+            return values.sum(), values
+
+        self.called = []
+        grads, values = _per_sample_grad(summed_loss, zeros)
+        missing = [n for n in self.layers if n not in self.called]
+        if missing:
+            raise ValueError(f"layers {missing} were not called by the forward pass of loss_fn (a module whose weight "
+                             "the model uses directly, like nn.MultiheadAttention's out_proj, cannot be captured: "
+                             "exclude it with layers=...)")
+        return grads, values.detach()
+
     def factors(self, loss_fn: Callable, batch, probes: dict[str, list[Tensor]]):
         """-> (inputs {name: [B, T, d_in]}, output grads {name: [B, T, d_out]}, values [B]).
         Call inside :meth:`hooks`; ``probes`` holds one zero tensor per call of each layer."""
@@ -144,22 +184,10 @@ class FactorCapture:
                 inputs = dict(self.inputs)
             finally:
                 self.probes, self.inputs, self.rows = None, {}, None
-            if not isinstance(values, Tensor) or not values.is_floating_point():
-                kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
-                raise TypeError(f"loss_fn must return a floating-point Tensor [B] of per-sample values, got {kind}")
+            _check_values(values)
             return values.sum(), (values, inputs)
 
-        # no_grad outside: parameters are not differentiated, so nothing links the results to them
-        # (torch.func.grad enables grad for its own level).
-        with torch.no_grad():
-            try:
-                grads, (values, inputs) = torch.func.grad(summed_loss, has_aux=True)(probes)
-            except RuntimeError as err:
-                if type(err) is not RuntimeError or torch.compiler.is_compiling():
-                    raise
-                raise RuntimeError(f"loss_fn failed while its per-sample gradients were taken with torch.func.grad (use "
-                                   "differentiable torch operations only: no .numpy() or .item() on tensors that depend "
-                                   f"on the model, no in-place changes of tensors it did not create): {err}") from err
+        grads, (values, inputs) = _per_sample_grad(summed_loss, probes)
         short = [n for n in self.layers if len(inputs.get(n, [])) != len(probes[n])]
         if short:
             raise CaptureError(f"layers {short} ran fewer times than when their output shapes were taken")
@@ -172,6 +200,27 @@ class FactorCapture:
         probes = self.zero_probes(self.output_shapes(loss_fn, batch), batch_size(batch), device)
         with self.hooks():
             return self.factors(loss_fn, batch, probes)
+
+
+def _check_values(values) -> None:
+    if not isinstance(values, Tensor) or not values.is_floating_point():
+        kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
+        raise TypeError(f"loss_fn must return a floating-point Tensor [B] of per-sample values, got {kind}")
+
+
+def _per_sample_grad(summed_loss: Callable, wrt):
+    """torch.func.grad(summed_loss, has_aux=True)(wrt), with a readable error for a loss that
+    torch.func cannot differentiate. no_grad outside: parameters are not differentiated, so nothing
+    links the results to them (torch.func.grad enables grad for its own level)."""
+    with torch.no_grad():
+        try:
+            return torch.func.grad(summed_loss, has_aux=True)(wrt)
+        except RuntimeError as err:
+            if type(err) is not RuntimeError or torch.compiler.is_compiling():
+                raise
+            raise RuntimeError(f"loss_fn failed while its per-sample gradients were taken with torch.func.grad (use "
+                               "differentiable torch operations only: no .numpy() or .item() on tensors that depend "
+                               f"on the model, no in-place changes of tensors it did not create): {err}") from err
 
 
 def _concat_calls(calls: list[Tensor]) -> Tensor:

@@ -1,11 +1,12 @@
 """Compress stage: per-block compressors from a spec ("factgrass", "sjlt:s=2", ...) and the
 per-batch step that turns a batch into compressed per-sample gradients [B, columns].
 
-A *block* is one target linear layer (its gradient given by the capture stage's factors) or one
-other parameter (``params=``; per-sample gradients from vmap(grad)). Factorized compressors
-(FactGraSS, LoGra) consume a layer's factors directly. Flat ones (SJLT, masks, GraSS, Gaussian,
-FJLT, identity) need the per-sample weight gradient, which is formed from the factors in row
-chunks (bounded memory) and compressed right away. Every block's compressed gradients sit side by
+A *block* is one target linear layer or one other parameter (``params=``; per-sample gradients from
+vmap(grad)). A layer's block is compressed inside the backward pass (:func:`layer_tap`, the capture
+stage's ``sketches``): factorized compressors (FactGraSS, LoGra) from the masked or projected factors,
+flat ones (SJLT, masks, GraSS, Gaussian, FJLT, identity) from the per-sample weight gradient, formed
+for one layer at a time. With ``return_factors`` (K-FAC statistics) the step captures every layer's
+factors instead and compresses them after the backward (:func:`compress_layer`). Every block's compressed gradients sit side by
 side in one row: columns offsets[j]:offsets[j + 1] belong to block j.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import grass_ops
 from grass_ops import compressors as C
 
 from .batches import batch_size, shape_key, to_device
-from .capture import FactorCapture
+from .capture import FactorCapture, tokens_view
 from .compiled import CompiledStep
 from .layers import LayerInfo
 from .param_grads import loss_module, per_sample_grads
@@ -231,6 +232,25 @@ def compress_layer(comp: C.Compressor, x_in: Tensor, g_out: Tensor, chunk_elemen
     return torch.cat(parts)
 
 
+def layer_tap(comp: C.Compressor, layer: LayerInfo) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """tap(y, x_in, z) -> y for :meth:`FactorCapture.sketches`: the layer output y [B, ..., d_out] with a
+    zero term whose gradient w.r.t. z [B, k], given dL/dy, is ``comp``'s compression of the per-sample
+    weight gradient vec(x_in^T dL/dy) (x_in a constant). The term is computed without autocast, in z's
+    dtype (float32 under bfloat16 autocast, as compress_layer on upcast factors)."""
+
+    def tap(y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+        with torch.autocast(y.device.type, enabled=False):
+            x3, y3 = tokens_view(x_in.detach()), tokens_view(y)
+            if isinstance(comp, C.FactorizedCompressor):
+                out = comp.sketch_output(y3, x3, z)
+            else:  # the adjoint as a per-sample weight [B, d_in, d_out]: its gradient is x_in^T dL/dy
+                weight = comp.adjoint(z).view(-1, layer.d_in, layer.d_out)
+                out = y3 + torch.bmm(x3.to(z.dtype), weight).to(y3.dtype)
+        return out.reshape(y.shape)
+
+    return tap
+
+
 def check_gradients(grads: Tensor, values: Tensor, name: str) -> None:
     """Refuse what would be cached silently wrong: non-finite values or gradients, and gradients that
     are all zero for the whole batch (a value detached from the model)."""
@@ -271,6 +291,9 @@ class BatchCompressor:
         self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
         self.return_factors, self.autocast = bool(return_factors), autocast
         self.capture = FactorCapture(model, layers)
+        self.taps = {n: layer_tap(blocks[n], layers[n]) for n in layers}
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        self.sketch_dtype = torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
         for width in self.widths:
@@ -283,24 +306,31 @@ class BatchCompressor:
     def columns(self) -> int:
         return self.offsets[-1]
 
-    def probes(self, fn: Callable, batch) -> dict[str, list[Tensor]]:
-        """Zero probes, one per call of each target layer, for this batch's shapes (the layers' output
-        shapes are taken once per shape of the batch's non-sample dims, from one sample)."""
+    def probes(self, fn: Callable, batch) -> dict:
+        """The step's zero inputs: one sketch z [B, k] per target layer (in-backward compression), or
+        with return_factors one probe per call of each target layer, for this batch's shapes (the layers'
+        output shapes are taken once per shape of the batch's non-sample dims, from one sample)."""
         if not self.layers:
             return {}
         key = (_fn_key(fn), tuple((shape[1:], dtype) for shape, dtype in shape_key(batch)))
-        if key not in self._probe_shapes:
-            with self._mixed_precision():
+        if key not in self._probe_shapes:  # also checks every layer's layout on one sample (a [T, B, d] layer
+            with self._mixed_precision():  # cannot pass for [B, T, d] when T == B, but it fails with B = 1)
                 self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
+        if not self.return_factors:
+            rows = batch_size(batch)
+            return {n: torch.zeros(rows, self.blocks[n].out_features, dtype=self.sketch_dtype, device=self.device)
+                    for n in self.layers}
         return self.capture.zero_probes(self._probe_shapes[key][1], batch_size(batch), self.device)
 
-    def raw(self, fn: Callable, batch, probes: dict[str, list[Tensor]]) -> tuple[Tensor, ...]:
+    def raw(self, fn: Callable, batch, probes: dict) -> tuple[Tensor, ...]:
         """The eager step: (grads [B, columns], values [B]), then with return_factors every layer's
         inputs [B, T, d_in] and then every layer's output gradients [B, T, d_out]."""
         parts, values, inputs, grads = [], None, {}, {}
-        if self.layers:
-            with self._mixed_precision():
-                inputs, grads, values = self.capture.factors(fn, batch, probes)
+        if self.layers and not self.return_factors:
+            sketches, values = self.capture.sketches(self._forward_in_mixed_precision(fn), batch, self.taps, probes)
+            parts = [sketches[n].to(self.dtype) for n in self.layers]
+        elif self.layers:
+            inputs, grads, values = self.capture.factors(self._forward_in_mixed_precision(fn), batch, probes)
             if self.autocast is not None:  # compress in float32 (the factors of one layer may differ in dtype)
                 inputs = {n: t.float() for n, t in inputs.items()}
                 grads = {n: t.float() for n, t in grads.items()}
@@ -317,9 +347,21 @@ class BatchCompressor:
         factors = tuple(inputs[n] for n in self.layers) + tuple(grads[n] for n in self.layers) if self.return_factors else ()
         return (torch.cat(parts, dim=1), values.detach()) + factors
 
+    def _forward_in_mixed_precision(self, fn: Callable) -> Callable:
+        """fn with its forward pass under :meth:`_mixed_precision`; the backward runs outside autocast
+        (each op's backward in the dtype its forward ran in, the sketches' products in float32)."""
+        if self.autocast is None:
+            return fn
+
+        def forward(model, batch):
+            with self._mixed_precision():
+                return fn(model, batch)
+
+        return forward
+
     def _mixed_precision(self):
-        """torch.autocast to ``self.autocast`` for the forward and backward passes (matmuls in bfloat16 or
-        float16, reductions and norms in float32), or nothing."""
+        """torch.autocast to ``self.autocast`` for the forward pass (matmuls in bfloat16 or float16,
+        reductions and norms in float32), or nothing."""
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)

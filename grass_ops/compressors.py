@@ -7,9 +7,13 @@ Every compressor is an ``nn.Module`` (``.to(device)`` moves its buffers) with
 * ``spec()``: a JSON-serializable dict (type, shapes, seed, ...) and ``from_spec(spec)`` to rebuild it,
   so a cache can record how it was made and be checked against a configuration.
 
+Every compressor is linear, and ``adjoint(z)``: z [..., k] -> [..., p] is its transpose
+(<compress(g), z> = <g, adjoint(z)>), differentiable in z with ``compress`` as its vector-Jacobian product.
+
 Factorized compressors (``FactGraSS``, ``LoGra``) also take a linear layer's factors directly:
 ``compress_factors(x_in [B, T, d_in], g_out [B, T, d_out]) -> [B, k]``, and their ``compress`` takes the
 flattened weight gradient in (d_in, d_out) row-major order (position i * d_out + j), i.e. ``W.grad.T``.
+``sketch_output(y, x_in, z)`` is the in-backward form of ``compress_factors`` (see its docstring).
 """
 from __future__ import annotations
 
@@ -67,6 +71,10 @@ class Compressor(nn.Module, metaclass=abc.ABCMeta):
     def compress(self, g: Tensor) -> Tensor:
         return self(g)
 
+    @abc.abstractmethod
+    def adjoint(self, z: Tensor) -> Tensor:
+        """z [..., out_features] -> [..., in_features], the transpose of the compression."""
+
     def extra_repr(self) -> str:
         return json.dumps(self.spec())
 
@@ -80,6 +88,9 @@ class Identity(Compressor):
     def forward(self, g: Tensor) -> Tensor:
         _check_last_dim("Identity", g, self.in_features)
         return g
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        return z
 
     def spec(self) -> dict:
         return {"type": "Identity", "p": self.in_features}
@@ -98,6 +109,15 @@ class SJLT(Compressor):
 
     def forward(self, g: Tensor) -> Tensor:
         return sjlt(g, self.idx, self.sign, self.out_features)
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        """In plain torch ops (a signed gather), unlike the ``grass::sjlt_transpose`` op: torch.func can
+        differentiate it inside torch.compile (its vector-Jacobian product is the SJLT as an index_add)."""
+        _check_last_dim("SJLT.adjoint", z, self.out_features)
+        p, s = self.idx.shape
+        gathered = z.index_select(-1, self.idx.reshape(-1)).unflatten(-1, (p, s))
+        out = (gathered * self.sign.to(z.dtype)).sum(-1)
+        return out * s**-0.5 if s > 1 else out
 
     def spec(self) -> dict:
         return {"type": "SJLT", "p": self.in_features, "k": self.out_features, "s": self.s, "seed": self.seed}
@@ -122,6 +142,10 @@ class _Mask(Compressor):
     def forward(self, g: Tensor) -> Tensor:
         _check_last_dim(type(self).__name__, g, self.in_features)
         return g.index_select(-1, self.indices)
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        _check_last_dim(f"{type(self).__name__}.adjoint", z, self.out_features)
+        return z.new_zeros(*z.shape[:-1], self.in_features).index_copy(-1, self.indices, z)
 
 
 @_register
@@ -248,6 +272,9 @@ class GraSS(Compressor):
     def forward(self, g: Tensor) -> Tensor:
         return self.projection(self.mask(g))
 
+    def adjoint(self, z: Tensor) -> Tensor:
+        return self.mask.adjoint(self.projection.adjoint(z))
+
     def spec(self) -> dict:
         mask = None if isinstance(self.mask, RandomMask) else self.mask.spec()
         return {"type": "GraSS", "p": self.in_features, "k": self.out_features, "k_prime": self.k_prime,
@@ -279,6 +306,14 @@ class FactorizedCompressor(Compressor):
         _check_last_dim(type(self).__name__, g, self.d_in * self.d_out)
         return g.reshape(*g.shape[:-1], self.d_in, self.d_out)
 
+    @abc.abstractmethod
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+        """The layer output y [B, T, d_out] plus a term that is zero (z is zero) and whose
+        vector-Jacobian product w.r.t. z [B, k], for dL/dy = g_out, is ``compress_factors(x_in, g_out)``
+        (x_in [B, T, d_in] a constant): differentiating a loss w.r.t. z forms the compressed per-sample
+        gradient inside the backward, as soon as g_out exists, without holding x_in or g_out in full.
+        Computed in z's dtype; the result has y's dtype."""
+
 
 @_register
 class FactGraSS(FactorizedCompressor):
@@ -303,6 +338,17 @@ class FactGraSS(FactorizedCompressor):
         grad = self._weight_gradient(g)
         masked = grad.index_select(-2, self.in_mask.indices).index_select(-1, self.out_mask.indices)
         return self.projection(masked.flatten(-2))
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        masked = self.projection.adjoint(z).unflatten(-1, (self.k_in, self.k_out))
+        rows = self.out_mask.adjoint(masked)  # [..., k_in', d_out]
+        return self.in_mask.adjoint(rows.transpose(-1, -2)).transpose(-1, -2).flatten(-2)
+
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+        # d/dz of <g_out, index_add(y, mask_out, a @ W(z))> = SJLT(vec(a^T g_out[..., mask_out])), a = x_in[..., mask_in]
+        a = as_3d(x_in).index_select(-1, self.in_mask.indices).to(z.dtype)  # [B, T, k_in'], all the backward keeps
+        w = self.projection.adjoint(z).unflatten(-1, (self.k_in, self.k_out))  # [B, k_in', k_out']
+        return y.index_add(-1, self.out_mask.indices, torch.bmm(a, w).to(y.dtype))
 
     def spec(self) -> dict:
         masks = {name: None if isinstance(m, RandomMask) else m.spec()
@@ -339,6 +385,11 @@ class Gaussian(Compressor):
         _check_last_dim("Gaussian", g, self.in_features)
         acc = accumulation_dtype(g.dtype)
         return (g.to(acc) @ self.matrix.to(acc).T).to(g.dtype)
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        _check_last_dim(f"{type(self).__name__}.adjoint", z, self.out_features)
+        acc = accumulation_dtype(z.dtype)
+        return (z.to(acc) @ self.matrix.to(acc)).to(z.dtype)
 
     def spec(self) -> dict:
         return {"type": "Gaussian", "p": self.in_features, "k": self.out_features, "seed": self.seed}
@@ -408,6 +459,12 @@ class FJLT(Compressor):
         out = hadamard_transform(work).index_select(-1, self.rows) * math.sqrt(self.n / self.out_features)
         return out.to(g.dtype)
 
+    def adjoint(self, z: Tensor) -> Tensor:
+        _check_last_dim("FJLT.adjoint", z, self.out_features)
+        rows = z.to(accumulation_dtype(z.dtype)) * math.sqrt(self.n / self.out_features)
+        padded = rows.new_zeros(*z.shape[:-1], self.n).index_copy(-1, self.rows, rows)
+        return (hadamard_transform(padded)[..., : self.in_features] * self.signs).to(z.dtype)  # H is symmetric
+
     def spec(self) -> dict:
         return {"type": "FJLT", "p": self.in_features, "k": self.out_features, "seed": self.seed}
 
@@ -435,6 +492,17 @@ class LoGra(FactorizedCompressor):
         acc = accumulation_dtype(g.dtype)
         grad = self._weight_gradient(g).to(acc)
         return (self.p_in.to(acc) @ grad @ self.p_out.to(acc).T).flatten(-2).to(g.dtype)
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        acc = accumulation_dtype(z.dtype)
+        w = z.to(acc).unflatten(-1, (self.k_in, self.k_out))
+        return (self.p_in.to(acc).T @ w @ self.p_out.to(acc)).flatten(-2).to(z.dtype)
+
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+        # d/dz of <g_out, y + (a @ Z) @ P_out> = vec(a^T (g_out @ P_out^T)), a = x_in @ P_in^T
+        a = as_3d(x_in).to(z.dtype) @ self.p_in.to(z.dtype).T  # [B, T, k_in]
+        w = z.unflatten(-1, (self.k_in, self.k_out))
+        return y + (torch.bmm(a, w) @ self.p_out.to(z.dtype)).to(y.dtype)
 
     def spec(self) -> dict:
         return {"type": "LoGra", "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,

@@ -196,3 +196,33 @@ def test_unreadable_selective_mask_file_is_named(tmp_path):
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
     with pytest.raises(ValueError, match=r"other.npz is not a readable selective mask file: needs the arrays"):
         C.SelectiveMask(12, path=tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective"])
+def test_adjoint_is_the_transpose(make):
+    """<C g, z> = <g, C^T z> for random g and z, and the adjoint's vector-Jacobian product is C itself."""
+    comp = make()
+    g = torch.randn(3, comp.in_features, dtype=torch.float64)
+    z = torch.randn(3, comp.out_features, dtype=torch.float64, requires_grad=True)
+    adjoint = comp.adjoint(z)
+    assert adjoint.shape == (3, comp.in_features)
+    torch.testing.assert_close((comp(g) * z).sum(), (g * adjoint).sum())
+    (vjp,) = torch.autograd.grad(adjoint, z, g)
+    torch.testing.assert_close(vjp, comp(g))
+
+
+@pytest.mark.parametrize("two_d", [False, True], ids=["tokens", "one_token"])
+@pytest.mark.parametrize("make", [FLAT[7], FLAT[8], lambda: C.FactGraSS(8, 8, 16, 4, 6, seed=5, s=3)],
+                         ids=["factgrass", "logra", "factgrass_s3"])
+def test_sketch_output_differentiates_to_compress_factors(make, two_d):
+    """The output is y itself, and d/dz <g_out, sketch_output(y, x_in, z)> = compress_factors(x_in, g_out)."""
+    comp = make()
+    shape = (3,) if two_d else (3, 5)
+    x_in = torch.randn(*shape, comp.d_in, dtype=torch.float64)
+    y = torch.randn(*shape, comp.d_out, dtype=torch.float64)
+    g_out = torch.randn(*shape, comp.d_out, dtype=torch.float64)
+    z = torch.zeros(3, comp.out_features, dtype=torch.float64, requires_grad=True)
+    out = comp.sketch_output(y if not two_d else y.unsqueeze(1), x_in, z)
+    torch.testing.assert_close(out.reshape(y.shape), y)
+    (grad_z,) = torch.autograd.grad(out, z, g_out.reshape(out.shape))
+    torch.testing.assert_close(grad_z, comp.compress_factors(x_in, g_out))

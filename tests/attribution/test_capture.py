@@ -68,24 +68,40 @@ def test_hooks_exist_only_while_capturing_and_do_not_stack():
         torch.testing.assert_close(attr.attribute(test), reference, rtol=0, atol=0)
 
 
-def test_a_forward_pass_that_changes_with_the_data_is_refused():
+class DataDependent(nn.Module):
+    """Runs ``lin`` once or twice, by the sign of the batch's sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if bool((x.sum() > 0).item()):
+            h = self.lin(h)
+        return h
+
+
+def test_a_forward_pass_that_changes_with_the_data_gets_exact_gradients():
+    """In-backward compression sums a layer's calls into one sketch, however many there are."""
     torch.manual_seed(0)
+    model = DataDependent().double()
+    x = torch.randn(2, 3, dtype=torch.float64).abs()
+    y = torch.tensor([0, 1])
+    attr = Attributor(model, loss_fn, **EXACT)
+    for batch_x in (x, -x):  # two calls of lin, then one
+        grads = attr.compress_batch((batch_x, y))[0]
+        torch.testing.assert_close(grads, _dense(model, batch_x, y, ["lin"]), rtol=1e-10, atol=1e-12)
 
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
 
-        def forward(self, x):
-            h = self.lin(x)
-            if bool((x.sum() > 0).item()):
-                h = self.lin(h)
-            return h
-
+def test_a_forward_pass_that_changes_with_the_data_is_refused_by_the_factor_capture():
+    """K-FAC captures each call's factors with probes shaped on one sample: a batch that calls the layer
+    a different number of times is refused, not mixed up."""
+    torch.manual_seed(0)
     model = DataDependent().double()
     x = torch.ones(2, 3, dtype=torch.float64)
     batches = [(x, torch.tensor([0, 1])), (-x, torch.tensor([0, 1]))]  # same shapes, different call counts
-    attr = Attributor(model, loss_fn, **EXACT)
-    attr.cache(batches[:1])
+    attr = Attributor(model, loss_fn, **{**EXACT, "method": "if", "preconditioner": "kfac", "k": 9})
+    attr._with_factors(batches[0], "loss")  # the shapes: two calls
     with pytest.raises(RuntimeError, match="ran fewer times|ran 2 times"):
-        attr.compress_batch(batches[1])
+        attr._with_factors(batches[1], "loss")
