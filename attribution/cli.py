@@ -429,7 +429,7 @@ def cmd_bench(args):
         report["job"] = [job(flags.split(), args.job_documents) for flags in args.job or [""]]
     if args.models:
         report.update(run(models=args.models, ks=args.ks, batch_size=args.batch_size, seq_len=args.seq_len,
-                          repeats=args.repeats, device=args.device, dtype=args.dtype,
+                          repeats=args.repeats, device=args.device, dtype=args.dtype, fingerprint=args.fingerprint,
                           on_progress=(lambda partial: emit_json_report({**report, **partial, "partial": True}, args.out, quiet=True))
                           if args.out else None))
     emit_json_report(report, args.out)
@@ -565,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+    bench.add_argument("--fingerprint", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time fingerprinting the weights (sha256 on the host, lin64 on the device)")
     bench.add_argument("--out", default=None)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -1,8 +1,8 @@
 """Throughput of the LLM cache stage (the shape of the paper's Table 2), used by ``grass-attribute bench``.
 
-Per model and k per layer: tokens/s of (a) a bare forward + activation-gradient-only backward (the
-per-sample factors, no compression), (b) the compress step alone on those factors, (c) the whole
-cache step (a + b), for FactGraSS and LoGra. Models: "smollm2" (embedded, real weights),
+Per model and k per layer: tokens/s of (a) a forward + activation-gradient-only backward (the floor of
+any per-sample gradient method), (b) the compression alone on every layer's factors, (c) the whole
+cache step (in-backward compression), for FactGraSS and LoGra; on a GPU, peak memory of (a) and (c). Models: "smollm2" (embedded, real weights),
 "gpt2-random" (GPT-2 small from its config, random weights, Conv1D layers) and, on a GPU,
 "llama3-8b-random" (Llama-3.1-8B from its config, random bf16 weights, no download).
 """
@@ -18,6 +18,8 @@ from . import llm
 from .attributor import Attributor
 from .compress import compress_layer
 from .manifest import model_fingerprint
+
+Tensor = torch.Tensor
 
 
 def build_model(name: str, device: str, dtype: str):
@@ -67,10 +69,61 @@ def fingerprint_seconds(model) -> dict:
     return out
 
 
+def activation_backward(model, loss_fn, batch) -> Tensor:
+    """The floor of any per-sample gradient method: a forward pass and a backward pass of activation
+    gradients only (no weight gradient, nothing captured), taken w.r.t. a zero probe added to the input
+    embeddings. Returns the probe's gradient [B, T, hidden]."""
+    embeddings = model.get_input_embeddings()
+    ids = batch["input_ids"]
+    dtype = embeddings.weight.dtype
+
+    def summed(probe):
+        handle = embeddings.register_forward_hook(lambda module, args, out: out + probe)
+        try:
+            return loss_fn(model, batch).sum()
+        finally:
+            handle.remove()
+
+    probe = torch.zeros(*ids.shape, embeddings.embedding_dim, dtype=dtype, device=ids.device)
+    with torch.no_grad():
+        return torch.func.grad(summed)(probe)
+
+
+def compress_seconds(compressors: dict, infos: dict, rows: int, tokens: int, dtype, device, repeats: int) -> float:
+    """Seconds to compress one batch's factors of every layer after the backward (the paper's Table 2
+    "compress"): random factors [rows, tokens, d] of each distinct layer shape, timed once per shape and
+    counted once per layer of that shape (the factors of every layer never need to coexist)."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, info in infos.items():
+        by_shape.setdefault((info.d_in, info.d_out), []).append(name)
+    total = 0.0
+    gen = torch.Generator(device=device).manual_seed(0)
+    for (d_in, d_out), names in by_shape.items():
+        x = torch.randn(rows, tokens, d_in, generator=gen, device=device).to(dtype)
+        g = torch.randn(rows, tokens, d_out, generator=gen, device=device).to(dtype)
+        comp = compressors[names[0]]
+        total += len(names) * median_seconds(lambda: compress_layer(comp, x, g), repeats, device=device)
+        del x, g
+    return total
+
+
+def _peak_bytes(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, seq_len=128, repeats=3,
-        device="cpu", dtype="float32", on_progress=None) -> dict:
-    """The throughput table. ``on_progress(report)``, when given, is called with the partial report after
-    the model is built and after every row, so that a run stopped by a time limit keeps what it measured."""
+        device="cpu", dtype="float32", on_progress=None, fingerprint: bool = True) -> dict:
+    """The throughput table: per model, the activation-gradient floor (:func:`activation_backward`), and per
+    compressor and k the cache step (in-backward compression, what ``Attributor.cache`` runs per batch)
+    and the compression alone (:func:`compress_seconds`); tokens/s and, on a GPU, peak memory.
+    ``on_progress(report)``, when given, is called with the partial report after the model is built and
+    after every row, so that a run stopped by a time limit keeps what it measured."""
     import sys
     import time
 
@@ -87,52 +140,38 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
     for name in models:
         rows = report["models"][name] = {}
         model, vocab = build_model(name, device, dtype)
+        rows["parameters"] = sum(p.numel() for p in model.parameters())
         progress(f"{name}: built")
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
         tokens = batch_size * seq_len
         layers = ["model.layers.*"] if name != "gpt2-random" else ["transformer.h.*"]
-        rows["fingerprint"] = fingerprint_seconds(model)
-        progress(f"{name}: fingerprint timed")
-        bare_s = None
+        if fingerprint:
+            rows["fingerprint"] = fingerprint_seconds(model)
+            progress(f"{name}: fingerprint timed")
+        _reset_peak(device)
+        bare_s = median_seconds(lambda: activation_backward(model, llm.sequence_loss, batch), repeats, warmup=2, device=device)
+        rows["activation_backward"] = {"tokens_per_s": tokens / bare_s, "peak_bytes": _peak_bytes(device)}
+        progress(f"{name}: activation backward")
         for k in ks:
             for comp in ("factgrass", "logra"):
                 attr = Attributor(model, llm.sequence_loss, compressor=comp, k=k, compile=False, progress=False,
                                   layers=layers)
-                capture = attr.compress.capture
-                probes = attr.compress.probes(llm.sequence_loss, batch)
-                factors = {}
-
-                def bare():  # the per-sample factors alone: forward + activation-gradient backward
-                    with capture.hooks():
-                        inputs, grads, _ = capture.factors(llm.sequence_loss, batch, probes)
-                    factors.update({n: (inputs[n], grads[n]) for n in attr.layer_names})
-
-                if device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                if bare_s is None:  # the same for every compressor: measured once per model, well warmed up
-                    bare_s = median_seconds(bare, repeats, warmup=3, device=device)
-                else:
-                    bare()
-
-                def compress():
-                    for n in attr.layer_names:
-                        compress_layer(attr.compressors[n], *factors[n])
-
-                compress_s = median_seconds(compress, repeats, device=device)
+                _reset_peak(device)
                 cache_s = median_seconds(lambda: attr.compress_batch(batch), repeats, device=device)
-                factor_bytes = sum(x.element_size() * (x.numel() + g.numel()) for x, g in factors.values()) / batch_size
-                weight_grad_bytes = sum(i.params for i in attr.layer_infos.values()) * 4
-                row = {"layers": len(attr.layer_names), "bare_tokens_per_s": tokens / bare_s,
-                       "compress_tokens_per_s": tokens / compress_s, "cache_tokens_per_s": tokens / cache_s,
-                       "cache_vs_bare": bare_s / cache_s,
-                       "per_sample_bytes": {"factors": factor_bytes, "compressed": 4 * sum(attr.dims),
-                                            "weight_gradients_never_formed": weight_grad_bytes}}
-                if device.startswith("cuda"):
-                    row["peak_gpu_bytes_per_sample"] = torch.cuda.max_memory_allocated() / batch_size
-                rows[f"{comp}_k{k}"] = row
-                attr.close()
+                peak = _peak_bytes(device)
+                compress_s = compress_seconds(attr.compressors, attr.layer_infos, batch_size, seq_len,
+                                              llm.DTYPES[dtype], device, repeats)
+                itemsize = torch.finfo(llm.DTYPES[dtype]).bits // 8
+                factor_bytes = sum((i.d_in + i.d_out) * seq_len * itemsize for i in attr.layer_infos.values())
+                rows[f"{comp}_k{k}"] = {
+                    "layers": len(attr.layer_names), "cache_tokens_per_s": tokens / cache_s,
+                    "compress_tokens_per_s": tokens / compress_s, "cache_vs_activation_backward": bare_s / cache_s,
+                    "peak_bytes": peak,
+                    "per_sample_bytes": {"factors_never_held": factor_bytes, "compressed": 4 * sum(attr.dims),
+                                         "weight_gradients_never_formed": sum(i.params for i in attr.layer_infos.values()) * 4}}
+                del attr
                 progress(f"{name}: {comp} k={k}")
         for k in ks:
             rows[f"compress_speedup_factgrass_vs_logra_k{k}"] = (

@@ -1,15 +1,18 @@
-"""What the benchmark scripts share (scripts/bench_ops.py, scripts/bench_attribution.py, grass-attribute bench):
-timing, and the JSON report written at the end."""
+"""What the benchmark scripts share (scripts/bench_ops.py, scripts/bench_attribution.py, grass-attribute bench,
+scripts/predict_memory.py): timing, peak tensor memory, and the JSON report written at the end."""
 from __future__ import annotations
 
 import json
 import os
 import statistics
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils._pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: torch.device | str | None = None) -> float:
@@ -42,3 +45,34 @@ def emit_json_report(report: dict, out: str | os.PathLike | None = None, quiet: 
         tmp.write_text(text)
         tmp.replace(path)
     return text
+
+
+class PeakMemory(TorchDispatchMode):
+    """Live and peak bytes of tensor storage inside the block (a dispatch mode: it sees every op's
+    outputs below autograd and torch.func, real or fake tensors alike, so a fake-tensor run of a model
+    predicts what a real run allocates). ``track(t)`` adds tensors made before the block (weights,
+    inputs). Counts storages, not the caching allocator's blocks: a GPU's max_memory_allocated can
+    differ by rounding and by kernels' workspaces."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes = weakref.WeakKeyDictionary()
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage in self._sizes:
+                continue
+            size = self._sizes[storage] = storage.nbytes()
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.track(*(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)))
+        return out

@@ -142,3 +142,33 @@ def test_tensors_on_a_second_device():
         got = grass_ops.sjlt(x.to("cuda:1"), idx.to("cuda:1"), sign.to("cuda:1"), 16)
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), grass_ops.sjlt(x, idx, sign, 16), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("spec", ["factgrass", "logra", "sjlt"])
+def test_in_backward_compression_on_cuda_equals_the_cpu(spec, autocast):
+    """The cache step on a small random Llama: in-backward compression on the GPU equals the factor path
+    on the CPU (same weights, same batch, padded rows included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attribution import llm
+    from attribution.compress import BatchCompressor, build_compressors
+    from attribution.layers import find_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone()}
+    infos = find_layers(model, None)
+    blocks = build_compressors(spec, infos, 64, seed=5)
+    reference = BatchCompressor(model, infos, [], blocks, torch.float32, torch.device("cpu"), compile=False,
+                                return_factors=True, autocast=autocast)(batch, llm.sequence_loss)[0]
+    gpu_model = model.cuda()
+    gpu = BatchCompressor(gpu_model, infos, [], {n: c.cuda() for n, c in blocks.items()}, torch.float32,
+                          torch.device("cuda"), compile=False, autocast=autocast)(batch, llm.sequence_loss)[0]
+    error = float((gpu.cpu() - reference).norm() / reference.norm())
+    assert error < (2e-2 if autocast else 1e-4), error  # bfloat16 matmuls round differently on each device
