@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from grass_ops.benchmarking import emit_json_report
+from grass_ops.benchmarking import emit_json_report, peak_rss_bytes, process_seconds, timed_phase
 
 from . import distributed, llm
 from . import index as index_module
@@ -44,6 +44,9 @@ DEFAULT_AUTOCAST = "auto"
 # Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
 # (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
 DEFAULT_NORMALIZE = False
+# --compile auto compiles the cache step when the corpus has at least this many real tokens: one compile of
+# the in-backward step on SmolLM2 pays for itself there (BENCHMARKS.md, "compile or not").
+COMPILE_MIN_TOKENS = 300_000
 NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|), so that no high-norm document "
                   "tops every query (default: raw IF scores, which traced the planted facts as well or better)")
 
@@ -147,6 +150,14 @@ def _write_once(path: Path, text: str, what: str) -> None:
     tmp.replace(path)
 
 
+def compile_decision(flag: str, real_tokens: int) -> bool:
+    """--compile auto|on|off -> whether to torch.compile the cache step: "auto" compiles when the corpus
+    has at least COMPILE_MIN_TOKENS real tokens (the measured break-even of one compile, README)."""
+    if flag not in ("auto", "on", "off"):
+        raise CLIError(f"--compile must be auto, on or off, got {flag!r}")
+    return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS)
+
+
 def cmd_cache(args, loaded=None):
     store = Path(args.store)
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
@@ -156,17 +167,24 @@ def cmd_cache(args, loaded=None):
     if saved.exists() and _saved_config(store)["flags"] != config:
         raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
                        "new --store")
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
-    docs = _docs(config, tokenizer)
-    batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
-                                          config["token_batch_size"])
+    phases: dict[str, float] = {}
+    with timed_phase(phases, "load_model"):  # GGUF dequantization included
+        model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
+    with timed_phase(phases, "tokenize"):
+        docs = _docs(config, tokenizer)
+        batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
+                                              config["token_batch_size"])
     docs = [docs[i] for i in order]  # store row r is docs[r]: the batches group documents by length
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
-    collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, docs))  # rank 0 writes them
-    attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
+    with timed_phase(phases, "masks"):
+        collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, docs))  # rank 0 writes them
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    compile = compile_decision(args.compile, real_tokens)
+    with timed_phase(phases, "attributor"):  # the weights' fingerprint included
+        attr = _attributor(model, config, store, compile=compile)  # validates the whole configuration
 
     def record():  # rank 0 writes; the others wait for it
         if _main_rank():
@@ -179,13 +197,16 @@ def cmd_cache(args, loaded=None):
     start = time.perf_counter()
     attr.cache(batches)
     seconds = time.perf_counter() - start
+    stats = attr.stats
+    phases.update(gradients=stats["gradient_seconds"] - stats["compile_seconds"], compile=stats["compile_seconds"],
+                  fim=stats["fim_seconds"], cache_other=seconds - stats["gradient_seconds"] - stats["fim_seconds"])
     summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
-               "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-               "positions": sum(int(b["attention_mask"].numel()) for b in batches),
-               "cache_seconds": seconds, "gradient_seconds": attr.stats["gradient_seconds"],
-               "fim_seconds": attr.stats["fim_seconds"], "compiled": attr.stats["compiled"],
-               "compile_seconds": attr.stats["compile_seconds"], "graph_breaks": attr.stats["graph_breaks"],
-               "compile_fallback": attr.stats.get("fallback")}
+               "real_tokens": real_tokens, "positions": sum(int(b["attention_mask"].numel()) for b in batches),
+               "cache_seconds": seconds, "gradient_seconds": stats["gradient_seconds"],
+               "fim_seconds": stats["fim_seconds"], "compile": args.compile, "compiled": stats["compiled"],
+               "compile_seconds": stats["compile_seconds"], "graph_breaks": stats["graph_breaks"],
+               "compile_fallback": stats.get("fallback"), "seconds": phases, "process_seconds": process_seconds(),
+               "peak_rss_mb": peak_rss_bytes() / 2**20}
     if _main_rank():
         print(json.dumps(summary))
     return summary
@@ -480,8 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "float32); auto: bfloat16 where the hardware runs it natively, else none (recorded resolved)")
     cache.add_argument("--damping", type=_nonnegative_float, default=1e-3)
     cache.add_argument("--seed", type=int, default=0)
-    cache.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                       help="torch.compile the cache step (default; --no-compile runs it eagerly)")
+    _compile_flags(cache)
     cache.set_defaults(func=cmd_cache)
 
     demo = sub.add_parser("demo", help="the main job: fact tracing on the embedded model, measured")
@@ -492,9 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
             demo._add_action(action)
     demo.set_defaults(model=llm.DEFAULT_MODEL, gguf_file=None, corpus=None, dataset=None, split=None, text_field="text",
                       prompt_field=None, completion_field=None, messages_field=None)
-    demo.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                      help="torch.compile the cache step (off here: on 116 documents one compile costs more than it saves; "
-                           "see BENCHMARKS.md)")
+    _compile_flags(demo)
     demo.add_argument("--store", default="out/llm/store")
     demo.add_argument("--out", default="out/llm")
     demo.add_argument("--finetune-epochs", type=_positive_int, default=6)
@@ -572,6 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compile_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile the cache step: auto (default) compiles when the corpus has at least "
+                             f"{COMPILE_MIN_TOKENS:,} real tokens, where one compile pays for itself; --compile forces it")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                        help="run the cache step eagerly")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -633,7 +659,10 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, values, path: s
     if not isinstance(values, dict):
         raise CLIError(f"--config {path} must hold a JSON object of flag values")
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest != "help"}
+    actions: dict[str, argparse.Action] = {}
+    for a in sub._actions:  # the first flag of each destination (--compile, not --no-compile)
+        if a.option_strings and a.dest != "help":
+            actions.setdefault(a.dest, a)
     unknown = sorted(k for k in values if k not in actions)
     if unknown:
         raise CLIError(f"--config {path}: unknown keys {unknown} for `{command}`")
@@ -642,7 +671,10 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, values, path: s
         if key in given:
             continue
         action, flag = actions[key], actions[key].option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
+        negative = f"--no-{flag[2:]}"
+        if isinstance(value, bool) and any(negative in a.option_strings for a in sub._actions):  # --compile / --no-compile
+            flags.append(flag if value else negative)
+        elif isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise CLIError(f"--config {path}: {key} must be true or false, got {value!r}")
             flags.append(flag if value else f"--no-{flag[2:]}")
@@ -654,6 +686,8 @@ def _config_flags(parser: argparse.ArgumentParser, command: str, values, path: s
         else:
             if isinstance(value, (dict, list, bool)) or value is None:
                 raise CLIError(f"--config {path}: {key} must be a single value, got {value!r}")
+            if action.choices is not None and str(value) not in action.choices:
+                raise CLIError(f"--config {path}: {key} must be one of {list(action.choices)}, got {value!r}")
             flags += [flag, str(value)]
     return flags
 

@@ -2,6 +2,7 @@
 scripts/predict_memory.py): timing, peak tensor memory, and the JSON report written at the end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -76,3 +77,30 @@ class PeakMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.track(*(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)))
         return out
+
+
+@contextlib.contextmanager
+def timed_phase(seconds: dict[str, float], name: str):
+    """Adds the wall time of the block to ``seconds[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def process_seconds() -> float | None:
+    """Wall seconds since this process started (Linux: /proc/self's creation time), else None."""
+    try:
+        return time.time() - os.stat("/proc/self").st_ctime
+    except OSError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss, kilobytes on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -56,10 +56,22 @@ def test_cache_attribute_select_and_resume(tiny_llama, tmp_path, local_task, cor
     assert len(results[0].helpful) == 1
 
 
-def test_cache_compiles_by_default_and_reports_it(tiny_llama, tmp_path, corpus):
-    summary = cli.run(_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1])  # without --no-compile
-    assert summary["compiled"] is True and summary["graph_breaks"] is not None
+def test_cache_compiles_when_asked_and_reports_it(tiny_llama, tmp_path, corpus):
+    summary = cli.run([*_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1], "--compile"])
+    assert summary["compile"] == "on" and summary["compiled"] is True and summary["graph_breaks"] is not None
     assert summary["compile_seconds"] > 0 and summary["compile_fallback"] is None
+    phases = summary["seconds"]
+    assert set(phases) == {"load_model", "tokenize", "masks", "attributor", "gradients", "compile", "fim", "cache_other"}
+    assert all(v >= 0 for v in phases.values()) and phases["compile"] == summary["compile_seconds"]
+    assert summary["peak_rss_mb"] > 100 and summary["process_seconds"] > phases["gradients"]
+
+
+def test_compile_auto_compiles_large_corpora_only(tiny_llama, tmp_path, corpus):
+    summary = cli.run(_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1])  # the default: --compile auto
+    assert summary["compile"] == "auto" and summary["compiled"] is False  # a few tokens: eager
+    assert summary["real_tokens"] < cli.COMPILE_MIN_TOKENS
+    assert [cli.compile_decision("auto", n) for n in (cli.COMPILE_MIN_TOKENS - 1, cli.COMPILE_MIN_TOKENS)] == [False, True]
+    assert cli.compile_decision("on", 1) and not cli.compile_decision("off", 10**9)
 
 
 def test_a_long_prompt_keeps_its_completion(tiny_llama):
@@ -174,16 +186,17 @@ def test_flag_values_are_checked_on_the_command_line_and_in_config_files(tiny_ll
         assert not store.exists() or not (store / "cli.json").exists()  # refused before anything is written
     config = tmp_path / "config.json"
     minimal = ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus)]
-    for values, match in (({"compile": "false"}, "compile must be true or false"), ({"limit": 1.5}, None),
+    for values, match in (({"compile": "sometimes"}, r"compile must be one of \['auto', 'on', 'off'\]"),
+                          ({"limit": 1.5}, None),
                           ({"layers": [1]}, r"--layers patterns \['1'\] match no module"),
                           ({"batch_size": [2]}, "batch_size must be a single value"), ({"bogus": 1}, "unknown keys")):
         config.write_text(json.dumps(values))
         with pytest.raises(SystemExit, match=match):
             cli.run(["--config", str(config), *minimal])
         assert not (store / "cli.json").exists()
-    config.write_text(json.dumps({"batch_size": "3", "layers": "model.layers.0.*"}))  # strings are parsed like flags
-    summary = cli.run(["--config", str(config), *_cache_args(store, tiny_llama, corpus)[:-3], "--no-compile"])
-    assert summary["layers"] == 7
+    config.write_text(json.dumps({"batch_size": "3", "layers": "model.layers.0.*", "compile": False}))  # strings parse as flags
+    summary = cli.run(["--config", str(config), *_cache_args(store, tiny_llama, corpus)[:-3]])
+    assert summary["layers"] == 7 and summary["compile"] == "off"
     config.write_text(json.dumps({"prompt": "a for", "generate": 2}))  # one prompt, not one per character
     results = cli.run(["--config", str(config), "attribute", "--store", str(store), "--out", str(tmp_path / "r")])
     assert [r.query["prompt"] for r in results] == ["a for"]
