@@ -31,7 +31,7 @@ from .attributor import Attributor
 from .compress import parse_spec
 from .parallel import agreed, collectively
 from .report import Attribution, write_reports
-from .store import StoreError, atomic_write_json, open_store, read_json
+from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field",
               "messages_field", "limit", "layers", "compressor", "k", "max_length",
@@ -99,6 +99,25 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     energy_masks(model, llm.sequence_loss, batches, folder, config["k"], blowup=float(options.get("blowup", 2.0)),
                  layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"))
     atomic_write_json(record, wanted)
+
+
+def _mask_files(attr, store: Path) -> list[str]:
+    """The mask files under the store that the compressors loaded, and their record (masks.json)."""
+    paths = []
+
+    def walk(spec):
+        if isinstance(spec, dict):
+            if isinstance(spec.get("path"), str):
+                paths.append(Path(spec["path"]))
+            for value in spec.values():
+                walk(value)
+
+    for compressor in attr.compressors.values():
+        walk(compressor.spec())
+    root = store.resolve()
+    inside = sorted({str(p.resolve().relative_to(root)) for p in paths if p.resolve().is_relative_to(root)})
+    record = store / "masks" / "masks.json"
+    return inside + (["masks/masks.json"] if inside and record.is_file() else [])
 
 
 def _attributor(model, config, store, method="if", compile=False, normalize=False):
@@ -174,6 +193,7 @@ def cmd_cache(args, loaded=None):
             corpus = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}
             _write_once(saved, json.dumps({"flags": config, "corpus": corpus}, indent=1, sort_keys=True) + "\n",
                         "configuration")
+            attr.store.attach(["docs.jsonl", "cli.json", *_mask_files(attr, store)])  # verify checks them
 
     collectively(record)
     start = time.perf_counter()
@@ -215,6 +235,12 @@ def _load_store(store):
     if hashlib.sha256(data).hexdigest() != record["corpus"].get("sha256"):
         raise StoreError(f"{path} is missing or was modified after caching (its rows must match the cached gradients); "
                          "restore it or cache again into a new --store")
+    files = open_store(store)
+    unrecorded = sorted({"cli.json", "docs.jsonl"} - set(files.attached()))
+    if unrecorded:
+        raise StoreError(f"{store}: {unrecorded} are not in the store's record of attached files; run the same "
+                         "`grass-attribute cache` again to complete the store")
+    files.check_attached()  # the corpus, the configuration and the masks, against their recorded CRC32s
     docs = [doc for _, doc in llm.read_jsonl(path, "cached corpus")]
     return store, record["flags"], docs
 
@@ -392,8 +418,19 @@ def cmd_select(args):
 
 
 def cmd_verify(args):
-    """Check every file of a store against its checksums; exit status 1 on any problem."""
-    report = open_store(args.store).verify()
+    """Check every file of a store against its checksums (and a grass-attribute store's corpus and
+    configuration against each other); exit status 1 on any problem."""
+    try:
+        report = open_store(args.store).verify()
+    except CorruptStoreError as err:  # the manifest: nothing else can be read without it
+        report = {"ok": False, "store": str(args.store), "problems": [str(err)]}
+    if (Path(args.store) / "cli.json").is_file():
+        try:
+            _load_store(args.store)
+        except (StoreError, ValueError) as err:
+            if str(err) not in report["problems"]:
+                report["problems"].append(str(err))
+        report["ok"] = not report["problems"]
     print(json.dumps(report, indent=1))
     if not report["ok"]:
         raise SystemExit(1)

@@ -10,6 +10,7 @@ import torch
 from attribution_problems import N_TEST, Interrupt, closed_form, interrupting, loss_fn, make_problem, snapshot, store_files
 
 from attribution import Attributor, CorruptStoreError, IncompleteStoreError, StoreError, cli
+from attribution import store as store_module
 
 FAST = dict(compressor="factgrass", k=32, seed=3, compile=False, progress=False)
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False, damping=1e-2)
@@ -214,7 +215,8 @@ def test_an_old_format_store_is_refused(tmp_path):
 
 
 def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
-    """A derived folder (the FIM) whose done.json lost a file's entry fails verify, naming the file."""
+    """A derived folder (the FIM) whose done.json lost a file's entry fails verify: an edited record is
+    reported by its seal, one resealed by a forger still names the unrecorded file."""
     model, train, _ = make_problem(torch.float32)
     attr = Attributor(model, loss_fn, store=tmp_path, **FAST).cache(train)
     done = tmp_path / "ckpt_000" / "fim" / "done.json"
@@ -222,6 +224,9 @@ def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
     dropped = sorted(record["files"])[0]
     del record["files"][dropped]
     done.write_text(json.dumps(record))
+    report = attr.store.verify()
+    assert not report["ok"] and any("done.json: the record of derived data was altered" in p for p in report["problems"])
+    done.write_text(json.dumps(store_module._sealed(record)))
     report = Attributor(model, loss_fn, store=tmp_path, **FAST).store.verify()
     assert not report["ok"] and any(dropped in p for p in report["problems"])
     assert attr.store.verify()["problems"] == report["problems"]
