@@ -29,7 +29,7 @@ from . import distributed, llm
 from . import index as index_module
 from .attributor import Attributor
 from .compress import parse_spec
-from .parallel import agreed, collectively
+from .parallel import agreed, collectively, require_agreement
 from .report import Attribution, write_reports
 from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json
 
@@ -53,6 +53,10 @@ class CLIError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"grass-attribute: error: {message}")
+
+
+# bad input, or a store that cannot serve the request: one line on stderr, exit status 2 (else a traceback)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, StoreError, FloatingPointError)
 
 
 def _layers(model, patterns):
@@ -140,16 +144,24 @@ def _device() -> str:
     return "cpu"
 
 
-def _docs(config, tokenizer):
+def _check_corpus_flags(config) -> None:
+    """The corpus flags go together (before the model is loaded)."""
     if config["dataset"] is not None:
         if config["corpus"] is not None:
             raise CLIError("give --corpus or --dataset, not both")
+        if config["messages_field"] and (config["prompt_field"] or config["completion_field"]):
+            raise CLIError("--messages-field excludes --prompt-field and --completion-field: give chat messages or "
+                           "prompt/completion pairs")
         if bool(config["prompt_field"]) != bool(config["completion_field"]):
             raise CLIError("--prompt-field and --completion-field go together")
+    elif any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
+        raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
+
+
+def _docs(config, tokenizer):
+    if config["dataset"] is not None:
         return llm.read_dataset(config["dataset"], config["text_field"], config["prompt_field"], config["completion_field"],
                                 config["messages_field"], tokenizer, config["split"], config["limit"])
-    if any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
-        raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
     if config["corpus"] in (None, "python-docs"):
         return llm.python_docs_corpus(limit=config["limit"])
     return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
@@ -171,21 +183,30 @@ def cmd_cache(args, loaded=None):
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
         args.autocast = "bfloat16" if llm.fast_bfloat16(_device()) else "none"
     config = {key: getattr(args, key) for key in CACHE_KEYS}
+    # under torchrun: every rank the same flags, then the same corpus, before anything is written
+    require_agreement({f"--{key.replace('_', '-')}": value for key, value in vars(args).items()
+                       if key not in ("func", "config")})
+    _check_corpus_flags(config)
     saved = store / "cli.json"
     if saved.exists() and _saved_config(store)["flags"] != config:
         raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
                        "new --store")
-    model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
-    docs = _docs(config, tokenizer)
-    batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
-                                          config["token_batch_size"])
-    docs = [docs[i] for i in order]  # store row r is docs[r]: the batches group documents by length
+
+    def prepare():
+        model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
+        docs = _docs(config, tokenizer)
+        batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
+                                              config["token_batch_size"])
+        return model, tokenizer, [docs[i] for i in order], batches  # store row r is docs[r] (grouped by length)
+
+    model, tokenizer, docs, batches = collectively(prepare)
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
+    require_agreement({"the corpus": f"{len(docs)} documents, sha256 {hashlib.sha256(docs_text.encode()).hexdigest()}"})
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
     collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, docs))  # rank 0 writes them
-    attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
+    attr = collectively(lambda: _attributor(model, config, store, compile=args.compile))  # validates the configuration
 
     def record():  # rank 0 writes; the others wait for it
         if _main_rank():
@@ -261,7 +282,7 @@ def _queries(args, model, tokenizer):
                             **({"id": str(record["id"])} if "id" in record else {})})
     queries += [{"prompt": p, "completion": None} for p in args.prompt or []]
     if not queries:
-        raise SystemExit("give --prompt, --prompts FILE or --task")
+        raise CLIError("give --prompt, --prompts FILE or --task")
     missing = [q for q in queries if not q.get("completion")]
     for q, text in zip(missing, llm.complete(model, tokenizer, [q["prompt"] for q in missing], args.generate)):
         q["completion"] = text
@@ -305,6 +326,8 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
 
 def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
+    if not (args.task or args.prompts or args.prompt):
+        raise CLIError("give --prompt, --prompts FILE or --task")
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     # rank 0 generates the completions and sends them (every rank must score the same queries)
@@ -383,6 +406,8 @@ def cmd_demo(args):
 
 def cmd_select(args):
     store, config, docs = _load_store(args.store)
+    if not (args.task or args.target):
+        raise CLIError("select needs --target FILE or --task TASK")
     model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     attr = _attributor(model, config, store, method="gradcos")
     _check_rows(attr, docs, store)
@@ -722,7 +747,12 @@ def main(argv=None) -> int:
     started = dist.is_available() and dist.is_initialized()
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, StoreError, FloatingPointError) as err:
+    except CLIError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (*EXPECTED_ERRORS, distributed.RankFailed) as err:
+        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
+            raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2
     finally:

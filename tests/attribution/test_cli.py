@@ -235,3 +235,21 @@ def test_autocast_auto_is_recorded_resolved_and_normalize_is_a_scoring_choice(ti
     assert {d["id"] for d, _ in unit.helpful} == {d["id"] for d, _ in raw.helpful} == {f"d{i}" for i in range(6)}
     assert sorted(s for _, s in unit.helpful) != sorted(s for _, s in raw.helpful)
     assert json.loads((tmp_path / "unit" / "report.json").read_text())["meta"]["normalize"] is True
+
+
+def test_every_usage_error_exits_with_status_2(tiny_llama, tmp_path, corpus, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a for loop", "prompt": "a for", "completion": " loop"}) + "\n")
+    dataset = ["cache", "--store", str(tmp_path / "s1"), "--model", tiny_llama, "--dataset", str(rows), "--no-compile"]
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    for argv, message in (([*dataset, "--prompt-field", "prompt"], "--prompt-field and --completion-field go together"),
+                          ([*dataset, "--corpus", str(corpus)], "give --corpus or --dataset, not both"),
+                          (_cache_args(tmp_path / "s2", tiny_llama, corpus, "--split", "train"), "apply to --dataset"),
+                          (["attribute", "--store", str(tmp_path / "none")], "is not a grass-attribute store"),
+                          (["attribute", "--store", str(store)], "give --prompt, --prompts FILE or --task"),
+                          (["select", "--store", str(store)], "select needs --target FILE or --task TASK")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the model's loading bars, if it was loaded
+        assert last.startswith("grass-attribute: error: ") and message in last and "Traceback" not in err, err
