@@ -31,7 +31,7 @@ from .attributor import Attributor
 from .compress import parse_spec
 from .parallel import agreed, collectively, require_agreement
 from .report import Attribution, write_reports
-from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json
+from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json, refuse_inside_store
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field",
               "messages_field", "limit", "layers", "compressor", "k", "max_length",
@@ -324,7 +324,14 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     return results, None if scores is None else scores[: len(queries)]
 
 
+def _check_out(args) -> None:
+    """--out must lie outside every store (a report or a selection written there could overwrite its files)."""
+    if getattr(args, "out", None) is not None:
+        refuse_inside_store(args.out, f"--out {args.out}")
+
+
 def cmd_attribute(args, loaded=None):
+    _check_out(args)
     store, config, docs = _load_store(args.store)
     if not (args.task or args.prompts or args.prompt):
         raise CLIError("give --prompt, --prompts FILE or --task")
@@ -360,6 +367,7 @@ def cmd_demo(args):
     question, and measure whether attribution finds each answer's source document."""
     from . import demo, facts
 
+    _check_out(args)
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,6 +413,7 @@ def cmd_demo(args):
 
 
 def cmd_select(args):
+    _check_out(args)
     store, config, docs = _load_store(args.store)
     if not (args.task or args.target):
         raise CLIError("select needs --target FILE or --task TASK")
@@ -486,6 +495,7 @@ def cmd_index(args):
 def cmd_bench(args):
     from .llm_bench import job, run
 
+    _check_out(args)
     report = {}
     if args.job is not None:
         report["job"] = [job(flags.split(), args.job_documents) for flags in args.job or [""]]
@@ -603,12 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--mode", default="cosine" if DEFAULT_NORMALIZE else "ip", choices=index_module.MODES,
                        help="ip: raw vectors (what `attribute` uses by default: raw IF, graddot, tracin), cosine: normalized "
                             "vectors (`attribute --normalize`, gradcos), trak: TRAK-weighted")
-    index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
+    index.add_argument("--project", type=_nonnegative_int, default=index_module.DEFAULT_PROJECT,
                        help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
-    index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
-    index.add_argument("--nprobe", type=int, default=None, help="lists probed by default (default: an eighth of them)")
-    index.add_argument("--seed", type=int, default=0)
-    index.add_argument("--memory-budget", type=int, default=1 << 30, help="bytes of training rows read at once")
+    index.add_argument("--train-size", type=_positive_int, default=None, help="rows to train on (default 40 per IVF list)")
+    index.add_argument("--nprobe", type=_positive_int, default=None,
+                       help="lists probed by default (default: an eighth of them)")
+    index.add_argument("--seed", type=_nonnegative_int, default=0)
+    index.add_argument("--memory-budget", type=_positive_int, default=1 << 30, help="bytes of training rows read at once")
     index.set_defaults(func=cmd_index)
 
     verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
@@ -639,6 +650,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
     return value
 
 

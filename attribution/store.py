@@ -855,6 +855,28 @@ def _short(value) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def store_containing(path: str | Path) -> Path | None:
+    """The store that ``path`` lies in (a folder at or above it holding a store's manifest.json), else None."""
+    path = Path(path).expanduser().resolve()
+    for folder in (path, *path.parents):
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT.rsplit("/", 1)[0] + "/"):
+            return folder
+    return None
+
+
+def refuse_inside_store(path: str | Path, label: str) -> None:
+    """ValueError if ``path`` (an output, named ``label`` in the message) lies inside a store: writing
+    there could overwrite the store's files."""
+    root = store_containing(path)
+    if root is not None:
+        raise ValueError(f"{label} lies inside the store {root}: writing there could overwrite its files; choose a "
+                         "path outside every store")
+
+
 def open_store(path: str | Path) -> DiskStore:
     """An existing store as it is (no configuration to check), e.g. to verify it."""
     return DiskStore(path)

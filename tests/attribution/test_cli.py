@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from attribution_problems import snapshot
+from attribution_problems import snapshot, store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
@@ -253,3 +253,25 @@ def test_every_usage_error_exits_with_status_2(tiny_llama, tmp_path, corpus, cap
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # after the model's loading bars, if it was loaded
         assert last.startswith("grass-attribute: error: ") and message in last and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--project", "-5"), ("--nprobe", "0"), ("--nprobe", "-1"),
+                                         ("--train-size", "0"), ("--memory-budget", "0")])
+def test_index_flags_are_checked(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["index", "--store", str(tmp_path), flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_outputs_inside_the_store_are_refused(tiny_llama, tmp_path, corpus, capsys):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    before = store_files(store)
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"text": "a for loop"}\n')
+    for argv, out in ((["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2"], store / "ckpt_000"),
+                      (["select", "--store", str(store), "--target", str(target)], store / "docs.jsonl"),
+                      (["bench", "--models"], store / "bench.json")):
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        assert f"--out {out} lies inside the store {store}" in capsys.readouterr().err.splitlines()[-1]
+    assert store_files(store) == before and cli.run(["verify", "--store", str(store)])["ok"]

@@ -2,6 +2,7 @@
 growth, read-only use and verification."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -230,3 +231,16 @@ def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
     report = Attributor(model, loss_fn, store=tmp_path, **FAST).store.verify()
     assert not report["ok"] and any(dropped in p for p in report["problems"])
     assert attr.store.verify()["problems"] == report["problems"]
+
+
+def test_an_output_path_inside_a_store_is_refused(tmp_path):
+    model, train, test = make_problem(torch.float32)
+    attr = Attributor(model, loss_fn, store=tmp_path / "store", **FAST).cache(train)
+    Attributor(model, loss_fn, store=tmp_path / "other", **FAST).cache(train)
+    before = {name: store_files(tmp_path / name) for name in ("store", "other")}
+    shard = tmp_path / "store" / "ckpt_000" / "shards" / "00000000" / "grads.npy"
+    for out in (shard, tmp_path / "store", tmp_path / "store" / "scores.npy", tmp_path / "other" / "ckpt_000" / "s.npy"):
+        with pytest.raises(ValueError, match=re.escape(f"out={out} lies inside the store {tmp_path / out.relative_to(tmp_path).parts[0]}")):
+            attr.attribute(test, out=out)
+    assert {name: store_files(tmp_path / name) for name in ("store", "other")} == before and attr.verify()["ok"]
+    torch.testing.assert_close(attr.attribute(test, out=tmp_path / "scores.npy"), attr.attribute(test))  # beside it: fine
