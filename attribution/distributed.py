@@ -53,6 +53,11 @@ class RankFailed(RuntimeError):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank, self.kinds = rank, tuple(kinds)
 
+    @staticmethod
+    def describe(error: BaseException) -> tuple[tuple[str, ...], str]:
+        """(kinds, message) of an error, as another rank receives it."""
+        return tuple(f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__), f"{type(error).__name__}: {error}"
+
     def is_a(self, *classes: type) -> bool:
         """Whether the other rank's error was an instance of one of ``classes``."""
         return any(f"{c.__module__}.{c.__qualname__}" in self.kinds for c in classes)
@@ -64,9 +69,7 @@ def first_error(error: BaseException | None) -> BaseException | None:
     a rank that succeeded gets the first failing rank's error as :class:`RankFailed`."""
     if not is_distributed():
         return error
-    mine = None if error is None else (tuple(f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__),
-                                       f"{type(error).__name__}: {error}")
-    reports = all_gather_objects(mine)
+    reports = all_gather_objects(None if error is None else RankFailed.describe(error))
     if error is not None:
         return error
     for rank, report in enumerate(reports):

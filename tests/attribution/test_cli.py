@@ -8,7 +8,7 @@ from attribution_problems import snapshot, store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import IncompleteStoreError, StoreError, cli, llm  # noqa: E402
+from attribution import IncompleteStoreError, StoreError, cli, distributed, llm  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]
@@ -275,3 +275,20 @@ def test_outputs_inside_the_store_are_refused(tiny_llama, tmp_path, corpus, caps
         assert cli.main([*argv, "--out", str(out)]) == 2
         assert f"--out {out} lies inside the store {store}" in capsys.readouterr().err.splitlines()[-1]
     assert store_files(store) == before and cli.run(["verify", "--store", str(store)])["ok"]
+
+
+@pytest.mark.parametrize("error, status", [(cli.CLIError("--k must match"), 2), (ValueError("bad input"), 2),
+                                           (KeyError("a bug"), None)])
+def test_another_ranks_error_exits_like_the_error_itself(monkeypatch, capsys, error, status):
+    """Under torchrun a rank that did not fail raises RankFailed: a usage error or bad input there exits 2,
+    anything else keeps its traceback."""
+    def failed_elsewhere(argv):
+        raise distributed.RankFailed(1, *distributed.RankFailed.describe(error))
+
+    monkeypatch.setattr(cli, "run", failed_elsewhere)
+    if status is None:
+        with pytest.raises(distributed.RankFailed, match="rank 1 failed: KeyError"):
+            cli.main([])
+    else:
+        assert cli.main([]) == status
+        assert capsys.readouterr().err.startswith(f"grass-attribute: error: rank 1 failed: {type(error).__name__}: ")
