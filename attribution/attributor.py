@@ -586,8 +586,9 @@ class Attributor:
         store and every rank returns the merged result.
 
         ``index=True``: use the store's ANN index (:meth:`build_index`): ``candidates`` per query
-        (default max(10 k, 100); at most the number of training rows) from the index, probing ``nprobe`` lists (default: the index's), re-ranked
-        exactly against the stored rows; under torch.distributed the ranks split the queries."""
+        (default max(10 k, 100); at most the number of training rows) from the index, probing ``nprobe``
+        lists (default: the index's), re-ranked exactly against the stored rows; under torch.distributed
+        the ranks split the queries."""
         k = _check_int("k", k)
         if not isinstance(largest, bool):
             raise TypeError(f"largest must be a bool, got {largest!r}")
