@@ -44,7 +44,7 @@ from .layers import LayerInfo, find_layers
 from .manifest import fingerprint_algorithm, model_fingerprint
 from .param_grads import find_params
 from .scoring import PRECONDITIONED, QueryFeatures, Scorer, TopK
-from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, read_json
+from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, read_json, refuse_inside_store
 
 METHODS = ("if", "graddot", "gradcos", "tracin", "trak")
 PARAM_SEED_TAG = 1 << 20  # params= blocks draw their seeds from derive_seed(seed, PARAM_SEED_TAG, ...)
@@ -547,7 +547,10 @@ class Attributor:
         ``damping`` overrides self.damping; ``features`` (from query_features) skips recompressing the queries.
         ``out=PATH``: the matrix is written to PATH as an .npy in row blocks (for matrices larger than RAM;
         renamed into place when complete) and returned as a tensor over a copy-on-write memory map of it.
-        Under torch.distributed every rank scores its share of the training rows and returns the whole matrix."""
+        Under torch.distributed every rank scores its share of the training rows and returns the whole matrix.
+        ``out`` inside a store (this one or another) is refused."""
+        if out is not None:
+            refuse_inside_store(out, f"out={out}")
         n_test, n_train, blocks, bounds = self._score_blocks(test_loader, damping, features)
         if out is not None:
             return self._attribute_to(Path(out), n_test, n_train, blocks)
@@ -583,8 +586,9 @@ class Attributor:
         store and every rank returns the merged result.
 
         ``index=True``: use the store's ANN index (:meth:`build_index`): ``candidates`` per query
-        (default max(10 k, 100)) from the index, probing ``nprobe`` lists (default: the index's), re-ranked
-        exactly against the stored rows; under torch.distributed the ranks split the queries."""
+        (default max(10 k, 100); at most the number of training rows) from the index, probing ``nprobe``
+        lists (default: the index's), re-ranked exactly against the stored rows; under torch.distributed
+        the ranks split the queries."""
         k = _check_int("k", k)
         if not isinstance(largest, bool):
             raise TypeError(f"largest must be a bool, got {largest!r}")
@@ -633,6 +637,7 @@ class Attributor:
         if nprobe is not None:
             nprobe = _check_int("nprobe", nprobe)
         records, feats, queries = self._queries(test_loader, damping, features)
+        candidates = min(candidates, records[0].samples)  # more would only allocate [n_test, candidates] for nothing
         mode = index_module.mode_of(self.method, self.normalize)
         checkpoints = list(range(len(records)))
 

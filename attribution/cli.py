@@ -29,9 +29,9 @@ from . import distributed, llm
 from . import index as index_module
 from .attributor import Attributor
 from .compress import parse_spec
-from .parallel import agreed, collectively
+from .parallel import agreed, collectively, require_agreement
 from .report import Attribution, write_reports
-from .store import StoreError, atomic_write_json, open_store, read_json
+from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json, refuse_inside_store
 
 CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field",
               "messages_field", "limit", "layers", "compressor", "k", "max_length",
@@ -56,6 +56,10 @@ class CLIError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"grass-attribute: error: {message}")
+
+
+# bad input, or a store that cannot serve the request: one line on stderr, exit status 2 (else a traceback)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, StoreError, FloatingPointError)
 
 
 def _layers(model, patterns):
@@ -104,6 +108,25 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     atomic_write_json(record, wanted)
 
 
+def _mask_files(attr, store: Path) -> list[str]:
+    """The mask files under the store that the compressors loaded, and their record (masks.json)."""
+    paths = []
+
+    def walk(spec):
+        if isinstance(spec, dict):
+            if isinstance(spec.get("path"), str):
+                paths.append(Path(spec["path"]))
+            for value in spec.values():
+                walk(value)
+
+    for compressor in attr.compressors.values():
+        walk(compressor.spec())
+    root = store.resolve()
+    inside = sorted({str(p.resolve().relative_to(root)) for p in paths if p.resolve().is_relative_to(root)})
+    record = store / "masks" / "masks.json"
+    return inside + (["masks/masks.json"] if inside and record.is_file() else [])
+
+
 def _attributor(model, config, store, method="if", compile=False, normalize=False):
     return Attributor(model, llm.sequence_loss, method=method, compressor=_compressor(config, Path(store)), k=config["k"],
                       damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
@@ -124,16 +147,24 @@ def _device() -> str:
     return "cpu"
 
 
-def _docs(config, tokenizer):
+def _check_corpus_flags(config) -> None:
+    """The corpus flags go together (before the model is loaded)."""
     if config["dataset"] is not None:
         if config["corpus"] is not None:
             raise CLIError("give --corpus or --dataset, not both")
+        if config["messages_field"] and (config["prompt_field"] or config["completion_field"]):
+            raise CLIError("--messages-field excludes --prompt-field and --completion-field: give chat messages or "
+                           "prompt/completion pairs")
         if bool(config["prompt_field"]) != bool(config["completion_field"]):
             raise CLIError("--prompt-field and --completion-field go together")
+    elif any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
+        raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
+
+
+def _docs(config, tokenizer):
+    if config["dataset"] is not None:
         return llm.read_dataset(config["dataset"], config["text_field"], config["prompt_field"], config["completion_field"],
                                 config["messages_field"], tokenizer, config["split"], config["limit"])
-    if any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
-        raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
     if config["corpus"] in (None, "python-docs"):
         return llm.python_docs_corpus(limit=config["limit"])
     return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
@@ -163,19 +194,29 @@ def cmd_cache(args, loaded=None):
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
         args.autocast = "bfloat16" if llm.fast_bfloat16(_device()) else "none"
     config = {key: getattr(args, key) for key in CACHE_KEYS}
+    # under torchrun: every rank the same flags, then the same corpus, before anything is written
+    require_agreement({f"--{key.replace('_', '-')}": value for key, value in vars(args).items()
+                       if key not in ("func", "config")})
+    _check_corpus_flags(config)
     saved = store / "cli.json"
     if saved.exists() and _saved_config(store)["flags"] != config:
         raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
                        "new --store")
     phases: dict[str, float] = {}
-    with timed_phase(phases, "load_model"):  # GGUF dequantization included
-        model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
-    with timed_phase(phases, "tokenize"):
-        docs = _docs(config, tokenizer)
-        batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
-                                              config["token_batch_size"])
-    docs = [docs[i] for i in order]  # store row r is docs[r]: the batches group documents by length
+
+    def prepare():
+        with timed_phase(phases, "load_model"):  # GGUF dequantization included
+            model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"],
+                                                        device=_device())
+        with timed_phase(phases, "tokenize"):
+            docs = _docs(config, tokenizer)
+            batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
+                                                  config["token_batch_size"])
+        return model, tokenizer, [docs[i] for i in order], batches  # store row r is docs[r] (grouped by length)
+
+    model, tokenizer, docs, batches = collectively(prepare)
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
+    require_agreement({"the corpus": f"{len(docs)} documents, sha256 {hashlib.sha256(docs_text.encode()).hexdigest()}"})
     if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
@@ -184,7 +225,7 @@ def cmd_cache(args, loaded=None):
     real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     compile = compile_decision(args.compile, real_tokens)
     with timed_phase(phases, "attributor"):  # the weights' fingerprint included
-        attr = _attributor(model, config, store, compile=compile)  # validates the whole configuration
+        attr = collectively(lambda: _attributor(model, config, store, compile=compile))  # validates the configuration
 
     def record():  # rank 0 writes; the others wait for it
         if _main_rank():
@@ -192,6 +233,7 @@ def cmd_cache(args, loaded=None):
             corpus = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}
             _write_once(saved, json.dumps({"flags": config, "corpus": corpus}, indent=1, sort_keys=True) + "\n",
                         "configuration")
+            attr.store.attach(["docs.jsonl", "cli.json", *_mask_files(attr, store)])  # verify checks them
 
     collectively(record)
     start = time.perf_counter()
@@ -236,6 +278,12 @@ def _load_store(store):
     if hashlib.sha256(data).hexdigest() != record["corpus"].get("sha256"):
         raise StoreError(f"{path} is missing or was modified after caching (its rows must match the cached gradients); "
                          "restore it or cache again into a new --store")
+    files = open_store(store)
+    unrecorded = sorted({"cli.json", "docs.jsonl"} - set(files.attached()))
+    if unrecorded:
+        raise StoreError(f"{store}: {unrecorded} are not in the store's record of attached files; run the same "
+                         "`grass-attribute cache` again to complete the store")
+    files.check_attached()  # the corpus, the configuration and the masks, against their recorded CRC32s
     docs = [doc for _, doc in llm.read_jsonl(path, "cached corpus")]
     return store, record["flags"], docs
 
@@ -256,7 +304,7 @@ def _queries(args, model, tokenizer):
                             **({"id": str(record["id"])} if "id" in record else {})})
     queries += [{"prompt": p, "completion": None} for p in args.prompt or []]
     if not queries:
-        raise SystemExit("give --prompt, --prompts FILE or --task")
+        raise CLIError("give --prompt, --prompts FILE or --task")
     missing = [q for q in queries if not q.get("completion")]
     for q, text in zip(missing, llm.complete(model, tokenizer, [q["prompt"] for q in missing], args.generate)):
         q["completion"] = text
@@ -298,8 +346,17 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     return results, None if scores is None else scores[: len(queries)]
 
 
+def _check_out(args) -> None:
+    """--out must lie outside every store (a report or a selection written there could overwrite its files)."""
+    if getattr(args, "out", None) is not None:
+        refuse_inside_store(args.out, f"--out {args.out}")
+
+
 def cmd_attribute(args, loaded=None):
+    _check_out(args)
     store, config, docs = _load_store(args.store)
+    if not (args.task or args.prompts or args.prompt):
+        raise CLIError("give --prompt, --prompts FILE or --task")
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     # rank 0 generates the completions and sends them (every rank must score the same queries)
@@ -332,6 +389,7 @@ def cmd_demo(args):
     question, and measure whether attribution finds each answer's source document."""
     from . import demo, facts
 
+    _check_out(args)
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +435,10 @@ def cmd_demo(args):
 
 
 def cmd_select(args):
+    _check_out(args)
     store, config, docs = _load_store(args.store)
+    if not (args.task or args.target):
+        raise CLIError("select needs --target FILE or --task TASK")
     model, tokenizer = llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     attr = _attributor(model, config, store, method="gradcos")
     _check_rows(attr, docs, store)
@@ -413,8 +474,19 @@ def cmd_select(args):
 
 
 def cmd_verify(args):
-    """Check every file of a store against its checksums; exit status 1 on any problem."""
-    report = open_store(args.store).verify()
+    """Check every file of a store against its checksums (and a grass-attribute store's corpus and
+    configuration against each other); exit status 1 on any problem."""
+    try:
+        report = open_store(args.store).verify()
+    except CorruptStoreError as err:  # the manifest: nothing else can be read without it
+        report = {"ok": False, "store": str(args.store), "problems": [str(err)]}
+    if (Path(args.store) / "cli.json").is_file():
+        try:
+            _load_store(args.store)
+        except (StoreError, ValueError) as err:
+            if str(err) not in report["problems"]:
+                report["problems"].append(str(err))
+        report["ok"] = not report["problems"]
     print(json.dumps(report, indent=1))
     if not report["ok"]:
         raise SystemExit(1)
@@ -445,6 +517,7 @@ def cmd_index(args):
 def cmd_bench(args):
     from .llm_bench import job, run
 
+    _check_out(args)
     report = {}
     if args.job is not None:
         report["job"] = [job(flags.split(), args.job_documents) for flags in args.job or [""]]
@@ -559,12 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--mode", default="cosine" if DEFAULT_NORMALIZE else "ip", choices=index_module.MODES,
                        help="ip: raw vectors (what `attribute` uses by default: raw IF, graddot, tracin), cosine: normalized "
                             "vectors (`attribute --normalize`, gradcos), trak: TRAK-weighted")
-    index.add_argument("--project", type=int, default=index_module.DEFAULT_PROJECT,
+    index.add_argument("--project", type=_nonnegative_int, default=index_module.DEFAULT_PROJECT,
                        help="dimensions kept: the top eigenvectors of the rows' second moment (0: all)")
-    index.add_argument("--train-size", type=int, default=None, help="rows to train on (default 40 per IVF list)")
-    index.add_argument("--nprobe", type=int, default=None, help="lists probed by default (default: an eighth of them)")
-    index.add_argument("--seed", type=int, default=0)
-    index.add_argument("--memory-budget", type=int, default=1 << 30, help="bytes of training rows read at once")
+    index.add_argument("--train-size", type=_positive_int, default=None, help="rows to train on (default 40 per IVF list)")
+    index.add_argument("--nprobe", type=_positive_int, default=None,
+                       help="lists probed by default (default: an eighth of them)")
+    index.add_argument("--seed", type=_nonnegative_int, default=0)
+    index.add_argument("--memory-budget", type=_positive_int, default=1 << 30, help="bytes of training rows read at once")
     index.set_defaults(func=cmd_index)
 
     verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
@@ -605,6 +679,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
     return value
 
 
@@ -721,7 +805,12 @@ def main(argv=None) -> int:
     started = dist.is_available() and dist.is_initialized()
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, StoreError, FloatingPointError) as err:
+    except CLIError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (*EXPECTED_ERRORS, distributed.RankFailed) as err:
+        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
+            raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2
     finally:

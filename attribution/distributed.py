@@ -45,17 +45,36 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+class RankFailed(RuntimeError):
+    """Another rank's error, raised on this rank. ``kinds``: the qualified names of that error's classes
+    (its MRO), so that a caller can handle it as it would the error itself."""
+
+    def __init__(self, rank: int, kinds: tuple[str, ...], message: str):
+        super().__init__(f"rank {rank} failed: {message}")
+        self.rank, self.kinds = rank, tuple(kinds)
+
+    @staticmethod
+    def describe(error: BaseException) -> tuple[tuple[str, ...], str]:
+        """(kinds, message) of an error, as another rank receives it."""
+        return tuple(f"{c.__module__}.{c.__qualname__}" for c in type(error).__mro__), f"{type(error).__name__}: {error}"
+
+    def is_a(self, *classes: type) -> bool:
+        """Whether the other rank's error was an instance of one of ``classes``."""
+        return any(f"{c.__module__}.{c.__qualname__}" in self.kinds for c in classes)
+
+
 def first_error(error: BaseException | None) -> BaseException | None:
     """Collective: the first rank's error (by rank), so that every rank raises together instead of
-    leaving the others waiting at the next barrier. ``error`` is this rank's (None if it succeeded)."""
+    leaving the others waiting at the next barrier. ``error`` is this rank's (None if it succeeded);
+    a rank that succeeded gets the first failing rank's error as :class:`RankFailed`."""
     if not is_distributed():
         return error
-    messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    reports = all_gather_objects(None if error is None else RankFailed.describe(error))
     if error is not None:
         return error
-    for rank, message in enumerate(messages):
-        if message is not None:
-            return RuntimeError(f"rank {rank} failed: {message}")
+    for rank, report in enumerate(reports):
+        if report is not None:
+            return RankFailed(rank, *report)
     return None
 
 

@@ -5,6 +5,8 @@ inverse is kept as an eigendecomposition F_b = V diag(lam) V^T (computed in floa
 or float64 for float64 runs), so that (F_b + damping I)^-1 for any damping is
 V diag(1 / (lam + damping)) V^T: changing the damping recomputes nothing. A relative damping
 "<f>*mean" is f times the block's mean eigenvalue (see check_damping; used by every preconditioner).
+Damping 0 needs an invertible preconditioner: eigenvalues within rounding of zero relative to the
+largest count as zero (see check_invertible; used by every preconditioner).
 
 The FIM is derived data: it is stored with the fingerprint of the shards it was computed from, and
 recomputed whenever that fingerprint changes (a store that grew).
@@ -55,6 +57,18 @@ def absolute_damping(damping: float | str, mean_eigenvalue: float) -> float:
     return float(damping)
 
 
+def check_invertible(eigvals: Tensor, damping: float, precision: torch.dtype, what: str) -> None:
+    """Refuse damping 0 when ``what`` is singular: an eigenvalue at or below max(eigvals.shape) x eps of
+    ``precision`` (the precision of the statistics) x the largest eigenvalue is rounding noise, i.e. zero."""
+    if damping > 0:
+        return
+    largest = float(eigvals.max()) if eigvals.numel() else 0.0
+    tolerance = max(eigvals.shape, default=1) * torch.finfo(precision).eps * largest
+    if largest <= 0 or bool((eigvals <= tolerance).any()):
+        raise ValueError(f"damping must be > 0: {what} is singular (eigenvalues at or below {tolerance:.3g}, the "
+                         f"{precision} rounding level of its largest, {largest:.3g}, count as zero)")
+
+
 class FIMAccumulator:
     """Running sum of g^T g for one block."""
 
@@ -92,8 +106,7 @@ class DampedInverse:
         """(F + damping I)^-1 applied to the rows of ``vectors`` [m, k]; returns vectors.dtype. A relative
         damping "<factor>*mean" is factor times the mean eigenvalue of this block's FIM."""
         damping = absolute_damping(damping, float(self.eigvals.mean()))
-        if damping <= 0 and bool((self.eigvals <= 0).any()):
-            raise ValueError("damping must be > 0: the FIM is singular")
+        check_invertible(self.eigvals, damping, self.eigvecs.dtype, "the FIM")
         v = self.eigvecs.to(vectors.device, torch.float64)
         scale = 1.0 / (self.eigvals.to(vectors.device, torch.float64) + damping)
         coeffs = vectors.double() @ v
@@ -102,8 +115,7 @@ class DampedInverse:
     def quadratic(self, vectors: Tensor, damping: float | str) -> Tensor:
         """[m]: v^T (F + damping I)^-1 v for the rows of ``vectors`` (float64)."""
         damping = absolute_damping(damping, float(self.eigvals.mean()))
-        if damping <= 0 and bool((self.eigvals <= 0).any()):
-            raise ValueError("damping must be > 0: the FIM is singular")
+        check_invertible(self.eigvals, damping, self.eigvecs.dtype, "the FIM")
         coeffs = vectors.double() @ self.eigvecs.to(vectors.device, torch.float64)
         return (coeffs.square() / (self.eigvals.to(vectors.device, torch.float64) + damping)).sum(1)
 

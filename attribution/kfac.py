@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from .batches import batch_digest
 from .distributed import rank_and_world
-from .fim import absolute_damping
+from .fim import absolute_damping, check_invertible
 from .scoring import QueryFeatures
 
 PRECONDITIONERS = ("fim", "kfac", "ekfac", "none")
@@ -171,8 +171,7 @@ class KroneckerBlock:
         """(P + lambda I)^-1 of a rotated gradient, still in the eigenbasis (float64)."""
         eig = self.eigenvalues().to(rotated.device)
         lam = absolute_damping(damping, self.mean_eigenvalue())
-        if lam <= 0 and bool((eig <= 0).any()):
-            raise ValueError(f"damping must be > 0: the Kronecker-factored curvature of {name} is singular")
+        check_invertible(eig, lam, self.a_vecs.dtype, f"the Kronecker-factored curvature of {name}")
         return rotated.double() / (eig + lam)
 
     def apply(self, m: Tensor, damping: float | str) -> Tensor:

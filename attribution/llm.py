@@ -159,19 +159,26 @@ def read_dataset(source: str | Path, text_field: str = "text", prompt_field: str
 
     path = Path(source)
     if path.is_dir():
-        data = datasets.load_from_disk(str(path))
+        data, split = _load_saved(datasets, path, split)
     else:
         kinds = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
         kind = kinds.get(path.suffix.lower())
         if not path.is_file() or kind is None:
             raise ValueError(f"--dataset {source}: expected a save_to_disk folder or a {'/'.join(kinds)} file")
-        data = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if isinstance(data, datasets.DatasetDict):
-        names = list(data)
-        split = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
-        if split not in names:
-            raise ValueError(f"--dataset {source} has splits {names}: choose one with --split")
-        data = data[split]
+        if path.stat().st_size == 0:
+            raise ValueError(f"--dataset {source}: split 'train' (the file's only split) holds no rows: the file is empty")
+        try:
+            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except (StopIteration, IndexError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+            raise ValueError(f"--dataset {source}: split 'train' (the file's only split) holds no rows or is not a "
+                             f"readable {kind} file ({type(err).__name__}: {err})") from None
+    if not path.is_dir():
+        if split not in (None, "train"):
+            raise ValueError(f"--dataset {source} is a single file (its only split is 'train'): it has no split "
+                             f"{split!r}; leave out --split")
+        split = "train"
+    if len(data) == 0:
+        raise ValueError(f"--dataset {source}: split {split!r} holds no rows")
     columns = set(data.column_names)
     wanted = [messages_field] if messages_field else [prompt_field, completion_field] if prompt_field else [text_field]
     missing = [c for c in wanted if c not in columns]
@@ -200,6 +207,32 @@ def read_dataset(source: str | Path, text_field: str = "text", prompt_field: str
     if len(set(ids)) != len(ids):
         raise ValueError(f"--dataset {source}: ids are not unique")
     return docs
+
+
+def _load_saved(datasets, path: Path, split: str | None):
+    """(dataset, split) of a ``save_to_disk`` folder: the chosen split of a DatasetDict (the default:
+    "train", or its only split), loaded alone; a single Dataset has the split it recorded, if any."""
+    splits_file = path / "dataset_dict.json"
+    if splits_file.is_file():
+        record = json.loads(read_text(splits_file, "split list of a saved DatasetDict"))
+        names = [str(n) for n in record.get("splits", [])] if isinstance(record, dict) else []
+        split = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
+        if split not in names:
+            raise ValueError(f"--dataset {path} has splits {names}: choose one with --split")
+        folder = path / split
+    else:
+        folder = path
+    try:
+        data = datasets.load_from_disk(str(folder))
+    except (IndexError, StopIteration) as err:  # what datasets raises for a split saved with no rows
+        raise ValueError(f"--dataset {path}: split {split!r} holds no rows ({type(err).__name__} from datasets)") from None
+    if not splits_file.is_file():
+        own = None if data.split is None else str(data.split)
+        if split is not None and split != own:
+            raise ValueError(f"--dataset {path} is a single dataset ({f'split {own!r}' if own else 'no named split'}): "
+                             f"it has no split {split!r}; leave out --split")
+        split = own
+    return data, split
 
 
 def chat_document(tokenizer, messages, where: str) -> dict:

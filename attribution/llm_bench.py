@@ -186,20 +186,17 @@ def job(flags: list[str] = (), documents: int = 96) -> dict:
     the gradient phase (compile time excluded, and included), the process's peak RSS, the store's size
     without and with the FIM, and a bare forward + activation-gradient backward on the same batches."""
     import json
-    import os
-    import subprocess
     import sys
     import tempfile
 
+    from grass_ops.benchmarking import run_measured
+
     with tempfile.TemporaryDirectory(prefix="grass_job_") as tmp:
-        cmd = [sys.executable, "-m", "attribution.llm_bench", "--job-child", tmp, "--limit", str(documents), *flags]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        output = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
-            raise RuntimeError(f"the job failed (status {status}): {output[-2000:]}")
-    result = json.loads(output.strip().splitlines()[-1])
-    result["peak_rss_gb"] = usage.ru_maxrss / 2**20
+        run = run_measured([sys.executable, "-m", "attribution.llm_bench", "--job-child", tmp, "--limit", str(documents), *flags])
+        if run["status"] != 0:
+            raise RuntimeError(f"the job failed (status {run['status']}): {run['stdout'][-1000:]} {run['stderr_tail'][-1000:]}")
+    result = json.loads(run["stdout"].strip().splitlines()[-1])
+    result["peak_rss_gb"] = run["peak_rss_bytes"] / 2**30
     return result
 
 
@@ -208,8 +205,6 @@ def _job_child(store: str, flags: list[str]) -> None:
     from pathlib import Path
 
     from . import cli
-    from .capture import FactorCapture
-    from .layers import find_layers
 
     args = cli.build_parser().parse_args(["cache", "--store", f"{store}/store", *flags])
     model, tokenizer = llm.load_model(args.model, args.gguf_file, args.dtype)
@@ -223,12 +218,11 @@ def _job_child(store: str, flags: list[str]) -> None:
     config = {k: getattr(args, k) for k in ("batch_size", "max_length", "token_batch_size")}
     docs = cli._docs({**{k: getattr(args, k) for k in cli.CACHE_KEYS}}, tokenizer)
     batches, _ = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"], config["token_batch_size"])
-    capture = FactorCapture(model, find_layers(model, cli._layers(model, args.layers)))
     import time
 
     start = time.perf_counter()
     for batch in batches:
-        capture.capture(llm.sequence_loss, batch)
+        activation_backward(model, llm.sequence_loss, batch)
     bare = time.perf_counter() - start
     steady = summary["gradient_seconds"] - summary["compile_seconds"]
     print(json.dumps({**summary, "flags": flags, "store_bytes": sizes, "bare_seconds": bare,

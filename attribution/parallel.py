@@ -44,6 +44,21 @@ def collectively(step: Callable[[], object]):
     return result
 
 
+def require_agreement(values: dict) -> None:
+    """Collective: every rank must hold the same ``values`` ({what: value}); else every rank raises the
+    same ValueError, naming the first thing they disagree on and each rank's value."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    seen = all_gather_objects(values)
+    for key in dict.fromkeys(k for ranks_values in seen for k in ranks_values):
+        got = [ranks_values.get(key) for ranks_values in seen]
+        if any(value != got[0] for value in got):
+            detail = ", ".join(f"rank {r}: {value!r}" for r, value in enumerate(got))
+            raise ValueError(f"ranks disagree on {key} ({detail}): under torch.distributed every rank must run the "
+                             "same command on the same data")
+
+
 def agreed(value):
     """Rank 0's ``value`` on every rank (for decisions every rank must take alike)."""
     return broadcast_object(value)

@@ -3,8 +3,11 @@
 On-disk layout (readable with numpy and json alone; no pickle anywhere)::
 
     manifest.json                          configuration: model fingerprint, blocks and their widths,
-                                           compressor specs and seeds, dtypes; a differing one is refused
+                                           compressor specs and seeds, dtypes; a differing one is refused;
+                                           sealed with the CRC32 of its own content, like every JSON record
     lock                                   {pid, host} of the writer holding it (flock; released on exit)
+    attached.json                          size and CRC32 of the files under the root that the data depends
+                                           on beside the store's own (grass-attribute's corpus, flags, masks)
     ckpt_000/shards/00000000/grads.npy     [rows, columns] compressed gradients of one batch, every
                                            block side by side (manifest "blocks" gives the widths)
     ckpt_000/shards/00000000/meta.json     rows, batch digest, per-sample values, checksum of grads.npy
@@ -21,8 +24,9 @@ Guarantees:
 * Readers refuse a store whose cache did not complete (no completion record, a shard missing, shards
   beyond the record) and name what is missing; ``cache()`` resumes it.
 * Every read checks the file's size, its .npy header (dtype, shape) and its CRC32 against the record,
-  so a truncated or altered file raises :class:`CorruptStoreError` naming it. :meth:`DiskStore.verify`
-  checks every file.
+  so a truncated or altered file raises :class:`CorruptStoreError` naming it. JSON records (the manifest,
+  meta.json, done.json, attached.json) carry a CRC32 of their own content. :meth:`DiskStore.verify`
+  checks every file the store depends on, and lists the files no record covers.
 * Derived data is stored with the fingerprint of the shards it was computed from and is recomputed
   when the store grows; reading never writes (a read-only store can be attributed from).
 * One writer at a time: a process takes ``lock`` (``fcntl.flock``, released by the OS even on kill -9)
@@ -54,10 +58,11 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-FORMAT = "grass_ops.attribution.store/2"
+FORMAT = "grass_ops.attribution.store/3"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _NUMPY_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float64": np.dtype("<f8")}
 GRADS_FILE, META_FILE, COMPLETE_FILE, DONE_FILE = "grads.npy", "meta.json", "complete.json", "done.json"
+MANIFEST_FILE, LOCK_FILE, ATTACHED_FILE = "manifest.json", "lock", "attached.json"
 
 
 class StoreError(RuntimeError):
@@ -196,18 +201,23 @@ def _check_storage_range(stored: Tensor, storage: str, index: int) -> None:
                                  "storage_dtype='float32' (or 'bfloat16', whose range is float32's)")
 
 
-def _sealed(meta: dict) -> dict:
-    """meta with "self_crc32": the CRC32 of its own canonical JSON, so any edit of the file is detected."""
-    body = {k: v for k, v in meta.items() if k != "self_crc32"}
+def _sealed(record: dict) -> dict:
+    """record with "self_crc32": the CRC32 of its own canonical JSON, so any edit of the file is detected."""
+    body = {k: v for k, v in record.items() if k != "self_crc32"}
     return {**body, "self_crc32": crc32_of(json.dumps(body, sort_keys=True).encode())}
+
+
+def _unsealed(record, path: Path, what: str, remedy: str) -> dict:
+    """A sealed JSON object without its seal, or CorruptStoreError naming the file if it was edited."""
+    if not isinstance(record, dict) or _sealed(record)["self_crc32"] != record.get("self_crc32"):
+        raise CorruptStoreError(f"{path}: the {what} was altered after it was written (checksum mismatch); {remedy}")
+    return {k: v for k, v in record.items() if k != "self_crc32"}
 
 
 def _check_sealed(meta, path: Path, required: tuple[str, ...]) -> dict:
     if not isinstance(meta, dict) or any(k not in meta for k in required):
         raise CorruptStoreError(f"{path}: malformed shard metadata (needs {', '.join(required)})")
-    if _sealed(meta)["self_crc32"] != meta.get("self_crc32"):
-        raise CorruptStoreError(f"{path}: the shard metadata was altered after it was written (checksum mismatch); "
-                                "delete the shard directory and run cache() to rewrite it")
+    _unsealed(meta, path, "shard metadata", "delete the shard directory and run cache() to rewrite it")
     return meta
 
 
@@ -226,6 +236,20 @@ def check_manifest(manifest, where) -> dict:
     if manifest.get("storage_dtype") not in STORAGE_DTYPES:
         raise CorruptStoreError(f"{where}: unknown storage_dtype {manifest.get('storage_dtype')!r}")
     return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    """A store's manifest.json without its seal: CorruptStoreError if it was edited, StoreError if another
+    format wrote it."""
+    manifest = read_json(path, "manifest")
+    if not isinstance(manifest, dict):
+        raise CorruptStoreError(f"{path}: the manifest must be a JSON object")
+    if "self_crc32" in manifest or manifest.get("format") == FORMAT:
+        manifest = _unsealed(manifest, path, "manifest", "restore it, or cache into a new store path")
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path.parent} was written in format {manifest.get('format')!r}; this version reads "
+                         f"{FORMAT!r}: cache into a new store path")
+    return check_manifest(manifest, path)
 
 
 def to_numpy(t: Tensor, storage: str) -> np.ndarray:
@@ -401,20 +425,15 @@ class DiskStore:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} exists and is not a directory")
-        path = self.root / "manifest.json"
+        path = self.root / MANIFEST_FILE
         if manifest is None:
             if not path.is_file():
-                raise StoreError(f"{self.root} is not an attribution store (no manifest.json)")
-            manifest = read_json(path, "manifest")
+                raise StoreError(f"{self.root} is not an attribution store (no {MANIFEST_FILE})")
+            manifest = read_manifest(path)
         else:
             manifest = {**manifest, "storage_dtype": storage, "format": FORMAT}
         if path.is_file():
-            existing = read_json(path, "manifest")
-            if not isinstance(existing, dict):
-                raise CorruptStoreError(f"{path}: the manifest must be a JSON object")
-            if existing.get("format") != FORMAT:
-                raise StoreError(f"{self.root} was written in format {existing.get('format')!r}; this version reads "
-                                 f"{FORMAT!r}: cache into a new store path")
+            existing = read_manifest(path)
             diffs = [key for key in sorted(set(existing) | set(manifest)) if existing.get(key) != manifest.get(key)]
             if diffs:
                 detail = "; ".join(f"{k}: store has {_short(existing.get(k))}, config has {_short(manifest.get(k))}"
@@ -424,11 +443,11 @@ class DiskStore:
         else:
             leftovers = sorted(p.name for p in self.root.glob("ckpt_*")) if self.root.is_dir() else []
             if leftovers:
-                raise StoreError(f"{self.root} holds cached data ({', '.join(leftovers[:3])}) but no manifest.json: "
-                                 "refusing to recreate it under a new configuration; restore manifest.json or use a "
+                raise StoreError(f"{self.root} holds cached data ({', '.join(leftovers[:3])}) but no {MANIFEST_FILE}: "
+                                 f"refusing to recreate it under a new configuration; restore {MANIFEST_FILE} or use a "
                                  "new store path")
             self.root.mkdir(parents=True, exist_ok=True)
-            if not _create_json(path, manifest):  # another process created it meanwhile: check against it
+            if not _create_json(path, _sealed(manifest)):  # another process created it meanwhile: check against it
                 return self.__init__(root, manifest, storage)
         self.manifest = check_manifest(manifest, path)
         self.storage = manifest["storage_dtype"]
@@ -644,7 +663,7 @@ class DiskStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         files = {f"{key}.npy": _write_bytes(tmp / f"{key}.npy", _npy_bytes(a)) for key, a in arrays.items()}
-        _write_bytes(tmp / DONE_FILE, _json_bytes({"fingerprint": fingerprint, "files": files, "meta": meta}))
+        _write_bytes(tmp / DONE_FILE, _json_bytes(_sealed({"fingerprint": fingerprint, "files": files, "meta": meta})))
         _fsync_dir(tmp)
         if folder.exists():
             old = folder.with_name(f".{name}.old-{os.getpid()}")
@@ -700,11 +719,66 @@ class DiskStore:
             _fsync_dir(folder.parent)
             shutil.rmtree(old, ignore_errors=True)
 
+    # ---- files the store depends on, beside its own ---------------------------------------------
+    def attached(self) -> dict[str, list[int]]:
+        """{path relative to the root: [size, crc32]} of the attached files (see :meth:`attach`); reads only."""
+        path = self.root / ATTACHED_FILE
+        if not path.is_file():
+            return {}
+        record = _unsealed(read_json(path, "record of attached files"), path, "record of attached files",
+                           "restore it, or cache into a new store path")
+        files = record.get("files")
+        if not isinstance(files, dict) or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                                                  for r in files.values()):
+            raise CorruptStoreError(f"{path}: malformed record of attached files")
+        return files
+
+    def attach(self, names: list[str]) -> None:
+        """Record the size and CRC32 of files under the root that the store's data depends on (e.g. the
+        corpus and the masks of ``grass-attribute``), so that :meth:`verify` and :meth:`check_attached`
+        check them. Write-once: a file recorded before must still hold its recorded bytes. Writes (under
+        the writer lock) only when a file is new to the record."""
+        recorded = self.attached()
+        self.check_attached([n for n in names if n in recorded])
+        new = {}
+        for name in names:
+            if name not in recorded:
+                data = (self.root / name).read_bytes()
+                new[name] = [len(data), crc32_of(data)]
+        if new:
+            with self.writer():
+                atomic_write_json(self.root / ATTACHED_FILE, _sealed({"files": {**recorded, **new}}))
+
+    def check_attached(self, names: list[str] | None = None) -> int:
+        """Check attached files (default: all) against their recorded size and CRC32 (CorruptStoreError
+        naming the file); returns their bytes."""
+        recorded = self.attached()
+        total = 0
+        for name in recorded if names is None else names:
+            if name not in recorded:
+                raise CorruptStoreError(f"{self.root / name}: not in the store's record of attached files "
+                                        f"({ATTACHED_FILE}); cache again to record it")
+            _read_checked(self.root / name, recorded[name], "attached file")
+            total += recorded[name][0]
+        return total
+
     # ---- verification --------------------------------------------------------------------------
     def verify(self) -> dict:
-        """Check every checkpoint's completion and every file's size, header and CRC32.
-        Returns {"ok", "checkpoints", "shards", "samples", "bytes", "problems": [...]}."""
+        """Check every file the store depends on: the manifest and every record against their seals, every
+        checkpoint's completion, every shard, derived and attached file's size, header and CRC32.
+        Returns {"ok", "checkpoints", "shards", "samples", "bytes", "derived", "unchecked", "problems": [...]};
+        "unchecked" lists the files under the root that no record covers (nothing reads them)."""
         problems, shards, samples, nbytes, derived = [], 0, 0, 0, {}
+        checked = {self.root / MANIFEST_FILE, self.root / LOCK_FILE, self.root / ATTACHED_FILE}
+        try:
+            read_manifest(self.root / MANIFEST_FILE)
+        except StoreError as err:
+            problems.append(str(err))
+        try:
+            nbytes += self.check_attached()
+            checked |= {self.root / name for name in self.attached()}
+        except StoreError as err:
+            problems.append(str(err))
         checkpoints = self.checkpoints()
         if not checkpoints:
             problems.append(f"store {self.root} holds no cached gradients")
@@ -714,8 +788,11 @@ class DiskStore:
             except StoreError as err:
                 problems.append(str(err))
                 continue
+            checked.add(self._ckpt(ckpt) / COMPLETE_FILE)
             samples += record.samples
             for shard in record.shards:
+                folder = self._ckpt(ckpt) / "shards" / f"{shard.index:08d}"
+                checked |= {folder / GRADS_FILE, folder / META_FILE}
                 try:
                     self.read_shard(ckpt, shard)
                     self.read_values(ckpt, shard)
@@ -732,8 +809,10 @@ class DiskStore:
                     if not (folder / DONE_FILE).is_file():
                         raise CorruptStoreError(f"{folder}: derived data without its record ({DONE_FILE})")
                     done = _check_done(read_json(folder / DONE_FILE, f"{folder.name} record"), folder / DONE_FILE)
+                    checked.add(folder / DONE_FILE)
                     for fname, rec in done["files"].items():
                         _read_checked(folder / fname, rec, f"{folder.name} file")
+                        checked.add(folder / fname)
                         nbytes += rec[0]
                     unrecorded = sorted(p.name for p in folder.iterdir() if p.name != DONE_FILE and not p.name.startswith(".")
                                         and p.name not in done["files"])
@@ -744,8 +823,10 @@ class DiskStore:
                     derived[f"ckpt_{ckpt:03d}/{folder.name}"] = "current" if current else "stale (recomputed by cache())"
                 except StoreError as err:
                     problems.append(str(err))
+        unchecked = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                           if p.is_file() and p not in checked and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
         return {"ok": not problems, "store": str(self.root), "checkpoints": len(checkpoints), "shards": shards,
-                "samples": samples, "bytes": nbytes, "derived": derived, "problems": problems}
+                "samples": samples, "bytes": nbytes, "derived": derived, "unchecked": unchecked, "problems": problems}
 
     def shard_meta_of(self, ckpt: int, index: int) -> dict:
         """A shard's meta.json, checked against its own checksum."""
@@ -756,8 +837,12 @@ class DiskStore:
 
 
 def _check_done(done, path: Path) -> dict:
-    files = done.get("files") if isinstance(done, dict) else None
-    if (not isinstance(done, dict) or not isinstance(done.get("fingerprint"), str) or not isinstance(files, dict)
+    """A derived folder's record (done.json), checked against its seal and its shape."""
+    if not isinstance(done, dict):
+        raise CorruptStoreError(f"{path}: malformed record of derived data")
+    done = _unsealed(done, path, "record of derived data", "delete its folder and cache() recomputes it")
+    files = done.get("files")
+    if (not isinstance(done.get("fingerprint"), str) or not isinstance(files, dict)
             or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in files.values())
             or not isinstance(done.get("meta", {}), dict)):
         raise CorruptStoreError(f"{path}: malformed record of derived data")
@@ -768,6 +853,28 @@ def _check_done(done, path: Path) -> dict:
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def store_containing(path: str | Path) -> Path | None:
+    """The store that ``path`` lies in (a folder at or above it holding a store's manifest.json), else None."""
+    path = Path(path).expanduser().resolve()
+    for folder in (path, *path.parents):
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT.rsplit("/", 1)[0] + "/"):
+            return folder
+    return None
+
+
+def refuse_inside_store(path: str | Path, label: str) -> None:
+    """ValueError if ``path`` (an output, named ``label`` in the message) lies inside a store: writing
+    there could overwrite the store's files."""
+    root = store_containing(path)
+    if root is not None:
+        raise ValueError(f"{label} lies inside the store {root}: writing there could overwrite its files; choose a "
+                         "path outside every store")
 
 
 def open_store(path: str | Path) -> DiskStore:

@@ -104,3 +104,21 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run ``cmd`` in a fresh process: {"seconds" (wall), "peak_rss_bytes" (the child's ru_maxrss),
+    "status", "stdout", "stderr_tail"}. Linux (os.wait4)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=cwd)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        tail = err.read()[-3000:].decode(errors="replace")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "status": os.waitstatus_to_exitcode(status),
+            "stdout": out, "stderr_tail": tail}

@@ -4,11 +4,11 @@ import re
 
 import pytest
 import torch
-from attribution_problems import snapshot
+from attribution_problems import snapshot, store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import IncompleteStoreError, StoreError, cli, llm  # noqa: E402
+from attribution import IncompleteStoreError, StoreError, cli, distributed, llm  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]
@@ -248,3 +248,60 @@ def test_autocast_auto_is_recorded_resolved_and_normalize_is_a_scoring_choice(ti
     assert {d["id"] for d, _ in unit.helpful} == {d["id"] for d, _ in raw.helpful} == {f"d{i}" for i in range(6)}
     assert sorted(s for _, s in unit.helpful) != sorted(s for _, s in raw.helpful)
     assert json.loads((tmp_path / "unit" / "report.json").read_text())["meta"]["normalize"] is True
+
+
+def test_every_usage_error_exits_with_status_2(tiny_llama, tmp_path, corpus, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a for loop", "prompt": "a for", "completion": " loop"}) + "\n")
+    dataset = ["cache", "--store", str(tmp_path / "s1"), "--model", tiny_llama, "--dataset", str(rows), "--no-compile"]
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    for argv, message in (([*dataset, "--prompt-field", "prompt"], "--prompt-field and --completion-field go together"),
+                          ([*dataset, "--corpus", str(corpus)], "give --corpus or --dataset, not both"),
+                          (_cache_args(tmp_path / "s2", tiny_llama, corpus, "--split", "train"), "apply to --dataset"),
+                          (["attribute", "--store", str(tmp_path / "none")], "is not a grass-attribute store"),
+                          (["attribute", "--store", str(store)], "give --prompt, --prompts FILE or --task"),
+                          (["select", "--store", str(store)], "select needs --target FILE or --task TASK")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the model's loading bars, if it was loaded
+        assert last.startswith("grass-attribute: error: ") and message in last and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--project", "-5"), ("--nprobe", "0"), ("--nprobe", "-1"),
+                                         ("--train-size", "0"), ("--memory-budget", "0")])
+def test_index_flags_are_checked(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["index", "--store", str(tmp_path), flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_outputs_inside_the_store_are_refused(tiny_llama, tmp_path, corpus, capsys):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    before = store_files(store)
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"text": "a for loop"}\n')
+    for argv, out in ((["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2"], store / "ckpt_000"),
+                      (["select", "--store", str(store), "--target", str(target)], store / "docs.jsonl"),
+                      (["bench", "--models"], store / "bench.json")):
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        assert f"--out {out} lies inside the store {store}" in capsys.readouterr().err.splitlines()[-1]
+    assert store_files(store) == before and cli.run(["verify", "--store", str(store)])["ok"]
+
+
+@pytest.mark.parametrize("error, status", [(cli.CLIError("--k must match"), 2), (ValueError("bad input"), 2),
+                                           (KeyError("a bug"), None)])
+def test_another_ranks_error_exits_like_the_error_itself(monkeypatch, capsys, error, status):
+    """Under torchrun a rank that did not fail raises RankFailed: a usage error or bad input there exits 2,
+    anything else keeps its traceback."""
+    def failed_elsewhere(argv):
+        raise distributed.RankFailed(1, *distributed.RankFailed.describe(error))
+
+    monkeypatch.setattr(cli, "run", failed_elsewhere)
+    if status is None:
+        with pytest.raises(distributed.RankFailed, match="rank 1 failed: KeyError"):
+            cli.main([])
+    else:
+        assert cli.main([]) == status
+        assert capsys.readouterr().err.startswith(f"grass-attribute: error: rank 1 failed: {type(error).__name__}: ")

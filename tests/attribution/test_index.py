@@ -198,3 +198,12 @@ def test_the_randomized_projection_keeps_the_energy_of_the_exact_one(tmp_path, m
     energy = [float((rows @ p.T).square().sum() / rows.square().sum()) for p in (exact, randomized)]
     assert energy[1] >= 0.85 * energy[0] and energy[0] > 0.5, energy
     assert torch.equal(attr.top_k(test, k=4, index=True, candidates=300)[1], attr.top_k(test, k=4)[1])
+
+
+def test_candidates_are_capped_at_the_row_count(tmp_path):
+    model, train, test = _problem()
+    attr = Attributor(model, loss_fn, method="graddot", store=tmp_path, **FAST).cache(train)
+    attr.build_index("Flat")
+    expected = attr.top_k(test, k=4, index=True, candidates=attr.n_train)
+    got = attr.top_k(test, k=4, index=True, candidates=10**12)  # n_test x 10**12 candidates fit no memory
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])

@@ -279,3 +279,28 @@ def test_kfac_passes_run_the_model_in_eval_mode():
     torch.testing.assert_close(attr.attribute(test), expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(attr.attribute(features=attr.query_features(test)), expected, rtol=1e-9, atol=1e-12)
     assert model.training
+
+
+@pytest.mark.parametrize("damping", [0.0, "0*mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("preconditioner", ["fim", "kfac", "ekfac"])
+def test_zero_damping_on_a_singular_curvature_is_refused_by_every_preconditioner(preconditioner, dtype, damping):
+    """The output layer's gradients sum to zero over the classes (softmax), so its curvature is singular
+    in every preconditioner; the null directions' eigenvalues come out as rounding noise (EK-FAC's near
+    1e-34, not 0), which counts as zero."""
+    model, train, test = make_problem(dtype)
+    attr = Attributor(model, loss_fn, compressor="identity", k=10**6, dtype=dtype, preconditioner=preconditioner,
+                      damping=damping, compile=False, progress=False).cache(train)
+    with pytest.raises(ValueError, match="damping must be > 0: .*singular"):
+        attr.attribute(test)
+
+
+def test_eigenvalues_below_the_relative_tolerance_count_as_zero():
+    eye = torch.eye(2, dtype=torch.float64)
+    block = KroneckerBlock(torch.ones(2, dtype=torch.float64), eye, torch.ones(1, dtype=torch.float64), eye[:1, :1],
+                           corrected=torch.tensor([[1e-34], [2.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        block.apply(torch.ones(1, 2, 1, dtype=torch.float64), 0.0)
+    block.corrected = torch.tensor([[1e-6], [2.0]], dtype=torch.float64)  # small, far above float64 rounding
+    torch.testing.assert_close(block.apply(torch.ones(1, 2, 1, dtype=torch.float64), 0.0).flatten(),
+                               torch.tensor([1e6, 0.5], dtype=torch.float64))

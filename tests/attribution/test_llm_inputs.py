@@ -113,3 +113,44 @@ def test_the_fact_corpus_plants_every_fact_once():
     assert len(corpus) == 50 and len(set(ids)) == 50 and all(f.id in ids for f in facts.FACTS)
     for f in facts.FACTS:  # the question is a paraphrase: no sentence of the document is repeated
         assert f.question.lower().rstrip("?") not in f.text.lower() and f.answer.lower() in f.text.lower()
+
+
+@pytest.mark.parametrize("form", ["parquet", "single saved Dataset"])
+def test_a_split_the_dataset_does_not_have_is_refused(tmp_path, form):
+    data = datasets.Dataset.from_list(ROWS)
+    if form == "parquet":
+        path = tmp_path / "rows.parquet"
+        data.to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        data.save_to_disk(str(path))
+    with pytest.raises(ValueError, match=f"--dataset {path}.*no split 'validation'"):
+        llm.read_dataset(path, split="validation")
+    assert len(llm.read_dataset(path)) == 3
+
+
+@pytest.mark.parametrize("form", ["empty.jsonl", "empty.csv", "empty.parquet", "0-row split"])
+def test_an_empty_dataset_names_the_file_and_split(tmp_path, form):
+    path, split = tmp_path / form, None
+    if form == "empty.parquet":
+        datasets.Dataset.from_list(ROWS).select([]).to_parquet(str(path))
+    elif form == "0-row split":
+        path, split = tmp_path / "saved", "validation"
+        data = datasets.Dataset.from_list(ROWS)
+        datasets.DatasetDict({"train": data, "validation": data.select([])}).save_to_disk(str(path))
+    else:
+        path.write_text("")
+    with pytest.raises(ValueError, match=f"--dataset {path}.*split '{split or 'train'}'.*no rows"):
+        llm.read_dataset(path, split=split)
+
+
+def test_messages_and_prompt_completion_fields_exclude_each_other(tiny_llama, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({**r, "messages": [{"role": "user", "content": r["text"]}]}) for r in ROWS))
+    store = tmp_path / "store"
+    for fields in (["--prompt-field", "prompt", "--completion-field", "completion"], ["--prompt-field", "prompt"]):
+        argv = ["cache", "--store", str(store), "--model", tiny_llama, "--dataset", str(path), "--messages-field",
+                "messages", *fields, "--no-compile"]
+        assert cli.main(argv) == 2
+        assert "--messages-field excludes --prompt-field and --completion-field" in capsys.readouterr().err.splitlines()[-1]
+        assert not store.exists()

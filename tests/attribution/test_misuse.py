@@ -9,6 +9,7 @@ from attribution_problems import dense_grads, loss_fn, make_problem
 from torch import nn
 
 from attribution import Attributor, CorruptStoreError
+from attribution import store as store_module
 from attribution.capture import LayoutError
 
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False, damping=1e-2)
@@ -296,6 +297,9 @@ def test_malformed_store_files_are_named(tmp_path):
     record = json.loads(original)
     del record["files"]["block_001.eigvals.npy"]
     done.write_text(json.dumps(record))
+    with pytest.raises(CorruptStoreError, match="done.json: the record of derived data was altered"):
+        Attributor(model, loss_fn, store=tmp_path, **FAST).attribute(test)
+    done.write_text(json.dumps(store_module._sealed(record)))  # resealed, as a forger would
     with pytest.raises(CorruptStoreError, match="block 1's eigendecomposition is missing"):
         Attributor(model, loss_fn, store=tmp_path, **FAST).attribute(test)
     done.write_text(original)

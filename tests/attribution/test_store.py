@@ -2,6 +2,7 @@
 growth, read-only use and verification."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from attribution_problems import N_TEST, Interrupt, closed_form, interrupting, loss_fn, make_problem, snapshot, store_files
 
 from attribution import Attributor, CorruptStoreError, IncompleteStoreError, StoreError, cli
+from attribution import store as store_module
 
 FAST = dict(compressor="factgrass", k=32, seed=3, compile=False, progress=False)
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False, damping=1e-2)
@@ -214,7 +216,8 @@ def test_an_old_format_store_is_refused(tmp_path):
 
 
 def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
-    """A derived folder (the FIM) whose done.json lost a file's entry fails verify, naming the file."""
+    """A derived folder (the FIM) whose done.json lost a file's entry fails verify: an edited record is
+    reported by its seal, one resealed by a forger still names the unrecorded file."""
     model, train, _ = make_problem(torch.float32)
     attr = Attributor(model, loss_fn, store=tmp_path, **FAST).cache(train)
     done = tmp_path / "ckpt_000" / "fim" / "done.json"
@@ -222,6 +225,22 @@ def test_verify_finds_a_derived_file_missing_from_its_record(tmp_path):
     dropped = sorted(record["files"])[0]
     del record["files"][dropped]
     done.write_text(json.dumps(record))
+    report = attr.store.verify()
+    assert not report["ok"] and any("done.json: the record of derived data was altered" in p for p in report["problems"])
+    done.write_text(json.dumps(store_module._sealed(record)))
     report = Attributor(model, loss_fn, store=tmp_path, **FAST).store.verify()
     assert not report["ok"] and any(dropped in p for p in report["problems"])
     assert attr.store.verify()["problems"] == report["problems"]
+
+
+def test_an_output_path_inside_a_store_is_refused(tmp_path):
+    model, train, test = make_problem(torch.float32)
+    attr = Attributor(model, loss_fn, store=tmp_path / "store", **FAST).cache(train)
+    Attributor(model, loss_fn, store=tmp_path / "other", **FAST).cache(train)
+    before = {name: store_files(tmp_path / name) for name in ("store", "other")}
+    shard = tmp_path / "store" / "ckpt_000" / "shards" / "00000000" / "grads.npy"
+    for out in (shard, tmp_path / "store", tmp_path / "store" / "scores.npy", tmp_path / "other" / "ckpt_000" / "s.npy"):
+        with pytest.raises(ValueError, match=re.escape(f"out={out} lies inside the store {tmp_path / out.relative_to(tmp_path).parts[0]}")):
+            attr.attribute(test, out=out)
+    assert {name: store_files(tmp_path / name) for name in ("store", "other")} == before and attr.verify()["ok"]
+    torch.testing.assert_close(attr.attribute(test, out=tmp_path / "scores.npy"), attr.attribute(test))  # beside it: fine

@@ -147,7 +147,7 @@ def test_smallest_and_odd_query_batches(tmp_path, rows):
     model, train, test = make_problem(torch.float32, n_train=45, batch=8)
     x, y = test[0]
     queries = [(torch.cat([x, x])[:rows], torch.cat([y, y])[:rows])]
-    attr = Attributor(model, loss_fn, store=tmp_path, memory_budget=3000, **FAST).cache(train)
+    attr = Attributor(model, loss_fn, store=tmp_path / "store", memory_budget=3000, **FAST).cache(train)
     scores = attr.attribute(queries)
     values, indices = attr.top_k(queries, k=3, largest=False)
     assert scores.shape == (rows, 45) and torch.equal(indices, torch.sort(scores, dim=1, stable=True).indices[:, :3])
