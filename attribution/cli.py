@@ -104,7 +104,7 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     from .selective_mask import energy_masks
 
     energy_masks(model, llm.sequence_loss, batches, folder, config["k"], blowup=float(options.get("blowup", 2.0)),
-                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"))
+                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True)
     atomic_write_json(record, wanted)
 
 
