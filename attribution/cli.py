@@ -221,11 +221,13 @@ def cmd_cache(args, loaded=None):
     if record_before is None and (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
-    mask_docs = cached or docs  # the masks come from the first cache's documents; a grown store keeps them
+    mask_docs = cached[:segments[0]] if cached else docs  # the first cache's documents: a grown store keeps its masks
     collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, mask_docs))  # rank 0 writes them
     if args.compile is None:  # compile only when it pays off (--compile / --no-compile decide otherwise)
         args.compile = sum(int(b["attention_mask"].sum()) for b in pending) >= COMPILE_MIN_TOKENS
     attr = _attributor(model, config, store, compile=args.compile)  # validates the whole configuration
+    if args.compile and (added or record_before is None) and _main_rank():  # new documents to compute
+        print("grass-attribute: the first batch compiles the cache step (once; minutes on a CPU)", file=sys.stderr)
     grows = record_before is not None and (bool(added) or record_before["flags"] != config)
 
     def record():  # rank 0 writes; the others wait for it

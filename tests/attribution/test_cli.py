@@ -288,8 +288,10 @@ def test_a_larger_limit_grows_the_store_as_a_fresh_cache_would(tiny_llama, tmp_p
 
 def test_a_grown_store_keeps_its_energy_masks_and_resumes_an_interrupted_grow(tiny_llama, tmp_path, corpus):
     store = tmp_path / "store"
-    cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "3", "--mask-documents", "2"))
+    cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "2", "--mask-documents", "2"))
     masks = snapshot(store / "masks")
+    assert cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "3", "--mask-documents", "2"))["added_documents"] == 1
+    assert snapshot(store / "masks") == masks
     record = (store / "cli.json").read_text()
     extra = json.dumps({"id": "d9", "text": "a lambda expression"}) + "\n"
     (store / "docs.jsonl").write_text((store / "docs.jsonl").read_text() + extra)  # a grow stopped after docs.jsonl
