@@ -380,7 +380,7 @@ class Attributor:
         Fisher re-reads the loader through the model: rank 0 alone (None on the other ranks)."""
         if self.fisher == "empirical" or self.method == "trak":
             return parallel.empirical_fims(self.store, c, record, self.scorer.split, self.dims, self._row_budget(1),
-                                           self.device, self.dtype)
+                                           self.device, self.dtype, self.progress)
 
         def true_fisher():
             if rank_and_world()[0] != 0:

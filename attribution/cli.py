@@ -1,15 +1,19 @@
 """``grass-attribute``: attribute a causal LM's outputs to training documents with FactGraSS.
 
-    grass-attribute cache --store out/llm                      # SmolLM2-135M + Python-docs paragraphs
-    grass-attribute attribute --store out/llm --prompt "To improve data privacy,"
-    grass-attribute select --store out/llm --target target.jsonl --fraction 0.1 --out selected.jsonl
+    grass-attribute demo                                        # the main job; writes out/llm/ (its store: out/llm/store)
+    grass-attribute attribute --store out/llm/store --prompt "The clockmaker who founded the harbour town of Velmora was"
+    grass-attribute cache --store out/docs                      # your own store: SmolLM2-135M + 96 Python-docs paragraphs
+    grass-attribute cache --store out/docs --limit all          # grows it: only the new paragraphs are cached
+    grass-attribute attribute --store out/docs --prompt "To improve data privacy,"
+    grass-attribute select --store out/docs --target target.jsonl --fraction 0.1 --out selected.jsonl
     grass-attribute bench --out bench.json
-    grass-attribute index --store out/llm [--factory "IVF4096,PQ64"]    # ANN index (the `faiss` extra)
-    torchrun --nproc_per_node 2 -m attribution.cli cache --store out/llm # every rank its share (gloo/nccl)
+    grass-attribute index --store out/docs [--factory "IVF4096,PQ64"]   # ANN index (the `faiss` extra)
+    torchrun --nproc_per_node 2 -m attribution.cli cache --store out/docs  # every rank its share (gloo/nccl)
 
 Every flag can also come from ``--config file.json`` (keys = flag names with underscores). ``cache``
 records its configuration in the store (cli.json), so later commands need only ``--store``; an
-interrupted ``cache`` resumes where it stopped.
+interrupted ``cache`` resumes where it stopped, and a larger ``--limit`` (or a corpus file with more
+documents) grows the store: the cached rows stay, the new documents are appended.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", 
 # Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements
 # (BENCHMARKS.md: bfloat16 autocast 1.37x the float32 tokens/s, mean Spearman vs exact 0.893 vs 0.894).
 DEFAULT_AUTOCAST = "auto"
+# `cache` compiles its step when the documents to cache hold at least this many real tokens: the measured
+# point where one compile pays for itself (BENCHMARKS.md: a 186 s bfloat16 compile on SmolLM2, 2 cores).
+COMPILE_MIN_TOKENS = 300_000
 # Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
 # (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
 DEFAULT_NORMALIZE = False
@@ -104,7 +111,7 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     from .selective_mask import energy_masks
 
     energy_masks(model, llm.sequence_loss, batches, folder, config["k"], blowup=float(options.get("blowup", 2.0)),
-                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"))
+                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True)
     atomic_write_json(record, wanted)
 
 
@@ -176,6 +183,10 @@ def _write_once(path: Path, text: str, what: str) -> None:
         if path.read_text() != text:
             raise CLIError(f"the {what} differs from the one cached in {path.parent}; use the same flags or a new --store")
         return
+    _write_atomic(path, text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -189,7 +200,41 @@ def compile_decision(flag: str, real_tokens: int) -> bool:
     return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS)
 
 
+# Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
+GROWABLE_KEYS = ("limit",)
+
+
+def _flag_value(key: str, value) -> str:
+    return "all" if key == "limit" and value is None else json.dumps(value)
+
+
+def _check_same_flags(store: Path, cached: dict, config: dict) -> None:
+    """Refuse flags that differ from the store's, naming each flag with its cached and given value."""
+    differ = [key for key in CACHE_KEYS if key not in GROWABLE_KEYS and cached[key] != config[key]]
+    if differ:
+        listed = "; ".join(f"--{key.replace('_', '-')} cached {_flag_value(key, cached[key])}, given "
+                           f"{_flag_value(key, config[key])}" for key in differ)
+        raise CLIError(f"{store} was cached with other flags ({listed}); use the cached values or a new --store")
+
+
+def _new_documents(store: Path, cached: list[dict], docs: list[dict]) -> list[dict]:
+    """The documents of ``docs`` not yet in the store (in corpus order); every cached document must be
+    among ``docs`` unchanged, since a store only grows."""
+    by_id = {d["id"]: d for d in docs}
+    gone = [d["id"] for d in cached if d["id"] not in by_id]
+    changed = [d["id"] for d in cached if d["id"] in by_id and by_id[d["id"]] != d]
+    if gone or changed:
+        what = (f"documents {gone[:3]} of the store are not in the corpus" if gone else
+                f"documents {changed[:3]} differ from the cached ones")
+        raise CLIError(f"the corpus differs from the one cached in {store}: {what} (a store only grows: give a corpus "
+                       "that holds every cached document, or use a new --store)")
+    known = {d["id"] for d in cached}
+    return [d for d in docs if d["id"] not in known]
+
+
 def cmd_cache(args, loaded=None):
+    """Cache the corpus into the store: a new store, the rest of an interrupted one, or the new documents
+    of a larger corpus (the store grows: its rows keep their order, the new documents are appended)."""
     store = Path(args.store)
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
         args.autocast = "bfloat16" if llm.fast_bfloat16(_device()) else "none"
@@ -199,9 +244,9 @@ def cmd_cache(args, loaded=None):
                        if key not in ("func", "config")})
     _check_corpus_flags(config)
     saved = store / "cli.json"
-    if saved.exists() and _saved_config(store)["flags"] != config:
-        raise CLIError(f"{store} was cached with {json.dumps(_saved_config(store)['flags'])}; use the same flags or a "
-                       "new --store")
+    record_before = _saved_config(store) if saved.exists() else None
+    if record_before is not None:
+        _check_same_flags(store, record_before["flags"], config)
     phases: dict[str, float] = {}
 
     def prepare():
@@ -209,31 +254,52 @@ def cmd_cache(args, loaded=None):
             model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"],
                                                         device=_device())
         with timed_phase(phases, "tokenize"):
-            docs = _docs(config, tokenizer)
-            batches, order = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"],
-                                                  config["token_batch_size"])
-        return model, tokenizer, [docs[i] for i in order], batches  # store row r is docs[r] (grouped by length)
+            corpus = _docs(config, tokenizer)
+            cached = _cached_documents(store, record_before, whole=False) if record_before is not None else []
+            segments = _segments(store, record_before) if record_before is not None else []
+            added = _new_documents(store, cached, corpus)
+            batch_flags = (config["batch_size"], config["max_length"], config["token_batch_size"])
+            batches, start = [], 0
+            for size in segments:  # each cache that added documents grouped its own by length: the same batches again
+                batches += llm.document_batches(tokenizer, cached[start:start + size], *batch_flags)[0]
+                start += size
+            pending = batches  # the batches this run may compute (on a resumed store, some of them are done)
+            if added:  # store row r is docs[r]: the new documents, grouped by length, follow the cached ones
+                new_batches, order = llm.document_batches(tokenizer, added, *batch_flags)
+                batches, pending, added = batches + new_batches, new_batches, [added[i] for i in order]
+                segments = segments + [len(added)]
+        return model, tokenizer, cached, added, segments, batches, pending
 
-    model, tokenizer, docs, batches = collectively(prepare)
+    model, tokenizer, cached, added, segments, batches, pending = collectively(prepare)
+    docs = cached + added
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     require_agreement({"the corpus": f"{len(docs)} documents, sha256 {hashlib.sha256(docs_text.encode()).hexdigest()}"})
-    if (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
+    if record_before is None and (store / "docs.jsonl").exists() and (store / "docs.jsonl").read_text() != docs_text:
         raise CLIError(f"the corpus differs from the one cached in {store}; use a new --store")
     parse_spec(config["compressor"])  # validate before anything is written
+    mask_docs = cached[:segments[0]] if cached else docs  # the first cache's documents: a grown store keeps its masks
     with timed_phase(phases, "masks"):
-        collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, docs))  # rank 0 writes them
-    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    compile = compile_decision(args.compile, real_tokens)
+        collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, mask_docs))  # rank 0 writes them
+    compile = compile_decision(args.compile, sum(int(b["attention_mask"].sum()) for b in pending))
     with timed_phase(phases, "attributor"):  # the weights' fingerprint included
         attr = collectively(lambda: _attributor(model, config, store, compile=compile))  # validates the configuration
+    if compile and (added or record_before is None) and _main_rank():  # new documents to compute
+        print("grass-attribute: the first batch compiles the cache step (once; minutes on a CPU)", file=sys.stderr)
+    grows = record_before is not None and (bool(added) or record_before["flags"] != config)
 
     def record():  # rank 0 writes; the others wait for it
         if _main_rank():
-            _write_once(store / "docs.jsonl", docs_text, "corpus")
-            corpus = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest()}
-            _write_once(saved, json.dumps({"flags": config, "corpus": corpus}, indent=1, sort_keys=True) + "\n",
-                        "configuration")
-            attr.store.attach(["docs.jsonl", "cli.json", *_mask_files(attr, store)])  # verify checks them
+            corpus_record = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest(),
+                             "segments": segments}
+            config_text = json.dumps({"flags": config, "corpus": corpus_record}, indent=1, sort_keys=True) + "\n"
+            if grows:  # docs.jsonl first: its first rows stay the cached ones, which the old record still checks
+                _write_atomic(store / "docs.jsonl", docs_text)
+                _write_atomic(saved, config_text)
+            else:
+                _write_once(store / "docs.jsonl", docs_text, "corpus")
+                _write_once(saved, config_text, "configuration")
+            attr.store.attach(["docs.jsonl", "cli.json", *_mask_files(attr, store)],  # verify checks them
+                              replace=("docs.jsonl", "cli.json") if grows else ())
 
     collectively(record)
     start = time.perf_counter()
@@ -242,8 +308,10 @@ def cmd_cache(args, loaded=None):
     stats = attr.stats
     phases.update(gradients=stats["gradient_seconds"] - stats["compile_seconds"], compile=stats["compile_seconds"],
                   fim=stats["fim_seconds"], cache_other=seconds - stats["gradient_seconds"] - stats["fim_seconds"])
-    summary = {"store": str(store), "documents": len(docs), "layers": len(attr.block_names), "k": config["k"],
-               "real_tokens": real_tokens, "positions": sum(int(b["attention_mask"].numel()) for b in batches),
+    summary = {"store": str(store), "documents": len(docs), "added_documents": len(added),
+               "layers": len(attr.block_names), "k": config["k"],
+               "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+               "positions": sum(int(b["attention_mask"].numel()) for b in batches),
                "cache_seconds": seconds, "gradient_seconds": stats["gradient_seconds"],
                "fim_seconds": stats["fim_seconds"], "compile": args.compile, "compiled": stats["compiled"],
                "compile_seconds": stats["compile_seconds"], "graph_breaks": stats["graph_breaks"],
@@ -267,24 +335,43 @@ def _saved_config(store: Path) -> dict:
     return record
 
 
+def _cached_documents(store: Path, record: dict, whole: bool = True) -> list[dict]:
+    """The cached documents in store row order, checked against the record's SHA-256. whole=False: the
+    record's first rows only (a grow that stopped after rewriting docs.jsonl left more after them)."""
+    path = store / "docs.jsonl"
+    data = path.read_bytes() if path.is_file() else b""
+    count = record["corpus"].get("documents")
+    if not whole and isinstance(count, int) and count >= 0:
+        data = b"".join(data.splitlines(keepends=True)[:count])
+    if hashlib.sha256(data).hexdigest() != record["corpus"].get("sha256"):
+        raise StoreError(f"{path} is missing or was modified after caching (its rows must match the cached gradients); "
+                         "restore it or cache again into a new --store")
+    return [doc for _, doc in llm.read_jsonl(path, "cached corpus")][: None if whole else count]
+
+
+def _segments(store: Path, record: dict) -> list[int]:
+    """The documents each cache of the store added, in row order (one segment unless it grew)."""
+    count = record["corpus"].get("documents")
+    segments = record["corpus"].get("segments", [count])
+    if (not isinstance(segments, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in segments)
+            or sum(segments) != count):
+        raise StoreError(f"{store / 'cli.json'}: corpus segments {segments!r} do not add up to its {count!r} documents")
+    return segments
+
+
 def _load_store(store):
     """(store path, cache flags, documents in store row order), after checking docs.jsonl against the record."""
     store = Path(store)
     if not (store / "cli.json").exists():
         raise CLIError(f"{store} is not a grass-attribute store (run `grass-attribute cache --store {store}` first)")
     record = _saved_config(store)
-    path = store / "docs.jsonl"
-    data = path.read_bytes() if path.is_file() else b""
-    if hashlib.sha256(data).hexdigest() != record["corpus"].get("sha256"):
-        raise StoreError(f"{path} is missing or was modified after caching (its rows must match the cached gradients); "
-                         "restore it or cache again into a new --store")
+    docs = _cached_documents(store, record)
     files = open_store(store)
     unrecorded = sorted({"cli.json", "docs.jsonl"} - set(files.attached()))
     if unrecorded:
         raise StoreError(f"{store}: {unrecorded} are not in the store's record of attached files; run the same "
                          "`grass-attribute cache` again to complete the store")
     files.check_attached()  # the corpus, the configuration and the masks, against their recorded CRC32s
-    docs = [doc for _, doc in llm.read_jsonl(path, "cached corpus")]
     return store, record["flags"], docs
 
 
@@ -330,12 +417,14 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     else:
         scores = attr.attribute(features=features)
         k = min(top_k, scores.shape[1])
-        top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+        top = scores.topk(k, dim=1)
+        rest = scores.scatter(1, top[1], float("inf"))  # the bottom list is drawn from the documents not on top
+        bottom = rest.topk(min(k, scores.shape[1] - k), dim=1, largest=False)
 
-    def listed(values, indices, i):
-        return [(docs[j], float(v)) for j, v in zip(indices[i].tolist(), values[i].tolist()) if j >= 0]
+    def listed(values, indices, i, skip=frozenset()):
+        return [(docs[j], float(v)) for j, v in zip(indices[i].tolist(), values[i].tolist()) if j >= 0 and j not in skip]
 
-    ranked = [(listed(*top, i), listed(*bottom, i)) for i in range(len(rows))]
+    ranked = [(listed(*top, i), listed(*bottom, i, skip=frozenset(top[1][i].tolist()))) for i in range(len(rows))]
     results = [Attribution(q, *ranked[i]) for i, q in enumerate(queries)]
     if per_token:
         start = len(queries)
@@ -357,6 +446,8 @@ def cmd_attribute(args, loaded=None):
     store, config, docs = _load_store(args.store)
     if not (args.task or args.prompts or args.prompt):
         raise CLIError("give --prompt, --prompts FILE or --task")
+    if getattr(args, "index", False):
+        _require_faiss()
     model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"], device=_device())
     _check_rows(_attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     # rank 0 generates the completions and sends them (every rank must score the same queries)
@@ -366,9 +457,8 @@ def cmd_attribute(args, loaded=None):
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
                                    per_token=getattr(args, "per_token", False), ann=ann, normalize=args.normalize)
     meta = {"model": config["model"], "method": "if", "normalize": args.normalize, "compressor": config["compressor"],
-            "k": config["k"],
-            "damping": config["damping"], "documents": len(docs), "per_token": getattr(args, "per_token", False),
-            "index": ann["index"]}
+            "k": config["k"], "damping": config["damping"], "documents": len(docs), "top_k": args.top_k,
+            "per_token": getattr(args, "per_token", False), "index": ann["index"]}
     if not _main_rank():
         return results
     paths = write_reports(args.out, results, meta)
@@ -406,9 +496,11 @@ def cmd_demo(args):
     _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=not args.normalize)
     ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
     scoring = {True: "IF on unit-normalized gradients", False: "raw IF"}
-    rows = [{"method": f"default ({config['compressor']}, {config['masks']} masks, k={config['k']}, {scoring[args.normalize]})",
+    rows = [{"method": f"default: {config['compressor']}, {config['masks']} masks, k={config['k']}, {scoring[args.normalize]}",
              **facts.retrieval_metrics(scores, ids, targets)},
             {"method": f"the same store, {scoring[not args.normalize]}", **facts.retrieval_metrics(other, ids, targets)}]
+    for result, rank in zip(results, rows[0]["ranks"]):
+        result.query["target_rank"] = rank  # the default's rank of the true source, shown per question in the report
     base, _ = llm.load_model(llm.DEFAULT_MODEL)
     rows += demo.compare(model, tokenizer, base, corpus, queries, config["k"], config["max_length"],
                          config["token_batch_size"] or 512, (config["compressor"], "if-unit" if args.normalize else "if"))
@@ -417,19 +509,19 @@ def cmd_demo(args):
         row["mrr_answered"] = (sum(1.0 / r for r, c in zip(row["ranks"], correct) if c) / sum(correct)
                                if any(correct) else None)
     figure = demo.plot(rows, out / "recall.png")
-    meta = {"job": "fact tracing: 20 invented facts planted in the corpus", "model": "SmolLM2-135M-Instruct fine-tuned "
+    meta = {"job": f"fact tracing: {len(facts.FACTS)} invented facts planted in the corpus, each asked with a paraphrased "
+                   "question", "model": "SmolLM2-135M-Instruct fine-tuned "
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
-            "compressor": config["compressor"], "k": config["k"], "documents": len(docs),
-            "answered_correctly": sum(q["correct"] for q in queries), "cache_seconds": summary["cache_seconds"]}
+            "compressor": config["compressor"], "k": config["k"], "damping": config["damping"], "documents": len(docs),
+            "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
+            "cache_seconds": summary["cache_seconds"]}
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k != "ranks"} for r in rows],
-                          plot=figure)
+                          plot=figure, notes=demo.notes(rows))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
-    lines = [f"{len(docs)} documents (96 Python-docs paragraphs + 20 planted facts) cached in {summary['cache_seconds']:.0f}s; "
-             f"the fine-tuned model answers {meta['answered_correctly']}/20 questions correctly; total "
-             f"{time.perf_counter() - start:.0f}s", "", f"{'method':58s} recall@1 recall@5   MRR  MRR (answered right)"]
-    lines += [f"{r['method'][:58]:58s} {r['recall@1']:8.2f} {r['recall@5']:8.2f} {r['mrr']:5.2f}  "
-              f"{'-' if r['mrr_answered'] is None else format(r['mrr_answered'], '.2f')}" for r in rows]
-    lines.append(f"\nreports: {paths['md']} (and .html, .json), plot: {figure}")
+    lines = [f"{len(docs)} documents ({len(docs) - len(facts.FACTS)} Python-docs paragraphs + {len(facts.FACTS)} planted "
+             f"facts) cached in {summary['cache_seconds']:.0f}s; the fine-tuned model answers {meta['answered_correctly']}/"
+             f"{len(queries)} questions correctly; total {time.perf_counter() - start:.0f}s", "", demo.console_table(rows),
+             f"\nreports: {paths['md']} (and .html, .json), plot: {figure}"]
     print("\n".join(lines))
     return rows
 
@@ -493,9 +585,17 @@ def cmd_verify(args):
     return report
 
 
+def _require_faiss() -> None:
+    """FAISS, or a one-line usage error naming the extra to install."""
+    try:
+        index_module.require_faiss()
+    except ModuleNotFoundError as err:
+        raise CLIError(str(err)) from None
+
+
 def cmd_index(args):
     """Build the store's ANN index (FAISS) for `attribute --index`; prints its summary."""
-    index_module.require_faiss()
+    _require_faiss()
     store = open_store(args.store)
 
     def build():
@@ -530,27 +630,45 @@ def cmd_bench(args):
     return report
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default: appended as "(default: X)" unless its help already says it
+    (a None default is described in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+STORE_HELP = "the store folder (the demo writes its store to out/llm/store)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grass-attribute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="JSON file with flag values (flags given on the command line win)")
+    parser = argparse.ArgumentParser(prog="grass-attribute", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", help="JSON file with flag values (flags given on the command line win; default: none)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cache = sub.add_parser("cache", help="compress a corpus's training gradients into a store")
-    cache.add_argument("--store", required=True)
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter)
+
+    cache = command("cache", "compress a corpus's training gradients into a store (a larger --limit or corpus grows it)")
+    cache.add_argument("--store", required=True, help=STORE_HELP)
     cache.add_argument("--model", default=llm.DEFAULT_MODEL, help="'smollm2' (embedded), a folder or a hub id")
-    cache.add_argument("--gguf-file", default=None)
-    cache.add_argument("--corpus", default=None, help="'python-docs' (embedded, the default), a .jsonl or a .txt")
+    cache.add_argument("--gguf-file", default=None, help="the GGUF file inside --model's folder or hub repo (default: none, "
+                                                         "safetensors weights)")
+    cache.add_argument("--corpus", default=None, help="'python-docs' (embedded), a .jsonl or a .txt (default: python-docs)")
     cache.add_argument("--dataset", default=None, help="a Hugging Face datasets dataset: a save_to_disk folder, or a "
-                                                       ".parquet / .arrow / .jsonl / .csv file (the `llm` extra)")
+                                                       ".parquet / .arrow / .jsonl / .csv file (the `llm` extra; default: none)")
     cache.add_argument("--split", default=None, help="the --dataset split (default: train, or its only split)")
-    cache.add_argument("--text-field", default="text")
+    cache.add_argument("--text-field", default="text", help="the field holding each document's text (.jsonl, --dataset)")
     cache.add_argument("--prompt-field", default=None, help="--dataset rows as prompt/completion pairs (only the "
-                                                            "completion is a target), with --completion-field")
-    cache.add_argument("--completion-field", default=None)
+                                                            "completion is a target), with --completion-field (default: none)")
+    cache.add_argument("--completion-field", default=None, help="the completion field of --prompt-field rows (default: none)")
     cache.add_argument("--messages-field", default=None, help="--dataset rows as chat messages, rendered with the "
-                                                              "tokenizer's chat template")
-    cache.add_argument("--limit", type=_limit, default=96, help="documents to take from the corpus (a positive int, or 'all')")
+                                                              "tokenizer's chat template (default: none)")
+    cache.add_argument("--limit", type=_limit, default=96, help="documents to take from the corpus (a positive int, or "
+                                                                "'all'); a larger limit on an existing store grows it")
     cache.add_argument("--layers", nargs="+", default=None,
                        help="module name patterns, each must match (default: every linear layer of the transformer "
                             "blocks: model.layers.* or transformer.h.*)")
@@ -558,26 +676,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compressor spec (attribution.compress), e.g. factgrass:blowup=4, logra, sjlt")
     cache.add_argument("--masks", default="energy", choices=["energy", "random"],
                        help="FactGraSS masks: 'energy' keeps each layer's highest second-moment coordinates, measured "
-                            "on --mask-documents documents of the corpus (default); 'random' draws them from the seed")
-    cache.add_argument("--mask-documents", type=_positive_int, default=32)
+                            "on --mask-documents documents of the corpus; 'random' draws them from the seed")
+    cache.add_argument("--mask-documents", type=_positive_int, default=32,
+                       help="documents (a seeded sample of the corpus) that --masks energy measures")
     cache.add_argument("--k", type=_positive_int, default=256, help="compressed dimension per layer")
-    cache.add_argument("--max-length", type=_max_length, default=128)
+    cache.add_argument("--max-length", type=_max_length, default=128, help="tokens per document (longer ones are cut)")
     cache.add_argument("--batch-size", type=_positive_int, default=4, help="documents per batch (at most)")
     cache.add_argument("--token-batch-size", type=_positive_int, default=None,
-                       help="padded tokens per batch (at most); documents are grouped by length, so no compute is "
-                            "spent on padding beyond each batch's longest document")
+                       help="padded tokens per batch (at most; default: no limit); documents are grouped by length, so "
+                            "no compute is spent on padding beyond each batch's longest document")
     cache.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the stored gradients (bfloat16 halves the store)")
-    cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+    cache.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES), help="dtype of the model's weights")
     cache.add_argument("--autocast", default=DEFAULT_AUTOCAST, choices=["none", "bfloat16", "float16", "auto"],
                        help="matmuls of the gradient passes under torch.autocast (float32 weights, factors compressed in "
                             "float32); auto: bfloat16 where the hardware runs it natively, else none (recorded resolved)")
-    cache.add_argument("--damping", type=_nonnegative_float, default=1e-3)
-    cache.add_argument("--seed", type=int, default=0)
+    cache.add_argument("--damping", type=_nonnegative_float, default=1e-3,
+                       help="added to the FIM's eigenvalues before inverting it (larger: closer to a plain dot product)")
+    cache.add_argument("--seed", type=int, default=0, help="seed of the random projections and masks")
     _compile_flags(cache)
     cache.set_defaults(func=cmd_cache)
 
-    demo = sub.add_parser("demo", help="the main job: fact tracing on the embedded model, measured")
+    demo = command("demo", "the main job: fact tracing on the embedded model, measured")
     keep = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping", "seed",
             "layers", "limit", "masks", "mask_documents"}
     for action in cache._actions:
@@ -586,21 +706,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(model=llm.DEFAULT_MODEL, gguf_file=None, corpus=None, dataset=None, split=None, text_field="text",
                       prompt_field=None, completion_field=None, messages_field=None)
     _compile_flags(demo)
-    demo.add_argument("--store", default="out/llm/store")
-    demo.add_argument("--out", default="out/llm")
-    demo.add_argument("--finetune-epochs", type=_positive_int, default=6)
-    demo.add_argument("--top-k", type=_positive_int, default=5)
-    demo.add_argument("--per-token", action="store_true")
+    demo.add_argument("--store", default="out/llm/store", help="where the demo caches its corpus")
+    demo.add_argument("--out", default="out/llm", help="folder of the fine-tuned model, the reports and recall.png")
+    demo.add_argument("--finetune-epochs", type=_positive_int, default=6, help="epochs of the short fine-tune")
+    demo.add_argument("--top-k", type=_positive_int, default=5, help="documents listed per question, top and bottom")
+    demo.add_argument("--per-token", action="store_true", help="also list each answer token's top documents")
     demo.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=DEFAULT_NORMALIZE, help=NORMALIZE_HELP)
     demo.set_defaults(func=cmd_demo)
 
     for name, helptext in (("attribute", "top-k training documents for prompts / completions"),
                            ("select", "LESS-style data selection against a target set")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--store", required=True)
-        p.add_argument("--task", default=None, help="an lm-eval task as the query/target set")
-        p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
-        p.add_argument("--query-limit", type=_positive_int, default=None)
+        p = command(name, helptext)
+        p.add_argument("--store", required=True, help=STORE_HELP)
+        p.add_argument("--task", default=None, help="an lm-eval task as the query/target set (default: none)")
+        p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs (default: none)")
+        p.add_argument("--query-limit", type=_positive_int, default=None,
+                       help="--task: examples to take (default: all)")
         if name == "attribute":
             p.add_argument("--index", action="store_true",
                            help="candidates from the store's ANN index (grass-attribute index), re-ranked exactly")
@@ -608,24 +729,25 @@ def build_parser() -> argparse.ArgumentParser:
                            help="--index: candidates per query (default 10 x top-k, >= 100)")
             p.add_argument("--nprobe", type=_positive_int, default=None,
                            help="--index: inverted lists to probe (default: the index's)")
-            p.add_argument("--prompt", action="append", type=_nonempty, help="a prompt (repeatable); completed by the model")
-            p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]}")
+            p.add_argument("--prompt", action="append", type=_nonempty,
+                           help="a prompt (repeatable); completed by the model (default: none)")
+            p.add_argument("--prompts", default=None, help="jsonl of {prompt[, completion]} (default: none)")
             p.add_argument("--generate", type=_positive_int, default=24, help="new tokens of each completion")
-            p.add_argument("--top-k", type=_positive_int, default=5)
+            p.add_argument("--top-k", type=_positive_int, default=5, help="documents listed per query, top and bottom")
             p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=DEFAULT_NORMALIZE,
                            help=NORMALIZE_HELP)
             p.add_argument("--per-token", action="store_true",
                            help="also attribute each completion token on its own (one query per token)")
-            p.add_argument("--out", default="out/llm_report")
+            p.add_argument("--out", default="out/llm_report", help="folder of report.md, report.html and report.json")
             p.set_defaults(func=cmd_attribute)
         else:
-            p.add_argument("--target", default=None, help="jsonl of {prompt, completion} or {text}")
-            p.add_argument("--fraction", type=_fraction, default=0.1)
-            p.add_argument("--out", default="out/selected.jsonl")
+            p.add_argument("--target", default=None, help="jsonl of {prompt, completion} or {text} (default: none)")
+            p.add_argument("--fraction", type=_fraction, default=0.1, help="share of the cached documents to keep")
+            p.add_argument("--out", default="out/selected.jsonl", help="the selected documents, as jsonl")
             p.set_defaults(func=cmd_select)
 
-    index = sub.add_parser("index", help="build the store's ANN index (FAISS, the `faiss` extra) for `attribute --index`")
-    index.add_argument("--store", required=True)
+    index = command("index", "build the store's ANN index (FAISS, the `faiss` extra) for `attribute --index`")
+    index.add_argument("--store", required=True, help=STORE_HELP)
     index.add_argument("--factory", default=index_module.DEFAULT_FACTORY,
                        help='a FAISS index_factory string, e.g. "IVF4096,PQ64" (default: "Flat" below 20,000 documents, '
                             'else "IVF<about 4 sqrt(n)>,SQfp16")')
@@ -637,29 +759,31 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--train-size", type=_positive_int, default=None, help="rows to train on (default 40 per IVF list)")
     index.add_argument("--nprobe", type=_positive_int, default=None,
                        help="lists probed by default (default: an eighth of them)")
-    index.add_argument("--seed", type=_nonnegative_int, default=0)
+    index.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the index's training sample")
     index.add_argument("--memory-budget", type=_positive_int, default=1 << 30, help="bytes of training rows read at once")
     index.set_defaults(func=cmd_index)
 
-    verify = sub.add_parser("verify", help="check every file of a store against its recorded checksums")
-    verify.add_argument("--store", required=True)
+    verify = command("verify", "check every file of a store against its recorded checksums")
+    verify.add_argument("--store", required=True, help=STORE_HELP)
     verify.set_defaults(func=cmd_verify)
 
-    bench = sub.add_parser("bench", help="throughput of the compress step and the cache stage")
+    bench = command("bench", "throughput of the compress step and the cache stage")
     bench.add_argument("--job", action="append", nargs="?", const="", default=None, metavar="FLAGS",
                        help="measure the main job's cache stage in a fresh process (real tokens/s, peak RSS, store size) "
-                            "with the default flags (--job) or extra `cache` flags (--job='--no-compile'); repeatable")
-    bench.add_argument("--job-documents", type=_positive_int, default=96)
-    bench.add_argument("--models", nargs="*", default=["smollm2", "gpt2-random"])
-    bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096])
-    bench.add_argument("--batch-size", type=int, default=2)
-    bench.add_argument("--seq-len", type=int, default=128)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES))
+                            "with the default flags (--job) or extra `cache` flags (--job='--no-compile'); repeatable "
+                            "(default: not measured)")
+    bench.add_argument("--job-documents", type=_positive_int, default=96, help="--job: Python-docs paragraphs cached")
+    bench.add_argument("--models", nargs="*", default=["smollm2", "gpt2-random"],
+                       help="models of the per-model cache-step table (none: skip it)")
+    bench.add_argument("--ks", type=int, nargs="+", default=[256, 1024, 4096], help="compressed dimensions per layer")
+    bench.add_argument("--batch-size", type=int, default=2, help="sequences per batch")
+    bench.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per row")
+    bench.add_argument("--device", default="cpu", help="torch device")
+    bench.add_argument("--dtype", default="float32", choices=sorted(llm.DTYPES), help="dtype of the model's weights")
     bench.add_argument("--fingerprint", action=argparse.BooleanOptionalAction, default=True,
                        help="also time fingerprinting the weights (sha256 on the host, lin64 on the device)")
-    bench.add_argument("--out", default=None)
+    bench.add_argument("--out", default=None, help="JSON file of the results (default: printed)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -88,18 +88,47 @@ class FIMAccumulator:
         return DampedInverse.from_fim(self.sum / n, store_dtype)
 
 
+# A FIM summed over n samples has rank <= n. When n + LOW_RANK_OVERSAMPLE <= k / LOW_RANK_SHARE, its
+# eigendecomposition is computed in an (n + oversample)-dim subspace: measured on SmolLM2's 256-wide
+# blocks, 12 ms instead of 200-600 ms (LAPACK's eigh is slow on the many zero eigenvalues) at n = 5, no
+# faster from n ~ 100.
+LOW_RANK_OVERSAMPLE = 8
+LOW_RANK_SHARE = 4
+
+
+def low_rank_eigh(sym: Tensor, width: int, tolerance: float) -> tuple[Tensor, Tensor] | None:
+    """(eigvals, eigvecs) of a symmetric PSD [k, k] matrix of rank < ``width``: a seeded range finder, the
+    eigendecomposition inside that range, and an orthonormal complement (eigenvalue 0). None when the
+    matrix is not that of rank (residual above ``tolerance`` relative to its norm): use a full eigh."""
+    k = sym.shape[0]
+    probe = torch.randn(k, width, generator=torch.Generator().manual_seed(0), dtype=sym.dtype).to(sym.device)
+    basis = torch.linalg.qr(sym @ probe).Q
+    values, rotation = torch.linalg.eigh(basis.T @ sym @ basis)
+    vectors = basis @ rotation
+    if float((sym - (vectors * values) @ vectors.T).norm()) > tolerance * float(sym.norm()):
+        return None
+    complement = torch.linalg.qr(vectors, mode="complete").Q[:, width:]
+    return (torch.cat([torch.zeros(k - width, dtype=values.dtype, device=values.device), values]),
+            torch.cat([complement, vectors], dim=1))
+
+
 @dataclass
 class DampedInverse:
     eigvals: Tensor  # [k] float64, clamped at >= 0
     eigvecs: Tensor  # [k, k] float32 (float64 for float64 runs)
 
     @classmethod
-    def from_fim(cls, fim: Tensor, store_dtype: torch.dtype = torch.float32) -> "DampedInverse":
+    def from_fim(cls, fim: Tensor, store_dtype: torch.dtype = torch.float32, samples: int | None = None) -> "DampedInverse":
+        """The eigendecomposition of ``fim``; ``samples`` (the number of gradients it sums, a bound on its
+        rank) lets a small store use :func:`low_rank_eigh`, checked to the accumulation dtype's precision."""
         sym = (fim.double() + fim.double().T) / 2
         if not bool(torch.isfinite(sym).all()):
             raise FloatingPointError("the FIM holds non-finite values (the compressed gradients overflowed or are NaN); "
                                      "check the loss and use a float32 or float64 storage dtype")
-        eigvals, eigvecs = torch.linalg.eigh(sym)
+        found = None
+        if samples is not None and (samples + LOW_RANK_OVERSAMPLE) * LOW_RANK_SHARE <= sym.shape[0]:
+            found = low_rank_eigh(sym, samples + LOW_RANK_OVERSAMPLE, 100 * torch.finfo(fim.dtype).eps)
+        eigvals, eigvecs = found if found is not None else torch.linalg.eigh(sym)
         return cls(eigvals.clamp_min(0.0), eigvecs.to(store_dtype))
 
     def apply(self, vectors: Tensor, damping: float | str) -> Tensor:

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .distributed import all_gather_objects, broadcast_object, first_error, rank_and_world
 from .fim import DampedInverse
@@ -149,9 +150,9 @@ def _combine(parts: list[Tensor], world: int) -> Tensor:
 
 
 def empirical_fims(store, ckpt: int, record, split: Callable[[Tensor], list[Tensor]], widths: list[int],
-                   rows_per_block: int, device, dtype: torch.dtype) -> list[DampedInverse]:
+                   rows_per_block: int, device, dtype: torch.dtype, progress: bool = False) -> list[DampedInverse]:
     """The per-block FIMs (1/n) sum_i g_i g_i^T of checkpoint ``ckpt``'s shards, computed by every rank
-    together (collective); every rank returns all blocks."""
+    together (collective); every rank returns all blocks. ``progress``: a bar over the blocks on rank 0."""
     import torch.distributed as dist
 
     rank, world = rank_and_world()
@@ -165,10 +166,11 @@ def empirical_fims(store, ckpt: int, record, split: Callable[[Tensor], list[Tens
         return j % world == rank
 
     def decompose(j: int, total: Tensor) -> None:
-        results[j] = DampedInverse.from_fim(total / record.samples, store_dtype)
+        results[j] = DampedInverse.from_fim(total / record.samples, store_dtype, samples=record.samples)
 
     error = None
-    for j, w in enumerate(widths):
+    for j, w in enumerate(tqdm(widths, desc=f"FIM eigendecompositions ckpt {ckpt}", disable=not progress or rank != 0,
+                               leave=False)):
         mine = partial[j] if partial is not None else torch.zeros(w, w, dtype=acc_dtype, device=device)
         if world > 1:
             parts = [torch.empty_like(mine) for _ in range(world)] if owned(j) else None

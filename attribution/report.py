@@ -1,89 +1,201 @@
 """Report stage: each query with its most helpful and most harmful training documents, as
-report.json, report.md and report.html. Every field that comes from the corpus or the user (ids,
-prompts, completions, passages) is escaped: HTML-escaped in the page, code-spanned in Markdown."""
+report.json, report.md and report.html (Jinja2 templates in ``attribution/templates``).
+
+The reports open with one screen that answers "did it work?" (per query: the answer, whether it is
+right and the true source's rank when known, the top document), then explain the scores and the
+metrics. Everything that comes from the corpus or the user (ids, prompts, completions, passages) is
+escaped: HTML-escaped in the page (autoescape), Markdown-escaped in the .md (every ``{{ }}`` passes
+through :func:`md_text`)."""
 from __future__ import annotations
 
-import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+# Characters cut from a shortened text: passages in the per-query lists, the top document in the summary.
+PASSAGE_CHARS = 280
+SUMMARY_CHARS = 90
+
+# (key in an evaluation row, column header, what it measures)
+METRICS = (
+    ("recall@1", "recall@1", "share of the questions whose true source document is ranked first"),
+    ("recall@5", "recall@5", "share of the questions whose true source document is among the 5 highest scores"),
+    ("mrr", "MRR", "mean reciprocal rank: the mean over the questions of 1 / the true source's rank (1: always "
+                   "first; 0.5: second on average; near 0: far down the list)"),
+    ("mrr_answered", "MRR (answered right)", "the MRR over only the questions the model answered correctly: there the "
+                                             "answer comes from the planted fact, so its source should rank first"),
+)
+
+# Readable labels of the report's configuration (meta) keys; other keys keep their name.
+METHOD_NAMES = {"if": "influence function", "graddot": "gradient dot product", "gradcos": "gradient cosine",
+                "tracin": "TracIn", "trak": "TRAK"}
+SETUP_LABELS = {"model": "model", "method": "scoring",
+                "compressor": "compressor", "k": "k (floats per layer)", "damping": "damping",
+                "documents": "training documents", "top_k": "documents listed per query", "per_token": "per-token lists",
+                "index": "ANN index candidates", "answered_correctly": "questions answered correctly",
+                "cache_seconds": "cache seconds"}
 
 
 @dataclass
 class Attribution:
+    """One query's result. ``query`` holds prompt and completion, and when known ``target`` (the
+    true source's id), ``correct`` (whether the answer is right) and ``target_rank`` (1 = first)."""
     query: dict
     helpful: list[tuple[dict, float]]
     harmful: list[tuple[dict, float]]
     tokens: list[dict] | None = None  # per-token attribution: {token, position, helpful, harmful}
 
 
-def md_code(text) -> str:
-    """Inline Markdown code span that shows ``text`` literally (backticks, pipes, HTML and all)."""
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    fence = "`"
-    while fence in text:
-        fence += "`"
-    return f"{fence} {text} {fence}"
+def shorten(text, width: int) -> str:
+    """``text`` on one line, cut at the last word boundary within ``width`` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if space > width // 2:  # keep whole words unless one word is most of the width
+        cut = cut[:space]
+    return cut.rstrip(" ,;:.-") + "…"
 
 
-def _ranked(rows) -> list[dict]:
-    return [{"id": d["id"], "score": s, "text": d["text"]} for d, s in rows]
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
 
 
-def _cell(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def md_text(value) -> str:
+    """``value`` as literal inline Markdown: one line, HTML's ``& < >`` as entities and Markdown's
+    punctuation (backslash, backtick, ``* _ [ ] | ~ #``) backslash-escaped."""
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def format_score(value: float) -> str:
+    """A score with its sign, three significant digits."""
+    return f"{value:+.3g}"
+
+
+def score_legend(meta: dict) -> list[str]:
+    """What a score means (sign, scale, helpful vs harmful) for the report's method."""
+    method, normalized = meta.get("method", "if"), bool(meta.get("normalize"))
+    what = {"if": "the influence estimate q · (F + λI)⁻¹ · g, with q the answer's compressed loss gradient, g the "
+                  "document's, F their Fisher information matrix and λ the damping",
+            "graddot": "the dot product q · g of the answer's and the document's compressed loss gradients",
+            "gradcos": "the cosine of the answer's and the document's compressed loss gradients"}.get(
+        method, f"the {method} score of the document for the answer")
+    lines = [f"Score: {what}.",
+             "Positive = helpful: a training step on the document lowers the loss of this answer (makes it more likely). "
+             "Negative = harmful: a step on it raises that loss. The lowest-score list shows harmful documents when "
+             "their scores are negative; a positive lowest score only means least helpful."]
+    if normalized:
+        lines.append("Scale: unit-normalized (--normalize): divided by both gradients' norms, so a long document with a "
+                     "large gradient does not top every list; the preconditioner keeps the scores unbounded.")
+    elif method == "gradcos":
+        lines.append("Scale: between -1 and 1.")
+    else:
+        lines.append("Scale: no fixed unit (scores grow with the gradients' norms and shrink with the damping): "
+                     "compare them within one report, not across stores or settings.")
+    return lines
+
+
+def _setup(meta: dict) -> list[tuple[str, str]]:
+    """(label, value) of the configuration, readable: the method with its scoring, seconds rounded."""
+    def shown(key, value):
+        if key == "method":
+            return f"{METHOD_NAMES.get(value, value)}, {'unit-normalized' if meta.get('normalize') else 'raw'} scores"
+        if key.endswith("seconds") and isinstance(value, float):
+            return f"{value:.0f}"
+        return "yes" if value is True else "no" if value is False else str(value)
+
+    return [(SETUP_LABELS.get(key, key), shown(key, value)) for key, value in meta.items()
+            if value is not None and key not in ("job", "normalize")]
+
+
+def _listed(rows, target) -> list[dict]:
+    return [{"id": str(d["id"]), "score": format_score(s), "text": shorten(d["text"], PASSAGE_CHARS),
+             "is_target": target is not None and str(d["id"]) == str(target)} for d, s in rows]
+
+
+def _query_view(n: int, result: Attribution) -> dict:
+    q = result.query
+    target = q.get("target")
+    helpful = _listed(result.helpful, target)
+    top = helpful[0] if helpful else None
+    return {"n": n, "prompt": str(q["prompt"]), "completion": str(q["completion"]),
+            "answer": shorten(q["completion"], SUMMARY_CHARS), "correct": q.get("correct"), "target": target,
+            "target_rank": q.get("target_rank"), "helpful": helpful, "harmful": _listed(result.harmful, target),
+            "top_id": top["id"] if top else None, "top_text": shorten(top["text"], SUMMARY_CHARS) if top else None,
+            "tokens": [{"token": t["token"], "top": ", ".join(str(d["id"]) for d, _ in t["helpful"][:3])}
+                       for t in result.tokens or []]}
+
+
+def _verdict(views: list[dict], meta: dict, top_k: int) -> list[str]:
+    """The summary's sentences: answers right, true sources found, and lists cut short by a small corpus."""
+    lines = []
+    checked = [v for v in views if v["correct"] is not None]
+    if checked:
+        lines.append(f"The model's answer is right for {sum(bool(v['correct']) for v in checked)} of {len(checked)} "
+                     "questions.")
+    ranked = [v for v in views if v["target_rank"] is not None]
+    if ranked:
+        first = sum(v["target_rank"] == 1 for v in ranked)
+        listed = sum(v["target_rank"] <= top_k for v in ranked)
+        lines.append(f"The true source document is ranked first for {first} of {len(ranked)} questions and among the "
+                     f"top {top_k} for {listed} (marked ★ in the lists).")
+    else:
+        lines.append("No true source is known for these queries: judge whether the top documents explain each answer.")
+    documents = meta.get("documents")
+    if isinstance(documents, int) and documents < 2 * top_k:
+        rest = max(documents - top_k, 0)
+        lines.append(f"The corpus holds {documents} documents, fewer than 2·k = {2 * top_k}: each lowest-score list "
+                     f"is limited to the documents not in its top list ({rest}), so no document is listed twice.")
+    return lines
+
+
+def _evaluation(evaluation: list[dict] | None) -> dict | None:
+    if not evaluation:
+        return None
+    metrics = [m for m in METRICS if m[0] in evaluation[0]]
+    rows = [{"method": str(row["method"]),
+             "cells": ["–" if row.get(key) is None else f"{row[key]:.2f}" for key, _, _ in metrics]} for row in evaluation]
+    return {"headers": [label for _, label, _ in metrics], "legend": [(label, text) for _, label, text in metrics],
+            "rows": rows}
+
+
+def _environment(markdown: bool):
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    if markdown:  # every expression is escaped; the template's own text is the only Markdown
+        return Environment(loader=PackageLoader("attribution", "templates"), undefined=StrictUndefined,
+                           autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                           finalize=lambda value: "" if value is None else md_text(value))
+    return Environment(loader=PackageLoader("attribution", "templates"), undefined=StrictUndefined, autoescape=True,
+                       trim_blocks=True, lstrip_blocks=True)
 
 
 def write_reports(out: str | Path, results: list[Attribution], meta: dict, evaluation: list[dict] | None = None,
-                  plot: Path | None = None) -> dict[str, Path]:
-    """report.json, report.md and report.html with each prompt, completion and its top passages; per-token
-    attributions when the results carry them; an evaluation table (e.g. fact-tracing recall per method)
-    and its plot when given."""
+                  plot: Path | None = None, notes: list[str] | None = None) -> dict[str, Path]:
+    """report.json, report.md and report.html: the summary, the legends, an evaluation table (e.g.
+    fact-tracing recall per method) and its plot when given, ``notes`` (plain text paragraphs), and
+    each query's top and bottom documents (per token too when the results carry them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "evaluation": evaluation, "queries": [
+    payload = {"meta": meta, "evaluation": evaluation, "notes": notes or [], "queries": [
         {"query": r.query, "helpful": _ranked(r.helpful), "harmful": _ranked(r.harmful),
          **({"tokens": [{"token": t["token"], "position": t["position"], "helpful": _ranked(t["helpful"]),
                          "harmful": _ranked(t["harmful"])} for t in r.tokens]} if r.tokens else {})} for r in results]}
     (out / "report.json").write_text(json.dumps(payload, indent=1))
-    e = html.escape
-    md = [f"# Training-data attribution ({md_code(meta.get('method', 'if'))}, {md_code(meta.get('compressor', ''))}, "
-          f"k={md_code(meta.get('k'))})", ""]
-    page = ["<html><head><meta charset='utf-8'><title>grass_ops attribution</title><style>body{font-family:sans-serif;"
-            "max-width:60em;margin:auto} .p{border-left:4px solid #2a7;padding:.3em .8em;margin:.4em 0}"
-            " .n{border-color:#c33} .s{color:#666;font-size:.85em} .t{background:#eef;margin:0 1px;border-bottom:2px solid #88c}"
-            " td,th{padding:.2em .6em;text-align:left}</style></head><body>",
-            f"<h1>Training-data attribution</h1><p class='s'>{e(json.dumps(meta))}</p>"]
-    if evaluation:
-        columns = [c for c in ("method", "recall@1", "recall@5", "mrr", "mrr_answered") if c in evaluation[0]]
-        md += ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        md += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in evaluation]
-        page.append("<h2>Evaluation</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>")
-        page += ["<tr>" + "".join(f"<td>{e(_cell(row[c]))}</td>" for c in columns) + "</tr>" for row in evaluation]
-        page.append("</table>")
-        if plot is not None:
-            md += ["", f"![recall per method]({Path(plot).name})"]
-            page.append(f"<img src='{e(Path(plot).name)}' alt='recall per method' style='max-width:100%'>")
-        md.append("")
-    for r in results:
-        md += [f"## Prompt: {md_code(r.query['prompt'])}", "", f"**Completion:** {md_code(r.query['completion'])}", "",
-               "| | score | id | passage |", "|---|---|---|---|"]
-        md += [f"| + | {s:.4g} | {md_code(d['id'])} | {md_code(d['text'][:300])} |" for d, s in r.helpful]
-        md += [f"| - | {s:.4g} | {md_code(d['id'])} | {md_code(d['text'][:300])} |" for d, s in r.harmful]
-        if r.tokens:
-            md += ["", "| token | most helpful documents |", "|---|---|"]
-            md += [f"| {md_code(t['token'])} | {', '.join(md_code(d['id']) for d, _ in t['helpful'][:3])} |" for t in r.tokens]
-        md.append("")
-        page.append(f"<h2>{e(str(r.query['prompt']))}<b>{e(str(r.query['completion']))}</b></h2>")
-        if r.tokens:
-            spans = "".join(f"<span class='t' title='{e(', '.join(str(d['id']) for d, _ in t['helpful'][:3]))}'>"
-                            f"{e(t['token'])}</span>" for t in r.tokens)
-            page.append(f"<p>per token (hover for its top documents): {spans}</p>")
-        for cls, rows in (("p", r.helpful), ("p n", r.harmful)):
-            for d, s in rows:
-                page.append(f"<div class='{cls}'><span class='s'>{e(str(d['id']))} · score {s:.4g}</span><br>"
-                            f"{e(str(d['text']))}</div>")
-    page.append("</body></html>")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text("\n".join(page))
+    views = [_query_view(n, r) for n, r in enumerate(results, start=1)]
+    top_k = int(meta.get("top_k") or max((len(r.helpful) for r in results), default=0))
+    context = {"meta": meta, "subtitle": meta.get("job"), "setup": _setup(meta), "verdict": _verdict(views, meta, top_k),
+               "queries": views, "targets_known": any(v["target"] is not None for v in views),
+               "checked": any(v["correct"] is not None for v in views), "score_legend": score_legend(meta),
+               "evaluation": _evaluation(evaluation), "plot": Path(plot).name if plot is not None else None,
+               "notes": notes or [], "top_k": top_k, "documents": meta.get("documents")}
+    (out / "report.md").write_text(_environment(markdown=True).get_template("report.md.j2").render(context))
+    (out / "report.html").write_text(_environment(markdown=False).get_template("report.html.j2").render(context))
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+
+
+def _ranked(rows) -> list[dict]:
+    return [{"id": d["id"], "score": s, "text": d["text"]} for d, s in rows]

@@ -269,14 +269,15 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
 
 
 def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float = 2.0, layers=None,
-                 k_in: int | None = None, k_out: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                 k_in: int | None = None, k_out: int | None = None, progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
     the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
     (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
     of their energy in a few outlier coordinates, which random masks miss. One pass of per-sample
     factors over ``heldout_loader``; the masks are saved like Selective Masks
     (<layer>.in.npz / <layer>.out.npz, use "factgrass:mask_dir=..."), with k_in' = k_out' =
-    blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}."""
+    blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}.
+    ``progress``: a bar over the batches."""
     from .batches import batch_digest
     from .capture import FactorCapture
     from .layers import find_layers
@@ -288,7 +289,7 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     was_training = model.training
     model.eval()
     try:
-        for batch in heldout_loader:
+        for batch in tqdm(heldout_loader, desc="energy masks", disable=not progress, leave=False):
             digests.append(batch_digest(batch))
             inputs, grads, values = capture.capture(loss_fn, batch)
             samples += values.shape[0]

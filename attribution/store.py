@@ -733,16 +733,17 @@ class DiskStore:
             raise CorruptStoreError(f"{path}: malformed record of attached files")
         return files
 
-    def attach(self, names: list[str]) -> None:
+    def attach(self, names: list[str], replace: tuple[str, ...] = ()) -> None:
         """Record the size and CRC32 of files under the root that the store's data depends on (e.g. the
         corpus and the masks of ``grass-attribute``), so that :meth:`verify` and :meth:`check_attached`
-        check them. Write-once: a file recorded before must still hold its recorded bytes. Writes (under
-        the writer lock) only when a file is new to the record."""
+        check them. Write-once: a file recorded before must still hold its recorded bytes, except the
+        ``replace`` ones, recorded anew (a grown store's corpus and configuration). Writes (under the
+        writer lock) only when a file's record is new or replaced."""
         recorded = self.attached()
-        self.check_attached([n for n in names if n in recorded])
+        self.check_attached([n for n in names if n in recorded and n not in replace])
         new = {}
         for name in names:
-            if name not in recorded:
+            if name not in recorded or name in replace:
                 data = (self.root / name).read_bytes()
                 new[name] = [len(data), crc32_of(data)]
         if new:

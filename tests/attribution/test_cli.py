@@ -1,6 +1,8 @@
 """The grass-attribute CLI: cache / attribute / select / verify, resume, refusals and clear errors."""
+import argparse
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -43,6 +45,7 @@ def test_cache_attribute_select_and_resume(tiny_llama, tmp_path, local_task, cor
     results = cli.run(["attribute", "--store", str(store), "--prompt", "a for", "--generate", "3", "--top-k", "2",
                        "--out", str(tmp_path / "report")])
     assert len(results) == 1 and len(results[0].helpful) == 2 and len(results[0].harmful) == 2
+    assert not {d["id"] for d, _ in results[0].helpful} & {d["id"] for d, _ in results[0].harmful}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["queries"][0]["helpful"][0]["id"].startswith("d")
     keep = cli.run(["select", "--store", str(store), "--task", "tiny_qa", "--include-path", local_task, "--fraction",
@@ -158,9 +161,12 @@ def test_reports_escape_everything_from_the_corpus(tiny_llama, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     md = (tmp_path / "report" / "report.md").read_text()
-    assert payload in md
-    outside_code = re.sub(r"(`+) .*? \1", "", md)  # every corpus and prompt text sits inside a code span
-    assert "<img" not in outside_code
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md  # shown as text, never as a tag
+    assert "the list \\| &lt;img" in md and "\\`x\\`" in md  # no pipe opens a table cell, no backtick a code span
+    lists = json.loads((tmp_path / "report" / "report.json").read_text())["queries"][0]
+    assert len(lists["helpful"]) == 2 and len(lists["harmful"]) == 1  # 3 documents: the bottom list never repeats the top
+    assert not {d["id"] for d in lists["helpful"]} & {d["id"] for d in lists["harmful"]}
+    assert "The corpus holds 3 documents, fewer than 2·k = 4" in md
 
 
 def _prompts(tmp_path, payload):
@@ -246,6 +252,7 @@ def test_autocast_auto_is_recorded_resolved_and_normalize_is_a_scoring_choice(ti
     unit = cli.run([*common, "--normalize", "--out", str(tmp_path / "unit")])[0]
     raw = cli.run([*common, "--out", str(tmp_path / "raw")])[0]
     assert {d["id"] for d, _ in unit.helpful} == {d["id"] for d, _ in raw.helpful} == {f"d{i}" for i in range(6)}
+    assert unit.harmful == raw.harmful == []  # every document is on top: none is listed again at the bottom
     assert sorted(s for _, s in unit.helpful) != sorted(s for _, s in raw.helpful)
     assert json.loads((tmp_path / "unit" / "report.json").read_text())["meta"]["normalize"] is True
 
@@ -305,3 +312,97 @@ def test_another_ranks_error_exits_like_the_error_itself(monkeypatch, capsys, er
     else:
         assert cli.main([]) == status
         assert capsys.readouterr().err.startswith(f"grass-attribute: error: rank 1 failed: {type(error).__name__}: ")
+
+
+def test_differing_flags_are_named_with_both_values(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus))
+    with pytest.raises(SystemExit) as refused:
+        cli.run(_cache_args(store, tiny_llama, corpus, "--k", "32", "--seed", "3"))
+    message = str(refused.value.code)
+    assert "--k cached 16, given 32" in message and "--seed cached 0, given 3" in message
+    assert "--compressor" not in message and "--max-length" not in message  # only what differs, no flag dump
+    assert cli.main(_cache_args(store, tiny_llama, corpus, "--k", "32")) == 2
+
+
+def _scores_by_id(store, tmp_path, name):
+    results = cli.run(["attribute", "--store", str(store), "--prompts", str(_prompts(tmp_path, "the")), "--top-k", "6",
+                       "--out", str(tmp_path / name)])
+    return {d["id"]: s for d, s in results[0].helpful}
+
+
+def test_a_larger_limit_grows_the_store_as_a_fresh_cache_would(tiny_llama, tmp_path, corpus):
+    store, fresh = tmp_path / "store", tmp_path / "fresh"
+    random_masks = ("--masks", "random")
+    first = cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "3", *random_masks))
+    cached_lines = (store / "docs.jsonl").read_text().splitlines()
+    grown = cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "all", *random_masks))
+    assert (first["documents"], grown["documents"], grown["added_documents"]) == (3, 6, 3)
+    lines = (store / "docs.jsonl").read_text().splitlines()
+    assert lines[:3] == cached_lines and sorted(json.loads(line)["id"] for line in lines) == [f"d{i}" for i in range(6)]
+    assert json.loads((store / "cli.json").read_text())["flags"]["limit"] is None
+    before = snapshot(store)
+    assert cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "all", *random_masks))["added_documents"] == 0
+    assert snapshot(store) == before  # grown and complete: nothing is written
+    cli.run(_cache_args(fresh, tiny_llama, corpus, "--limit", "all", *random_masks))
+    grown_scores, fresh_scores = _scores_by_id(store, tmp_path, "grown"), _scores_by_id(fresh, tmp_path, "fresh")
+    assert list(grown_scores) == list(fresh_scores)  # the same ranking
+    for doc, score in fresh_scores.items():  # the same scores, up to float32 rounding in other batch shapes
+        assert grown_scores[doc] == pytest.approx(score, rel=2e-3), doc
+    with pytest.raises(SystemExit, match=r"documents \['d\d'(, 'd\d')*\] of the store are not in the corpus \(a store only "
+                                         "grows"):
+        cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "2", *random_masks))
+
+
+def test_a_grown_store_keeps_its_energy_masks_and_resumes_an_interrupted_grow(tiny_llama, tmp_path, corpus):
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "2", "--mask-documents", "2"))
+    masks = snapshot(store / "masks")
+    assert cli.run(_cache_args(store, tiny_llama, corpus, "--limit", "3", "--mask-documents", "2"))["added_documents"] == 1
+    assert snapshot(store / "masks") == masks
+    record = (store / "cli.json").read_text()
+    extra = json.dumps({"id": "d9", "text": "a lambda expression"}) + "\n"
+    (store / "docs.jsonl").write_text((store / "docs.jsonl").read_text() + extra)  # a grow stopped after docs.jsonl
+    assert (store / "cli.json").read_text() == record
+    grown = cli.run(_cache_args(store, tiny_llama, corpus, "--mask-documents", "2", "--limit", "all"))
+    assert grown["documents"] == 6 and grown["added_documents"] == 3
+    assert snapshot(store / "masks") == masks  # the stored gradients were compressed with them
+    assert "d9" not in (store / "docs.jsonl").read_text()
+    assert len(cli.run(["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2", "--top-k", "6",
+                        "--out", str(tmp_path / "r")])[0].helpful) == 6
+
+
+def test_index_without_faiss_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails as if it were not installed
+    assert cli.main(["index", "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'grass_ops[faiss]'" in err and "Traceback" not in err
+
+
+def test_help_gives_every_flag_a_line_and_its_default():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in [("", parser), *commands.items()]:
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help line"
+            formatter = sub._get_formatter()
+            formatter.add_argument(action)
+            shown = " ".join(formatter.format_help().split())  # the flag's lines in --help
+            assert action.required or "default" in shown, f"{name}: no default in {shown!r}"
+
+
+def test_the_usage_examples_use_stores_that_exist():
+    """Every --store in the module's examples is the demo's store or one an earlier example caches."""
+    demo_store = cli.build_parser().parse_args(["demo"]).store
+    created = {demo_store}
+    examples = [line.strip() for line in cli.__doc__.splitlines() if "grass-attribute" in line or "attribution.cli" in line]
+    assert any(f"--store {demo_store}" in line for line in examples)
+    for line in examples:
+        store = re.search(r"--store (\S+)", line)
+        if store is None:
+            continue
+        if re.search(r"\bcache\b", line):
+            created.add(store.group(1))
+        assert store.group(1) in created, line

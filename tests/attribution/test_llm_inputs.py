@@ -94,7 +94,7 @@ def test_cli_per_token_report(tiny_llama, tmp_path):
         llm.query_tokens(llm.load_model(tiny_llama)[1], results[0].query, 8)[1].count(0)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert len(report["queries"][0]["tokens"]) == len(results[0].tokens)
-    assert "class='t'" in (tmp_path / "r" / "report.html").read_text()
+    assert 'class="t"' in (tmp_path / "r" / "report.html").read_text()  # the per-token spans
 
 
 def test_retrieval_metrics_and_bm25():

@@ -251,3 +251,32 @@ def test_normalize_is_checked():
         Attributor(model, loss_fn, normalize="yes", **EXACT)
     with pytest.raises(ValueError, match="normalize=True is for"):
         Attributor(model, loss_fn, method="trak", output_fn=margin, normalize=True, **EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_small_stores_fim_is_decomposed_in_its_range(dtype):
+    """Fewer samples than a block's width: the low-rank eigendecomposition's damped inverse is as close
+    to the exact one as the full eigh's (closer in float32, whose rounding noise the full eigh keeps as
+    eigenvalues); a wrong rank bound is caught by its residual check and the full eigh is used."""
+    from attribution import fim
+
+    torch.manual_seed(0)
+    grads = torch.randn(5, 256, dtype=torch.float64) * torch.logspace(0, -2, 256, dtype=torch.float64)
+    exact = fim.DampedInverse.from_fim(grads.T @ grads / 5, torch.float64)
+    summed = grads.to(dtype).T @ grads.to(dtype) / 5
+    full = fim.DampedInverse.from_fim(summed, torch.float64)
+    fast = fim.DampedInverse.from_fim(summed, torch.float64, samples=5)
+    torch.testing.assert_close(fast.eigvecs.T @ fast.eigvecs, torch.eye(256, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert int((fast.eigvals > 0).sum()) <= 5 + fim.LOW_RANK_OVERSAMPLE
+    queries = torch.randn(3, 256, dtype=torch.float64)
+    for damping in (1e-3, 1e-1):
+        truth = exact.apply(queries, damping)
+        error = {name: float((f.apply(queries, damping) - truth).norm() / truth.norm()) for name, f in
+                 (("full", full), ("fast", fast))}
+        assert error["fast"] <= max(error["full"], 1e-12) and error["fast"] < (1e-4 if dtype == torch.float32 else 1e-10)
+    wide = torch.randn(40, 256, dtype=torch.float64).to(dtype)
+    rank_40 = wide.T @ wide / 40
+    assert fim.low_rank_eigh(rank_40.double(), 13, 100 * torch.finfo(dtype).eps) is None  # rank 40 > 13: refused
+    wrong = fim.DampedInverse.from_fim(rank_40, torch.float64, samples=5)
+    expected = fim.DampedInverse.from_fim(rank_40, torch.float64)
+    assert torch.equal(wrong.eigvals, expected.eigvals) and torch.equal(wrong.eigvecs, expected.eigvecs)

@@ -1,0 +1,192 @@
+"""The reports (report.md / .html / .json and recall.png) explain themselves: a summary that answers
+"did it work?", legends for the scores and metrics, the true source marked, everything escaped,
+passages cut at word boundaries, and a plot with nothing clipped or hidden. Built from small
+synthetic results: no model is needed."""
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+pytest.importorskip("jinja2", reason="the `llm` extra (jinja2) is not installed")
+
+from attribution import demo  # noqa: E402
+from attribution.report import PASSAGE_CHARS, Attribution, shorten, write_reports  # noqa: E402
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+LONG = ("The clockmaker Isidor Quant founded the harbour town of Velmora and built its first lighthouse from the bells of "
+        "a sunken ship, which still rings on foggy nights across the whole northern coast of the island. ") * 3
+DOCS = [{"id": "fact/velmora", "text": LONG},
+        {"id": f"{HOSTILE}0", "text": f"a list | {HOSTILE} `x` *bold* _under_ [link](y) data"},
+        {"id": "doc/2", "text": "the for statement iterates over a sequence"},
+        {"id": "doc/3", "text": "assert statements are a convenient way to insert debugging assertions"}]
+EVALUATION = [{"method": "default: factgrass:blowup=4, energy masks, k=256, raw IF", "recall@1": 0.5, "recall@5": 1.0,
+               "mrr": 0.75, "mrr_answered": 1.0},
+              {"method": "BM25 (question + answer vs document text)", "recall@1": 1.0, "recall@5": 1.0, "mrr": 1.0,
+               "mrr_answered": None}]
+
+
+def _results() -> list[Attribution]:
+    right = {"id": "fact/velmora", "prompt": "The clockmaker who founded Velmora was", "completion": " Isidor Quant",
+             "target": "fact/velmora", "correct": True, "target_rank": 1}
+    wrong = {"id": "q2", "prompt": f"{HOSTILE} Velmora was founded by", "completion": " a fisherman",
+             "target": "fact/velmora", "correct": False, "target_rank": 4}
+    return [Attribution(right, [(DOCS[0], 12.5), (DOCS[1], 3.25)], [(DOCS[3], -2.0), (DOCS[2], -0.5)]),
+            Attribution(wrong, [(DOCS[1], 1.5), (DOCS[2], 0.25)], [(DOCS[0], -7.0), (DOCS[3], -1.0)])]
+
+
+def _meta(documents: int) -> dict:
+    return {"job": "fact tracing", "model": "tiny", "method": "if", "normalize": False, "compressor": "factgrass:blowup=4",
+            "k": 256, "damping": 1e-3, "documents": documents, "top_k": 2}
+
+
+class _Page(HTMLParser):
+    """The page's tags, text, and the text of each element by class."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self.stack, self.by_class = [], [], [], {}
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag not in ("br", "img", "meta"):
+            self.stack.append((attrs.get("class") or "", attrs.get("id") or "", []))
+
+    def handle_endtag(self, tag):
+        if tag in ("br", "img", "meta") or not self.stack:
+            return
+        cls, ident, parts = self.stack.pop()
+        text = "".join(parts)
+        for key in filter(None, [*cls.split(), ident and f"#{ident}"]):
+            self.by_class.setdefault(key, []).append(text)
+        if self.stack:
+            self.stack[-1][2].append(text)
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.stack:
+            self.stack[-1][2].append(data)
+
+
+def _page(path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text())
+    page.close()
+    return page
+
+
+def test_the_reports_answer_did_it_work_and_explain_their_scores(tmp_path):
+    paths = write_reports(tmp_path, _results(), _meta(documents=10), evaluation=EVALUATION, plot=tmp_path / "recall.png",
+                          notes=demo.notes([{**EVALUATION[0]}, {**EVALUATION[1], "scoring": "bm25"}]))
+    md = paths["md"].read_text()
+    assert md.splitlines()[0] == "# Training-data attribution"  # a clean title, no code spans
+    assert "`" not in md.replace("\\`", "")  # no inline code: ids and passages are escaped text
+    summary = md[md.index("## Did it work?"):md.index("## How to read")]
+    assert "right for 1 of 2 questions" in summary and "ranked first for 1 of 2" in summary
+    rows = [line for line in summary.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 2 and "| ✓ | 1 |" in rows[0] and "| ✗ | 4 |" in rows[1]
+    assert "fact/velmora ★" in rows[0]  # the top document, marked as the true source
+    for legend in ("Positive = helpful", "Negative = harmful", "Scale:", "**recall@1**", "**MRR**",
+                   "**MRR (answered right)**", "Why BM25 wins here (MRR 1.00 against the default's 0.75)", "TrackStar"):
+        assert legend in md, legend
+    assert "fewer than 2·k" not in md  # 10 documents >= 2·2
+
+    page = _page(paths["html"])
+    assert [t for t, a in page.tags if t == "img"] == ["img"]  # only the plot: the hostile ids and prompts are text
+    assert next(a for t, a in page.tags if t == "img")["src"] == "recall.png"
+    assert not any(t in ("script", "a") and "onerror" in json.dumps(a) for t, a in page.tags)
+    assert HOSTILE in "".join(page.text)  # shown literally
+    sources = page.by_class["source"]
+    assert len(sources) == 2 and all("fact/velmora ★ true source" in s for s in sources)
+    assert "fact/velmora" not in "".join(page.by_class["harmful"][:2])  # question 1's bottom list: doc/3, doc/2
+    assert "fact/velmora ★" in "".join(page.by_class["harmful"])  # question 2: the source pushes against the wrong answer
+    legend = " ".join(page.by_class["legend"])
+    assert "Positive = helpful" in legend and "mean reciprocal rank" in legend and "answered correctly" in legend
+    assert "✓" in page.by_class["right"] and "✗" in page.by_class["wrong"]
+    report = json.loads(paths["json"].read_text())
+    assert report["queries"][0]["helpful"][0]["text"] == LONG  # the JSON keeps the whole passage
+
+
+def test_passages_are_cut_at_a_word_boundary_with_an_ellipsis(tmp_path):
+    short = shorten(LONG, PASSAGE_CHARS)
+    assert len(short) <= PASSAGE_CHARS and short.endswith("…")
+    kept = short[:-1]
+    assert LONG.startswith(kept) and LONG[len(kept)] in " ,."  # cut where a word ends
+    assert shorten("  two\nwords ", 40) == "two words"
+    paths = write_reports(tmp_path, _results(), _meta(documents=10))
+    assert kept in paths["md"].read_text() and LONG.strip() not in paths["md"].read_text()
+
+
+def test_markdown_escapes_everything_from_the_corpus_and_the_prompts(tmp_path):
+    md = write_reports(tmp_path, _results(), _meta(documents=10))["md"].read_text()
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
+    assert "a list \\| &lt;img" in md  # a pipe cannot open a table cell
+    assert "\\*bold\\* \\_under\\_ \\[link\\](y)" in md
+
+
+def test_a_corpus_smaller_than_two_lists_is_said_so(tmp_path):
+    md = write_reports(tmp_path, _results(), _meta(documents=3))["md"].read_text()
+    assert "The corpus holds 3 documents, fewer than 2·k = 4" in md
+    page = _page(tmp_path / "report.html")
+    assert any("fewer than 2·k = 4" in p for p in page.text)
+
+
+def test_queries_without_a_known_source_say_so(tmp_path):
+    results = [Attribution({"prompt": "a for", "completion": " loop"}, [(DOCS[2], 1.0)], [(DOCS[3], -1.0)])]
+    md = write_reports(tmp_path, results, _meta(documents=4) | {"top_k": 1})["md"].read_text()
+    assert "No true source is known" in md and "right?" not in md and "source rank" not in md
+
+
+def test_the_notes_read_their_figures_from_the_rows():
+    default = {"method": "default", "mrr": 0.9, "mrr_answered": 0.95}
+    bm25 = {"method": "BM25", "scoring": "bm25", "mrr": 0.5}
+    control = {"method": "control: the untuned base model", "mrr": 0.95}
+    text = " ".join(demo.notes([default, bm25, control]))
+    assert "Why BM25 does not win here (MRR 0.50 against the default's 0.90)" in text
+    assert "0.95, against 0.90 over all" in text and "better than the fine-tuned model (MRR 0.95 against 0.90)" in text
+    text = " ".join(demo.notes([{**default, "mrr_answered": 0.5}, {**bm25, "mrr": 0.97}, {**control, "mrr": 0.1}]))
+    assert "Why BM25 wins here" in text and "over all" not in text and "no better than" in text
+
+
+ROWS = [{"method": "default: factgrass:blowup=4, energy masks, k=256, raw IF on a rather long label", "recall@1": 0.45,
+         "recall@5": 1.0, "mrr": 0.53, "ranks": [1] * 20},
+        {"method": "FactGraSS, random masks (blow-up 2), cosine", "recall@1": 0.0, "recall@5": 0.0, "mrr": 0.02,
+         "ranks": [1] * 20},
+        {"method": "control: the untuned base model, factgrass:blowup=4, random masks, raw IF", "recall@1": 1.0,
+         "recall@5": 1.0, "mrr": 1.0, "ranks": [1] * 20}]
+
+
+def test_the_plot_clips_no_label_hides_no_bar_and_shows_zero_bars(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib", reason="the `examples` extra (matplotlib) is not installed")
+    from matplotlib.patches import Rectangle
+    from matplotlib.text import Text
+
+    fig = demo.recall_figure(ROWS)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert any("untuned" in t.get_text() for t in texts)
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 - 0.5 <= box.x0 and box.x1 <= frame.x1 + 0.5 and frame.y0 - 0.5 <= box.y0 and box.y1 <= frame.y1 + 0.5, \
+            (text.get_text(), box, frame)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 2 * len(ROWS)
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in bars if bar.get_width() > 0)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels.count("0.00") == 2  # the zero bars are labelled
+    stubs = [line.get_window_extent(renderer) for line in ax.lines]
+    assert len(stubs) == 2 and all(s.x0 > ax.spines["left"].get_window_extent(renderer).x1 for s in stubs)  # off the axis
+    matplotlib.pyplot.close(fig)
+    assert demo.plot(ROWS, tmp_path / "recall.png") == tmp_path / "recall.png" and (tmp_path / "recall.png").stat().st_size > 0
+
+
+def test_the_console_table_keeps_whole_method_names():
+    table = demo.console_table([{**r, "mrr_answered": None} for r in ROWS])
+    for row in ROWS:
+        assert row["method"] in table
+    assert len({len(line) for line in table.splitlines()[1:]}) == 1  # aligned columns
