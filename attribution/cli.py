@@ -793,7 +793,7 @@ def _compile_flags(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the cache step: auto (default) compiles when the corpus has at least "
                              f"{COMPILE_MIN_TOKENS:,} real tokens, where one compile pays for itself; --compile forces it")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
-                        help="run the cache step eagerly")
+                        help="run the cache step eagerly (--compile off; default: auto)")
 
 
 def _positive_int(text: str) -> int:

@@ -327,7 +327,7 @@ def test_differing_flags_are_named_with_both_values(tiny_llama, tmp_path, corpus
 
 def _scores_by_id(store, tmp_path, name):
     results = cli.run(["attribute", "--store", str(store), "--prompts", str(_prompts(tmp_path, "the")), "--top-k", "6",
-                       "--out", str(tmp_path / name)])
+                       "--out", str(tmp_path / f"{name}_report")])
     return {d["id"]: s for d, s in results[0].helpful}
 
 
