@@ -6,7 +6,7 @@
 * The sample dimension of every batch tensor (and of the probes) is marked dynamic, and so are the
   other dims that vary between batches (sequence lengths: every dim of an integer tensor, every dim
   but the last of a floating one), so batches of any size and length share one graph: a short last
-  batch or a new length does not recompile (on SmolLM2 one compile takes 2-3 minutes of CPU), and
+  batch or a new length does not recompile (an LLM step takes minutes to compile: BENCHMARKS.md), and
   nothing is padded (a loss that depends on the batch size stays exactly the eager one).
 * A model that cannot be captured whole compiles with graph breaks (their count is in ``stats``);
   any other failure of the compiled step falls back to eager with one warning, never an exception
