@@ -2,6 +2,7 @@
 validated and normalized once (:class:`AttributorConfig`)."""
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,8 +112,9 @@ class AttributorConfig:
 
     @classmethod
     def from_arguments(cls, arguments: dict, config: "AttributorConfig | None") -> "AttributorConfig":
-        """The configuration of ``Attributor(..., **arguments)``, or ``config`` when it is given and every
-        argument is left at its default (a ValueError naming those that are not)."""
+        """The configuration of ``Attributor(..., **arguments)``, or a copy of ``config`` (an Attributor's
+        damping setter changes only its own) when it is given and every argument is left at its default
+        (a ValueError naming those that are not)."""
         names = [f.name for f in fields(cls) if f.init]
         if config is None:
             return cls(**{name: arguments[name] for name in names})
@@ -122,7 +124,7 @@ class AttributorConfig:
                  and arguments[f.name] != f.default]
         if given:
             raise ValueError(f"give config= or keyword arguments, not both (also given: {given})")
-        return config
+        return copy.copy(config)
 
     @property
     def gradient_kind(self) -> str:

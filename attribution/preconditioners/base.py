@@ -2,25 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from torch import Tensor
 
+from ..gradients import ModelGradients
 from ..scoring import QueryFeatures
-from ..store import Completion
+from ..store import Completion, DiskStore, MemoryStore
 from ..streaming import RowBudget
+
+if TYPE_CHECKING:  # an annotation only: config imports this package
+    from ..config import AttributorConfig
 
 
 @dataclass
 class Setup:
-    """What a preconditioner is built from: the Attributor's ``config`` (AttributorConfig: method,
-    fisher, seed, progress, the current damping), its ``store``, its ``gradients`` (ModelGradients:
-    blocks, offsets, widths, compressors, device, dtype, stats), its row ``budget`` and ``signature``
-    (that of the query features it computes)."""
+    """What a preconditioner is built from: the Attributor's ``config`` (method, fisher, seed, progress,
+    the current damping), its ``store``, its ``gradients`` (blocks, offsets, widths, compressors, device,
+    dtype, stats), its row ``budget`` and ``signature`` (that of the query features it computes)."""
 
-    config: object
-    store: object
-    gradients: object
+    config: AttributorConfig
+    store: MemoryStore | DiskStore
+    gradients: ModelGradients
     budget: RowBudget
     signature: str
 

@@ -62,8 +62,10 @@ def test_a_config_object_gives_the_scores_of_the_keyword_arguments():
     keywords = Attributor(model, loss_fn, method="graddot", dtype=torch.float64, **FAST).cache(train)
     config = AttributorConfig(method="graddot", dtype=torch.float64, **FAST)
     configured = Attributor(model, loss_fn, config=config).cache(train)
-    assert configured.config is config and configured.method == "graddot"
+    assert configured.config == config and configured.method == "graddot"
     assert torch.equal(configured.attribute(test), keywords.attribute(test))
+    configured.damping = 0.5  # its own copy: the config object and other Attributors built from it keep theirs
+    assert config.damping == 1e-3 and Attributor(model, loss_fn, config=config).damping == 1e-3
 
 
 def test_a_config_and_other_arguments_are_refused():
