@@ -4,6 +4,7 @@ is applied without recomputing. The empirical Fisher is summed from the store by
 (attribution.parallel.empirical_fims); the true Fisher re-reads the loader through the model on rank 0."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Iterable
 
@@ -54,7 +55,7 @@ class FIMPreconditioner(Preconditioner):
     def _compute(self, ckpt: int, record: Completion, loader: Iterable) -> list[DampedInverse] | None:
         """Collective. The empirical FIM: every rank its own shards. The true Fisher re-reads the loader
         through the model: rank 0 alone (None on the other ranks)."""
-        split = lambda x: split_columns(x, self.offsets)  # noqa: E731
+        split = functools.partial(split_columns, offsets=self.offsets)
         if self.config.fisher == "empirical":
             return parallel.empirical_fims(self.store, ckpt, record, split, self.widths, self.setup.budget.rows(1),
                                            self.device, self.dtype)
