@@ -5,14 +5,17 @@
     attr.cache(train_loader)
     scores = attr.attribute(test_loader)          # [n_test, n_train]
     values, indices = attr.top_k(test_loader, k=10)
+
+The same configuration as an object: ``Attributor(model, loss_fn, config=AttributorConfig(method="if", k=4096))``.
 """
 from .attributor import METHODS, Attributor, QueryFeatures
 from .batches import batch_digest
 from .compress import build_compressors, parse_spec
+from .config import AttributorConfig
 from .layers import LayerInfo, find_layers
 from .manifest import model_fingerprint
 from .store import CorruptStoreError, IncompleteStoreError, StoreBusyError, StoreError
 
-__all__ = ["Attributor", "METHODS", "CorruptStoreError", "IncompleteStoreError", "LayerInfo", "QueryFeatures",
-           "StoreBusyError", "StoreError", "batch_digest", "build_compressors", "find_layers", "model_fingerprint",
+__all__ = ["Attributor", "AttributorConfig", "METHODS", "CorruptStoreError", "IncompleteStoreError", "LayerInfo",
+           "QueryFeatures", "StoreBusyError", "StoreError", "batch_digest", "build_compressors", "find_layers", "model_fingerprint",
            "parse_spec"]

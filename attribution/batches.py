@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from grass_ops._compat import tree_map
 
 
 def batch_tensors(batch) -> list[Tensor]:

@@ -18,7 +18,8 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from .batches import batch_digest, batch_size
-from .distributed import all_gather_objects, barrier, first_error, rank_and_world
+from .distributed import all_gather_objects, barrier, rank_and_world
+from .parallel import collectively
 from .store import Completion, CorruptStoreError
 
 
@@ -49,17 +50,11 @@ def require_reiterable(loader, why: str) -> None:
         raise TypeError(f"train_loader must be re-iterable (a list, a DataLoader, ...), not a one-shot iterator: {why}")
 
 
-def _collective(step: Callable[[], object]):
-    """Run ``step`` on this rank; if any rank fails, every rank raises (no rank is left at a barrier)."""
-    result, error = None, None
-    try:
-        result = step()
-    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-        error = err
-    error = first_error(error)
-    if error is not None:
-        raise error
-    return result
+def check_same_batches(records: list[Completion]) -> None:
+    """Every checkpoint's record lists the same batches (a shuffling loader would mix them)."""
+    if len({tuple(s.digest for s in r.shards) for r in records}) != 1:
+        raise ValueError("the train loader yielded different batches for different checkpoints (a shuffling "
+                         "DataLoader?): every checkpoint must see the same batches in the same order")
 
 
 def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
@@ -140,13 +135,13 @@ def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: in
     rank, world = rank_and_world()
     if world > 1:  # rank 0 holds the lock for the whole job and cleans up before anyone writes
         writer.delegated = rank != 0
-        _collective(writer.ensure)
+        collectively(writer.ensure)
         barrier()
-    count = _collective(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress, observer))
+    count = collectively(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress, observer))
     if world > 1 and len(set(all_gather_objects(count))) != 1:
         raise RuntimeError("ranks saw different numbers of batches: give every rank the same train loader")
     barrier()
-    record = _collective(lambda: completion_record(store, ckpt, count))
+    record = collectively(lambda: completion_record(store, ckpt, count))
     derive(record)
 
     def finalize():
@@ -156,7 +151,7 @@ def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: in
             writer.ensure()
             store.write_completion(ckpt, record)
 
-    _collective(finalize)
+    collectively(finalize)
     barrier()
     return record
 

@@ -40,7 +40,7 @@ class Checkpoints:
         if states is not None and not states:
             raise ValueError("checkpoints must hold at least one state dict (or be None for the model as it is)")
         if method == "tracin" and not states:
-            warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)", stacklevel=3)
+            warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)", stacklevel=4)
         self.model = model
         self.states = [None if s is None else _check_state(model, s, i) for i, s in enumerate(states or [None])]
         weights = [1.0] * len(self.states) if weights is None else list(weights)

@@ -6,7 +6,7 @@
 * The sample dimension of every batch tensor (and of the probes) is marked dynamic, and so are the
   other dims that vary between batches (sequence lengths: every dim of an integer tensor, every dim
   but the last of a floating one), so batches of any size and length share one graph: a short last
-  batch or a new length does not recompile (on SmolLM2 one compile takes 2-3 minutes of CPU), and
+  batch or a new length does not recompile (an LLM step takes minutes to compile: BENCHMARKS.md), and
   nothing is padded (a loss that depends on the batch size stays exactly the eager one).
 * A model that cannot be captured whole compiles with graph breaks (their count is in ``stats``);
   any other failure of the compiled step falls back to eager with one warning, never an exception
@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from grass_ops import _compat
+
 from .batches import batch_tensors
 
 _copies = itertools.count()
@@ -30,11 +32,6 @@ def own_code_copy(fn: Callable) -> Callable:
     """``fn`` with a fresh code object (same behaviour), so torch.compile caches it separately."""
     code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_copies)}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-def _compile_seconds() -> float:
-    metrics = torch._dynamo.utils.compilation_time_metrics
-    return float(sum(metrics.get("_compile.compile_inner", [])))
 
 
 def _variable_dims(t: torch.Tensor) -> range:
@@ -68,28 +65,27 @@ class CompiledStep:
         args = self.prepare(batch)
         for t in batch_tensors((batch, args)):
             for dim in _variable_dims(t):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
-        before, graphs = _compile_seconds(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                _compat.maybe_mark_dynamic(t, dim)
+        before, graphs = _compat.compile_seconds(), _compat.compiled_graphs()
         try:
             out = self.compiled(batch, *args)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as err:
+        except _compat.unsupported_by_compiler() as err:
             if self.mode == "graph_breaks":
                 return self._fall_back(batch, args, err)
             out = self._compile_with_graph_breaks(batch, args, err)
         except Exception as err:  # noqa: BLE001 - any compiler failure: eager decides whether it is the caller's
             return self._fall_back(batch, args, err)
         finally:
-            self.stats["compile_seconds"] += _compile_seconds() - before
-            self.stats["graphs"] += torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            self.stats["compile_seconds"] += _compat.compile_seconds() - before
+            self.stats["graphs"] += _compat.compiled_graphs() - graphs
         self.stats["compiled"] = True
         if self.stats["graph_breaks"] is None:
             self.stats["graph_breaks"] = 0
         return out
 
     def _compile_with_graph_breaks(self, batch, args, err):
-        explanation = torch._dynamo.explain(self.fn)(batch, *args)
-        self.stats["graph_breaks"] = explanation.graph_break_count
-        warnings.warn(f"{self.name}: the model cannot be compiled as one graph ({explanation.graph_break_count} graph "
+        self.stats["graph_breaks"] = breaks = _compat.explain_graph_breaks(self.fn, batch, *args)
+        warnings.warn(f"{self.name}: the model cannot be compiled as one graph ({breaks} graph "
                       f"breaks; first: {str(err).splitlines()[0]}); compiling with graph breaks", stacklevel=4)
         self.mode = "graph_breaks"
         self.compiled = torch.compile(own_code_copy(self.fn))

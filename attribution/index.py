@@ -148,7 +148,7 @@ def _faiss_message(err: Exception) -> str:
 
 def _without_polysemous_training(index) -> None:
     """index_factory turns on polysemous training for 8-bit PQ codes: it only serves Hamming-threshold
-    search (not used here) and costs minutes (measured: 135 s of 140 to train PQ64 on 10,240 rows)."""
+    search (not used here) and costs most of the training time (BENCHMARKS.md)."""
     faiss = require_faiss()
     try:
         ivf = faiss.try_extract_index_ivf(index)

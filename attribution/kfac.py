@@ -49,25 +49,10 @@ from tqdm import tqdm
 from .batches import batch_digest
 from .distributed import rank_and_world
 from .fim import absolute_damping, check_invertible
-from .scoring import QueryFeatures
 
-PRECONDITIONERS = ("fim", "kfac", "ekfac", "none")
-KRONECKER = ("kfac", "ekfac")
 SAVE_SECONDS = 30.0  # how often partial statistics are saved during a pass (0: after every batch)
 _PARTIAL = "kfac_partial."  # + "rank<r>" (cache stage) or "merged" (completion)
 _EK_PARTIAL = "ekfac_partial"
-
-
-def check_preconditioner(preconditioner, method: str, preconditioned: tuple[str, ...]) -> str:
-    """The preconditioner for ``method``: None -> "fim" for preconditioned methods, "none" otherwise."""
-    if preconditioner is None:
-        return "fim" if method in preconditioned else "none"
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    if method not in preconditioned and preconditioner != "none":
-        raise ValueError(f"preconditioner={preconditioner!r} applies to methods {preconditioned}; method={method!r} "
-                         "uses no preconditioner (use preconditioner='none' or leave it unset)")
-    return preconditioner
 
 
 def _check_finite(t: Tensor, what: str) -> None:
@@ -285,18 +270,17 @@ class CacheObserver:
         self.saver.final(self.sums)
 
 
-# ---- the preconditioner of an Attributor -----------------------------------------------------------
-class KroneckerPreconditioner:
-    """K-FAC / EK-FAC for an Attributor's target layers: statistics during the cache stage, the
-    derived data, and the queries (preconditioned per layer, then compressed).
+# ---- the derived data of a store ---------------------------------------------------------------------
+class KroneckerStatistics:
+    """K-FAC / EK-FAC (``kind``) of an Attributor's target layers: statistics during the cache stage and
+    the derived data (the queries' side: attribution.preconditioners.kronecker).
 
     ``factors(batch) -> (grads [B, columns], values, x {layer: [B, T, d_in]}, g {layer: [B, T, d_out]})``
     is the cache step with factors (see :meth:`attribution.compress.BatchCompressor.with_factors`)."""
 
-    def __init__(self, kind: str, layers: list[str], compressors: dict, offsets: list[int], dtype: torch.dtype,
-                 device, store, progress: bool = True):
-        self.kind, self.layers, self.compressors, self.offsets = kind, list(layers), compressors, offsets
-        self.dtype, self.device, self.store, self.progress = dtype, device, store, progress
+    def __init__(self, kind: str, layers: list[str], dtype: torch.dtype, device, store, progress: bool = True):
+        self.kind, self.layers, self.dtype, self.device = kind, list(layers), dtype, device
+        self.store, self.progress = store, progress
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._loaded: dict[int, tuple[str, dict[str, KroneckerBlock]]] = {}
 
@@ -404,104 +388,11 @@ class KroneckerPreconditioner:
         self._loaded[ckpt] = (record.fingerprint, blocks)
         return blocks
 
-    # ---- queries -------------------------------------------------------------------------------
-    def _compressed(self, name: str, block: KroneckerBlock, rotated: Tensor, damping: float | str) -> Tensor:
-        """C((P + lambda I)^-1 g) of one layer from its rotated gradients [B, d_in, d_out] -> [B, k]."""
-        preconditioned = block.unrotate(block.scaled(rotated, damping, repr(name)))
-        return self.compressors[name](preconditioned.to(self.dtype).flatten(1)).to(self.dtype)
-
-    def rotated(self, blocks: dict[str, KroneckerBlock], x: dict[str, Tensor], g: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Per layer, the gradients in the Kronecker eigenbasis [B, d_in, d_out] (damping-free; in the run's dtype)."""
-        return {n: blocks[n].rotate(per_sample_gradients(x[n], g[n]).double()).to(self.dtype) for n in self.layers}
-
-    def from_rotated(self, blocks: dict[str, KroneckerBlock], grads: Tensor, rotated: dict[str, Tensor],
-                     damping: float | str) -> Tensor:
-        """[B, columns]: ``grads`` with every target layer's block replaced by C((P + lambda I)^-1 g_test)."""
-        out = grads.to(self.device, self.dtype).clone()
-        for j, name in enumerate(self.layers):  # target layers are the first blocks
-            out[:, self.offsets[j] : self.offsets[j + 1]] = self._compressed(name, blocks[name], rotated[name].to(self.device), damping)
-        return out
-
-    def from_factors(self, blocks: dict[str, KroneckerBlock], grads: Tensor, x: dict[str, Tensor], g: dict[str, Tensor],
-                     damping: float | str) -> Tensor:
-        """As :meth:`from_rotated` from the factors, one layer at a time: a query never holds more than one
-        layer's full gradient."""
-        out = grads.to(self.device, self.dtype).clone()
-        for j, name in enumerate(self.layers):
-            rotated = blocks[name].rotate(per_sample_gradients(x[name], g[name]).double())
-            out[:, self.offsets[j] : self.offsets[j + 1]] = self._compressed(name, blocks[name], rotated, damping)
-        return out
-
-    def query_features(self, test_loader: Iterable, records: list, checkpoints: Iterable[int], factors: Callable,
-                       other: Callable, signature: str, damping=None) -> QueryFeatures:
-        """Per checkpoint (``checkpoints`` iterates them with the model in each state): damping None ->
-        :class:`KroneckerQueryFeatures` (rotated, reusable across dampings); else
-        :class:`PreconditionedQueries` for that damping, preconditioned and compressed one layer at a time.
-        ``factors(batch)`` is the step with factors; ``other(c, record, q, damping)`` preconditions params= blocks;
-        ``signature``: the Attributor's (see QueryFeatures)."""
-        grads, rotated, digests, norms = [], [], [], []
-        for c in checkpoints:
-            blocks = self.blocks(c, records[c])
-            parts, rots, seen, raw_norms = [], [], [], []
-            for batch in test_loader:
-                seen.append(batch_digest(batch))
-                g, _, x, go = factors(batch)
-                raw_norms.append(g.double().norm(dim=1).cpu())
-                if damping is None:
-                    parts.append(g.to(self.dtype))
-                    rots.append(self.rotated(blocks, x, go))
-                else:
-                    parts.append(self.from_factors(blocks, other(c, records[c], g, damping), x, go, damping))
-            if not parts:
-                raise ValueError("test_loader yielded no batches")
-            grads.append(torch.cat(parts))
-            norms.append(torch.cat(raw_norms))
-            rotated.append({n: torch.cat([r[n] for r in rots]) for n in self.layers} if rots else {})
-            digests.append(seen)
-        if any(d != digests[0] for d in digests):
-            raise ValueError("the test loader yielded different batches for different checkpoints (a shuffling "
-                             "DataLoader?): every checkpoint must see the same queries in the same order")
-        if grads[0].shape[0] == 0:
-            raise ValueError("test_loader yielded no samples")
-        if damping is None:
-            return KroneckerQueryFeatures(grads, signature, rotated=rotated)
-        return PreconditionedQueries(grads, signature, norms=norms, damping=damping)
-
-    def prepared(self, c: int, record, features: QueryFeatures, damping, other: Callable, checkpoints: int) -> Tensor:
-        """The query side of checkpoint c for ``damping`` from features of :meth:`query_features`."""
-        if isinstance(features, PreconditionedQueries):
-            if features.damping != damping:
-                raise ValueError(f"these queries were preconditioned with damping {features.damping!r}, not {damping!r}")
-            return features.grads[c].to(self.device, self.dtype)
-        if not isinstance(features, KroneckerQueryFeatures) or len(features.rotated) != checkpoints:
-            raise ValueError(f"preconditioner={self.kind!r} needs features from this Attributor's query_features "
-                             "(they hold the queries' gradients in the Kronecker eigenbasis)")
-        q = other(c, record, features.grads[c], damping)
-        return self.from_rotated(self.blocks(c, record), q, features.rotated[c], damping)
-
-
-@dataclass
-class KroneckerQueryFeatures(QueryFeatures):
-    """Query features of a K-FAC / EK-FAC Attributor: the compressed gradients (``grads``, used by
-    params= blocks) and, per checkpoint, every target layer's gradients in the Kronecker eigenbasis
-    {layer: [n_test, d_in, d_out]}, from which any damping's queries are two d x d products per layer.
-    They hold the queries' full layer gradients: n_test x (sum of d_in * d_out) numbers."""
-
-    rotated: list[dict[str, Tensor]] = field(default_factory=list)
-
-
-@dataclass
-class PreconditionedQueries(QueryFeatures):
-    """Queries already preconditioned (and compressed) with ``damping`` (streamed by attribute / top_k)."""
-
-    damping: float | str = 0.0
-
 
 def resolved_dampings(blocks: dict[str, KroneckerBlock], damping: float | str) -> dict[str, float]:
     """{layer: the absolute damping added to its eigenvalues}."""
     return {n: absolute_damping(damping, b.mean_eigenvalue()) for n, b in blocks.items()}
 
 
-__all__ = ["PRECONDITIONERS", "KRONECKER", "KroneckerBlock", "KroneckerPreconditioner", "KroneckerQueryFeatures",
-           "PreconditionedQueries", "check_preconditioner", "eigh64", "factor_sums", "correction_sums", "kfac_blocks",
-           "resolved_dampings"]
+__all__ = ["KroneckerBlock", "KroneckerStatistics", "correction_sums", "eigh64", "factor_sums", "kfac_blocks",
+           "per_sample_gradients", "resolved_dampings"]

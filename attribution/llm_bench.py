@@ -43,7 +43,7 @@ def build_model(name: str, device: str, dtype: str):
     raise ValueError(f"unknown bench model {name!r}")
 
 
-_BIG_STATE_BYTES = 1 << 30  # above this, the host-side hashes are timed once (16 GB at ~1.5 GB/s is ~10 s a pass)
+_BIG_STATE_BYTES = 1 << 30  # above this, the host-side hashes are timed once (seconds a pass: BENCHMARKS.md)
 
 
 def fingerprint_seconds(model) -> dict:

@@ -1,15 +1,19 @@
 """Model fingerprints for the manifest an Attributor checks a store against.
 
 Two algorithms, chosen by where the weights live and recorded as a prefix: ``sha256:`` hashes CPU
-tensors in place (no copy, ~1.8 GB/s here); ``lin64:`` reduces accelerator tensors on their device
+tensors in place (no copy); ``lin64:`` reduces accelerator tensors on their device
 with two 64-bit linear hashes (no copy of the weights to the host: for an 8B model on a GPU that
 would move 16 GB and take seconds). A store written with one is checked with the same one."""
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .store import read_json
 
 _ROW = 1 << 16  # words per row of the hashed view
 _CHUNK_ROWS = 256  # rows reduced at once (bounds the int64 temporaries at 128 MiB)
@@ -91,3 +95,20 @@ def fingerprint_algorithm(fingerprint) -> str | None:
     """The algorithm prefix of a recorded fingerprint (None for an unrecognized one)."""
     head = str(fingerprint).partition(":")[0]
     return head if head in ALGORITHMS else None
+
+
+def recorded_algorithm(root: Path | None) -> str | None:
+    """The fingerprint algorithm of the store at ``root`` (None: no store or no manifest yet), so a model
+    is checked against a store with the algorithm the store used."""
+    if root is None or not (root / "manifest.json").is_file():
+        return None
+    recorded = read_json(root / "manifest.json", "manifest")
+    if isinstance(recorded, dict) and isinstance(recorded.get("model_fingerprints"), list) and recorded["model_fingerprints"]:
+        return fingerprint_algorithm(recorded["model_fingerprints"][0])
+    return None
+
+
+def signature(manifest: dict) -> str:
+    """What query features must share with the Attributor that scores them: the manifest but the Fisher."""
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "fisher"},
+                                     sort_keys=True).encode()).hexdigest()[:24]

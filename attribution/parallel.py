@@ -1,4 +1,5 @@
-"""Every stage under torch.distributed: the FIM from per-rank partials, merged top-k, gathered scores.
+"""Every stage under torch.distributed: the FIM from per-rank partials, merged top-k, gathered scores,
+the score matrix written by every rank into one file.
 
 A single process is the world of one: the same code runs, without communication.
 
@@ -19,15 +20,21 @@ together (no rank is left waiting in a collective).
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from . import streaming
 from .distributed import all_gather_objects, broadcast_object, first_error, rank_and_world
 from .fim import DampedInverse
-from .streaming import plan_blocks, read_blocks
+from .scoring import TopK
+from .streaming import Block, plan_blocks, read_blocks
+
+ScoreBlocks = Iterator[tuple[int, Tensor]]  # (first training row, scores [n_test, rows]) of this rank's share
 
 FIM_LEAVES = 16
 
@@ -220,8 +227,6 @@ def merge_top_k(values: Tensor | None, indices: Tensor | None, n_test: int, k: i
                 device) -> tuple[Tensor, Tensor]:
     """Every rank's running top-k merged: the same (values, indices) on every rank, exactly what one
     process streaming all the rows finds (ties to the lower index)."""
-    from .scoring import TopK
-
     _, world = rank_and_world()
     if world == 1:
         if values is None:
@@ -249,3 +254,48 @@ def share_columns(matrix: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
             dist.broadcast(part, src=src)
             matrix[..., lo:hi] = part
     return matrix
+
+
+def rank_bounds(blocks: Sequence[Block]) -> list[tuple[int, int]]:
+    """Every rank's (first, end) training rows under the streamed plan ``blocks`` (one rank: the whole set)."""
+    world = rank_and_world()[1]
+    return [streaming.rank_rows(blocks, r, world) for r in range(world)]
+
+
+def score_matrix(blocks: ScoreBlocks, n_test: int, n_train: int, bounds: list[tuple[int, int]], dtype: torch.dtype,
+                 device) -> Tensor:
+    """[n_test, n_train]: this rank's score blocks, then every rank's columns (``bounds``) on every rank."""
+    scores = torch.zeros(n_test, n_train, dtype=dtype, device=device)
+
+    def fill():
+        for start, block in blocks:
+            scores[:, start : start + block.shape[1]] = block
+
+    collectively(fill)
+    return share_columns(scores, bounds)
+
+
+def write_score_matrix(path: Path, blocks: ScoreBlocks, n_test: int, n_train: int, dtype: torch.dtype) -> Tensor:
+    """Every rank writes its score blocks into one .npy at ``path`` (rank 0 creates it and renames it into
+    place when complete; a failure removes the temporary); the matrix over a copy-on-write memory map."""
+    rank = rank_and_world()[0]
+    tmp = Path(agreed(str(streaming.tmp_path_for(path))))
+    numpy_dtype = np.dtype("<f8" if dtype == torch.float64 else "<f4")
+    try:
+        collectively(lambda: rank == 0 and streaming.create_npy(tmp, (n_test, n_train), numpy_dtype))
+        collectively(lambda: streaming.write_columns(tmp, blocks))
+        collectively(lambda: rank == 0 and streaming.finish_npy(tmp, path))
+    except BaseException:
+        if rank == 0:
+            tmp.unlink(missing_ok=True)
+        raise
+    return streaming.open_matrix(path)
+
+
+def top_k(blocks: ScoreBlocks, n_test: int, k: int, largest: bool, device,
+          reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) [n_test, min(k, n_train)] of the score blocks of every rank (``reduce``: applied to
+    each block first, e.g. its mean over the queries), the same on every rank."""
+    best = TopK(k, largest)
+    collectively(lambda: [best.add(start, block if reduce is None else reduce(block)) for start, block in blocks])
+    return merge_top_k(best.values, best.indices, n_test, k, largest, device)

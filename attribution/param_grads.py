@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from grass_ops._compat import tree_map
 
 from .batches import batch_size, slice_rows
 

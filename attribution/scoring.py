@@ -15,12 +15,11 @@ each block once, so the [n_test, n_train] matrix is only formed when asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from .fim import DampedInverse
 from .store import Completion
 from .streaming import Block, plan_blocks, read_blocks, share
 
@@ -45,36 +44,39 @@ class QueryFeatures:
         return self.grads[0].shape[0]
 
 
+def check_features(features, signature: str) -> QueryFeatures:
+    """``features`` if they are QueryFeatures computed with ``signature`` (the same configuration and model)."""
+    if not isinstance(features, QueryFeatures):
+        raise TypeError(f"features must come from Attributor.query_features, got {type(features).__name__}")
+    if features.signature != signature:
+        raise ValueError("features were computed by an Attributor with another configuration or model (compressor, "
+                         "seed, k, gradient function or weights differ); recompute them with this one")
+    return features
+
+
 class Scorer:
-    """The methods over one store. ``fims(c)`` -> the checkpoint's per-block DampedInverse list.
-    ``precondition(c, record, features, damping) -> [n_test, columns]``, if given, replaces the FIM on the
-    query side of "if" / "trak" (K-FAC, EK-FAC or no preconditioner; see attribution.kfac).
+    """The methods over one store. ``preconditioner`` (attribution.preconditioners): the query side of
+    "if" / "trak" (P^-1 g_test) and the quadratic forms of self-influence; "none" for the other methods.
     ``normalize``: unit-normalized gradients on both sides (per checkpoint, by their compressed norms),
     so no high-norm training example dominates every query: gradcos is GradDot normalized, and "if"
     becomes q^T (F + damping I)^-1 g / (|q| |g|) with F the FIM of the raw gradients."""
 
     def __init__(self, method: str, store, offsets: list[int], weights: list[float], dtype: torch.dtype,
-                 device: torch.device, fims: Callable[[int, Completion], list[DampedInverse]],
-                 precondition: Callable | None = None, normalize: bool = False):
+                 device: torch.device, preconditioner, normalize: bool = False):
         self.method, self.store, self.offsets, self.weights = method, store, offsets, weights
-        self.dtype, self.device, self.fims, self.precondition = dtype, device, fims, precondition
+        self.dtype, self.device, self.preconditioner = dtype, device, preconditioner
         self.normalize = normalize or method == "gradcos"
 
     # ---- queries -------------------------------------------------------------------------------
     def split(self, x: Tensor) -> list[Tensor]:
         """[n, columns] -> the per-block column slices."""
-        return [x[:, a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        return split_columns(x, self.offsets)
 
     def prepared_queries(self, features: QueryFeatures, damping: float, records: list[Completion]) -> list[Tensor]:
         """Per checkpoint, the query side of the inner product ([n_test, columns], on the device)."""
         out = []
-        for c, q in enumerate(features.grads):
-            q = q.to(self.device, self.dtype)
-            if self.method in PRECONDITIONED and self.precondition is not None:
-                q = self.precondition(c, records[c], features, damping)
-            elif self.method in PRECONDITIONED:
-                fims = self.fims(c, records[c])
-                q = torch.cat([fim.apply(block, damping) for fim, block in zip(fims, self.split(q))], dim=1)
+        for c in range(len(features.grads)):
+            q = self.preconditioner.precondition(c, records[c], features, damping)
             if self.normalize:  # P^-1 (q / |q|) = (P^-1 q) / |q|
                 q = q / features.query_norms(c).clamp_min(1e-30).to(q.device, q.dtype).unsqueeze(1)
             out.append(q)
@@ -131,18 +133,15 @@ class Scorer:
         with ``part`` = (rank, world), only that rank's rows are filled (the others are 0)."""
         out = torch.zeros(records[0].samples, dtype=torch.float64)
         m = len(records)
-        preconditioned = self.method in PRECONDITIONED and self.precondition is None
-        fims = [self.fims(c, r) for c, r in enumerate(records)] if preconditioned else None
+        forms = [self.preconditioner.quadratic_form(c, r, damping) for c, r in enumerate(records)]
         for start, grads, values in self.train_blocks(records, rows_per_block, part=part):
             total = 0.0
             for c, g in enumerate(grads):
                 g = g.to(self.device, self.dtype)
                 if self.method == "gradcos":  # the cosine of a row with itself: 1 (0 for a zero row, as in score_blocks)
                     part = (g.double().square().sum(1) > 0).double()
-                elif fims is not None:
-                    part = sum(f.quadratic(b, damping) for f, b in zip(fims[c], self.split(g)))
                 else:
-                    part = g.double().square().sum(1)
+                    part = forms[c](g)
                 if self.normalize and self.method != "gradcos":
                     part = part / _norms(g).square()
                 total = total + part * (self.weights[c] if self.method == "tracin" else 1.0)
@@ -151,6 +150,11 @@ class Scorer:
                 total = total / m * keep.to(total.device)
             out[start : start + grads[0].shape[0]] = total.cpu()
         return out
+
+
+def split_columns(x: Tensor, offsets: list[int]) -> list[Tensor]:
+    """[n, columns] -> the per-block column slices x[:, offsets[j]:offsets[j + 1]]."""
+    return [x[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _norms(x: Tensor) -> Tensor:

@@ -211,24 +211,16 @@ def save_mask_files(directory: str | Path, layer: str, result: MaskResult, sizes
 
 def collect_factors(model, loss_fn, loader, layers=None):
     """Per-sample factors of the target layers over a loader: {name: (x_in [n, (T,) d_in], g_out)}, digests."""
-    from .batches import batch_digest
-    from .capture import FactorCapture
+    from .gradients import captured_factors
     from .layers import find_layers
 
     infos = find_layers(model, layers)
-    capture = FactorCapture(model, infos)
     parts: dict[str, list] = {n: [] for n in infos}
     digests = []
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            digests.append(batch_digest(batch))
-            inputs, grads, _ = capture.capture(loss_fn, batch)
-            for n in infos:
-                parts[n].append((inputs[n].detach(), grads[n].detach()))
-    finally:
-        model.train(was_training)
+    for digest, inputs, grads, _ in captured_factors(model, loss_fn, loader, infos):
+        digests.append(digest)
+        for n in infos:
+            parts[n].append((inputs[n].detach(), grads[n].detach()))
     return {n: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for n, ps in parts.items()}, infos, digests
 
 
@@ -278,26 +270,19 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     (<layer>.in.npz / <layer>.out.npz, use "factgrass:mask_dir=..."), with k_in' = k_out' =
     blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}.
     ``progress``: a bar over the batches."""
-    from .batches import batch_digest
-    from .capture import FactorCapture
+    from .gradients import captured_factors
     from .layers import find_layers
 
     infos = find_layers(model, layers)
-    capture = FactorCapture(model, infos)
     moments = {n: [torch.zeros(i.d_in, dtype=torch.float64), torch.zeros(i.d_out, dtype=torch.float64)] for n, i in infos.items()}
     digests, samples = [], 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(heldout_loader, desc="energy masks", disable=not progress, leave=False):
-            digests.append(batch_digest(batch))
-            inputs, grads, values = capture.capture(loss_fn, batch)
-            samples += values.shape[0]
-            for n in infos:
-                moments[n][0] += inputs[n].double().square().sum((0, 1)).cpu()
-                moments[n][1] += grads[n].double().square().sum((0, 1)).cpu()
-    finally:
-        model.train(was_training)
+    batches = tqdm(heldout_loader, desc="energy masks", disable=not progress, leave=False)
+    for digest, inputs, grads, values in captured_factors(model, loss_fn, batches, infos):
+        digests.append(digest)
+        samples += values.shape[0]
+        for n in infos:
+            moments[n][0] += inputs[n].double().square().sum((0, 1)).cpu()
+            moments[n][1] += grads[n].double().square().sum((0, 1)).cpu()
     if samples == 0:
         raise ValueError("heldout_loader yielded no samples")
     root = math.isqrt(k) or 1

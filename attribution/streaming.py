@@ -63,6 +63,23 @@ def share(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
+@dataclass
+class RowBudget:
+    """Training rows per block, so that one block (its rows in the storage and the compute dtype for
+    every checkpoint, and its [n_test, rows] scores) fits in ``memory_budget`` bytes."""
+
+    memory_budget: int
+    checkpoints: int
+    columns: int
+    stored_itemsize: int  # bytes of one stored number
+    dtype: torch.dtype  # the compute dtype
+
+    def rows(self, n_test: int) -> int:
+        itemsize = torch.finfo(self.dtype).bits // 8
+        per_row = self.checkpoints * self.columns * (self.stored_itemsize + itemsize) + n_test * (2 * itemsize + 1)
+        return max(1, self.memory_budget // per_row)
+
+
 def rank_rows(blocks: Sequence[Block], rank: int, world: int) -> tuple[int, int]:
     """(first row, end row) of the training rows that rank ``rank`` scores."""
     part = share(len(blocks), rank, world)

@@ -1,7 +1,7 @@
 """Every argument check of the grass ops, shared by the torch kernels, the Triton launchers and the
 fake (meta) kernels: one ``check_<op>_args`` per op, the backward ops included.
 
-Structural checks (rank, shape, dtype, device) use ``torch._check_*`` so they also run under
+Structural checks (rank, shape, dtype, device) use ``torch._check_*`` (through grass_ops._compat) so they also run under
 FakeTensor tracing; value checks (index ranges, signs, distinctness) read data and therefore only
 run in the real kernels, cached per unmodified tensor (:class:`IdentityCache`).
 """
@@ -12,6 +12,8 @@ import weakref
 from typing import Callable
 
 import torch
+
+from ._compat import check_type, check_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -37,23 +39,23 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
-    torch._check_type(
+    check_type(
         t.dtype in FLOAT_DTYPES,
         lambda: f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}",
     )
 
 
 def check_index(name: str, t: torch.Tensor, ndim: int) -> None:
-    torch._check_type(
+    check_type(
         t.dtype in INDEX_DTYPES, lambda: f"{name} must be an int64 (or int32) index tensor, got {t.dtype}"
     )
-    torch._check_value(t.dim() == ndim, lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    check_value(t.dim() == ndim, lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
-    torch._check_value(
+    check_value(
         all(d == first for d in devices.values()),
         lambda: "all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()),
     )
@@ -62,13 +64,13 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 def check_hash(idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     """idx [p, s] int, sign [p, s] int8, s >= 1, k > 0 (structure only)."""
     check_index("idx", idx, 2)
-    torch._check_type(sign.dtype == torch.int8, lambda: f"sign must be int8 (values +-1), got {sign.dtype}")
-    torch._check_value(
+    check_type(sign.dtype == torch.int8, lambda: f"sign must be int8 (values +-1), got {sign.dtype}")
+    check_value(
         sign.shape == idx.shape,
         lambda: f"sign must have idx's shape {tuple(idx.shape)} [p, s], got {tuple(sign.shape)}",
     )
-    torch._check_value(k > 0, lambda: f"k must be a positive int, got {k}")
-    torch._check_value(idx.shape[1] >= 1, lambda: f"idx must have s >= 1 columns [p, s], got shape {tuple(idx.shape)}")
+    check_value(k > 0, lambda: f"k must be a positive int, got {k}")
+    check_value(idx.shape[1] >= 1, lambda: f"idx must have s >= 1 columns [p, s], got shape {tuple(idx.shape)}")
     check_same_device(idx=idx, sign=sign)
 
 
@@ -76,18 +78,18 @@ def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
     """x_in [B, T, d_in] and g_out [B, T, d_out] (or both 2-D [B, d])."""
     check_float("x_in", x_in)
     check_float("g_out", g_out)
-    torch._check_value(
+    check_value(
         x_in.dim() in (2, 3), lambda: f"x_in must be [B, T, d_in] or [B, d_in], got shape {tuple(x_in.shape)}"
     )
-    torch._check_value(
+    check_value(
         g_out.dim() == x_in.dim(),
         lambda: f"g_out must have x_in's rank {x_in.dim()} ([B, T, d_out] or [B, d_out]), got shape {tuple(g_out.shape)}",
     )
-    torch._check_value(
+    check_value(
         x_in.shape[:-1] == g_out.shape[:-1],
         lambda: f"x_in and g_out must agree on [B, T], got {tuple(x_in.shape)} and {tuple(g_out.shape)}",
     )
-    torch._check_type(
+    check_type(
         x_in.dtype == g_out.dtype, lambda: f"x_in and g_out must share a dtype, got {x_in.dtype} and {g_out.dtype}"
     )
 
@@ -95,9 +97,9 @@ def check_factors(x_in: torch.Tensor, g_out: torch.Tensor) -> None:
 def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: int) -> None:
     """x [..., p] float, plus :func:`check_hash`."""
     check_float("x", x)
-    torch._check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., p], got a scalar")
+    check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension [..., p], got a scalar")
     check_hash(idx, sign, k)
-    torch._check_value(
+    check_value(
         x.shape[-1] == idx.shape[0],
         lambda: f"x's last dimension ({x.shape[-1]}) must equal idx's first dimension p ({idx.shape[0]})",
     )
@@ -107,7 +109,7 @@ def check_sjlt_args(x: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor, k: i
 def check_sjlt_transpose_args(y: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor) -> None:
     """y [..., k] float, plus :func:`check_hash` with k = y.shape[-1]."""
     check_float("y", y)
-    torch._check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
+    check_value(y.dim() >= 1, lambda: "y must have at least 1 dimension [..., k], got a scalar")
     check_hash(idx, sign, y.shape[-1])
     check_same_device(y=y, idx=idx)
 
@@ -117,7 +119,7 @@ def check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
     check_factors(x_in, g_out)
     check_index("in_idx", in_idx, 1)
     check_index("out_idx", out_idx, 1)
-    torch._check_value(
+    check_value(
         idx.dim() == 2 and idx.shape[0] == in_idx.shape[0] * out_idx.shape[0],
         lambda: f"idx must be [k_in' * k_out', s] = [{in_idx.shape[0] * out_idx.shape[0]}, s], got {tuple(idx.shape)}",
     )
@@ -128,7 +130,7 @@ def check_factgrass_args(x_in, g_out, in_idx, out_idx, idx, sign, k) -> None:
 def check_factgrass_backward_args(grad, x_in, g_out, in_idx, out_idx, idx, sign) -> None:
     """grad [B, k] (the cotangent of factgrass's output) plus :func:`check_factgrass_args`."""
     check_float("grad", grad)
-    torch._check_value(
+    check_value(
         grad.dim() == 2 and grad.shape[0] == x_in.shape[0],
         lambda: f"grad must be [B, k] = [{x_in.shape[0]}, k], got {tuple(grad.shape)}",
     )
@@ -145,20 +147,20 @@ def check_factorized_mask_args(x_in, g_out, in_mask, out_mask, temperature) -> N
     """x_in [..., d_in], g_out [..., d_out]; masks both index tensors [k'] or both logits [d]; temperature > 0."""
     check_float("x_in", x_in)
     check_float("g_out", g_out)
-    torch._check_value(x_in.dim() >= 1 and g_out.dim() >= 1, lambda: "x_in and g_out must be [..., d] tensors")
-    torch._check_value(
+    check_value(x_in.dim() >= 1 and g_out.dim() >= 1, lambda: "x_in and g_out must be [..., d] tensors")
+    check_value(
         is_hard_mask(in_mask) == is_hard_mask(out_mask),
         lambda: f"in_mask and out_mask must both be index masks or both logits, got {in_mask.dtype} and {out_mask.dtype}",
     )
     for name, mask, t in (("in_mask", in_mask, x_in), ("out_mask", out_mask, g_out)):
-        torch._check_value(mask.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(mask.shape)}")
+        check_value(mask.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(mask.shape)}")
         if not is_hard_mask(mask):
             check_float(name, mask)
-            torch._check_value(
+            check_value(
                 mask.shape[0] == t.shape[-1],
                 lambda: f"{name} logits must have length {t.shape[-1]} (the factor's last dim), got {mask.shape[0]}",
             )
-    torch._check_value(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
+    check_value(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
     check_same_device(x_in=x_in, g_out=g_out, in_mask=in_mask, out_mask=out_mask)
 
 
@@ -169,7 +171,7 @@ def check_factorized_mask_backward_args(grad_x, grad_g, x_in, g_out, in_mask, ou
     for name, grad, t, mask in (("grad_x", grad_x, x_in, in_mask), ("grad_g", grad_g, g_out, out_mask)):
         check_float(name, grad)
         expected = (*t.shape[:-1], mask.shape[0]) if hard else tuple(t.shape)
-        torch._check_value(
+        check_value(
             tuple(grad.shape) == expected, lambda: f"{name} must have shape {expected}, got {tuple(grad.shape)}"
         )
     check_same_device(grad_x=grad_x, grad_g=grad_g, x_in=x_in)
@@ -179,12 +181,12 @@ def check_factorized_inner_args(x_a, g_a, x_b, g_b) -> None:
     """Two factor sets (:func:`check_factors`) sharing d_in, d_out and dtype."""
     check_factors(x_a, g_a)
     check_factors(x_b, g_b)
-    torch._check_value(
+    check_value(
         x_a.shape[-1] == x_b.shape[-1] and g_a.shape[-1] == g_b.shape[-1],
         lambda: f"a and b must share d_in and d_out, got x_a {tuple(x_a.shape)}, x_b {tuple(x_b.shape)}, "
         f"g_a {tuple(g_a.shape)}, g_b {tuple(g_b.shape)}",
     )
-    torch._check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
+    check_type(x_a.dtype == x_b.dtype, lambda: f"a and b must share a dtype, got {x_a.dtype} and {x_b.dtype}")
     check_same_device(x_a=x_a, g_a=g_a, x_b=x_b, g_b=g_b)
 
 
@@ -193,7 +195,7 @@ def check_factorized_inner_backward_args(grad, x_a, g_a, x_b, g_b) -> None:
     check_factorized_inner_args(x_a, g_a, x_b, g_b)
     check_float("grad", grad)
     expected = (x_a.shape[0], x_b.shape[0])
-    torch._check_value(
+    check_value(
         tuple(grad.shape) == expected, lambda: f"grad must be [n_a, n_b] = {list(expected)}, got {tuple(grad.shape)}"
     )
     check_same_device(grad=grad, x_a=x_a)

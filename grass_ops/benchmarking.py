@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.utils._pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._compat import TorchDispatchMode, tree_leaves
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: torch.device | str | None = None) -> float:
@@ -75,7 +75,7 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.track(*(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)))
+        self.track(*(t for t in tree_leaves(out) if isinstance(t, torch.Tensor)))
         return out
 
 

@@ -122,7 +122,6 @@ def main(argv=None):
                     scores = attr.attribute(data[:1])
                     row["attribute_scores_per_s"] = scores.numel() / (time.perf_counter() - start)
                     row["n_train"] = scores.shape[1]
-                attr.close()
         row["layers"] = len(attr.layer_names)
         result["models"][name] = row
         print(json.dumps({name: row}), file=sys.stderr)

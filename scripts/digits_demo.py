@@ -119,7 +119,6 @@ def main(argv=None):
     lines.append(f"grid: {out / 'attribution.png'}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    attr.close()
 
 
 if __name__ == "__main__":

@@ -137,7 +137,6 @@ def main(argv=None):
                         "cache_seconds": cache_seconds}
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
-                attr.close()
 
     report = {
         "data": "sklearn digits, seeded split", "n_train": len(x_tr), "n_test": len(x_te), "quick": args.quick,

@@ -23,6 +23,8 @@ import torch
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
+from .._compat import auto_dispatch_below_autograd
+
 _LIBRARY = torch.library.Library("grass", "DEF")
 
 
@@ -68,8 +70,7 @@ class GrassOp:
         """The op's Autograd dispatch-key kernel."""
         args = (*args, *self.defaults[len(args):])
         if not needs_autograd(args):
-            # torch.library's own custom_op uses the same guard to reach the backend kernels
-            with torch._C._AutoDispatchBelowAutograd():
+            with auto_dispatch_below_autograd():
                 return self.op(*args)
         if self.function is None:
             raise RuntimeError(

@@ -21,8 +21,8 @@ from ._definition import batch_dim_first, define_op, vmap_by_slices
 
 # CPU scatter backend: "auto" (default), "native" (Tensor.index_add_) or "torch_scatter" (the optional
 # `scatter` extra). Both give bitwise-equal results. "auto" takes torch_scatter, when installed, for
-# scatters of at least _TORCH_SCATTER_MIN elements: measured ~5% faster there (64 x 131072), and
-# ~30% slower on small ones (2 x 16384), where its Python-level setup dominates.
+# scatters of at least _TORCH_SCATTER_MIN elements: faster there, slower on small ones, where its
+# Python-level setup dominates (BENCHMARKS.md, CPU section).
 _BACKEND_ENV = "GRASS_OPS_SCATTER_BACKEND"
 _TORCH_SCATTER_MIN = 1 << 20
 
