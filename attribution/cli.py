@@ -45,15 +45,13 @@ CACHE_KEYS = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", 
 # Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements
 # (BENCHMARKS.md: bfloat16 autocast 1.37x the float32 tokens/s, mean Spearman vs exact 0.893 vs 0.894).
 DEFAULT_AUTOCAST = "auto"
-# `cache` compiles its step when the documents to cache hold at least this many real tokens: the measured
-# point where one compile pays for itself (BENCHMARKS.md: a 186 s bfloat16 compile on SmolLM2, 2 cores).
-COMPILE_MIN_TOKENS = 300_000
 # Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
 # (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
 DEFAULT_NORMALIZE = False
-# --compile auto compiles the cache step when the corpus has at least this many real tokens: one compile of
-# the in-backward step on SmolLM2 pays for itself there (BENCHMARKS.md, "compile or not").
-COMPILE_MIN_TOKENS = 300_000
+# --compile auto compiles the cache step when the documents to compute hold at least this many real tokens,
+# by the matmul precision (--autocast, resolved): the measured break-even of one compile of the in-backward
+# step on SmolLM2, rounded up (BENCHMARKS.md, "compile or not").
+COMPILE_MIN_TOKENS = {"bfloat16": 100_000, "float16": 100_000, "none": 300_000}
 NORMALIZE_HELP = ("IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|), so that no high-norm document "
                   "tops every query (default: raw IF scores, which traced the planted facts as well or better)")
 
@@ -192,12 +190,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def compile_decision(flag: str, real_tokens: int) -> bool:
-    """--compile auto|on|off -> whether to torch.compile the cache step: "auto" compiles when the corpus
-    has at least COMPILE_MIN_TOKENS real tokens (the measured break-even of one compile, README)."""
+def compile_decision(flag: str, real_tokens: int, autocast: str = "none") -> bool:
+    """--compile auto|on|off -> whether to torch.compile the cache step: "auto" compiles when the tokens
+    to compute reach COMPILE_MIN_TOKENS[autocast] (the measured break-even of one compile)."""
     if flag not in ("auto", "on", "off"):
         raise CLIError(f"--compile must be auto, on or off, got {flag!r}")
-    return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS)
+    return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS[autocast])
 
 
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
@@ -280,7 +278,7 @@ def cmd_cache(args, loaded=None):
     mask_docs = cached[:segments[0]] if cached else docs  # the first cache's documents: a grown store keeps its masks
     with timed_phase(phases, "masks"):
         collectively(lambda: _main_rank() and _masks(config, store, model, tokenizer, mask_docs))  # rank 0 writes them
-    compile = compile_decision(args.compile, sum(int(b["attention_mask"].sum()) for b in pending))
+    compile = compile_decision(args.compile, sum(int(b["attention_mask"].sum()) for b in pending), config["autocast"])
     with timed_phase(phases, "attributor"):  # the weights' fingerprint included
         attr = collectively(lambda: _attributor(model, config, store, compile=compile))  # validates the configuration
     if compile and (added or record_before is None) and _main_rank():  # new documents to compute
@@ -791,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _compile_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile the cache step: auto (default) compiles when the corpus has at least "
-                             f"{COMPILE_MIN_TOKENS:,} real tokens, where one compile pays for itself; --compile forces it")
+                             f"{COMPILE_MIN_TOKENS['bfloat16']:,} real tokens to compute under bfloat16 autocast, "
+                             f"{COMPILE_MIN_TOKENS['none']:,} in float32, where one compile pays for itself; --compile "
+                             "forces it")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                         help="run the cache step eagerly (--compile off; default: auto)")
 

@@ -72,8 +72,9 @@ def test_cache_compiles_when_asked_and_reports_it(tiny_llama, tmp_path, corpus):
 def test_compile_auto_compiles_large_corpora_only(tiny_llama, tmp_path, corpus):
     summary = cli.run(_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1])  # the default: --compile auto
     assert summary["compile"] == "auto" and summary["compiled"] is False  # a few tokens: eager
-    assert summary["real_tokens"] < cli.COMPILE_MIN_TOKENS
-    assert [cli.compile_decision("auto", n) for n in (cli.COMPILE_MIN_TOKENS - 1, cli.COMPILE_MIN_TOKENS)] == [False, True]
+    assert summary["real_tokens"] < min(cli.COMPILE_MIN_TOKENS.values())
+    for autocast, tokens in cli.COMPILE_MIN_TOKENS.items():
+        assert [cli.compile_decision("auto", n, autocast) for n in (tokens - 1, tokens)] == [False, True]
     assert cli.compile_decision("on", 1) and not cli.compile_decision("off", 10**9)
 
 
