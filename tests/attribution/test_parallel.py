@@ -159,6 +159,7 @@ def _two_ranks(rank, world, init_file, out):
             parallel.collectively(lambda: rank == 1 and {}["only rank 1 fails"])
         except BaseException as err:  # noqa: BLE001 - recorded for the parent
             result["error"] = f"{type(err).__name__}: {err}"
+            result["is_runtime_error"] = isinstance(err, RuntimeError)
         scores = torch.arange(12.0).reshape(2, 6) * (-1) ** torch.arange(6)
         mine = [(lo, scores[:, lo : lo + 3]) for lo in (0, 3)][rank : rank + 1]  # rank r scores columns 3r..3r+3
         result["matrix"] = parallel.score_matrix(iter(mine), 2, 6, [(0, 3), (3, 6)], torch.float32, "cpu")
@@ -177,7 +178,9 @@ def test_two_ranks_raise_together_and_share_their_columns(tmp_path):
     results = [pickle.loads((tmp_path / f"{r}.pkl").read_bytes()) for r in range(2)]
     scores = torch.arange(12.0).reshape(2, 6) * (-1) ** torch.arange(6)
     assert results[1]["error"].startswith("KeyError") and "only rank 1 fails" in results[1]["error"]
-    assert results[0]["error"].startswith("RuntimeError: rank 1 failed: KeyError")
+    # the other rank raises RankFailed, a RuntimeError that names the failing rank and the original error
+    assert results[0]["error"].startswith("RankFailed: rank 1 failed: KeyError") and results[0]["is_runtime_error"]
+    assert not results[1]["is_runtime_error"]
     for result in results:
         assert result["agreed"] == "rank 0"
         assert torch.equal(result["matrix"], scores)
