@@ -178,7 +178,9 @@ def test_a_fim_store_serves_kfac_without_a_new_cache(tmp_path):
     scores = attr.attribute(test)
     assert {k: v for k, v in store_files(tmp_path).items() if k in shards} == shards
     fresh = Attributor(model, loss_fn, preconditioner="kfac", store=tmp_path / "fresh", **FAST).cache(train)
-    torch.testing.assert_close(scores, fresh.attribute(test), rtol=1e-6, atol=1e-6)
+    # the FIM store's shards came from the in-backward sketch, the fresh store's from the factor path:
+    # the same compressed gradients up to float32 rounding, relative to the scores' scale
+    torch.testing.assert_close(scores, fresh.attribute(test), rtol=1e-5, atol=1e-5 * float(scores.abs().max()))
     # and the FIM is still there for preconditioner="fim"
     torch.testing.assert_close(Attributor(model, loss_fn, store=tmp_path, **FAST).attribute(test),
                                Attributor(model, loss_fn, store=tmp_path / "fresh", **FAST).cache(train).attribute(test))
