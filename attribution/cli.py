@@ -18,7 +18,6 @@ documents) grows the store: the cached rows stay, the new documents are appended
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import sys
@@ -67,22 +66,6 @@ class CLIError(SystemExit):
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, StoreError, FloatingPointError)
 
 
-def _layers(model, patterns):
-    """The --layers patterns; each must match a module. None (the default): every linear layer of the
-    transformer blocks, whichever of the usual names the architecture has (llm.DEFAULT_LAYERS)."""
-    names = [n for n, _ in model.named_modules()]
-    matches = lambda p: any(fnmatch.fnmatchcase(n, p) for n in names)  # noqa: E731
-    if patterns is None:
-        found = [p for p in llm.DEFAULT_LAYERS if matches(p)]
-        if not found:
-            raise CLIError(f"the model has no modules named {llm.DEFAULT_LAYERS}: give --layers")
-        return found
-    unmatched = [p for p in patterns if not matches(p)]
-    if unmatched:
-        raise CLIError(f"--layers patterns {unmatched} match no module of the model")
-    return list(patterns)
-
-
 def _compressor(config, store: Path) -> str:
     """The compressor spec, with the store's data-aware masks for FactGraSS (--masks energy)."""
     name, options = parse_spec(config["compressor"])
@@ -109,7 +92,7 @@ def _masks(config, store: Path, model, tokenizer, docs: list[dict]) -> None:
     from .selective_mask import energy_masks
 
     energy_masks(model, llm.sequence_loss, batches, folder, config["k"], blowup=float(options.get("blowup", 2.0)),
-                 layers=_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True)
+                 layers=llm.resolve_layers(model, config["layers"]), k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True)
     atomic_write_json(record, wanted)
 
 
@@ -134,7 +117,7 @@ def _mask_files(attr, store: Path) -> list[str]:
 
 def _attributor(model, config, store, method="if", compile=False, normalize=False):
     return Attributor(model, llm.sequence_loss, method=method, compressor=_compressor(config, Path(store)), k=config["k"],
-                      damping=config["damping"], store=store, layers=_layers(model, config["layers"]),
+                      damping=config["damping"], store=store, layers=llm.resolve_layers(model, config["layers"]),
                       seed=config["seed"], compile=compile, storage_dtype=config["storage_dtype"], normalize=normalize,
                       autocast=None if config["autocast"] == "none" else config["autocast"])
 
@@ -164,15 +147,6 @@ def _check_corpus_flags(config) -> None:
             raise CLIError("--prompt-field and --completion-field go together")
     elif any(config[k] for k in ("prompt_field", "completion_field", "messages_field", "split")):
         raise CLIError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
-
-
-def _docs(config, tokenizer):
-    if config["dataset"] is not None:
-        return llm.read_dataset(config["dataset"], config["text_field"], config["prompt_field"], config["completion_field"],
-                                config["messages_field"], tokenizer, config["split"], config["limit"])
-    if config["corpus"] in (None, "python-docs"):
-        return llm.python_docs_corpus(limit=config["limit"])
-    return llm.read_corpus(config["corpus"], config["text_field"], config["limit"])
 
 
 def _write_once(path: Path, text: str, what: str) -> None:
@@ -252,7 +226,7 @@ def cmd_cache(args, loaded=None):
             model, tokenizer = loaded or llm.load_model(config["model"], config["gguf_file"], config["dtype"],
                                                         device=_device())
         with timed_phase(phases, "tokenize"):
-            corpus = _docs(config, tokenizer)
+            corpus = llm.load_documents(config, tokenizer)
             cached = _cached_documents(store, record_before, whole=False) if record_before is not None else []
             segments = _segments(store, record_before) if record_before is not None else []
             added = _new_documents(store, cached, corpus)
@@ -918,7 +892,10 @@ def run(argv=None):
         values = read_json(path, "--config file")
         args = parser.parse_args([args.command, *_config_flags(parser, args.command, values, args.config, given), *own])
     distributed.init_from_environment()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except llm.UsageError as err:
+        raise CLIError(str(err)) from None
 
 
 def main(argv=None) -> int:
@@ -933,7 +910,7 @@ def main(argv=None) -> int:
         print(err, file=sys.stderr)
         return 2
     except (*EXPECTED_ERRORS, distributed.RankFailed) as err:
-        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
+        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, llm.UsageError, *EXPECTED_ERRORS):
             raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2

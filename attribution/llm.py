@@ -8,6 +8,7 @@ The per-sample loss is the summed next-token cross-entropy over the masked targe
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
@@ -20,6 +21,36 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"
 DEFAULT_LAYERS = ["model.layers.*", "transformer.h.*"]  # every linear layer of the blocks (no lm_head)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the CLI prints its message alone and exits with status 2."""
+
+
+def resolve_layers(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """The --layers patterns; each must match a module. None (the default): every linear layer of the
+    transformer blocks, whichever of the usual names the architecture has (DEFAULT_LAYERS)."""
+    names = [n for n, _ in model.named_modules()]
+    matches = lambda p: any(fnmatch.fnmatchcase(n, p) for n in names)  # noqa: E731
+    if patterns is None:
+        found = [p for p in DEFAULT_LAYERS if matches(p)]
+        if not found:
+            raise UsageError(f"the model has no modules named {DEFAULT_LAYERS}: give --layers")
+        return found
+    unmatched = [p for p in patterns if not matches(p)]
+    if unmatched:
+        raise UsageError(f"--layers patterns {unmatched} match no module of the model")
+    return list(patterns)
+
+
+def load_documents(config: dict, tokenizer) -> list[dict]:
+    """The documents a cache config names: --dataset, else --corpus (python-docs by default)."""
+    if config["dataset"] is not None:
+        return read_dataset(config["dataset"], config["text_field"], config["prompt_field"], config["completion_field"],
+                            config["messages_field"], tokenizer, config["split"], config["limit"])
+    if config["corpus"] in (None, "python-docs"):
+        return python_docs_corpus(limit=config["limit"])
+    return read_corpus(config["corpus"], config["text_field"], config["limit"])
 
 
 def smollm2_location() -> tuple[str, str]:

@@ -216,7 +216,7 @@ def _job_child(store: str, flags: list[str]) -> None:
             if kind:
                 sizes[kind] += path.stat().st_size
     config = {k: getattr(args, k) for k in ("batch_size", "max_length", "token_batch_size")}
-    docs = cli._docs({**{k: getattr(args, k) for k in cli.CACHE_KEYS}}, tokenizer)
+    docs = llm.load_documents({k: getattr(args, k) for k in cli.CACHE_KEYS}, tokenizer)
     batches, _ = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"], config["token_batch_size"])
     import time
 
