@@ -910,7 +910,7 @@ def main(argv=None) -> int:
         print(err, file=sys.stderr)
         return 2
     except (*EXPECTED_ERRORS, distributed.RankFailed) as err:
-        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, llm.UsageError, *EXPECTED_ERRORS):
+        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
             raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2
