@@ -8,9 +8,10 @@
 
 The same configuration as an object: ``Attributor(model, loss_fn, config=AttributorConfig(method="if", k=4096))``.
 """
+from . import _moved
 from .attributor import METHODS, Attributor, QueryFeatures
 from .batches import batch_digest
-from .compress import build_compressors, parse_spec
+from .compression import build_compressors, parse_spec
 from .config import AttributorConfig
 from .layers import LayerInfo, find_layers
 from .manifest import model_fingerprint
@@ -19,3 +20,5 @@ from .store import CorruptStoreError, IncompleteStoreError, StoreBusyError, Stor
 __all__ = ["Attributor", "AttributorConfig", "METHODS", "CorruptStoreError", "IncompleteStoreError", "LayerInfo",
            "QueryFeatures", "StoreBusyError", "StoreError", "batch_digest", "build_compressors", "find_layers", "model_fingerprint",
            "parse_spec"]
+
+_moved.install()  # the old module names (attribution.compress, attribution.facts, ...) still import

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import collectives, streaming
 from . import index as index_module
-from . import parallel, streaming
 from .config import check_int
-from .distributed import all_gather_objects, rank_and_world
+from .process_group import all_gather_objects, rank_and_world
 from .store import Completion
 from .streaming import RowBudget
 
@@ -41,13 +41,13 @@ class AnnIndex:
                                           project=project, train_size=train_size, nprobe=nprobe, seed=seed,
                                           rows_per_block=self.budget.rows(1))
 
-        return parallel.agreed(parallel.collectively(build))
+        return collectives.agreed(collectives.collectively(build))
 
     def refresh(self, records: list[Completion], writer) -> None:
         """Rebuild every index of the store that was built from older data (the store grew), with its
         recorded parameters."""
         fingerprint = index_module.data_fingerprint(records)
-        stale = parallel.agreed(parallel.collectively(lambda: [
+        stale = collectives.agreed(collectives.collectively(lambda: [
             (mode, found[1]) for mode in index_module.MODES
             if (found := self.store.derived_meta(0, index_module.derived_name(mode))) is not None
             and found[0] != fingerprint]))
@@ -62,7 +62,7 @@ class AnnIndex:
                                    nprobe=meta.get("nprobe"), seed=meta.get("seed", 0), rows_per_block=self.budget.rows(1))
 
         if stale:
-            parallel.collectively(rebuild)
+            collectives.collectively(rebuild)
 
     def _load(self, records: list[Completion]) -> index_module.LoadedIndex:
         key = (self.mode, index_module.data_fingerprint(records))
@@ -74,7 +74,7 @@ class AnnIndex:
               candidates: int, nprobe: int | None) -> tuple[Tensor, Tensor]:
         """(values, indices) [n_test, min(k, n_train)] from ``candidates`` per query (prepared ``queries``,
         per checkpoint [n_test, columns]), re-ranked exactly; every rank returns them all."""
-        loaded = parallel.collectively(lambda: self._load(records))
+        loaded = collectives.collectively(lambda: self._load(records))
         weights = self.weights or [1.0] * len(queries)
         vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu()
         rank, world = rank_and_world()
@@ -86,7 +86,7 @@ class AnnIndex:
             return index_module.rerank(self.scorer, [q[mine.start : mine.stop] for q in queries], ids, k, largest,
                                        self.store, records, list(range(len(records))), loaded.crcs, self.budget.rows(1))
 
-        values, indices = parallel.collectively(local)
+        values, indices = collectives.collectively(local)
         if world > 1:
             parts = all_gather_objects((values, indices))
             values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

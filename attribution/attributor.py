@@ -1,7 +1,7 @@
 """The Attributor: a facade over the stages
 
     capture + compress (gradients.py) -> cache (cache.py, store.py) -> preconditioning (preconditioners/)
-    -> scoring (scoring.py; parallel.py under torch.distributed, ann.py with an ANN index)
+    -> scoring (scoring.py; collectives.py under torch.distributed, ann.py with an ANN index)
 
 Sign convention: score(z_i, z_test) = g_test^T (F + damping I)^-1 g_i with F = (1/n) sum_i g_i g_i^T per
 block (influence functions); a positive score means that training on z_i lowers the test loss.
@@ -21,16 +21,16 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import collectives
 from . import index as index_module
-from . import parallel
 from .ann import AnnIndex
 from .cache import LazyWriter, cache_checkpoint, check_same_batches, require_reiterable
 from .config import FISHERS, METHODS, AttributorConfig, check_int
-from .distributed import rank_and_world
 from .fim import check_damping
 from .gradients import ModelGradients
 from .manifest import recorded_algorithm, signature
 from .preconditioners import Setup, build_preconditioner, preconditioner_class
+from .process_group import rank_and_world
 from .scoring import QueryFeatures, Scorer, check_features
 from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, refuse_inside_store
 from .streaming import RowBudget
@@ -201,15 +201,15 @@ class Attributor:
             feats = self._features(test_loader, features, records, damping)
             return records, feats, self.scorer.prepared_queries(feats, damping, records)
 
-        records, feats, queries = parallel.collectively(prepare)
-        parallel.check_same_queries(queries)
+        records, feats, queries = collectives.collectively(prepare)
+        collectives.check_same_queries(queries)
         return records, feats, queries
 
     def _score_blocks(self, test_loader, damping, features):
         """(n_test, n_train, this rank's score blocks, every rank's (first, end) training rows)."""
         records, features, queries = self._queries(test_loader, damping, features)
         rows = self._row_budget(features.n_test)
-        bounds = parallel.rank_bounds(self.scorer.plan(records, rows))
+        bounds = collectives.rank_bounds(self.scorer.plan(records, rows))
         blocks = self.scorer.score_blocks(queries, records, rows, part=rank_and_world())
         return features.n_test, records[0].samples, blocks, bounds
 
@@ -225,8 +225,8 @@ class Attributor:
             refuse_inside_store(out, f"out={out}")
         n_test, n_train, blocks, bounds = self._score_blocks(test_loader, damping, features)
         if out is not None:
-            return parallel.write_score_matrix(Path(out), blocks, n_test, n_train, self.dtype)
-        return parallel.score_matrix(blocks, n_test, n_train, bounds, self.dtype, self.device)
+            return collectives.write_score_matrix(Path(out), blocks, n_test, n_train, self.dtype)
+        return collectives.score_matrix(blocks, n_test, n_train, bounds, self.dtype, self.device)
 
     def top_k(self, test_loader: Iterable | None = None, k: int = 10, largest: bool = True, *,
               damping: float | None = None, features: QueryFeatures | None = None, index: bool = False,
@@ -246,7 +246,7 @@ class Attributor:
         if index:
             return self._top_k_indexed(test_loader, k, largest, damping, features, candidates, nprobe)
         n_test, _, blocks, _ = self._score_blocks(test_loader, damping, features)
-        return parallel.top_k(blocks, n_test, k, largest, self.device)
+        return collectives.top_k(blocks, n_test, k, largest, self.device)
 
     def _top_k_indexed(self, test_loader, k, largest, damping, features, candidates, nprobe):
         candidates = max(10 * k, 100) if candidates is None else check_int("candidates", candidates)
@@ -266,7 +266,7 @@ class Attributor:
         scan below 20,000 rows, else "IVF<~4 sqrt(n)>,SQfp16"), trained on ``train_size`` random rows
         (default 40 per IVF list). ``nprobe``: the lists searched by default (default an eighth). Returns
         its summary. Collective: rank 0 builds."""
-        return self.ann.build(parallel.collectively(self._records), factory, project, train_size, nprobe, seed)
+        return self.ann.build(collectives.collectively(self._records), factory, project, train_size, nprobe, seed)
 
     def select(self, test_loader: Iterable | None = None, n: int = 10, *, damping: float | None = None,
                features: QueryFeatures | None = None) -> tuple[Tensor, Tensor]:
@@ -275,7 +275,7 @@ class Attributor:
         to the lower index; streamed like top_k (collective under torch.distributed)."""
         n = check_int("n", n)
         _, _, blocks, _ = self._score_blocks(test_loader, damping, features)
-        values, indices = parallel.top_k(blocks, 1, n, True, self.device, reduce=lambda block: block.mean(0, keepdim=True))
+        values, indices = collectives.top_k(blocks, 1, n, True, self.device, reduce=lambda block: block.mean(0, keepdim=True))
         return values[0], indices[0]
 
     def self_influence(self, damping: float | None = None) -> Tensor:
@@ -283,11 +283,11 @@ class Attributor:
         attribute(train) (g^T (F + damping I)^-1 g for "if"), streamed over the store (every rank its
         share under torch.distributed; every rank returns the whole vector)."""
         damping = self.damping if damping is None else check_damping(damping)
-        records = parallel.collectively(self._records)
+        records = collectives.collectively(self._records)
         rows = self._row_budget(1)
-        bounds = parallel.rank_bounds(self.scorer.plan(records, rows))
-        out = parallel.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=rank_and_world()))
-        return parallel.share_columns(out.to(self.device), bounds).to(self.dtype)  # NCCL sends device tensors
+        bounds = collectives.rank_bounds(self.scorer.plan(records, rows))
+        out = collectives.collectively(lambda: self.scorer.self_influence(damping, records, rows, part=rank_and_world()))
+        return collectives.share_columns(out.to(self.device), bounds).to(self.dtype)  # NCCL sends device tensors
 
     def verify(self) -> dict:
         """Check every file of a disk store (sizes, headers, CRC32s, completion); raises

@@ -7,6 +7,7 @@ import hashlib
 
 import torch
 from torch import Tensor
+
 from grass_ops._compat import tree_map
 
 

@@ -18,8 +18,8 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from .batches import batch_digest, batch_size
-from .distributed import all_gather_objects, barrier, rank_and_world
-from .parallel import collectively
+from .collectives import collectively
+from .process_group import all_gather_objects, barrier, rank_and_world
 from .store import Completion, CorruptStoreError
 
 

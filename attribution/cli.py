@@ -28,11 +28,11 @@ import torch
 
 from grass_ops.benchmarking import emit_json_report, peak_rss_bytes, process_seconds, timed_phase
 
-from . import distributed, llm
 from . import index as index_module
+from . import llm, process_group
 from .attributor import Attributor
-from .compress import parse_spec
-from .parallel import agreed, collectively, require_agreement
+from .collectives import agreed, collectively, require_agreement
+from .compression import parse_spec
 from .report import Attribution, write_reports
 from .store import CorruptStoreError, StoreError, atomic_write_json, open_store, read_json, refuse_inside_store
 
@@ -124,14 +124,14 @@ def _attributor(model, config, store, method="if", compile=False, normalize=Fals
 
 def _main_rank() -> bool:
     """Whether this process prints and writes the outputs (rank 0 under torchrun)."""
-    return distributed.rank_and_world()[0] == 0
+    return process_group.rank_and_world()[0] == 0
 
 
 def _device() -> str:
     """cuda:LOCAL_RANK under torchrun with NCCL, else the CPU."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return str(distributed.local_device())
+        return str(process_group.local_device())
     return "cpu"
 
 
@@ -449,7 +449,8 @@ def cmd_demo(args):
     """The main job (attribution.demo): plant 20 invented facts in the Python-docs corpus, fine-tune the
     embedded model on it, cache it with the default configuration, ask each fact with a paraphrased
     question, and measure whether attribution finds each answer's source document."""
-    from . import demo, facts
+    from . import demo
+    from .evaluation import facts
 
     _check_out(args)
     start = time.perf_counter()
@@ -645,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="module name patterns, each must match (default: every linear layer of the transformer "
                             "blocks: model.layers.* or transformer.h.*)")
     cache.add_argument("--compressor", default="factgrass:blowup=4",
-                       help="compressor spec (attribution.compress), e.g. factgrass:blowup=4, logra, sjlt")
+                       help="compressor spec (attribution.compression), e.g. factgrass:blowup=4, logra, sjlt")
     cache.add_argument("--masks", default="energy", choices=["energy", "random"],
                        help="FactGraSS masks: 'energy' keeps each layer's highest second-moment coordinates, measured "
                             "on --mask-documents documents of the corpus; 'random' draws them from the seed")
@@ -891,7 +892,7 @@ def run(argv=None):
         given |= {g[3:] for g in given if g.startswith("no_")}
         values = read_json(path, "--config file")
         args = parser.parse_args([args.command, *_config_flags(parser, args.command, values, args.config, given), *own])
-    distributed.init_from_environment()
+    process_group.init_from_environment()
     try:
         return args.func(args)
     except llm.UsageError as err:
@@ -909,8 +910,8 @@ def main(argv=None) -> int:
     except CLIError as err:
         print(err, file=sys.stderr)
         return 2
-    except (*EXPECTED_ERRORS, distributed.RankFailed) as err:
-        if isinstance(err, distributed.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
+    except (*EXPECTED_ERRORS, process_group.RankFailed) as err:
+        if isinstance(err, process_group.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
             raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
         return 2

@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from .distributed import is_distributed
 from .fim import check_damping
 from .preconditioners import preconditioner_class, resolve_preconditioner
+from .process_group import is_distributed
 from .scoring import PRECONDITIONED
 from .store import STORAGE_DTYPES
 

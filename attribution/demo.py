@@ -1,6 +1,6 @@
 """The main job: fact tracing with the embedded SmolLM2, end to end, measured.
 
-1. Twenty invented facts are planted in the Python-docs corpus (attribution.facts), and the model is
+1. Twenty invented facts are planted in the Python-docs corpus (attribution.evaluation.facts), and the model is
    briefly fine-tuned on that corpus (seeded, CPU; the weights are kept in ``out/model`` and reused).
 2. The corpus is cached with the CLI's default configuration (the real pipeline: store, resume,
    checksums), and each fact is asked with a paraphrased question; the model's own answer is the
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import facts, llm
-from .fidelity import Method, measure, scores
+from . import llm
+from .evaluation import facts
+from .evaluation.fidelity import Method, measure, scores
 from .layers import find_layers
 
 

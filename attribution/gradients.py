@@ -21,7 +21,7 @@ from .batches import batch_digest
 from .cache import require_reiterable
 from .capture import FactorCapture
 from .checkpoints import Checkpoints
-from .compress import BatchCompressor, build_compressors
+from .compression import BatchCompressor, build_compressors
 from .layers import LayerInfo, find_layers
 from .manifest import model_fingerprint
 from .param_grads import find_params

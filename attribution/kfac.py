@@ -47,8 +47,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .batches import batch_digest
-from .distributed import rank_and_world
 from .fim import absolute_damping, check_invertible
+from .process_group import rank_and_world
 
 SAVE_SECONDS = 30.0  # how often partial statistics are saved during a pass (0: after every batch)
 _PARTIAL = "kfac_partial."  # + "rank<r>" (cache stage) or "merged" (completion)
@@ -276,7 +276,7 @@ class KroneckerStatistics:
     the derived data (the queries' side: attribution.preconditioners.kronecker).
 
     ``factors(batch) -> (grads [B, columns], values, x {layer: [B, T, d_in]}, g {layer: [B, T, d_out]})``
-    is the cache step with factors (see :meth:`attribution.compress.BatchCompressor.with_factors`)."""
+    is the cache step with factors (see :meth:`attribution.compression.BatchCompressor.with_factors`)."""
 
     def __init__(self, kind: str, layers: list[str], dtype: torch.dtype, device, store, progress: bool = True):
         self.kind, self.layers, self.dtype, self.device = kind, list(layers), dtype, device

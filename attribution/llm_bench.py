@@ -16,7 +16,7 @@ from grass_ops.benchmarking import median_seconds
 
 from . import llm
 from .attributor import Attributor
-from .compress import compress_layer
+from .compression import compress_layer
 from .manifest import model_fingerprint
 
 Tensor = torch.Tensor

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
 from grass_ops._compat import tree_map
 
 from .batches import batch_size, slice_rows

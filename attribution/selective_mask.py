@@ -233,7 +233,7 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
     where k is the GraSS intermediate k'). form="factorized": masks of k_in' = k_out' = blowup * sqrt(k)
     coordinates (capped at d), saved as <layer>.in.npz / <layer>.out.npz (use "factgrass:mask_dir=...").
     """
-    from .compress import weight_gradients
+    from .compression import weight_gradients
 
     if form not in ("plain", "factorized"):
         raise ValueError(f"form must be 'plain' or 'factorized', got {form!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.examples import batches, load_digits_split, make_mlp, per_sample_loss, train_mlp
+from attribution.evaluation.examples import batches, load_digits_split, make_mlp, per_sample_loss, train_mlp
 
 
 def plot_grid(path, test_x, test_y, pred, train_x, train_y, helpful, harmful, helpful_scores, harmful_scores):

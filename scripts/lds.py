@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from attribution import Attributor
-from attribution.compress import build_compressors, weight_gradients
-from attribution.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
-from attribution.lds import DAMPING_GRID, LDSHarness, cross_validated_lds
+from attribution.compression import build_compressors, weight_gradients
+from attribution.evaluation.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
+from attribution.evaluation.lds import DAMPING_GRID, LDSHarness, cross_validated_lds
 from attribution.selective_mask import MaskTrainingConfig, collect_factors, train_masks
 from grass_ops.compressors import FactorizedCompressor
 

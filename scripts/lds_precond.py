@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from attribution import Attributor
-from attribution.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
-from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
+from attribution.evaluation.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
 
 PRECONDITIONERS = ("fim", "kfac", "ekfac")
 COMPRESSORS = ("factgrass", "logra", "sjlt")

@@ -6,7 +6,7 @@
 
 For at least 8 queries (prompts completed by the model itself) over the corpus, the truth is the exact
 per-document gradient over every linear layer of the transformer blocks: its inner product and cosine
-with each query's gradient (attribution.fidelity computes them layer by layer from the factors). Each
+with each query's gradient (attribution.evaluation.fidelity computes them layer by layer from the factors). Each
 method's score matrix is compared with the truth by the mean Spearman correlation over queries.
 Data-aware masks ("energy": the top second-moment coordinates of each layer's factors) are computed on
 held-out paragraphs that are not in the corpus. Prints JSON (also written to --out/fidelity.json) and
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from attribution import llm
-from attribution.fidelity import Method, fidelity, measure, scores
+from attribution.evaluation.fidelity import Method, fidelity, measure, scores
 from attribution.layers import find_layers
 from attribution.selective_mask import energy_masks
 from grass_ops.benchmarking import emit_json_report

@@ -7,7 +7,7 @@ compressed like the training gradients).
     flock /tmp/grass_heavy.lock python scripts/lm_lds.py --out out/lm_lds          # about an hour on 2 cores
     python scripts/lm_lds.py --out out/lm_lds --quick                              # a few minutes
 
-Setup (attribution.lm_lds): character-level 2-layer GPT (d = 128, 4 heads, context 64) on Python's
+Setup (attribution.evaluation.lm_lds): character-level 2-layer GPT (d = 128, 4 heads, context 64) on Python's
 own documentation (pydoc_data.topics), 2000 training sequences of 64 tokens, 100 held-out sequences;
 every linear layer of the two blocks is attributed (8 layers). Attributed loss: the summed next-token
 loss of a sequence; LDS output: minus the mean next-token loss of each held-out sequence; 50 models
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from attribution import Attributor
-from attribution.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
-from attribution.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
+from attribution.evaluation.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
 
 PRECONDITIONERS = ("ekfac", "kfac", "fim")  # ekfac first: its cache accumulates the K-FAC sums, the others reuse the store
 COMPRESSORS = ("factgrass", "logra", "sjlt")

@@ -25,7 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from attribution import llm
-from attribution.compress import BatchCompressor, build_compressors
+from attribution.compression import BatchCompressor, build_compressors
 from attribution.layers import find_layers
 from attribution.llm_bench import activation_backward
 from grass_ops.benchmarking import PeakMemory, emit_json_report

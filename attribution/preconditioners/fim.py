@@ -1,7 +1,7 @@
 """preconditioner="fim" (the paper's): the block-diagonal Fisher information of the compressed gradients,
 F_b = (1/n) sum_i g_ib g_ib^T per block b, kept as eigendecompositions (attribution.fim), so any damping
 is applied without recomputing. The empirical Fisher is summed from the store by every rank
-(attribution.parallel.empirical_fims); the true Fisher re-reads the loader through the model on rank 0."""
+(attribution.collectives.empirical_fims); the true Fisher re-reads the loader through the model on rank 0."""
 from __future__ import annotations
 
 import functools
@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .. import parallel
+from .. import collectives
 from ..batches import to_device
-from ..distributed import rank_and_world
 from ..fim import DampedInverse, TrueFisherGradients, block_fims, from_arrays, to_arrays
+from ..process_group import rank_and_world
 from ..scoring import split_columns
 from ..store import Completion
 from .base import Preconditioner, Setup
@@ -36,7 +36,7 @@ class FIMPreconditioner(Preconditioner):
     # ---- derived data --------------------------------------------------------------------------
     def derive(self, ckpt: int, record: Completion, loader: Iterable, writer) -> None:
         """Collective: every rank takes part in the empirical FIM, rank 0 writes it."""
-        if parallel.agreed(parallel.collectively(lambda: self.is_derived(ckpt, record))):
+        if collectives.agreed(collectives.collectively(lambda: self.is_derived(ckpt, record))):
             return
         start = time.perf_counter()
         fims = self._compute(ckpt, record, loader)
@@ -48,7 +48,7 @@ class FIMPreconditioner(Preconditioner):
                 self.store.save_derived(ckpt, "fim", to_arrays(fims), self.fingerprint(record),
                                         {"fisher": self.config.fisher, "blocks": len(fims), **self.meta()})
 
-        parallel.collectively(save)
+        collectives.collectively(save)
         if fims is not None:
             self._loaded[(ckpt, self.fingerprint(record))] = fims
 
@@ -57,7 +57,7 @@ class FIMPreconditioner(Preconditioner):
         through the model: rank 0 alone (None on the other ranks)."""
         split = functools.partial(split_columns, offsets=self.offsets)
         if self.config.fisher == "empirical":
-            return parallel.empirical_fims(self.store, ckpt, record, split, self.widths, self.setup.budget.rows(1),
+            return collectives.empirical_fims(self.store, ckpt, record, split, self.widths, self.setup.budget.rows(1),
                                            self.device, self.dtype)
 
         def true_fisher():
@@ -69,7 +69,7 @@ class FIMPreconditioner(Preconditioner):
             rows = (pair for batch in batches for pair in self._true_fisher(model, to_device(batch, self.device), generator))
             return block_fims(rows, split, self.widths, record.samples, self.device, self.dtype)
 
-        return parallel.collectively(true_fisher)
+        return collectives.collectively(true_fisher)
 
     def inverses(self, ckpt: int, record: Completion) -> list[DampedInverse]:
         """Every block's FIM eigendecomposition for the data of ``record`` (loaded once)."""

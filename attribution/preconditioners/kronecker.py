@@ -14,10 +14,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .. import parallel
-from ..distributed import rank_and_world
+from .. import collectives
 from ..gradients import check_some_queries
 from ..kfac import KroneckerBlock, KroneckerStatistics, per_sample_gradients
+from ..process_group import rank_and_world
 from ..scoring import QueryFeatures
 from ..store import Completion
 from .base import Preconditioner, Setup
@@ -63,7 +63,7 @@ class KroneckerPreconditioner(Preconditioner):
     def derive(self, ckpt: int, record: Completion, loader: Iterable, writer) -> None:
         """Collective: rank 0 merges the ranks' K-FAC partials and runs the EK-FAC pass; then the params=
         blocks' FIM (every rank)."""
-        parallel.collectively(lambda: rank_and_world()[0] == 0 and self.statistics.derive(
+        collectives.collectively(lambda: rank_and_world()[0] == 0 and self.statistics.derive(
             ckpt, record, loader, writer, self.gradients.with_factors, self.meta()))
         if self.params_fim is not None:
             self.params_fim.derive(ckpt, record, loader, writer)

@@ -26,7 +26,7 @@ def loss_fn(model, batch):
 
 
 def margin(model, batch):
-    from attribution.examples import margin as digits_margin
+    from attribution.evaluation.examples import margin as digits_margin
 
     return digits_margin(model, batch)
 

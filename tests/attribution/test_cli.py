@@ -10,7 +10,7 @@ from attribution_problems import snapshot, store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import IncompleteStoreError, StoreError, cli, distributed, llm  # noqa: E402
+from attribution import IncompleteStoreError, StoreError, cli, llm, process_group  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]
@@ -304,11 +304,11 @@ def test_another_ranks_error_exits_like_the_error_itself(monkeypatch, capsys, er
     """Under torchrun a rank that did not fail raises RankFailed: a usage error or bad input there exits 2,
     anything else keeps its traceback."""
     def failed_elsewhere(argv):
-        raise distributed.RankFailed(1, *distributed.RankFailed.describe(error))
+        raise process_group.RankFailed(1, *process_group.RankFailed.describe(error))
 
     monkeypatch.setattr(cli, "run", failed_elsewhere)
     if status is None:
-        with pytest.raises(distributed.RankFailed, match="rank 1 failed: KeyError"):
+        with pytest.raises(process_group.RankFailed, match="rank 1 failed: KeyError"):
             cli.main([])
     else:
         assert cli.main([]) == status

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from attribution_problems import loss_fn, make_problem, store_files
 
-from attribution import Attributor, parallel
+from attribution import Attributor, collectives
 
 FAST = dict(compressor="factgrass", k=16, seed=3, compile=False, progress=False, memory_budget=3000)
 N_TRAIN, BATCH = 141, 4  # 36 batches (more than the FIM tree's 16 leaves), the last of 1 row
@@ -128,16 +128,16 @@ def cached(tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5, 8, 16, 32])
 def test_fim_partials_sum_to_one_process_fim(cached, world):
-    """Each rank's partial as parallel.empirical_fims forms it, simulated in one process: a power of two
+    """Each rank's partial as collectives.empirical_fims forms it, simulated in one process: a power of two
     up to 16 ranks reproduces one process's sum bit for bit, any other world size up to rounding."""
     attr = cached[0]
     record = attr._records()[0]
-    gram = parallel.ShardGram(attr.store, 0, record, attr.scorer.split, attr.dims, 7, "cpu", torch.float32)
-    one = parallel.local_partial(gram, len(record.shards), 0, 1)
-    parts = [parallel.local_partial(gram, len(record.shards), r, world) for r in range(world)]
+    gram = collectives.ShardGram(attr.store, 0, record, attr.scorer.split, attr.dims, 7, "cpu", torch.float32)
+    one = collectives.local_partial(gram, len(record.shards), 0, 1)
+    parts = [collectives.local_partial(gram, len(record.shards), r, world) for r in range(world)]
     for j in range(len(attr.dims)):
-        total = parallel._combine([p[j].clone() if p is not None else torch.zeros_like(one[j]) for p in parts], world)
-        if parallel.tree_world(world):
+        total = collectives._combine([p[j].clone() if p is not None else torch.zeros_like(one[j]) for p in parts], world)
+        if collectives.tree_world(world):
             assert torch.equal(total, one[j])
         else:
             torch.testing.assert_close(total, one[j], rtol=1e-5, atol=1e-6)

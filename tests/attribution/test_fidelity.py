@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
 from attribution import llm  # noqa: E402
-from attribution.fidelity import Method, fidelity, measure, scores  # noqa: E402
+from attribution.evaluation.fidelity import Method, fidelity, measure, scores  # noqa: E402
 from attribution.layers import find_layers  # noqa: E402
 from attribution.selective_mask import energy_masks  # noqa: E402
 

@@ -7,7 +7,7 @@ from attribution_problems import loss_fn
 from test_capture import SharedBlock
 
 from attribution import llm
-from attribution.compress import BatchCompressor, build_compressors
+from attribution.compression import BatchCompressor, build_compressors
 from attribution.layers import find_layers
 
 SPECS = ["factgrass", "factgrass:s=2,blowup=1.5", "logra", "sjlt:s=2", "grass", "random_mask", "gaussian",

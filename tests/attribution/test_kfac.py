@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attribution import Attributor
+from attribution.evaluation.metrics import pearson
 from attribution.fim import check_damping
 from attribution.kfac import KroneckerBlock, correction_sums, factor_sums, kfac_blocks, per_sample_gradients
-from attribution.metrics import pearson
 
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
 

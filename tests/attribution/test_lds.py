@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attribution.lds import LDSHarness, cross_validated_lds
+from attribution.evaluation.lds import LDSHarness, cross_validated_lds
 
 
 def _linear_datamodel(tmp_path, n_train=40, n_test=8, n_models=30):

@@ -4,7 +4,7 @@ import torch
 from attribution_problems import dense_factors, kronecker_closed_form
 
 from attribution import Attributor
-from attribution.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
+from attribution.evaluation.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
 
 TINY = LMConfig(length=8, d_model=8, layers=1, heads=2, n_train=12, n_test=3, epochs=1, batch=4)
 
@@ -16,7 +16,7 @@ def test_sequences_are_seeded_disjoint_windows_of_the_documentation():
     rows = {tuple(r.tolist()) for r in data.train} | {tuple(r.tolist()) for r in data.test}
     assert len(rows) == 15  # no sequence is both a training and a held-out one
     text = "".join(data.vocab[i] for i in data.train[0].tolist())
-    from attribution.lm_lds import corpus_text
+    from attribution.evaluation.lm_lds import corpus_text
 
     assert text in corpus_text()
 

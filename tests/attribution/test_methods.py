@@ -6,7 +6,7 @@ from torch import nn
 
 import grass_ops
 from attribution import Attributor
-from attribution.metrics import spearman
+from attribution.evaluation.metrics import spearman
 
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
 

@@ -152,7 +152,7 @@ def test_in_backward_compression_on_cuda_equals_the_cpu(spec, autocast):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from attribution import llm
-    from attribution.compress import BatchCompressor, build_compressors
+    from attribution.compression import BatchCompressor, build_compressors
     from attribution.layers import find_layers
 
     torch.manual_seed(0)

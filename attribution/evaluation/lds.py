@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import grass_ops
 
+from ..store import atomic_save_npy, atomic_write_json
 from .metrics import spearman
-from .store import atomic_save_npy, atomic_write_json
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import llm
+from .. import llm
 
 
 @dataclass(frozen=True)

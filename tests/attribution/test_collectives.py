@@ -1,4 +1,4 @@
-"""attribution.parallel: the FIM tree's leaves and grouping, the per-rank partials, the collective helpers
+"""attribution.collectives: the FIM tree's leaves and grouping, the per-rank partials, the collective helpers
 in a world of one, and the same helpers on 2 gloo ranks."""
 import datetime
 import pickle
@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attribution import parallel
+from attribution import collectives
 from attribution.cache import LazyWriter, cache_checkpoint
 from attribution.fim import block_fims
 from attribution.scoring import split_columns
@@ -38,13 +38,13 @@ def _split(x):
 # ---- the FIM tree --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
 def test_each_rank_leaves_hold_exactly_its_shards(world):
-    assert parallel.tree_world(world)
+    assert collectives.tree_world(world)
     n_shards = 37
     covered = []
     for rank in range(world):
-        leaves = parallel.rank_leaves(rank, world)
-        assert len(leaves) == parallel.FIM_LEAVES // world  # one contiguous subtree
-        shards = sorted(i for p in leaves for i in parallel.leaf_shards(n_shards, p))
+        leaves = collectives.rank_leaves(rank, world)
+        assert len(leaves) == collectives.FIM_LEAVES // world  # one contiguous subtree
+        shards = sorted(i for p in leaves for i in collectives.leaf_shards(n_shards, p))
         assert shards == list(range(rank, n_shards, world))
         covered += shards
     assert sorted(covered) == list(range(n_shards))
@@ -52,21 +52,21 @@ def test_each_rank_leaves_hold_exactly_its_shards(world):
 
 @pytest.mark.parametrize("world", [3, 5, 6, 17, 32])
 def test_other_world_sizes_are_not_tree_worlds(world):
-    assert not parallel.tree_world(world)
+    assert not collectives.tree_world(world)
 
 
 def test_leaf_shards_follow_the_bit_reversed_leaf_order():
-    assert list(parallel.leaf_shards(40, 0)) == [0, 16, 32]
-    assert list(parallel.leaf_shards(40, 1)) == [8, 24]  # position 1 = 0b0001 -> shard residue 0b1000
-    assert list(parallel.leaf_shards(40, 15)) == [15, 31]
+    assert list(collectives.leaf_shards(40, 0)) == [0, 16, 32]
+    assert list(collectives.leaf_shards(40, 1)) == [8, 24]  # position 1 = 0b0001 -> shard residue 0b1000
+    assert list(collectives.leaf_shards(40, 15)) == [15, 31]
 
 
 def test_tree_sum_groups_pairwise():
     items = [[torch.tensor([float(2**i)])] for i in range(4)]
-    assert parallel._tree_sum(iter(items))[0].item() == 15.0
-    assert parallel._tree_sum([None, [torch.tensor([1.0])]])[0].item() == 1.0  # empty leaves are skipped
+    assert collectives._tree_sum(iter(items))[0].item() == 15.0
+    assert collectives._tree_sum([None, [torch.tensor([1.0])]])[0].item() == 1.0  # empty leaves are skipped
     with pytest.raises(AssertionError, match="power-of-two"):
-        parallel._tree_sum([[torch.tensor([1.0])]] * 3)
+        collectives._tree_sum([[torch.tensor([1.0])]] * 3)
 
 
 @settings(deadline=None, max_examples=10)
@@ -75,13 +75,13 @@ def test_rank_partials_combine_to_one_process_sum(shards, world):
     """Partials of every rank added by _combine equal the one-process sum (bitwise for tree worlds)."""
     g = torch.randn(sum(shards), 5, generator=torch.Generator().manual_seed(len(shards)))
     store, record = _store(g.double(), shards)
-    gram = parallel.ShardGram(store, 0, record, _split, WIDTHS, 3, "cpu", torch.float32)
-    one = parallel.local_partial(gram, len(shards), 0, 1)
-    partials = [parallel.local_partial(gram, len(shards), rank, world) for rank in range(world)]
+    gram = collectives.ShardGram(store, 0, record, _split, WIDTHS, 3, "cpu", torch.float32)
+    one = collectives.local_partial(gram, len(shards), 0, 1)
+    partials = [collectives.local_partial(gram, len(shards), rank, world) for rank in range(world)]
     for j, w in enumerate(WIDTHS):
         parts = [p[j].clone() if p is not None else torch.zeros(w, w) for p in partials]
-        total = parallel._combine(parts, world)
-        if parallel.tree_world(world):
+        total = collectives._combine(parts, world)
+        if collectives.tree_world(world):
             assert torch.equal(total, one[j])
         else:
             torch.testing.assert_close(total, one[j], rtol=1e-5, atol=1e-5)
@@ -90,13 +90,13 @@ def test_rank_partials_combine_to_one_process_sum(shards, world):
 
 def test_a_shard_gram_of_no_shards_is_none():
     store, record = _store(torch.randn(4, 5, dtype=torch.float64), [4])
-    assert parallel.ShardGram(store, 0, record, _split, WIDTHS, 3, "cpu", torch.float64)([]) is None
+    assert collectives.ShardGram(store, 0, record, _split, WIDTHS, 3, "cpu", torch.float64)([]) is None
 
 
 def test_empirical_fims_in_one_process_equal_the_block_fims_of_the_rows():
     g = torch.randn(13, 5, dtype=torch.float64)
     store, record = _store(g, [5, 1, 7])
-    fims = parallel.empirical_fims(store, 0, record, _split, WIDTHS, 4, "cpu", torch.float64)
+    fims = collectives.empirical_fims(store, 0, record, _split, WIDTHS, 4, "cpu", torch.float64)
     expected = block_fims([(g, None)], _split, WIDTHS, 13, "cpu", torch.float64)
     for got, want in zip(fims, expected):
         torch.testing.assert_close(got.eigvals, want.eigvals)
@@ -106,12 +106,12 @@ def test_empirical_fims_in_one_process_equal_the_block_fims_of_the_rows():
 
 # ---- collective helpers in a world of one ----------------------------------------------------------------
 def test_collectively_returns_the_result_or_raises_the_error_itself():
-    assert parallel.collectively(lambda: 3) == 3
+    assert collectives.collectively(lambda: 3) == 3
     with pytest.raises(KeyError, match="mine"):
-        parallel.collectively(lambda: {}["mine"])
+        collectives.collectively(lambda: {}["mine"])
     with pytest.raises(SystemExit):  # CLI errors too
-        parallel.collectively(lambda: exit(2))
-    assert parallel.agreed({"a": 1}) == {"a": 1}
+        collectives.collectively(lambda: exit(2))
+    assert collectives.agreed({"a": 1}) == {"a": 1}
 
 
 def _blocks(scores: torch.Tensor, width: int):
@@ -121,22 +121,22 @@ def _blocks(scores: torch.Tensor, width: int):
 def test_rank_bounds_score_matrix_and_top_k_in_one_process():
     scores = torch.randn(3, 10, dtype=torch.float64)
     blocks = plan_blocks([4, 6], 3)
-    assert parallel.rank_bounds(blocks) == [(0, 10)]
-    matrix = parallel.score_matrix(_blocks(scores, 3), 3, 10, [(0, 10)], torch.float64, "cpu")
+    assert collectives.rank_bounds(blocks) == [(0, 10)]
+    matrix = collectives.score_matrix(_blocks(scores, 3), 3, 10, [(0, 10)], torch.float64, "cpu")
     assert torch.equal(matrix, scores)
-    values, indices = parallel.top_k(_blocks(scores, 4), 3, 2, True, "cpu")
+    values, indices = collectives.top_k(_blocks(scores, 4), 3, 2, True, "cpu")
     assert torch.equal(indices, scores.topk(2, dim=1).indices)
-    values, indices = parallel.top_k(_blocks(scores, 4), 1, 2, False, "cpu", reduce=lambda b: b.mean(0, keepdim=True))
+    values, indices = collectives.top_k(_blocks(scores, 4), 1, 2, False, "cpu", reduce=lambda b: b.mean(0, keepdim=True))
     assert torch.equal(indices[0], scores.mean(0).topk(2, largest=False).indices)
     with pytest.raises(ValueError, match="no training rows"):
-        parallel.merge_top_k(None, None, 3, 2, True, "cpu")
-    parallel.check_same_queries([torch.zeros(2, 2)])  # one rank: nothing to compare
+        collectives.merge_top_k(None, None, 3, 2, True, "cpu")
+    collectives.check_same_queries([torch.zeros(2, 2)])  # one rank: nothing to compare
 
 
 def test_write_score_matrix_renames_into_place_and_leaves_nothing_on_failure(tmp_path):
     scores = torch.randn(2, 7)
     path = tmp_path / "out" / "m.npy"
-    got = parallel.write_score_matrix(path, _blocks(scores, 3), 2, 7, torch.float32)
+    got = collectives.write_score_matrix(path, _blocks(scores, 3), 2, 7, torch.float32)
     assert torch.equal(got, scores) and np.load(path).dtype == np.float32
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.npy"]
 
@@ -145,7 +145,7 @@ def test_write_score_matrix_renames_into_place_and_leaves_nothing_on_failure(tmp
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        parallel.write_score_matrix(tmp_path / "out" / "n.npy", failing(), 2, 7, torch.float64)
+        collectives.write_score_matrix(tmp_path / "out" / "n.npy", failing(), 2, 7, torch.float64)
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.npy"]
 
 
@@ -154,18 +154,18 @@ def _two_ranks(rank, world, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        result = {"agreed": parallel.agreed(f"rank {rank}")}
+        result = {"agreed": collectives.agreed(f"rank {rank}")}
         try:
-            parallel.collectively(lambda: rank == 1 and {}["only rank 1 fails"])
+            collectives.collectively(lambda: rank == 1 and {}["only rank 1 fails"])
         except BaseException as err:  # noqa: BLE001 - recorded for the parent
             result["error"] = f"{type(err).__name__}: {err}"
             result["is_runtime_error"] = isinstance(err, RuntimeError)
         scores = torch.arange(12.0).reshape(2, 6) * (-1) ** torch.arange(6)
         mine = [(lo, scores[:, lo : lo + 3]) for lo in (0, 3)][rank : rank + 1]  # rank r scores columns 3r..3r+3
-        result["matrix"] = parallel.score_matrix(iter(mine), 2, 6, [(0, 3), (3, 6)], torch.float32, "cpu")
-        result["top"] = parallel.top_k(iter(mine), 2, 3, True, "cpu")
+        result["matrix"] = collectives.score_matrix(iter(mine), 2, 6, [(0, 3), (3, 6)], torch.float32, "cpu")
+        result["top"] = collectives.top_k(iter(mine), 2, 3, True, "cpu")
         try:
-            parallel.check_same_queries([torch.full((1, 2), float(rank))])
+            collectives.check_same_queries([torch.full((1, 2), float(rank))])
         except ValueError as err:
             result["queries"] = str(err)
         out.joinpath(f"{rank}.pkl").write_bytes(pickle.dumps(result))

@@ -29,8 +29,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import streaming
-from .distributed import all_gather_objects, broadcast_object, first_error, rank_and_world
 from .fim import DampedInverse
+from .process_group import all_gather_objects, broadcast_object, first_error, rank_and_world
 from .scoring import TopK
 from .streaming import Block, plan_blocks, read_blocks
 

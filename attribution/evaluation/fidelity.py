@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 import grass_ops
 
-from .capture import FactorCapture
-from .compress import build_compressors, compress_layer
-from .fim import FIMAccumulator
-from .layers import LayerInfo
+from ..capture import FactorCapture
+from ..compression import build_compressors, compress_layer
+from ..fim import FIMAccumulator
+from ..layers import LayerInfo
 from .metrics import spearman
 
 
