@@ -1,4 +1,4 @@
-"""Capture stage: per-sample gradients of the target layers with torch.func, compressed inside the
+"""Capture stage: per-sample gradients of the target layers, compressed inside the
 backward (:meth:`FactorCapture.sketches`) or as factors (:meth:`FactorCapture.factors`).
 
 In-backward compression: each target layer's output y becomes ``tap(y, x_in, z)``, equal to y, where
@@ -10,9 +10,10 @@ Calls of one layer share its z, so their gradients add up like the weight gradie
 
 For a batch with per-sample losses L_b, the gradient of sum_b L_b w.r.t. a zero probe added to a
 layer's output is, row by row, the per-sample gradient w.r.t. that output (samples are independent
-in eval mode). One ``torch.func.grad`` w.r.t. the probes therefore yields every layer's output
-gradients for the whole batch, and since no parameter is differentiated the weight-gradient GEMMs
-of the backward pass are skipped entirely. Forward hooks record the layer inputs and add the probes.
+in eval mode). One gradient w.r.t. the probes (``torch.func.grad`` when traced by torch.compile,
+``torch.autograd.grad`` in eager mode) therefore yields every layer's output gradients for the whole
+batch, and since no parameter gradient is asked for, the weight-gradient GEMMs of the backward pass
+are skipped entirely. Forward hooks record the layer inputs and add the probes.
 
 * A layer that runs more than once in a forward pass (weight sharing, a block reused in a loop), or
   several modules that share one weight, get one probe per call; the weight gradient is the sum over
@@ -33,6 +34,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from grass_ops import _compat
 
 from .batches import batch_size, batch_tensors, slice_rows
 from .layers import LayerInfo
@@ -209,18 +212,34 @@ def _check_values(values) -> None:
 
 
 def _per_sample_grad(summed_loss: Callable, wrt):
-    """torch.func.grad(summed_loss, has_aux=True)(wrt), with a readable error for a loss that
-    torch.func cannot differentiate. no_grad outside: parameters are not differentiated, so nothing
-    links the results to them (torch.func.grad enables grad for its own level)."""
-    with torch.no_grad():
-        try:
-            return torch.func.grad(summed_loss, has_aux=True)(wrt)
-        except RuntimeError as err:
-            if type(err) is not RuntimeError or torch.compiler.is_compiling():
-                raise
-            raise RuntimeError(f"loss_fn failed while its per-sample gradients were taken with torch.func.grad (use "
-                               "differentiable torch operations only: no .numpy() or .item() on tensors that depend "
-                               f"on the model, no in-place changes of tensors it did not create): {err}") from err
+    """(d summed_loss / d wrt, aux) for ``summed_loss(wrt) -> (loss, aux)``, with a readable error for a
+    loss that cannot be differentiated. Traced by torch.compile, or under inference mode: ``torch.func.grad``
+    (no_grad outside, so no parameter is differentiated). Eager: ``torch.autograd.grad`` w.r.t. ``wrt`` only, the same numbers
+    with a smaller working set (torch.func.grad's wrapped tensors held about 0.9 GiB more than plain
+    autograd over one SmolLM2 batch; BENCHMARKS.md). An input the loss does not use gets zeros, as
+    torch.func.grad gives."""
+    try:
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # autograd is off in inference mode
+            with torch.no_grad():
+                return torch.func.grad(summed_loss, has_aux=True)(wrt)
+        leaves, spec = _compat.tree_flatten(wrt)
+        leaves = [leaf.detach().requires_grad_(True) for leaf in leaves]
+        with torch.enable_grad():
+            loss, aux = summed_loss(_compat.tree_unflatten(leaves, spec))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        return _compat.tree_unflatten(grads, spec), _detached(aux)
+    except RuntimeError as err:
+        if type(err) is not RuntimeError or torch.compiler.is_compiling():
+            raise
+        raise RuntimeError(f"loss_fn failed while its per-sample gradients were taken (use differentiable torch "
+                           "operations only: no .numpy() or .item() on tensors that depend on the model, no in-place "
+                           f"changes of tensors it did not create): {err}") from err
+
+
+def _detached(tree):
+    """``tree`` with every tensor detached (the eager gradient's aux outputs, like torch.func.grad's)."""
+    return _compat.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
 def _concat_calls(calls: list[Tensor]) -> Tensor:

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 import grass_ops
 
-from .batches import batch_digest
+from .batches import batch_digest, batch_size, batch_tensors
 from .cache import require_reiterable
-from .capture import FactorCapture
+from .capture import FactorCapture, tokens_view
 from .checkpoints import Checkpoints
 from .compression import BatchCompressor, build_compressors
 from .layers import LayerInfo, find_layers
@@ -49,6 +49,45 @@ def captured_factors(model: nn.Module, loss_fn: Callable, loader: Iterable, info
         for batch in loader:
             inputs, grads, values = capture.capture(loss_fn, batch)
             yield batch_digest(batch), inputs, grads, values
+
+
+class _SecondMoments(torch.autograd.Function):
+    """Identity on a layer output y; the gradient w.r.t. its zero z [B, d_in + d_out] (float64) is, per
+    sample, the sum over tokens of x_in**2 (computed in the forward, [B, d_in]) beside that of the output
+    gradient**2 (in the backward). Nothing of the layer outlives its backward but those B * d_in floats."""
+
+    @staticmethod
+    def forward(y, x_moments, z):
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x_moments,) = ctx.saved_tensors
+        return g, None, torch.cat([x_moments, tokens_view(g).double().square().sum(1)], dim=1)
+
+
+def _moments_tap(y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+    return _SecondMoments.apply(y, tokens_view(x.detach()).double().square().sum(1), z)
+
+
+def factor_moments(model: nn.Module, loss_fn: Callable, loader: Iterable, infos: dict[str, LayerInfo]
+                   ) -> Iterator[tuple[str, dict[str, tuple[Tensor, Tensor]], int]]:
+    """Per batch of ``loader`` (model in eval mode): (batch digest, {layer: (sum over samples and tokens
+    of x_in**2 [d_in], of the per-sample output gradient**2 [d_out]), float64}, samples). The same sums
+    as over :func:`captured_factors`' factors, formed inside the backward: the working set is the
+    model's own activations, not every layer's factors."""
+    capture = FactorCapture(model, infos)
+    with eval_mode(model), capture.hooks():
+        for batch in loader:
+            rows = batch_size(batch)
+            device = batch_tensors(batch)[0].device
+            zeros = {n: torch.zeros(rows, i.d_in + i.d_out, dtype=torch.float64, device=device) for n, i in infos.items()}
+            sums, _ = capture.sketches(loss_fn, batch, dict.fromkeys(infos, _moments_tap), zeros)
+            yield batch_digest(batch), {n: sums[n].sum(0).split([i.d_in, i.d_out]) for n, i in infos.items()}, rows
 
 
 def check_gradient_matrix(t, columns: int, what: str, rows: str) -> None:

@@ -265,24 +265,25 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
     the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
     (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
-    of their energy in a few outlier coordinates, which random masks miss. One pass of per-sample
-    factors over ``heldout_loader``; the masks are saved like Selective Masks
-    (<layer>.in.npz / <layer>.out.npz, use "factgrass:mask_dir=..."), with k_in' = k_out' =
+    of their energy in a few outlier coordinates, which random masks miss. One pass over
+    ``heldout_loader``; the moments are formed inside the backward, so no layer's factors are held. The
+    masks are saved like Selective Masks (<layer>.in.npz / <layer>.out.npz, use
+    "factgrass:mask_dir=..."), with k_in' = k_out' =
     blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}.
     ``progress``: a bar over the batches."""
-    from .gradients import captured_factors
+    from .gradients import factor_moments
     from .layers import find_layers
 
     infos = find_layers(model, layers)
     moments = {n: [torch.zeros(i.d_in, dtype=torch.float64), torch.zeros(i.d_out, dtype=torch.float64)] for n, i in infos.items()}
     digests, samples = [], 0
     batches = tqdm(heldout_loader, desc="energy masks", disable=not progress, leave=False)
-    for digest, inputs, grads, values in captured_factors(model, loss_fn, batches, infos):
+    for digest, sums, rows in factor_moments(model, loss_fn, batches, infos):
         digests.append(digest)
-        samples += values.shape[0]
-        for n in infos:
-            moments[n][0] += inputs[n].double().square().sum((0, 1)).cpu()
-            moments[n][1] += grads[n].double().square().sum((0, 1)).cpu()
+        samples += rows
+        for n, (x_sum, g_sum) in sums.items():
+            moments[n][0] += x_sum.cpu()
+            moments[n][1] += g_sum.cpu()
     if samples == 0:
         raise ValueError("heldout_loader yielded no samples")
     root = math.isqrt(k) or 1

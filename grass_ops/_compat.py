@@ -19,6 +19,8 @@ check_value = torch._check_value
 # Nested containers (a batch may be a tensor, a tuple, a dict of tensors): torch has no public pytree.
 tree_map = _pytree.tree_map
 tree_leaves = _pytree.tree_leaves
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
 
 
 def auto_dispatch_below_autograd():

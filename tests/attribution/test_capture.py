@@ -105,3 +105,59 @@ def test_a_forward_pass_that_changes_with_the_data_is_refused_by_the_factor_capt
     attr._with_factors(batches[0], "loss")  # the shapes: two calls
     with pytest.raises(RuntimeError, match="ran fewer times|ran 2 times"):
         attr._with_factors(batches[1], "loss")
+
+
+def _moments_of_factors(model, fn, batches, infos):
+    """The reference: sums over every captured factor (all layers held at once)."""
+    from attribution.gradients import captured_factors
+    sums = {n: [0, 0] for n in infos}
+    for _, x, g, _ in captured_factors(model, fn, batches, infos):
+        for n in infos:
+            sums[n][0] = sums[n][0] + x[n].double().square().sum((0, 1))
+            sums[n][1] = sums[n][1] + g[n].double().square().sum((0, 1))
+    return sums
+
+
+def _moments_in_backward(model, fn, batches, infos):
+    from attribution.gradients import factor_moments
+    sums, samples = {n: [0, 0] for n in infos}, 0
+    for _, per_layer, rows in factor_moments(model, fn, batches, infos):
+        samples += rows
+        for n, (x_sum, g_sum) in per_layer.items():
+            sums[n][0], sums[n][1] = sums[n][0] + x_sum, sums[n][1] + g_sum
+    return sums, samples
+
+
+def test_second_moments_inside_the_backward_equal_the_sums_over_the_factors():
+    """energy masks' moments: layers called three times and tied layers, odd batch sizes, a batch of one."""
+    from attribution.layers import find_layers
+    torch.manual_seed(0)
+    model = SharedBlock().double()
+    x, y = torch.randn(8, 4, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    batches = [(x[:5], y[:5]), (x[5:7], y[5:7]), (x[7:], y[7:])]
+    infos = find_layers(model)
+    reference = _moments_of_factors(model, loss_fn, batches, infos)
+    moments, samples = _moments_in_backward(model, loss_fn, batches, infos)
+    assert samples == 8 and set(moments) == set(infos)
+    for n in infos:
+        for got, want in zip(moments[n], reference[n]):
+            assert got.dtype == torch.float64 and got.abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient was formed
+
+
+def test_second_moments_of_a_padded_llm_batch_equal_the_sums_over_the_factors(tiny_llama):
+    pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+    from attribution import llm
+    from attribution.layers import find_layers
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(["the data privacy statement", "a for loop", "lambda expression",
+                                                                "assert statement python list data"])]
+    batches, _ = llm.document_batches(tok, docs, 3, 8)
+    infos = find_layers(model, ["model.layers.*"])
+    reference = _moments_of_factors(model, llm.sequence_loss, batches, infos)
+    moments, _ = _moments_in_backward(model, llm.sequence_loss, batches, infos)
+    for n in infos:
+        for got, want in zip(moments[n], reference[n]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
