@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grass_ops.atomic_files import commit_tmp, tmp_path
+
 
 @dataclass(frozen=True)
 class Block:
@@ -115,7 +117,8 @@ def read_blocks(store, checkpoints: Sequence[int], records: Sequence, blocks: It
 
 # ---- the score matrix on disk ----------------------------------------------------------------------
 def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The tmp file that :func:`finish_npy` renames onto ``path`` (grass_ops.atomic_files' tmp name)."""
+    return tmp_path(path)
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -149,12 +152,7 @@ def write_columns(path: Path, blocks: Iterable[tuple[int, Tensor]]) -> None:
 
 def finish_npy(tmp: Path, path: Path) -> None:
     """fsync the finished file and rename it into place (a reader never sees a partial matrix)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    commit_tmp(tmp, path)
 
 
 def open_matrix(path: Path) -> Tensor:
