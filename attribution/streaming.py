@@ -25,6 +25,8 @@ from torch import Tensor
 
 from grass_ops.atomic_files import commit_tmp, tmp_path
 
+from .store import Store
+
 
 @dataclass(frozen=True)
 class Block:
@@ -89,7 +91,7 @@ def rank_rows(blocks: Sequence[Block], rank: int, world: int) -> tuple[int, int]
     return bounds[part.start], bounds[part.stop]
 
 
-def read_blocks(store, checkpoints: Sequence[int], records: Sequence, blocks: Iterable[Block],
+def read_blocks(store: Store, checkpoints: Sequence[int], records: Sequence, blocks: Iterable[Block],
                 with_values: bool = False) -> Iterator[tuple[Block, list[Tensor], list[Tensor]]]:
     """Yield (block, [rows [r, columns] per checkpoint, storage dtype], [values [r] per checkpoint, float64,
     when ``with_values``]). Each shard is read (and checked) once; only the shard being cut is kept."""
