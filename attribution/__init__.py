@@ -14,8 +14,8 @@ from .batches import batch_digest
 from .compression import build_compressors, parse_spec
 from .config import AttributorConfig
 from .layers import LayerInfo, find_layers
-from .manifest import model_fingerprint
 from .store import CorruptStoreError, IncompleteStoreError, StoreBusyError, StoreError
+from .store.manifest import model_fingerprint
 
 __all__ = ["Attributor", "AttributorConfig", "METHODS", "CorruptStoreError", "IncompleteStoreError", "LayerInfo",
            "QueryFeatures", "StoreBusyError", "StoreError", "batch_digest", "build_compressors", "find_layers", "model_fingerprint",

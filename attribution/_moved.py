@@ -21,6 +21,7 @@ MOVED = {
     "attribution.facts": "attribution.evaluation.facts",
     "attribution.fidelity": "attribution.evaluation.fidelity",
     "attribution.examples": "attribution.evaluation.examples",
+    "attribution.manifest": "attribution.store.manifest",
 }
 
 
@@ -42,4 +43,4 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Put the finder on sys.meta_path once (idempotent across reloads)."""
     if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.append(_MovedModuleFinder())
+        sys.meta_path.insert(0, _MovedModuleFinder())  # before any other finder (an editable install's would find a stale copy)

@@ -1,6 +1,6 @@
 """The Attributor: a facade over the stages
 
-    capture + compress (gradients.py) -> cache (cache.py, store.py) -> preconditioning (preconditioners/)
+    capture + compress (gradients.py) -> cache (cache.py, store/) -> preconditioning (preconditioners/)
     -> scoring (scoring.py; collectives.py under torch.distributed, ann.py with an ANN index)
 
 Sign convention: score(z_i, z_test) = g_test^T (F + damping I)^-1 g_i with F = (1/n) sum_i g_i g_i^T per
@@ -28,11 +28,11 @@ from .cache import LazyWriter, cache_checkpoint, check_same_batches, require_rei
 from .config import FISHERS, METHODS, AttributorConfig, check_int
 from .fim import check_damping
 from .gradients import ModelGradients
-from .manifest import recorded_algorithm, signature
 from .preconditioners import Setup, build_preconditioner, preconditioner_class
 from .process_group import rank_and_world
 from .scoring import QueryFeatures, Scorer, check_features
 from .store import STORAGE_DTYPES, Completion, CorruptStoreError, DiskStore, MemoryStore, refuse_inside_store
+from .store.manifest import recorded_algorithm, signature
 from .streaming import RowBudget
 
 

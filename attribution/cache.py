@@ -20,13 +20,13 @@ from tqdm import tqdm
 from .batches import batch_digest, batch_size
 from .collectives import collectively
 from .process_group import all_gather_objects, barrier, rank_and_world
-from .store import Completion, CorruptStoreError
+from .store import Completion, CorruptStoreError, Store
 
 
 class LazyWriter:
     """Takes the store's writer lock on the first :meth:`ensure` and holds it until closed."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
         self.stack = contextlib.ExitStack()
         self.held = False
@@ -57,7 +57,7 @@ def check_same_batches(records: list[Completion]) -> None:
                          "DataLoader?): every checkpoint must see the same batches in the same order")
 
 
-def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
+def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
                  progress: bool = True, observer=None) -> int:
     """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches.
     ``observer`` (optional): ``written(index, digest)`` after each shard this rank writes, ``flush()`` once
@@ -93,7 +93,7 @@ def write_shards(store, compress_batch: Callable, loader: Iterable, ckpt: int, w
     return count
 
 
-def completion_record(store, ckpt: int, count: int) -> Completion:
+def completion_record(store: Store, ckpt: int, count: int) -> Completion:
     """The record of shards 0..count-1, after checking that exactly those are visible."""
     done = store.shard_meta(ckpt)
     stale = [i for i in done if i >= count]
@@ -127,7 +127,7 @@ def completion_record(store, ckpt: int, count: int) -> Completion:
     return record
 
 
-def cache_checkpoint(store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
+def cache_checkpoint(store: Store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
                      derive: Callable[[Completion], None], progress: bool = True, observer=None) -> Completion:
     """The cache stage for one checkpoint (collective under torch.distributed). ``derive(record)``
     runs on every rank (collective itself; rank 0 holds the writer and writes) before the completion

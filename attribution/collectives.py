@@ -32,6 +32,7 @@ from . import streaming
 from .fim import DampedInverse
 from .process_group import all_gather_objects, broadcast_object, first_error, rank_and_world
 from .scoring import TopK
+from .store import Store
 from .streaming import Block, plan_blocks, read_blocks
 
 ScoreBlocks = Iterator[tuple[int, Tensor]]  # (first training row, scores [n_test, rows]) of this rank's share
@@ -121,7 +122,7 @@ def _tree_sum(items: Iterable[list[Tensor] | None]) -> list[Tensor] | None:
 class ShardGram:
     """Per-block sums of g^T g over a sequence of shards, read in row blocks."""
 
-    def __init__(self, store, ckpt: int, record, split: Callable[[Tensor], list[Tensor]], widths: list[int],
+    def __init__(self, store: Store, ckpt: int, record, split: Callable[[Tensor], list[Tensor]], widths: list[int],
                  rows_per_block: int, device, acc_dtype: torch.dtype):
         self.store, self.ckpt, self.record, self.split, self.widths = store, ckpt, record, split, widths
         self.rows_per_block, self.device, self.acc_dtype = rows_per_block, device, acc_dtype
@@ -156,7 +157,7 @@ def _combine(parts: list[Tensor], world: int) -> Tensor:
     return total
 
 
-def empirical_fims(store, ckpt: int, record, split: Callable[[Tensor], list[Tensor]], widths: list[int],
+def empirical_fims(store: Store, ckpt: int, record, split: Callable[[Tensor], list[Tensor]], widths: list[int],
                    rows_per_block: int, device, dtype: torch.dtype, progress: bool = False) -> list[DampedInverse]:
     """The per-block FIMs (1/n) sum_i g_i g_i^T of checkpoint ``ckpt``'s shards, computed by every rank
     together (collective); every rank returns all blocks. ``progress``: a bar over the blocks on rank 0."""

@@ -23,8 +23,8 @@ from .capture import FactorCapture, tokens_view
 from .checkpoints import Checkpoints
 from .compression import BatchCompressor, build_compressors
 from .layers import LayerInfo, find_layers
-from .manifest import model_fingerprint
 from .param_grads import find_params
+from .store.manifest import model_fingerprint
 
 PARAM_SEED_TAG = 1 << 20  # params= blocks draw their seeds from derive_seed(seed, PARAM_SEED_TAG, ...)
 

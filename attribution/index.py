@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .store import StoreError, to_numpy
+from .store import CorruptStoreError, Store, StoreError, to_numpy
 from .streaming import plan_blocks, read_blocks
 
 DEFAULT_FACTORY = None  # auto_factory(rows)
@@ -161,7 +161,7 @@ def _without_polysemous_training(index) -> None:
                 inner.do_polysemous_training = False
 
 
-def build(store, records: Sequence, checkpoints: Sequence[int], mode: str, factory: str | None = DEFAULT_FACTORY, *,
+def build(store: Store, records: Sequence, checkpoints: Sequence[int], mode: str, factory: str | None = DEFAULT_FACTORY, *,
           project: int | None = DEFAULT_PROJECT, train_size: int | None = None, nprobe: int | None = None,
           seed: int = 0, rows_per_block: int = 16384) -> dict:
     """Build the index over every stored row and save it as derived data (the caller holds the writer).
@@ -290,7 +290,7 @@ class LoadedIndex:
         return ids
 
 
-def load(store, records: Sequence, checkpoints: Sequence[int], mode: str) -> LoadedIndex:
+def load(store: Store, records: Sequence, checkpoints: Sequence[int], mode: str) -> LoadedIndex:
     """The store's index for ``mode``, refused if missing or built from other data."""
     faiss = require_faiss()
     name = derived_name(mode)
@@ -310,12 +310,10 @@ def load(store, records: Sequence, checkpoints: Sequence[int], mode: str) -> Loa
     return LoadedIndex(index, Transform(projection, meta["radius"]), arrays["row_crc32"], meta, fingerprint)
 
 
-def read_candidates(store, records: Sequence, checkpoints: Sequence[int], rows: np.ndarray, crcs: np.ndarray,
+def read_candidates(store: Store, records: Sequence, checkpoints: Sequence[int], rows: np.ndarray, crcs: np.ndarray,
                     with_values: bool) -> tuple[list[Tensor], list[Tensor]]:
     """The stored rows ``rows`` (sorted, distinct) per checkpoint [len(rows), columns] (and their values,
     for TRAK), each checked against its recorded CRC32 (disk stores)."""
-    from .store import CorruptStoreError
-
     starts = np.asarray(records[0].starts())
     shard_of = np.searchsorted(starts, rows, side="right") - 1
     prefetch = getattr(store, "prefetch_rows", None)
@@ -345,7 +343,7 @@ def read_candidates(store, records: Sequence, checkpoints: Sequence[int], rows: 
     return grads, values
 
 
-def rerank(scorer, queries: list[Tensor], ids: np.ndarray, k: int, largest: bool, store, records: Sequence,
+def rerank(scorer, queries: list[Tensor], ids: np.ndarray, k: int, largest: bool, store: Store, records: Sequence,
            checkpoints: Sequence[int], crcs: np.ndarray, rows_per_block: int) -> tuple[Tensor, Tensor]:
     """Exact top-k among each query's candidates ``ids`` [n, candidates] (scores from the same code as the
     exhaustive path). Where fewer than k candidates were found, indices are -1 and values -inf (+inf

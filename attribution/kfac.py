@@ -49,6 +49,7 @@ from tqdm import tqdm
 from .batches import batch_digest
 from .fim import absolute_damping, check_invertible
 from .process_group import rank_and_world
+from .store import Store
 
 SAVE_SECONDS = 30.0  # how often partial statistics are saved during a pass (0: after every batch)
 _PARTIAL = "kfac_partial."  # + "rank<r>" (cache stage) or "merged" (completion)
@@ -225,7 +226,7 @@ def merge_disjoint(chunks: list[Sums], digests: dict[int, str]) -> Sums:
 class Saver:
     """Saves partial sums under ``name`` at most every SAVE_SECONDS (always on :meth:`final`)."""
 
-    def __init__(self, store, ckpt: int, name: str, ensure: Callable[[], None], extra: dict | None = None):
+    def __init__(self, store: Store, ckpt: int, name: str, ensure: Callable[[], None], extra: dict | None = None):
         self.store, self.ckpt, self.name, self.ensure, self.extra = store, ckpt, name, ensure, extra or {}
         self.last = time.monotonic()
         self.dirty = False
@@ -248,7 +249,7 @@ class CacheObserver:
     """Adds each written shard's K-FAC sums (computed by the cache step) to this rank's running sums
     (see :func:`attribution.cache.write_shards`); saves them periodically and when the rank is done."""
 
-    def __init__(self, store, ckpt: int, writer, device):
+    def __init__(self, store: Store, ckpt: int, writer, device):
         rank, _ = rank_and_world()
         loaded = store.load_derived(ckpt, f"{_PARTIAL}rank{rank}", "partial")
         self.sums = Sums.from_derived(loaded, device) if loaded is not None else Sums()
@@ -278,7 +279,7 @@ class KroneckerStatistics:
     ``factors(batch) -> (grads [B, columns], values, x {layer: [B, T, d_in]}, g {layer: [B, T, d_out]})``
     is the cache step with factors (see :meth:`attribution.compression.BatchCompressor.with_factors`)."""
 
-    def __init__(self, kind: str, layers: list[str], dtype: torch.dtype, device, store, progress: bool = True):
+    def __init__(self, kind: str, layers: list[str], dtype: torch.dtype, device, store: Store, progress: bool = True):
         self.kind, self.layers, self.dtype, self.device = kind, list(layers), dtype, device
         self.store, self.progress = store, progress
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32

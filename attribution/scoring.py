@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .store import Completion
+from .store import Completion, Store
 from .streaming import Block, plan_blocks, read_blocks, share
 
 PRECONDITIONED = ("if", "trak")
@@ -61,7 +61,7 @@ class Scorer:
     so no high-norm training example dominates every query: gradcos is GradDot normalized, and "if"
     becomes q^T (F + damping I)^-1 g / (|q| |g|) with F the FIM of the raw gradients."""
 
-    def __init__(self, method: str, store, offsets: list[int], weights: list[float], dtype: torch.dtype,
+    def __init__(self, method: str, store: Store, offsets: list[int], weights: list[float], dtype: torch.dtype,
                  device: torch.device, preconditioner, normalize: bool = False):
         self.method, self.store, self.offsets, self.weights = method, store, offsets, weights
         self.dtype, self.device, self.preconditioner = dtype, device, preconditioner

@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grass_ops.atomic_files import commit_tmp, tmp_path
+
+from .store import Store
+
 
 @dataclass(frozen=True)
 class Block:
@@ -87,7 +91,7 @@ def rank_rows(blocks: Sequence[Block], rank: int, world: int) -> tuple[int, int]
     return bounds[part.start], bounds[part.stop]
 
 
-def read_blocks(store, checkpoints: Sequence[int], records: Sequence, blocks: Iterable[Block],
+def read_blocks(store: Store, checkpoints: Sequence[int], records: Sequence, blocks: Iterable[Block],
                 with_values: bool = False) -> Iterator[tuple[Block, list[Tensor], list[Tensor]]]:
     """Yield (block, [rows [r, columns] per checkpoint, storage dtype], [values [r] per checkpoint, float64,
     when ``with_values``]). Each shard is read (and checked) once; only the shard being cut is kept."""
@@ -115,7 +119,8 @@ def read_blocks(store, checkpoints: Sequence[int], records: Sequence, blocks: It
 
 # ---- the score matrix on disk ----------------------------------------------------------------------
 def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The tmp file that :func:`finish_npy` renames onto ``path`` (grass_ops.atomic_files' tmp name)."""
+    return tmp_path(path)
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -149,12 +154,7 @@ def write_columns(path: Path, blocks: Iterable[tuple[int, Tensor]]) -> None:
 
 def finish_npy(tmp: Path, path: Path) -> None:
     """fsync the finished file and rename it into place (a reader never sees a partial matrix)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    commit_tmp(tmp, path)
 
 
 def open_matrix(path: Path) -> Tensor:

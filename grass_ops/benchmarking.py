@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ._compat import TorchDispatchMode, tree_leaves
+from .atomic_files import write_text_atomic
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, device: torch.device | str | None = None) -> float:
@@ -42,9 +43,7 @@ def emit_json_report(report: dict, out: str | os.PathLike | None = None, quiet: 
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     return text
 
 

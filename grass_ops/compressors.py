@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._checks import accumulation_dtype, check_int
 from ._hashing import STREAM_DENSE_SIGNS, derive_seed, hash_stream, random_mask, sjlt_hash
+from .atomic_files import atomic_writer
 from .ops import factgrass, sjlt
 from .ops._factors import as_3d
 
@@ -197,9 +198,8 @@ class SelectiveMask(_Mask):
         path = Path(path)
         indices = torch.as_tensor(indices, dtype=torch.int64).sort().values
         meta = {**metadata, "p": check_int("p", p), "k": int(indices.numel())}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, indices=indices.cpu().numpy(), metadata=np.array(json.dumps(meta)))
-        tmp.replace(path)
+        with atomic_writer(path) as f:
+            np.savez(f, indices=indices.cpu().numpy(), metadata=np.array(json.dumps(meta)))
         return path
 
     @staticmethod

@@ -33,6 +33,7 @@ import torch
 from attribution import Attributor
 from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
 from attribution.evaluation.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
+from grass_ops.atomic_files import atomic_writer
 
 PRECONDITIONERS = ("ekfac", "kfac", "fim")  # ekfac first: its cache accumulates the K-FAC sums, the others reuse the store
 COMPRESSORS = ("factgrass", "logra", "sjlt")
@@ -81,8 +82,8 @@ def main(argv=None):
         model.eval()
     else:
         model = train_lm(data, config, torch.arange(config.n_train), seed=10**6 + args.seed)
-        torch.save(model.state_dict(), root / "model.pt.tmp")
-        (root / "model.pt.tmp").replace(model_path)
+        with atomic_writer(model_path) as f:
+            torch.save(model.state_dict(), f)
     train_seconds = time.perf_counter() - t0
     with torch.no_grad():
         test_loss = float(-heldout_output(model, data).mean())

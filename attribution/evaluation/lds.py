@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import grass_ops
+from grass_ops.atomic_files import atomic_writer
 
 from ..store import atomic_save_npy, atomic_write_json
 from .metrics import spearman
@@ -74,9 +75,8 @@ class LDSHarness:
             if not path.exists():
                 model = self.train_fn(self.subset(m), grass_ops.derive_seed(self.seed + 1, m))
                 state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-                tmp = self.root / f".model_{m:03d}.tmp.npz"
-                np.savez(tmp, **state)
-                tmp.replace(self.root / f"model_{m:03d}.npz")
+                with atomic_writer(self.root / f"model_{m:03d}.npz") as f:
+                    np.savez(f, **state)
                 with torch.no_grad():
                     atomic_save_npy(path, self.output_fn(model).double().cpu().numpy())
             rows.append(torch.from_numpy(np.load(path)))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..gradients import ModelGradients
 from ..scoring import QueryFeatures
-from ..store import Completion, DiskStore, MemoryStore
+from ..store import Completion, Store
 from ..streaming import RowBudget
 
 if TYPE_CHECKING:  # an annotation only: config imports this package
@@ -22,7 +22,7 @@ class Setup:
     dtype, stats), its row ``budget`` and ``signature`` (that of the query features it computes)."""
 
     config: AttributorConfig
-    store: MemoryStore | DiskStore
+    store: Store
     gradients: ModelGradients
     budget: RowBudget
     signature: str

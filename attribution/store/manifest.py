@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .store import read_json
+from .records import read_json
 
 _ROW = 1 << 16  # words per row of the hashed view
 _CHUNK_ROWS = 256  # rows reduced at once (bounds the int64 temporaries at 128 MiB)
