@@ -5,7 +5,7 @@ import json
 
 from ... import llm
 from ...collectives import agreed, collectively
-from ..config import DEFAULT_NORMALIZE
+from ..config import DEFAULT_NORMALIZE, CacheConfig
 from ..report import Attribution, write_reports
 from . import flags as f
 from .common import CLIError, attributor, check_out, check_rows, load_model, load_store, main_rank, require_faiss
@@ -40,7 +40,9 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     per_token=True: each completion token is its own query; results then carry per-token top documents.
     ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
     ANN index (Attributor.top_k(index=True)) and no score matrix is formed (scores is None).
-    normalize: unit-normalized gradients (Attributor(normalize=True)), else raw IF scores."""
+    normalize: unit-normalized gradients (Attributor(normalize=True)), else raw IF scores. ``config``: the
+    store's CacheConfig (or the dict of its flags, as cli.json records them)."""
+    config = CacheConfig.from_dict(config) if isinstance(config, dict) else config
     attr = attributor(model, config, store, method=method, normalize=normalize)
     expanded = [llm.per_token_queries(tokenizer, q, config.max_length) for q in queries] if per_token else None
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
