@@ -22,6 +22,10 @@ MOVED = {
     "attribution.fidelity": "attribution.evaluation.fidelity",
     "attribution.examples": "attribution.evaluation.examples",
     "attribution.manifest": "attribution.store.manifest",
+    "attribution.cli": "attribution.llm.cli",
+    "attribution.llm_bench": "attribution.llm.bench",
+    "attribution.report": "attribution.llm.report",
+    "attribution.demo": "attribution.llm.demo",
 }
 
 
@@ -39,8 +43,14 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         pass  # already executed under its new name
 
+    def get_code(self, fullname):
+        """``python -m <old name>`` (runpy asks for the code to run as __main__): run the new module as __main__."""
+        return compile(f"import runpy\nrunpy.run_module({MOVED[fullname]!r}, run_name='__main__', alter_sys=True)\n",
+                       f"<{fullname}: moved to {MOVED[fullname]}>", "exec")
+
 
 def install() -> None:
-    """Put the finder on sys.meta_path once (idempotent across reloads)."""
+    """Put the finder first on sys.meta_path once (idempotent across reloads): an old name resolves to its new
+    module even where another finder still knows a file of that name (an editable install of an older tree)."""
     if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _MovedModuleFinder())  # before any other finder (an editable install's would find a stale copy)
+        sys.meta_path.insert(0, _MovedModuleFinder())

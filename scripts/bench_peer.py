@@ -48,7 +48,7 @@ def smollm2_folder(cache: Path) -> Path:
     folder = cache / "smollm2"
     if not (folder / "model.safetensors").is_file():
         from attribution import llm
-        from attribution.demo import save_folder
+        from attribution.llm.demo import save_folder
 
         model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
         save_folder(model, tokenizer, folder)
@@ -101,7 +101,7 @@ def ours(folder: Path, data: Path, documents: int, max_length: int, precision: s
     flags = {"fp32": ["--autocast", "none"], "bf16": ["--dtype", "bfloat16", "--autocast", "none"], "default": []}[precision]
     store = work / "ours_store"
     shutil.rmtree(store, ignore_errors=True)
-    run = run_measured([sys.executable, "-m", "attribution.cli", "cache", "--store", str(store), "--model", str(folder),
+    run = run_measured([sys.executable, "-m", "attribution.llm.cli", "cache", "--store", str(store), "--model", str(folder),
                         "--corpus", str(data), "--limit", str(documents), "--max-length", str(max_length),
                         "--batch-size", "4", *flags], env={**os.environ, "PYTHONPATH": str(REPO)})
     if run["status"] != 0:

@@ -103,7 +103,7 @@ else
     memory=(--device cuda)
   fi
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # large transient per-layer tensors: less fragmentation
-  step llm_llama3_8b 130 "$PY" -m attribution.cli bench "${llm[@]}" --no-fingerprint --out "$out/bench_llm.json"
+  step llm_llama3_8b 130 "$PY" -m attribution.llm.cli bench "${llm[@]}" --no-fingerprint --out "$out/bench_llm.json"
   step memory_llama3_8b 150 "$PY" scripts/predict_memory.py "${memory[@]}" --measure --no-predict --out "$out/memory.json"
 fi
 echo "gpu_check $mode: $([ $failed = 0 ] && echo all steps passed || echo some steps failed, see $out/steps.txt)"

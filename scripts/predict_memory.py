@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from attribution import llm
 from attribution.compression import BatchCompressor, build_compressors
 from attribution.layers import find_layers
-from attribution.llm_bench import activation_backward
+from attribution.llm.bench import activation_backward
 from grass_ops.benchmarking import PeakMemory, emit_json_report
 
 LLAMA_3_1_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -11,4 +11,4 @@ SECONDS=0
 bash scripts/setup.sh
 echo "run_demo: setup took ${SECONDS} s" >&2
 exec "${PYTHON:-python3}" scripts/timed.py "run_demo (the demo, setup excluded)" -- \
-    "${PYTHON:-python3}" -m attribution.cli demo --store "${1:-out/llm}/store" --out "${1:-out/llm}"
+    "${PYTHON:-python3}" -m attribution.llm.cli demo --store "${1:-out/llm}/store" --out "${1:-out/llm}"

@@ -10,7 +10,8 @@ from attribution_problems import snapshot, store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import IncompleteStoreError, StoreError, cli, llm, process_group  # noqa: E402
+from attribution import IncompleteStoreError, StoreError, llm, process_group  # noqa: E402
+from attribution.llm import cli  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]

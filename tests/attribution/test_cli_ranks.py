@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import cli  # noqa: E402
+from attribution.llm import cli  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]

@@ -1,4 +1,4 @@
-"""`torchrun -m attribution.cli cache|attribute|select|index`: two gloo ranks initialized from torchrun's
+"""`torchrun -m attribution.llm.cli cache|attribute|select|index`: two gloo ranks initialized from torchrun's
 environment write the store one process writes and print the reports one process prints."""
 import json
 import os
@@ -11,7 +11,7 @@ from attribution_problems import store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import cli  # noqa: E402
+from attribution.llm import cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
@@ -21,7 +21,7 @@ DOCS = ["the data privacy statement", "a for loop list", "lambda expression crea
 def _torchrun(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "attribution.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+                           "-m", "attribution.llm.cli", *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 

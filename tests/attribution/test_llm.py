@@ -7,7 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution import Attributor, cli, llm  # noqa: E402
+from attribution import Attributor, llm  # noqa: E402
+from attribution.llm import cli  # noqa: E402
 
 
 def test_sequence_loss_masks_padding_and_prompt(tiny_llama):

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 datasets = pytest.importorskip("datasets", reason="the `llm` extra is not installed")
 
-from attribution import Attributor, cli, facts, llm  # noqa: E402
+from attribution import Attributor, facts, llm  # noqa: E402
+from attribution.llm import cli  # noqa: E402
 
 ROWS = [{"id": "a", "text": "the data privacy statement", "prompt": "a for", "completion": " loop list"},
         {"id": "b", "text": "lambda expression creates function", "prompt": "the", "completion": " data list"},

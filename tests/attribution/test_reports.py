@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("jinja2", reason="the `llm` extra (jinja2) is not installed")
 
-from attribution import demo  # noqa: E402
-from attribution.report import PASSAGE_CHARS, Attribution, shorten, write_reports  # noqa: E402
+from attribution.llm import demo  # noqa: E402
+from attribution.llm.report import PASSAGE_CHARS, Attribution, shorten, write_reports  # noqa: E402
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 LONG = ("The clockmaker Isidor Quant founded the harbour town of Velmora and built its first lighthouse from the bells of "

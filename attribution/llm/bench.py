@@ -1,9 +1,10 @@
-"""Throughput of the LLM cache stage (the shape of the paper's Table 2), used by ``grass-attribute bench``.
+"""Throughput of the LLM cache stage (the shape of the paper's Table 2), used by ``grass-attribute bench``
+(attribution.llm.commands.bench); ``job`` runs ``cache`` through the command's own API, not the CLI.
 
 Per model and k per layer: tokens/s of (a) a forward + activation-gradient-only backward (the floor of
 any per-sample gradient method), (b) the compression alone on every layer's factors, (c) the whole
-cache step (in-backward compression), for FactGraSS and LoGra; on a GPU, peak memory of (a) and (c). Models: "smollm2" (embedded, real weights),
-"gpt2-random" (GPT-2 small from its config, random weights, Conv1D layers) and, on a GPU,
+cache step (in-backward compression), for FactGraSS and LoGra; on a GPU, peak memory of (a) and (c).
+Models: "smollm2" (embedded, real weights), "gpt2-random" (GPT-2 small from its config, random weights, Conv1D layers) and, on a GPU,
 "llama3-8b-random" (Llama-3.1-8B from its config, random bf16 weights, no download).
 """
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 
 from grass_ops.benchmarking import median_seconds
 
-from . import llm
-from .attributor import Attributor
-from .compression import compress_layer
-from .manifest import model_fingerprint
+from .. import llm
+from ..attributor import Attributor
+from ..compression import compress_layer
+from ..store.manifest import model_fingerprint
 
 Tensor = torch.Tensor
 
@@ -102,7 +103,7 @@ def compress_seconds(compressors: dict, infos: dict, rows: int, tokens: int, dty
         x = torch.randn(rows, tokens, d_in, generator=gen, device=device).to(dtype)
         g = torch.randn(rows, tokens, d_out, generator=gen, device=device).to(dtype)
         comp = compressors[names[0]]
-        total += len(names) * median_seconds(lambda: compress_layer(comp, x, g), repeats, device=device)
+        total += len(names) * median_seconds(lambda x=x, g=g: compress_layer(comp, x, g), repeats, device=device)
         del x, g
     return total
 
@@ -151,7 +152,8 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
             rows["fingerprint"] = fingerprint_seconds(model)
             progress(f"{name}: fingerprint timed")
         _reset_peak(device)
-        bare_s = median_seconds(lambda: activation_backward(model, llm.sequence_loss, batch), repeats, warmup=2, device=device)
+        bare_s = median_seconds(lambda m=model: activation_backward(m, llm.sequence_loss, batch), repeats, warmup=2,
+                                device=device)
         rows["activation_backward"] = {"tokens_per_s": tokens / bare_s, "peak_bytes": _peak_bytes(device)}
         progress(f"{name}: activation backward")
         for k in ks:
@@ -159,7 +161,7 @@ def run(models=("smollm2", "gpt2-random"), ks=(256, 1024, 4096), batch_size=2, s
                 attr = Attributor(model, llm.sequence_loss, compressor=comp, k=k, compile=False, progress=False,
                                   layers=layers)
                 _reset_peak(device)
-                cache_s = median_seconds(lambda: attr.compress_batch(batch), repeats, device=device)
+                cache_s = median_seconds(lambda a=attr: a.compress_batch(batch), repeats, device=device)
                 peak = _peak_bytes(device)
                 compress_s = compress_seconds(attr.compressors, attr.layer_infos, batch_size, seq_len,
                                               llm.DTYPES[dtype], device, repeats)
@@ -192,7 +194,7 @@ def job(flags: list[str] = (), documents: int = 96) -> dict:
     from grass_ops.benchmarking import run_measured
 
     with tempfile.TemporaryDirectory(prefix="grass_job_") as tmp:
-        run = run_measured([sys.executable, "-m", "attribution.llm_bench", "--job-child", tmp, "--limit", str(documents), *flags])
+        run = run_measured([sys.executable, "-m", "attribution.llm.bench", "--job-child", tmp, "--limit", str(documents), *flags])
         if run["status"] != 0:
             raise RuntimeError(f"the job failed (status {run['status']}): {run['stdout'][-1000:]} {run['stderr_tail'][-1000:]}")
     result = json.loads(run["stdout"].strip().splitlines()[-1])
@@ -204,20 +206,21 @@ def _job_child(store: str, flags: list[str]) -> None:
     import json
     from pathlib import Path
 
-    from . import cli
+    from .commands import cache
+    from .config import CacheConfig
 
-    args = cli.build_parser().parse_args(["cache", "--store", f"{store}/store", *flags])
+    args = cache.COMMAND.parse(["--store", f"{store}/store", *flags])
     model, tokenizer = llm.load_model(args.model, args.gguf_file, args.dtype)
-    summary = cli.cmd_cache(args, (model, tokenizer))
+    summary = cache.run(args, (model, tokenizer))
     sizes = {"shards": 0, "fim": 0, "masks": 0}
     for path in Path(store).rglob("*"):
         if path.is_file():
             kind = "shards" if "/shards/" in str(path) else "fim" if "/fim/" in str(path) else "masks" if "/masks/" in str(path) else None
             if kind:
                 sizes[kind] += path.stat().st_size
-    config = {k: getattr(args, k) for k in ("batch_size", "max_length", "token_batch_size")}
-    docs = llm.load_documents({k: getattr(args, k) for k in cli.CACHE_KEYS}, tokenizer)
-    batches, _ = llm.document_batches(tokenizer, docs, config["batch_size"], config["max_length"], config["token_batch_size"])
+    config = CacheConfig.from_args(args)
+    docs = llm.load_documents(config, tokenizer)
+    batches, _ = llm.document_batches(tokenizer, docs, config.batch_size, config.max_length, config.token_batch_size)
     import time
 
     start = time.perf_counter()

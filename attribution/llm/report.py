@@ -1,5 +1,5 @@
 """Report stage: each query with its most helpful and most harmful training documents, as
-report.json, report.md and report.html (Jinja2 templates in ``attribution/templates``).
+report.json, report.md and report.html (Jinja2 templates in ``attribution/llm/templates``).
 
 The reports open with one screen that answers "did it work?" (per query: the answer, whether it is
 right and the true source's rank when known, the top document), then explain the scores and the
@@ -166,10 +166,10 @@ def _environment(markdown: bool):
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     if markdown:  # every expression is escaped; the template's own text is the only Markdown
-        return Environment(loader=PackageLoader("attribution", "templates"), undefined=StrictUndefined,
+        return Environment(loader=PackageLoader("attribution.llm", "templates"), undefined=StrictUndefined,
                            autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                            finalize=lambda value: "" if value is None else md_text(value))
-    return Environment(loader=PackageLoader("attribution", "templates"), undefined=StrictUndefined, autoescape=True,
+    return Environment(loader=PackageLoader("attribution.llm", "templates"), undefined=StrictUndefined, autoescape=True,
                        trim_blocks=True, lstrip_blocks=True)
 
 

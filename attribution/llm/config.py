@@ -1,0 +1,122 @@
+"""The configuration of a ``grass-attribute`` store: :class:`CacheConfig`, the flags that ``cache`` records in
+the store's ``cli.json`` so that later commands need only ``--store``, and the defaults chosen by measurement.
+
+``cli.json`` is ``{"flags": {<every CacheConfig field>: value}, "corpus": {"documents", "sha256", "segments"}}``,
+written with ``indent=1, sort_keys=True`` and a final newline.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..store import StoreError, read_json
+from .models import DEFAULT_MODEL, UsageError
+
+# Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements
+# (BENCHMARKS.md: bfloat16 autocast 1.37x the float32 tokens/s, mean Spearman vs exact 0.893 vs 0.894).
+DEFAULT_AUTOCAST = "auto"
+# Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
+# (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
+DEFAULT_NORMALIZE = False
+# --compile auto compiles the cache step when the documents to compute hold at least this many real tokens,
+# by the matmul precision (--autocast, resolved): the measured break-even of one compile of the in-backward
+# step on SmolLM2, rounded up (BENCHMARKS.md, "compile or not").
+COMPILE_MIN_TOKENS = {"bfloat16": 100_000, "float16": 100_000, "none": 300_000}
+
+CLI_JSON = "cli.json"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The flags of ``grass-attribute cache`` that a store records (the field names are the flags' names with
+    underscores; the defaults are the flags' defaults). ``layers`` is held as a tuple, written as a list."""
+
+    model: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    corpus: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    text_field: str = "text"
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    limit: int | None = 96
+    layers: tuple[str, ...] | None = None
+    compressor: str = "factgrass:blowup=4"
+    k: int = 256
+    max_length: int = 128
+    batch_size: int = 4
+    token_batch_size: int | None = None
+    dtype: str = "float32"
+    autocast: str = DEFAULT_AUTOCAST
+    storage_dtype: str = "float32"
+    damping: float = 1e-3
+    seed: int = 0
+    masks: str = "energy"
+    mask_documents: int = 32
+
+    def __post_init__(self):
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def layer_patterns(self) -> list[str] | None:
+        """--layers as a list (None: the default layers)."""
+        return None if self.layers is None else list(self.layers)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CacheConfig:
+        return cls(**{key: values[key] for key in CACHE_KEYS})
+
+    @classmethod
+    def from_args(cls, args) -> CacheConfig:
+        """The configuration of parsed ``cache`` (or ``demo``) arguments."""
+        return cls(**{key: getattr(args, key) for key in CACHE_KEYS})
+
+    def as_dict(self) -> dict:
+        """The flags as cli.json records them (``layers`` as a list)."""
+        values = asdict(self)
+        values["layers"] = self.layer_patterns
+        return values
+
+    def differing(self, other: CacheConfig) -> list[str]:
+        """The fields whose values differ from ``other``'s, apart from the ones that grow a store (GROWABLE_KEYS)."""
+        return [key for key in CACHE_KEYS if key not in GROWABLE_KEYS and getattr(self, key) != getattr(other, key)]
+
+    def check_corpus_flags(self) -> None:
+        """The corpus flags go together (checked before the model is loaded)."""
+        if self.dataset is not None:
+            if self.corpus is not None:
+                raise UsageError("give --corpus or --dataset, not both")
+            if self.messages_field and (self.prompt_field or self.completion_field):
+                raise UsageError("--messages-field excludes --prompt-field and --completion-field: give chat messages or "
+                                 "prompt/completion pairs")
+            if bool(self.prompt_field) != bool(self.completion_field):
+                raise UsageError("--prompt-field and --completion-field go together")
+        elif any((self.prompt_field, self.completion_field, self.messages_field, self.split)):
+            raise UsageError("--prompt-field, --completion-field, --messages-field and --split apply to --dataset")
+
+    @classmethod
+    def read(cls, store: str | Path) -> tuple[CacheConfig, dict]:
+        """(configuration, corpus record) of the store's cli.json; a record of another version is a StoreError."""
+        path = Path(store) / CLI_JSON
+        record = read_json(path, "CLI configuration")
+        flags = record.get("flags") if isinstance(record, dict) else None
+        corpus = record.get("corpus") if isinstance(record, dict) else None
+        if not isinstance(flags, dict) or not isinstance(corpus, dict):
+            raise StoreError(f"{path}: not a grass-attribute configuration (flags {list(CACHE_KEYS)} and corpus)")
+        if set(flags) != set(CACHE_KEYS):
+            missing, unknown = sorted(set(CACHE_KEYS) - set(flags)), sorted(set(flags) - set(CACHE_KEYS))
+            raise StoreError(f"{path}: written by another version of grass-attribute (flags missing: {missing}, "
+                             f"unknown: {unknown}); cache into a new --store")
+        return cls.from_dict(flags), corpus
+
+    def record_text(self, corpus: dict) -> str:
+        """The text of cli.json for this configuration and the corpus record."""
+        return json.dumps({"flags": self.as_dict(), "corpus": corpus}, indent=1, sort_keys=True) + "\n"
+
+
+CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
+# Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
+GROWABLE_KEYS = ("limit",)
