@@ -167,7 +167,7 @@ class FactorCapture:
             return values.sum(), values
 
         self.called = []
-        grads, values = _per_sample_grad(summed_loss, zeros)
+        grads, values = probe_gradients(summed_loss, zeros)
         missing = [n for n in self.layers if n not in self.called]
         if missing:
             raise ValueError(f"layers {missing} were not called by the forward pass of loss_fn (a module whose weight "
@@ -190,7 +190,7 @@ class FactorCapture:
             _check_values(values)
             return values.sum(), (values, inputs)
 
-        grads, (values, inputs) = _per_sample_grad(summed_loss, probes)
+        grads, (values, inputs) = probe_gradients(summed_loss, probes)
         short = [n for n in self.layers if len(inputs.get(n, [])) != len(probes[n])]
         if short:
             raise CaptureError(f"layers {short} ran fewer times than when their output shapes were taken")
@@ -211,7 +211,7 @@ def _check_values(values) -> None:
         raise TypeError(f"loss_fn must return a floating-point Tensor [B] of per-sample values, got {kind}")
 
 
-def _per_sample_grad(summed_loss: Callable, wrt):
+def probe_gradients(summed_loss: Callable, wrt):
     """(d summed_loss / d wrt, aux) for ``summed_loss(wrt) -> (loss, aux)``, with a readable error for a
     loss that cannot be differentiated. Traced by torch.compile, or under inference mode: ``torch.func.grad``
     (no_grad outside, so no parameter is differentiated). Eager: ``torch.autograd.grad`` w.r.t. ``wrt`` only, the same numbers

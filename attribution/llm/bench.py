@@ -17,6 +17,7 @@ from grass_ops.benchmarking import median_seconds
 
 from .. import llm
 from ..attributor import Attributor
+from ..capture import probe_gradients
 from ..compression import compress_layer
 from ..store.manifest import model_fingerprint
 
@@ -81,13 +82,12 @@ def activation_backward(model, loss_fn, batch) -> Tensor:
     def summed(probe):
         handle = embeddings.register_forward_hook(lambda module, args, out: out + probe)
         try:
-            return loss_fn(model, batch).sum()
+            return loss_fn(model, batch).sum(), None
         finally:
             handle.remove()
 
     probe = torch.zeros(*ids.shape, embeddings.embedding_dim, dtype=dtype, device=ids.device)
-    with torch.no_grad():
-        return torch.func.grad(summed)(probe)
+    return probe_gradients(summed, probe)[0]  # the pipeline's own gradient routine (eager: torch.autograd.grad)
 
 
 def compress_seconds(compressors: dict, infos: dict, rows: int, tokens: int, dtype, device, repeats: int) -> float:

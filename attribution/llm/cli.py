@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 from .. import llm, process_group
 from ..attributor import Attributor
 from ..store import read_json
-from .commands import COMMANDS, common
+from .commands import COMMANDS
 from .commands import attribute as _attribute
 from .commands import bench as _bench
 from .commands import cache as _cache
@@ -113,19 +112,6 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     return 0
 
-
-class _CLIModule(types.ModuleType):
-    """Setting a name here that the commands look up in their own module sets it there too, so that
-    ``cli.Attributor = ...`` (a test's broken rank) still reaches the commands."""
-
-    def __setattr__(self, name, value):
-        if name in _LOOKED_UP_IN:
-            setattr(_LOOKED_UP_IN[name], name, value)
-        super().__setattr__(name, value)
-
-
-_LOOKED_UP_IN = {"Attributor": common}
-sys.modules[__name__].__class__ = _CLIModule
 
 if __name__ == "__main__":
     sys.exit(main())

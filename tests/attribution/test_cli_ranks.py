@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
 from attribution.llm import cli  # noqa: E402
+from attribution.llm.commands import common as commands_common  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list"]
@@ -35,7 +36,7 @@ def _rank(rank, world, folder, argvs, broken_rank):
         def broken(*args, **kwargs):
             raise ValueError(f"rank {rank}'s Attributor cannot be built")
 
-        cli.Attributor = broken
+        commands_common.Attributor = broken  # where the commands build it
     try:
         cli.run(argvs[rank])
         outcome = {"ok": True}
