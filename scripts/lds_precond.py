@@ -28,7 +28,7 @@ from torch import nn
 
 from attribution import Attributor
 from attribution.evaluation.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
-from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds
 
 PRECONDITIONERS = ("fim", "kfac", "ekfac")
 COMPRESSORS = ("factgrass", "logra", "sjlt")
@@ -93,16 +93,8 @@ def main(argv=None):
             spec = "identity" if compressor == "exact" else compressor
             attr = Attributor(model, per_sample_loss, method="if", compressor=spec, k=k or 10**9, compile=False,
                               progress=False, seed=args.seed, preconditioner=preconditioner)
-            t0 = time.perf_counter()
-            attr.cache(train_loader)
-            cache_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            features = attr.query_features(test_loader)
-            query_seconds = time.perf_counter() - t0
-            result = cross_validated_lds(harness, lambda d: attr.attribute(damping=d, features=features), len(x_te),
-                                         grid=grid, seed=args.seed, all_dampings=True)
-            cell = {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result,
-                    "cache_seconds": cache_seconds, "query_seconds": query_seconds, "floats_per_sample": attr.compress.columns}
+            result = timed_lds(attr, harness, train_loader, test_loader, len(x_te), grid, args.seed)
+            cell = {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result}
             cells.append(cell)
             print(json.dumps({key: v for key, v in cell.items() if key != "by_damping"}), flush=True)
 

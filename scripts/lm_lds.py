@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from attribution import Attributor
-from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, cross_validated_lds, preconditioner_table
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds
 from attribution.evaluation.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
 from grass_ops.atomic_files import atomic_writer
 
@@ -126,18 +126,8 @@ def run_cell(model, data, config, harness, store, compressor, k, preconditioner,
     spec = "identity" if compressor == "exact" else compressor
     attr = Attributor(model, sequence_loss, method="if", compressor=spec, k=k or 10**9, store=store, seed=seed,
                       layers=block_layers(model), compile=False, progress=False, preconditioner=preconditioner)
-    t0 = time.perf_counter()
-    attr.cache(train_loader)
-    cache_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    features = attr.query_features(test_loader)
-    query_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = cross_validated_lds(harness, lambda d: attr.attribute(damping=d, features=features), config.n_test, grid=grid,
-                                 seed=seed, all_dampings=True)
-    return {"compressor": compressor, "k": k, "preconditioner": preconditioner, **result, "cache_seconds": cache_seconds,
-            "query_seconds": query_seconds, "score_seconds": time.perf_counter() - t0,
-            "floats_per_sample": attr.compress.columns}
+    return {"compressor": compressor, "k": k, "preconditioner": preconditioner,
+            **timed_lds(attr, harness, train_loader, test_loader, config.n_test, grid, seed)}
 
 
 def markdown_table(report) -> str:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import grass_ops
 from grass_ops.atomic_files import atomic_writer
+from grass_ops.benchmarking import timed_phase
 
 from ..store import atomic_save_npy, atomic_write_json
 from .metrics import spearman
@@ -136,3 +137,19 @@ def preconditioner_table(report: dict, title: str, k_header: str = "k") -> str:
                 row.append("" if cell is None else f"{cell['lds']:.3f} ± {cell['stderr']:.3f} ({cell['damping']})")
             lines.append(f"| {compressor} | {'full' if k is None else k} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def timed_lds(attr, harness: LDSHarness, train_loader, test_loader, n_test: int, grid, seed: int = 0) -> dict:
+    """One Attributor's row of an LDS table: cache ``train_loader``, take the query features of
+    ``test_loader`` once, and cross-validate the damping over ``grid`` (:func:`cross_validated_lds`, every
+    damping kept); the result plus ``cache_seconds``, ``query_seconds``, ``score_seconds`` and
+    ``floats_per_sample``."""
+    seconds: dict[str, float] = {}
+    with timed_phase(seconds, "cache_seconds"):
+        attr.cache(train_loader)
+    with timed_phase(seconds, "query_seconds"):
+        features = attr.query_features(test_loader)
+    with timed_phase(seconds, "score_seconds"):
+        result = cross_validated_lds(harness, lambda d: attr.attribute(damping=d, features=features), n_test, grid=grid,
+                                     seed=seed, all_dampings=True)
+    return {**result, **seconds, "floats_per_sample": attr.compress.columns}

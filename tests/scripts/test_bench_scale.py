@@ -1,23 +1,14 @@
 """scripts/bench_scale.py: the synthetic documents, the projection of the paper's job, and (slow) a whole
 run at small scale."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 def test_synthetic_rows_are_reproducible_with_the_documented_spectrum():
-    bench = _load()
+    bench = load_script("bench_scale")
     power = bench.Synthetic(columns=256)
     assert torch.equal(power.rows(64, 5), power.rows(64, 5)) and not torch.equal(power.rows(64, 5), power.rows(0, 5))
     rows = power.rows(0, 8000)
@@ -29,7 +20,7 @@ def test_synthetic_rows_are_reproducible_with_the_documented_spectrum():
 
 
 def test_the_projection_of_the_papers_job_adds_up():
-    bench = _load()
+    bench = load_script("bench_scale")
     p = bench.projection({"gflops": 50.0})
     assert p["linear_layers"] == 224 and p["documents"] == 976_562
     assert 2.9e10 < p["flops_per_token_cache_step"] < 3.3e10  # 4 x ~7.5e9 GEMM parameters + attention
@@ -46,8 +37,8 @@ def test_the_projection_of_the_papers_job_adds_up():
 @pytest.mark.slow
 def test_a_whole_run_at_small_scale(tmp_path, capsys):
     pytest.importorskip("faiss")
-    report = _load().main(["--sizes", "3000", "--queries", "20", "--factory", "IVF16,Flat", "--nprobe", "16", "--root", str(tmp_path),
-                           "--out", str(tmp_path / "report.json")])
+    report = load_script("bench_scale").main(["--sizes", "3000", "--queries", "20", "--factory", "IVF16,Flat", "--nprobe", "16",
+                                              "--root", str(tmp_path), "--out", str(tmp_path / "report.json")])
     assert json.loads((tmp_path / "report.json").read_text()) == report
     entry = report["sizes"]["3000"]
     assert entry["write"]["documents"] == 3000 and entry["write"]["shards"] == 47

@@ -1,24 +1,15 @@
 """The README's main job end to end (without compilation, to keep the suite fast)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 
-def _load_demo():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "digits_demo.py"
-    spec = importlib.util.spec_from_file_location("digits_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_digits_demo_writes_a_sensible_attribution(tmp_path):
-    _load_demo().main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
+    load_script("digits_demo").main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (tmp_path / "attribution.png").stat().st_size > 10_000
     assert summary["test_accuracy"] > 0.9
@@ -30,7 +21,7 @@ def test_digits_demo_writes_a_sensible_attribution(tmp_path):
     # completion record stay byte for byte and untouched, and the attribution is the same
     store = tmp_path / "store"
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()}
-    _load_demo().main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
+    load_script("digits_demo").main(["--out", str(tmp_path), "--no-compile", "--k", "64", "--queries", "3"])
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()}
     assert after == before and any(p.name == "grads.npy" for p in before)
     assert json.loads((tmp_path / "summary.json").read_text())["queries"] == summary["queries"]

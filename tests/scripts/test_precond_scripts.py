@@ -1,22 +1,13 @@
 """scripts/lm_lds.py and scripts/lds_precond.py --quick end to end, and their resumption."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-
-def _load(name):
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 @pytest.mark.slow
 def test_lm_lds_quick_runs_and_resumes(tmp_path):
-    module = _load("lm_lds")
+    module = load_script("lm_lds")
     report = module.main(["--out", str(tmp_path), "--quick"])
     assert {(c["compressor"], c["preconditioner"]) for c in report["cells"]} == {
         (c, p) for c in module.COMPRESSORS for p in module.PRECONDITIONERS}
@@ -32,7 +23,7 @@ def test_lm_lds_quick_runs_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_lds_precond_quick(tmp_path):
     pytest.importorskip("sklearn")
-    module = _load("lds_precond")
+    module = load_script("lds_precond")
     report = module.main(["--out", str(tmp_path), "--quick"])
     cells = {(c["compressor"], c["preconditioner"]): c for c in report["cells"]}
     assert set(cells) == {("exact", "kfac"), ("exact", "ekfac")} | {(c, p) for c in module.COMPRESSORS

@@ -1,21 +1,13 @@
 """scripts/predict_memory.py: the fake-tensor prediction equals a real run's storage count on the CPU,
 and in-backward compression needs about what the activation floor needs."""
-import importlib.util
 import json
-from pathlib import Path
 
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "predict_memory.py"
-    spec = importlib.util.spec_from_file_location("predict_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 def test_the_prediction_equals_a_real_run_on_the_cpu(tmp_path):
     out = tmp_path / "memory.json"
-    report = _load().main(["--hidden", "128", "--layers", "2", "--tokens", "24", "--batch", "1", "3", "--measure",
+    report = load_script("predict_memory").main(["--hidden", "128", "--layers", "2", "--tokens", "24", "--batch", "1", "3", "--measure",
                            "--out", str(out)])
     assert json.loads(out.read_text()) == report and "partial" not in report
     cases = {(c["batch"], c["path"]): c for c in report["cases"]}
