@@ -1,5 +1,4 @@
 """The Attributor: a facade over the stages
-
     capture + compress (gradients.py) -> cache (cache.py, store/) -> preconditioning (preconditioners/)
     -> scoring (scoring.py; collectives.py under torch.distributed, ann.py with an ANN index)
 
@@ -9,8 +8,7 @@ GradDot drops the FIM, GradCos normalizes GradDot, TracIn sums GradDot over chec
 their learning rates, TRAK averages the FIM-preconditioned scores of the output function's gradients
 over checkpoints and weights train example i by the mean of (1 - sigmoid(f_i)).
 
-The iFVP is applied to the query side: n_test is usually far smaller than n_train, so
-(F + damping I)^-1 costs n_test * k^2 instead of n_train * k^2, and the store keeps the raw
+The iFVP is applied to the query side (n_test * k^2, not n_train * k^2); the store keeps the raw
 compressed gradients, so a new damping needs no new cache.
 """
 from __future__ import annotations

@@ -215,8 +215,8 @@ def probe_gradients(summed_loss: Callable, wrt):
     """(d summed_loss / d wrt, aux) for ``summed_loss(wrt) -> (loss, aux)``, with a readable error for a
     loss that cannot be differentiated. Traced by torch.compile, or under inference mode: ``torch.func.grad``
     (no_grad outside, so no parameter is differentiated). Eager: ``torch.autograd.grad`` w.r.t. ``wrt`` only, the same numbers
-    with a smaller working set (torch.func.grad's wrapped tensors held about 0.9 GiB more than plain
-    autograd over one SmolLM2 batch; BENCHMARKS.md). An input the loss does not use gets zeros, as
+    with a smaller working set (torch.func.grad's wrapped tensors hold more; BENCHMARKS.md, "Beside
+    Bergson on the main job"). An input the loss does not use gets zeros, as
     torch.func.grad gives."""
     try:
         if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # autograd is off in inference mode

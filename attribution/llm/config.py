@@ -14,10 +14,10 @@ from ..store import StoreError, read_json
 from .models import DEFAULT_MODEL, UsageError
 
 # Matmul precision of the cache and query passes: chosen by the throughput and fidelity measurements
-# (BENCHMARKS.md: bfloat16 autocast 1.37x the float32 tokens/s, mean Spearman vs exact 0.893 vs 0.894).
+# (BENCHMARKS.md, the main job's precision rows).
 DEFAULT_AUTOCAST = "auto"
 # Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
-# (BENCHMARKS.md: MRR 0.53 raw vs 0.49 normalized at the default damping, within one query of each other).
+# (BENCHMARKS.md, the fact-tracing table).
 DEFAULT_NORMALIZE = False
 # --compile auto compiles the cache step when the documents to compute hold at least this many real tokens,
 # by the matmul precision (--autocast, resolved): the measured break-even of one compile of the in-backward
