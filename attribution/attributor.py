@@ -4,9 +4,8 @@
 
 Sign convention: score(z_i, z_test) = g_test^T (F + damping I)^-1 g_i with F = (1/n) sum_i g_i g_i^T per
 block (influence functions); a positive score means that training on z_i lowers the test loss.
-GradDot drops the FIM, GradCos normalizes GradDot, TracIn sums GradDot over checkpoints weighted by
-their learning rates, TRAK averages the FIM-preconditioned scores of the output function's gradients
-over checkpoints and weights train example i by the mean of (1 - sigmoid(f_i)).
+GradDot drops the FIM, GradCos normalizes GradDot, TracIn sums GradDot over checkpoints weighted by their
+learning rates, TRAK averages the FIM-preconditioned output-gradient scores over checkpoints, i weighted by mean(1 - sigmoid(f_i)).
 
 The iFVP is applied to the query side (n_test * k^2, not n_train * k^2); the store keeps the raw
 compressed gradients, so a new damping needs no new cache.
