@@ -25,6 +25,7 @@ from .cache import LazyWriter, cache_checkpoint, check_same_batches, require_rei
 from .config import FISHERS, METHODS, AttributorConfig, check_int
 from .fim import check_damping
 from .gradients import ModelGradients
+from .optimizer_state import DEFAULT_EPS, check_recorded
 from .preconditioners import Setup, build_preconditioner, preconditioner_class
 from .process_group import rank_and_world
 from .scoring import QueryFeatures, Scorer, check_features
@@ -53,6 +54,11 @@ class Attributor:
     the full parameter space before it is compressed; see attribution.preconditioners) or "none".
     damping: a number >= 0 (absolute) or "<factor>*mean" (relative: factor x the mean eigenvalue of each
     block's preconditioner, e.g. "0.1*mean").
+    optimizer_state (optimizer-aware normalization, TrackStar / LESS): an Adam / AdamW ``state_dict()``, a
+    {parameter name: exp_avg_sq} mapping or the path of a file holding one (a Hugging Face Trainer's
+    optimizer.pt): every per-sample gradient is divided by sqrt(v) + optimizer_eps before it is compressed, v
+    the bias-corrected second moment (factorized compressors: Adafactor's rank-1 factors of v on x_in and
+    g_out); see attribution.optimizer_state. The store records its fingerprint.
     config: an AttributorConfig instead of the keyword arguments (give one or the other).
     """
 
@@ -64,7 +70,8 @@ class Attributor:
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
                  preconditioner: str | None = None, autocast: torch.dtype | str | None = None,
-                 normalize: bool = False, config: AttributorConfig | None = None):
+                 normalize: bool = False, optimizer_state=None, optimizer_eps: float = DEFAULT_EPS,
+                 config: AttributorConfig | None = None):
         self.config = config = AttributorConfig.from_arguments(locals(), config)
         self.method, self.k, self.seed, self.dtype, self.fisher = config.method, config.k, config.seed, config.dtype, config.fisher
         self.normalize, self.preconditioner, self.progress = config.normalized, config.preconditioner, config.progress
@@ -74,6 +81,7 @@ class Attributor:
         self.compressors, self.dims, self.stats = gradients.compressors, gradients.widths, gradients.stats
         root = None if config.store is None else Path(config.store)
         manifest = gradients.manifest(gradients.pin_weights(recorded_algorithm(root)))
+        check_recorded(root, manifest.get("optimizer_state"))  # a clear error before the store's generic one
         self.store = (MemoryStore(gradients.columns, config.storage) if root is None
                       else DiskStore(root, manifest, config.storage))
         self._signature = signature(manifest)

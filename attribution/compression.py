@@ -232,23 +232,41 @@ def compress_layer(comp: C.Compressor, x_in: Tensor, g_out: Tensor, chunk_elemen
     return torch.cat(parts)
 
 
-def layer_tap(comp: C.Compressor, layer: LayerInfo) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def layer_tap(comp: C.Compressor, layer: LayerInfo, scale: tuple | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """tap(y, x_in, z) -> y for :meth:`FactorCapture.sketches`: the layer output y [B, ..., d_out] with a
     zero term whose gradient w.r.t. z [B, k], given dL/dy, is ``comp``'s compression of the per-sample
     weight gradient vec(x_in^T dL/dy) (x_in a constant). The term is computed without autocast, in z's
-    dtype (float32 under bfloat16 autocast, as compress_layer on upcast factors)."""
+    dtype (float32 under bfloat16 autocast, as compress_layer on upcast factors).
+
+    ``scale`` (an optimizer normalization's, :mod:`attribution.optimizer_state`, in z's dtype): ("factored",
+    x_in scale [d_in], g_out scale [d_out]) for a factorized compressor, x_in and g_out scaled before its masks;
+    ("exact", [d_in * d_out]) for a flat one, the weight gradient divided elementwise (the adjoint weight
+    scaled: its gradient is then the scaled x_in^T dL/dy)."""
 
     def tap(y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
         with torch.autocast(y.device.type, enabled=False):
             x3, y3 = tokens_view(x_in.detach()), tokens_view(y)
             if isinstance(comp, C.FactorizedCompressor):
-                out = comp.sketch_output(y3, x3, z)
+                if scale is None:
+                    out = comp.sketch_output(y3, x3, z)
+                else:
+                    out = comp.sketch_output(y3, x3.to(z.dtype) * scale[1], z, out_scale=scale[2])
             else:  # the adjoint as a per-sample weight [B, d_in, d_out]: its gradient is x_in^T dL/dy
-                weight = comp.adjoint(z).view(-1, layer.d_in, layer.d_out)
+                adjoint = comp.adjoint(z) if scale is None else comp.adjoint(z) * scale[1]
+                weight = adjoint.view(-1, layer.d_in, layer.d_out)
                 out = y3 + torch.bmm(x3.to(z.dtype), weight).to(y3.dtype)
         return out.reshape(y.shape)
 
     return tap
+
+
+def check_scales(blocks: dict[str, C.Compressor], scales: dict[str, tuple]) -> None:
+    """Each block's normalization has the compressor's form: factored for a factorized one, exact otherwise."""
+    for name, scale in scales.items():
+        factorized = isinstance(blocks[name], C.FactorizedCompressor) and not name.startswith("param:")
+        if (scale[0] == "factored") != factorized:
+            raise ValueError(f"block {name}: a {scale[0]} optimizer normalization for a "
+                             f"{'factorized' if factorized else 'flat'} compressor")
 
 
 def check_gradients(grads: Tensor, values: Tensor, name: str) -> None:
@@ -286,14 +304,20 @@ class BatchCompressor:
 
     def __init__(self, model, layers: dict[str, LayerInfo], params: list[str], blocks: dict[str, C.Compressor],
                  dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64,
-                 return_factors: bool = False, autocast: torch.dtype | None = None):
+                 return_factors: bool = False, autocast: torch.dtype | None = None, normalization=None):
         self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
         self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
         self.return_factors, self.autocast = bool(return_factors), autocast
         self.capture = FactorCapture(model, layers)
-        self.taps = {n: layer_tap(blocks[n], layers[n]) for n in layers}
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         self.sketch_dtype = torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
+        # the optimizer normalization (attribution.optimizer_state), in the dtype the sketches are formed in
+        self.scales = {} if normalization is None else normalization.to(device, self.sketch_dtype).scales
+        if self.scales and return_factors:
+            raise ValueError("an optimizer normalization is applied inside the backward; the factors' path (K-FAC "
+                             "statistics) does not support it")
+        check_scales(blocks, self.scales)
+        self.taps = {n: layer_tap(blocks[n], layers[n], self.scales.get(n)) for n in layers}
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
         for width in self.widths:
@@ -340,7 +364,10 @@ class BatchCompressor:
             if key not in self._loss_modules:  # keep fn alive with its wrapper, so its key stays unique
                 self._loss_modules[key] = (fn, loss_module(self.model, fn))
             flat = per_sample_grads(self._loss_modules[key][1], batch, self.params, self.param_chunk)
-            parts += [self.blocks[f"param:{n}"](flat[n]).to(self.dtype) for n in self.params]
+            for n in self.params:  # an optimizer normalization divides these exactly (the "exact" scales)
+                scale = self.scales.get(f"param:{n}")
+                grads_n = flat[n] if scale is None else flat[n] * scale[1].to(flat[n].dtype)
+                parts.append(self.blocks[f"param:{n}"](grads_n).to(self.dtype))
             if values is None:
                 with torch.no_grad():
                     values = fn(self.model, batch)

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from .fim import check_damping
+from .optimizer_state import DEFAULT_EPS, check_argument
 from .preconditioners import preconditioner_class, resolve_preconditioner
 from .process_group import is_distributed
 from .scoring import PRECONDITIONED
@@ -62,6 +63,8 @@ class AttributorConfig:
     preconditioner: str | None = None
     autocast: torch.dtype | str | None = None
     normalize: bool = False
+    optimizer_state: object = None
+    optimizer_eps: float = DEFAULT_EPS
     storage: str = field(init=False, default="float32")  # storage_dtype resolved for dtype
 
     def __post_init__(self):
@@ -109,6 +112,10 @@ class AttributorConfig:
         if self.store is not None and Path(self.store).exists() and not Path(self.store).is_dir():
             raise ValueError(f"store {self.store} exists and is not a directory")
         self.progress, self.compile = bool(self.progress), bool(self.compile)
+        self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps)
+        if self.optimizer_state is not None and preconditioner_class(self.preconditioner).needs_factors:
+            raise ValueError(f"optimizer_state is not supported with preconditioner={self.preconditioner!r} (its "
+                             "curvature comes from the unnormalized factors); use preconditioner 'fim' or 'none'")
 
     @classmethod
     def from_arguments(cls, arguments: dict, config: "AttributorConfig | None") -> "AttributorConfig":

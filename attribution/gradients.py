@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import grass_ops
+from grass_ops.compressors import FactorizedCompressor
 
 from .batches import batch_digest, batch_size, batch_tensors
 from .cache import require_reiterable
@@ -23,6 +24,7 @@ from .capture import FactorCapture, tokens_view
 from .checkpoints import Checkpoints
 from .compression import BatchCompressor, build_compressors
 from .layers import LayerInfo, find_layers
+from .optimizer_state import normalization
 from .param_grads import find_params
 from .store.manifest import model_fingerprint
 
@@ -146,9 +148,13 @@ class ModelGradients:
         self.compressors = {n: c.to(self.device) for n, c in built.items()}
         self.block_names = self.layer_names + list(param_infos)
         self.checkpoints = Checkpoints(model, config.checkpoints, config.checkpoint_weights, config.method)
+        factorized = {n for n in self.layer_names if isinstance(self.compressors[n], FactorizedCompressor)}
+        self.normalization = normalization(model, config.optimizer_state, config.optimizer_eps, self.layer_infos,
+                                           self.param_names, factorized)
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, self.dtype,
                                         self.device, compile=config.compile, param_chunk=config.param_chunk,
-                                        return_factors=factors, autocast=config.autocast)
+                                        return_factors=factors, autocast=config.autocast,
+                                        normalization=self.normalization)
         self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0, "gradient_seconds": 0.0,
                             "fim_seconds": 0.0}
         self.algorithm: str | None = None  # the fingerprint algorithm of the store (see :meth:`pin_weights`)
@@ -228,6 +234,7 @@ class ModelGradients:
             "gradient_of": "output_fn" if self.kind == "output" else "loss_fn",
             "fisher": config.fisher,
             **({"autocast": str(config.autocast).replace("torch.", "")} if config.autocast is not None else {}),
+            **({"optimizer_state": self.normalization.record} if self.normalization is not None else {}),
         }
 
     # ---- queries -------------------------------------------------------------------------------

@@ -307,11 +307,13 @@ class FactorizedCompressor(Compressor):
         return g.reshape(*g.shape[:-1], self.d_in, self.d_out)
 
     @abc.abstractmethod
-    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor, out_scale: Tensor | None = None) -> Tensor:
         """The layer output y [B, T, d_out] plus a term that is zero (z is zero) and whose
         vector-Jacobian product w.r.t. z [B, k], for dL/dy = g_out, is ``compress_factors(x_in, g_out)``
         (x_in [B, T, d_in] a constant): differentiating a loss w.r.t. z forms the compressed per-sample
         gradient inside the backward, as soon as g_out exists, without holding x_in or g_out in full.
+        ``out_scale`` [d_out]: the product is ``compress_factors(x_in, g_out * out_scale)`` instead (a column
+        scaling of the output gradient, e.g. an optimizer's second-moment factor; scale x_in for the inputs).
         Computed in z's dtype; the result has y's dtype."""
 
 
@@ -344,10 +346,12 @@ class FactGraSS(FactorizedCompressor):
         rows = self.out_mask.adjoint(masked)  # [..., k_in', d_out]
         return self.in_mask.adjoint(rows.transpose(-1, -2)).transpose(-1, -2).flatten(-2)
 
-    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor, out_scale: Tensor | None = None) -> Tensor:
         # d/dz of <g_out, index_add(y, mask_out, a @ W(z))> = SJLT(vec(a^T g_out[..., mask_out])), a = x_in[..., mask_in]
         a = as_3d(x_in).index_select(-1, self.in_mask.indices).to(z.dtype)  # [B, T, k_in'], all the backward keeps
         w = self.projection.adjoint(z).unflatten(-1, (self.k_in, self.k_out))  # [B, k_in', k_out']
+        if out_scale is not None:  # the kept output columns scaled: the product sees g_out[..., mask_out] * scale
+            w = w * out_scale.index_select(0, self.out_mask.indices).to(z.dtype)
         return y.index_add(-1, self.out_mask.indices, torch.bmm(a, w).to(y.dtype))
 
     def spec(self) -> dict:
@@ -498,11 +502,12 @@ class LoGra(FactorizedCompressor):
         w = z.to(acc).unflatten(-1, (self.k_in, self.k_out))
         return (self.p_in.to(acc).T @ w @ self.p_out.to(acc)).flatten(-2).to(z.dtype)
 
-    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor, out_scale: Tensor | None = None) -> Tensor:
         # d/dz of <g_out, y + (a @ Z) @ P_out> = vec(a^T (g_out @ P_out^T)), a = x_in @ P_in^T
         a = as_3d(x_in).to(z.dtype) @ self.p_in.to(z.dtype).T  # [B, T, k_in]
         w = z.unflatten(-1, (self.k_in, self.k_out))
-        return y + (torch.bmm(a, w) @ self.p_out.to(z.dtype)).to(y.dtype)
+        p_out = self.p_out.to(z.dtype) if out_scale is None else self.p_out.to(z.dtype) * out_scale.to(z.dtype)
+        return y + (torch.bmm(a, w) @ p_out).to(y.dtype)
 
     def spec(self) -> dict:
         return {"type": "LoGra", "d_in": self.d_in, "d_out": self.d_out, "k_in": self.k_in, "k_out": self.k_out,

@@ -2,7 +2,8 @@
 the store's ``cli.json`` so that later commands need only ``--store``, and the defaults chosen by measurement.
 
 ``cli.json`` is ``{"flags": {<every CacheConfig field>: value}, "corpus": {"documents", "sha256", "segments"}}``,
-written with ``indent=1, sort_keys=True`` and a final newline.
+written with ``indent=1, sort_keys=True`` and a final newline. A field of OPTIONAL_KEYS is written only when it is
+not None, and read as None when absent: stores written before it existed read back, and write, the same bytes.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class CacheConfig:
     seed: int = 0
     masks: str = "energy"
     mask_documents: int = 32
+    optimizer_state: str | None = None
 
     def __post_init__(self):
         if self.layers is not None and not isinstance(self.layers, tuple):
@@ -67,7 +69,7 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> CacheConfig:
-        return cls(**{key: values[key] for key in CACHE_KEYS})
+        return cls(**{key: values[key] for key in CACHE_KEYS if key in values or key not in OPTIONAL_KEYS})
 
     @classmethod
     def from_args(cls, args) -> CacheConfig:
@@ -78,7 +80,7 @@ class CacheConfig:
         """The flags as cli.json records them (``layers`` as a list)."""
         values = asdict(self)
         values["layers"] = self.layer_patterns
-        return values
+        return {key: value for key, value in values.items() if value is not None or key not in OPTIONAL_KEYS}
 
     def differing(self, other: CacheConfig) -> list[str]:
         """The fields whose values differ from ``other``'s, apart from the ones that grow a store (GROWABLE_KEYS)."""
@@ -106,8 +108,9 @@ class CacheConfig:
         corpus = record.get("corpus") if isinstance(record, dict) else None
         if not isinstance(flags, dict) or not isinstance(corpus, dict):
             raise StoreError(f"{path}: not a grass-attribute configuration (flags {list(CACHE_KEYS)} and corpus)")
-        if set(flags) != set(CACHE_KEYS):
-            missing, unknown = sorted(set(CACHE_KEYS) - set(flags)), sorted(set(flags) - set(CACHE_KEYS))
+        if not set(CACHE_KEYS) - set(OPTIONAL_KEYS) <= set(flags) <= set(CACHE_KEYS):
+            missing = sorted(set(CACHE_KEYS) - set(OPTIONAL_KEYS) - set(flags))
+            unknown = sorted(set(flags) - set(CACHE_KEYS))
             raise StoreError(f"{path}: written by another version of grass-attribute (flags missing: {missing}, "
                              f"unknown: {unknown}); cache into a new --store")
         return cls.from_dict(flags), corpus
@@ -118,5 +121,7 @@ class CacheConfig:
 
 
 CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
+# Fields added after stores were written: absent from cli.json when None (the bytes of older stores unchanged).
+OPTIONAL_KEYS = ("optimizer_state",)
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
 GROWABLE_KEYS = ("limit",)

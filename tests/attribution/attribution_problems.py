@@ -46,9 +46,8 @@ def dense_grads(model, batches, fn=loss_fn, layers=None):
     return [torch.stack(r) for r in rows]
 
 
-def closed_form(model, train, test, damping, method="if"):
-    """Dense IF / GradDot scores of the MLP problem (block-diagonal FIM)."""
-    g_train, g_test = dense_grads(model, train), dense_grads(model, test)
+def block_scores(g_train, g_test, damping, method="if"):
+    """Dense IF / GradDot scores [n_test, n_train] of per-block gradients (lists of [n, p_l]; block-diagonal FIM)."""
     scores = torch.zeros(g_test[0].shape[0], g_train[0].shape[0], dtype=torch.float64)
     for g, q in zip(g_train, g_test):
         if method == "if":
@@ -56,7 +55,13 @@ def closed_form(model, train, test, damping, method="if"):
             scores += q @ torch.linalg.solve(fim, g.T)
         else:
             scores += q @ g.T
-    return scores, g_train, g_test
+    return scores
+
+
+def closed_form(model, train, test, damping, method="if"):
+    """Dense IF / GradDot scores of the MLP problem (block-diagonal FIM)."""
+    g_train, g_test = dense_grads(model, train), dense_grads(model, test)
+    return block_scores(g_train, g_test, damping, method), g_train, g_test
 
 
 def store_files(root) -> dict[str, bytes]:

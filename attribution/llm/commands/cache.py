@@ -19,7 +19,7 @@ from ...compression import parse_spec
 from ...store import atomic_write_json, read_json
 from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, CacheConfig
 from . import flags as f
-from .common import CLIError, attributor, cached_documents, device, load_model, main_rank, segments
+from .common import CLIError, attributor, cached_documents, check_optimizer_state, device, load_model, main_rank, optimizer_state, segments
 
 DEFAULTS = CacheConfig()
 
@@ -91,9 +91,8 @@ def _check_same_flags(store: Path, cached: CacheConfig, config: CacheConfig) -> 
     """Refuse flags that differ from the store's, naming each flag with its cached and given value."""
     differ = cached.differing(config)
     if differ:
-        old, new = cached.as_dict(), config.as_dict()
-        listed = "; ".join(f"--{key.replace('_', '-')} cached {_flag_value(key, old[key])}, given "
-                           f"{_flag_value(key, new[key])}" for key in differ)
+        listed = "; ".join(f"--{key.replace('_', '-')} cached {_flag_value(key, getattr(cached, key))}, given "
+                           f"{_flag_value(key, getattr(config, key))}" for key in differ)
         raise CLIError(f"{store} was cached with other flags ({listed}); use the cached values or a new --store")
 
 
@@ -119,7 +118,10 @@ def run(args, loaded=None):
     store = Path(args.store)
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
         args.autocast = "bfloat16" if llm.fast_bfloat16(device()) else "none"
+    if args.optimizer_state is not None:  # recorded absolute: the later commands read it from any folder
+        args.optimizer_state = str(Path(args.optimizer_state).resolve())
     config = CacheConfig.from_args(args)
+    optimizer_state(config)  # the file read and checked before anything is written
     # under torchrun: every rank the same flags, then the same corpus, before anything is written
     require_agreement({f"--{key.replace('_', '-')}": value for key, value in vars(args).items()
                        if key not in ("func", "config")})
@@ -151,6 +153,7 @@ def run(args, loaded=None):
         return model, tokenizer, cached, added, sizes, batches, pending
 
     model, tokenizer, cached, added, sizes, batches, pending = collectively(prepare)
+    check_optimizer_state(model, config)  # another model's state is refused before the masks are written
     docs = cached + added
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     require_agreement({"the corpus": f"{len(docs)} documents, sha256 {hashlib.sha256(docs_text.encode()).hexdigest()}"})
@@ -240,6 +243,11 @@ CONFIG_FLAGS = [
     f.Flag("--damping", "added to the FIM's eigenvalues before inverting it (larger: closer to a plain dot product)",
            default=DEFAULTS.damping, type=f.nonnegative_float),
     f.Flag("--seed", "seed of the random projections and masks", default=DEFAULTS.seed, type=int),
+    f.Flag("--optimizer-state", "an Adam/AdamW optimizer state (torch.save of optimizer.state_dict(), e.g. a Hugging "
+                                "Face Trainer checkpoint's optimizer.pt): every gradient is divided by sqrt(v) + 1e-8, "
+                                "v its second moment (FactGraSS: v's Adafactor row and column factors); the later "
+                                "commands read it again from the recorded absolute path (default: none)",
+           metavar="FILE"),
 ]
 
 COMMAND = f.Command("cache", "compress a corpus's training gradients into a store (a larger --limit or corpus grows it)",

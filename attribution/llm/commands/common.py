@@ -2,6 +2,7 @@
 configuration, and a cached store read back (its configuration and documents, checked)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import torch
 
 from ... import index as index_module
 from ... import llm, process_group
+from ... import optimizer_state as optimizer_module
 from ...attributor import Attributor
 from ...compression import parse_spec
+from ...layers import find_layers
 from ...store import StoreError, open_store, refuse_inside_store
 from ..config import CLI_JSON, CacheConfig
 
@@ -52,12 +55,53 @@ def compressor_spec(config: CacheConfig, store: Path) -> str:
     return config.compressor
 
 
+@functools.lru_cache(maxsize=1)
+def _loaded_state(path: str, stamp: tuple):
+    return optimizer_module.load(path)
+
+
+def optimizer_state(config: CacheConfig):
+    """The loaded --optimizer-state of a configuration (None without one; read once per file version), or a
+    usage error naming the flag: a missing file, or one that holds no Adam/AdamW state."""
+    path = config.optimizer_state
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise CLIError(f"--optimizer-state {path}: no such file")
+    stat = Path(path).stat()
+    try:
+        return _loaded_state(path, (stat.st_mtime_ns, stat.st_size))
+    except ValueError as err:
+        raise CLIError(f"--optimizer-state {path}: {err}") from None
+
+
+def check_optimizer_state(model, config: CacheConfig) -> None:
+    """--optimizer-state holds a second moment of every target layer's weight, in its shape (before the cache
+    writes anything)."""
+    state = optimizer_state(config)
+    if state is None:
+        return
+    layers = find_layers(model, llm.resolve_layers(model, config.layer_patterns))
+    try:
+        optimizer_module.match(model, state, [optimizer_module.layer_parameter(model, i) for i in layers.values()])
+    except ValueError as err:
+        raise CLIError(f"--optimizer-state {config.optimizer_state}: {err}") from None
+
+
 def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False):
-    """The Attributor of a cache configuration over ``store``."""
-    return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)), k=config.k,
-                      damping=config.damping, store=store, layers=llm.resolve_layers(model, config.layer_patterns),
-                      seed=config.seed, compile=compile, storage_dtype=config.storage_dtype, normalize=normalize,
-                      autocast=None if config.autocast == "none" else config.autocast)
+    """The Attributor of a cache configuration over ``store``; an error of its --optimizer-state (another model's
+    state, or a store cached with another one) is a usage error naming the flag."""
+    try:
+        return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)),
+                          k=config.k, damping=config.damping, store=store,
+                          layers=llm.resolve_layers(model, config.layer_patterns), seed=config.seed, compile=compile,
+                          storage_dtype=config.storage_dtype, normalize=normalize,
+                          autocast=None if config.autocast == "none" else config.autocast,
+                          optimizer_state=optimizer_state(config))
+    except ValueError as err:
+        if not str(err).startswith(f"{optimizer_module.ARGUMENT}:"):
+            raise
+        raise CLIError(f"--optimizer-state {config.optimizer_state}: {err}") from None
 
 
 def check_out(args) -> None:

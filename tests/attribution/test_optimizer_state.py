@@ -1,0 +1,271 @@
+"""Optimizer-aware normalization (Attributor(optimizer_state=...), cache --optimizer-state): each per-sample
+gradient divided by sqrt(v) + eps before compression (flat compressors exactly, factorized ones with Adafactor's
+rank-1 factors of v), the same for the cache and the queries, recorded in the store."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from attribution_problems import block_scores, dense_grads, loss_fn, make_problem, one_thread  # noqa: F401
+from torch import nn
+
+from attribution import Attributor
+from grass_ops import compressors as C
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+QUIET = {"compile": False, "progress": False, "dtype": torch.float64}
+
+
+def trained_state(model, batches, steps=2, optimizer=torch.optim.AdamW, groups=None, **options):
+    """The state_dict of ``optimizer`` after ``steps`` passes over ``batches`` on a copy of ``model`` (the model's
+    own weights stay as they are); ``groups(copy)``: its parameter groups (default: copy.parameters())."""
+    twin = copy.deepcopy(model)
+    opt = optimizer(twin.parameters() if groups is None else groups(twin), lr=1e-2, **options)
+    for _ in range(steps):
+        for batch in batches:
+            opt.zero_grad()
+            loss_fn(twin, batch).mean().backward()
+            opt.step()
+    return opt.state_dict()
+
+
+def v_hat(state, index):
+    """Adam's bias-corrected second moment of parameter ``index``, float64."""
+    entry = state["state"][index]
+    beta2 = next(g for g in state["param_groups"] if index in g["params"])["betas"][1]
+    return entry["exp_avg_sq"].double() / (1 - beta2 ** float(entry["step"]))
+
+
+def bias_grads(model, batches, layer):
+    """Per-sample gradients [n, d_out] of ``layer``'s bias."""
+    rows = []
+    for x, y in batches:
+        for i in range(len(x)):
+            rows.append(torch.autograd.grad(loss_fn(model, (x[i : i + 1], y[i : i + 1])).sum(), layer.bias)[0])
+    return torch.stack(rows)
+
+
+def compressed(attr, name, grads):
+    return attr.compressors[name](grads)
+
+
+def full_factgrass(layer, k, seed):
+    """FactGraSS keeping every input and output coordinate (identity masks), k = d_in * d_out."""
+    return C.FactGraSS(layer.d_in, layer.d_out, layer.params, layer.d_in, layer.d_out, seed)
+
+
+@pytest.mark.parametrize("compressor, method", [("identity", "graddot"), ("identity", "if"), ("sjlt", "graddot")])
+def test_flat_compressors_divide_every_gradient_exactly(compressor, method):
+    model, train, test = make_problem()
+    state = trained_state(model, train)
+    eps = 1e-3  # large enough to matter next to sqrt(v)
+    attr = Attributor(model, loss_fn, method=method, compressor=compressor, k=10**6 if compressor == "identity" else 32,
+                      damping=1e-2, params=["0.bias"], param_compressor=compressor, optimizer_state=state,
+                      optimizer_eps=eps, **QUIET)
+    scores = attr.cache(train).attribute(test)
+    divisors = [v_hat(state, 0).T.flatten().sqrt() + eps, v_hat(state, 2).T.flatten().sqrt() + eps,
+                v_hat(state, 1).sqrt() + eps]  # model.parameters(): 0.weight, 0.bias, 2.weight, 2.bias
+    names = ["0", "2", "param:0.bias"]
+    raw = [dense_grads(model, part) + [bias_grads(model, part, model[0])] for part in (train, test)]
+    expected = block_scores(*([compressed(attr, n, g / d) for n, g, d in zip(names, grads, divisors)] for grads in raw),
+                            1e-2, method)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    plain = block_scores(*([compressed(attr, n, g) for n, g in zip(names, grads)] for grads in raw), 1e-2, method)
+    assert not torch.allclose(scores, plain, rtol=1e-2)  # the division changes the scores
+
+
+def factored_divisor(v, eps):
+    """sqrt of Adafactor's rank-1 approximation of v + eps**2 ([d_in, d_out]): row x column means / mean."""
+    w = v + eps**2
+    return (torch.outer(w.mean(1), w.mean(0)) / w.mean()).sqrt()
+
+
+@pytest.mark.parametrize("compressor", [full_factgrass, "logra"], ids=["factgrass-full", "logra"])
+def test_factorized_compressors_divide_by_the_adafactor_factors(compressor):
+    model, train, test = make_problem()
+    state = trained_state(model, train)
+    eps = 1e-3
+    attr = Attributor(model, loss_fn, method="graddot", compressor=compressor, k=10**6 if callable(compressor) else 16,
+                      optimizer_state=state, optimizer_eps=eps, **QUIET)
+    scores = attr.cache(train).attribute(test)
+    factored = [factored_divisor(v_hat(state, i).T, eps).flatten() for i in (0, 2)]
+    exact = [v_hat(state, i).T.flatten().sqrt() + eps for i in (0, 2)]
+    raw = [dense_grads(model, part) for part in (train, test)]
+
+    def reference(divisors):
+        return block_scores(*([compressed(attr, n, g / d) for n, g, d in zip("02", grads, divisors)] for grads in raw),
+                            0, "graddot")
+
+    assert torch.allclose(scores, reference(factored), rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(scores, reference(exact), rtol=1e-3)  # v is not rank 1: the factors approximate it
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_rank_one_second_moment_is_divided_exactly_by_its_factors(compile):
+    model, train, test = make_problem()
+    gen = torch.Generator().manual_seed(1)
+    moments = {f"{i}.weight": torch.outer(torch.rand(m.out_features, generator=gen, dtype=torch.float64) + 0.1,
+                                          torch.rand(m.in_features, generator=gen, dtype=torch.float64) + 0.1) * 1e-4
+               for i, m in ((0, model[0]), (2, model[2]))}
+    attr = Attributor(model, loss_fn, method="graddot", compressor=full_factgrass, k=10**6, optimizer_state=moments,
+                      optimizer_eps=0.0, **{**QUIET, "compile": compile})
+    scores = attr.cache(train).attribute(test)
+    raw = [dense_grads(model, part) for part in (train, test)]
+    divisors = [moments[f"{i}.weight"].T.flatten().sqrt() for i in (0, 2)]
+    expected = block_scores(*([compressed(attr, n, g / d) for n, g, d in zip("02", grads, divisors)] for grads in raw),
+                            0, "graddot")
+    assert torch.allclose(scores, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_the_hugging_face_trainers_groups_are_matched_by_their_order():
+    model, train, test = make_problem()
+
+    def trainer_groups(twin):  # weights (decayed) first, then the biases, as Trainer.create_optimizer lists them
+        named = list(twin.named_parameters())
+        return [{"params": [p for n, p in named if "bias" not in n], "weight_decay": 0.01},
+                {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0}]
+
+    state = trained_state(model, train, groups=trainer_groups)
+    kwargs = {"method": "graddot", "compressor": "sjlt", "k": 16, "params": ["2.bias"], **QUIET}
+    scores = Attributor(model, loss_fn, optimizer_state=state, **kwargs).cache(train).attribute(test)
+    by_name = {"0.weight": v_hat(state, 0), "2.weight": v_hat(state, 1), "2.bias": v_hat(state, 3)}
+    assert torch.equal(scores, Attributor(model, loss_fn, optimizer_state=by_name, **kwargs).cache(train).attribute(test))
+
+
+FRESH = """
+import sys, torch
+sys.path.insert(0, {here!r})
+from attribution_problems import make_problem, loss_fn
+from attribution import Attributor
+model, train, test = make_problem()
+kwargs = dict(method="graddot", compressor="factgrass", k=16, compile=False, progress=False, dtype=torch.float64)
+try:
+    Attributor(model, loss_fn, store={store!r}, **kwargs)
+except ValueError as err:
+    print("refused:", err)
+torch.save(Attributor(model, loss_fn, store={store!r}, optimizer_state={path!r}, **kwargs).attribute(test), {out!r})
+"""
+
+
+def test_a_store_refuses_another_optimizer_state_or_none(tmp_path):
+    model, train, test = make_problem()
+    state, other = trained_state(model, train), trained_state(model, train, steps=3)
+    kwargs = {"method": "graddot", "compressor": "factgrass", "k": 16, **QUIET}
+    store = tmp_path / "store"
+    attr = Attributor(model, loss_fn, store=store, optimizer_state=state, **kwargs)
+    scores = attr.cache(train).attribute(test)
+    assert json.loads((store / "manifest.json").read_text())["optimizer_state"]["eps"] == 1e-8
+    torch.save(state, tmp_path / "optimizer.pt")
+    again = Attributor(model, loss_fn, store=store, optimizer_state=tmp_path / "optimizer.pt", **kwargs).attribute(test)
+    assert torch.equal(scores, again)
+    for refused, message in (({"optimizer_state": other}, "cached with another optimizer state"),
+                             ({"optimizer_state": state, "optimizer_eps": 1e-6}, "cached with another optimizer state"),
+                             ({}, "cached with an optimizer state .* give the same optimizer_state")):
+        with pytest.raises(ValueError, match=f"optimizer_state: the store .*{message}"):
+            Attributor(model, loss_fn, store=store, **refused, **kwargs)
+    plain = tmp_path / "plain"
+    without = Attributor(model, loss_fn, store=plain, **kwargs)
+    without.cache(train)
+    with pytest.raises(ValueError, match="optimizer_state: the store .* was cached without an optimizer state"):
+        Attributor(model, loss_fn, store=plain, optimizer_state=state, **kwargs)
+    with pytest.raises(ValueError, match="another configuration"):  # query features carry the normalization too
+        without.attribute(features=attr.query_features(test))
+    out = tmp_path / "fresh.pt"
+    done = subprocess.run([sys.executable, "-c", FRESH.format(here=str(HERE), store=str(store), out=str(out),
+                                                              path=str(tmp_path / "optimizer.pt"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "refused: optimizer_state: the store" in done.stdout and "cached with an optimizer state" in done.stdout
+    assert torch.equal(torch.load(out), scores)
+
+
+def test_bad_optimizer_states_are_refused_naming_the_argument(tmp_path):
+    model, train, _ = make_problem()
+    kwargs = {"method": "graddot", "compressor": "sjlt", "k": 16, **QUIET}
+    other_model = nn.Sequential(nn.Linear(10, 30), nn.Tanh(), nn.Linear(30, 4)).double()
+    ones = {"0.weight": torch.ones(24, 10), "2.weight": torch.ones(4, 24)}
+    torch.save({"not": "a state"}, tmp_path / "junk.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    cases = [
+        (trained_state(other_model, train), ValueError, "optimizer_state: .*a state of another model"),
+        (trained_state(model, train, optimizer=torch.optim.SGD, momentum=0.9), ValueError,
+         r"optimizer_state: .*no 'exp_avg_sq' .*momentum_buffer"),
+        ({**ones, "0.weight": -ones["0.weight"]}, ValueError, "optimizer_state: .*'0.weight' holds negative"),
+        ({**ones, "0.weight": torch.full((24, 10), float("nan"))}, ValueError, "optimizer_state: .*non-finite"),
+        ({"0.weight": ones["0.weight"]}, ValueError, "optimizer_state: .*no exp_avg_sq for parameter '2.weight'"),
+        ({**ones, "2.weight": torch.ones(24, 4)}, ValueError, r"optimizer_state: exp_avg_sq of '2.weight' has shape \(24, 4\)"),
+        (tmp_path / "missing.pt", FileNotFoundError, "optimizer_state: no file"),
+        (tmp_path / "junk.pt", ValueError, "optimizer_state: expected an optimizer state_dict"),
+        (tmp_path / "text.pt", ValueError, "optimizer_state: .* is not a file torch.load"),
+        (3, TypeError, "optimizer_state must be None"),
+    ]
+    for state, error, message in cases:
+        with pytest.raises(error, match=message):
+            Attributor(model, loss_fn, optimizer_state=state, **kwargs)
+    with pytest.raises(ValueError, match="optimizer_eps must be a finite number >= 0"):
+        Attributor(model, loss_fn, optimizer_state=ones, optimizer_eps=-1.0, **kwargs)
+    with pytest.raises(ValueError, match="optimizer_eps=0 with zeros"):
+        Attributor(model, loss_fn, optimizer_state={**ones, "2.weight": torch.zeros(4, 24)}, optimizer_eps=0, **kwargs)
+    with pytest.raises(ValueError, match="optimizer_state is not supported with preconditioner='kfac'"):
+        Attributor(model, loss_fn, preconditioner="kfac", optimizer_state=ones, **{**kwargs, "method": "if"})
+
+
+def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+    from attribution import llm
+    from attribution.llm import cli
+
+    docs = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(docs)))
+    model, tokenizer = llm.load_model(tiny_llama)
+    named = list(model.named_parameters())
+    norms = [p for n, p in named if "norm" in n]  # the Trainer's groups: decayed, then norms (not decayed)
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if "norm" not in n], "weight_decay": 0.01},
+                             {"params": norms, "weight_decay": 0.0}], lr=1e-3)
+    batches, _ = llm.document_batches(tokenizer, [{"id": "x", "text": t} for t in docs], 2, 8)
+    for batch in batches:
+        opt.zero_grad()
+        llm.sequence_loss(model, batch).mean().backward()
+        opt.step()
+    path = tmp_path / "optimizer.pt"
+    torch.save(opt.state_dict(), path)
+    store = tmp_path / "store"
+    cache = ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "16", "--batch-size",
+             "2", "--max-length", "8", "--layers", "model.layers.*", "--no-compile"]
+    assert cli.run([*cache, "--optimizer-state", str(path)])["documents"] == 4
+    assert json.loads((store / "cli.json").read_text())["flags"]["optimizer_state"] == str(path.resolve())
+    assert set(json.loads((store / "manifest.json").read_text())["optimizer_state"]) == {"sha256", "eps"}
+    attribute = ["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2", "--top-k", "2", "--out"]
+    results = cli.run([*attribute, str(tmp_path / "report")])
+    assert len(results[0].helpful) == 2
+    plain = tmp_path / "plain"
+    cli.run(cache[:2] + [str(plain)] + cache[3:])
+    assert "optimizer_state" not in json.loads((plain / "cli.json").read_text())["flags"]  # absent, as before the flag
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    llm.sequence_loss(model, batches[0]).mean().backward()
+    sgd.step()
+    torch.save(sgd.state_dict(), tmp_path / "sgd.pt")
+    mlp, mlp_train, _ = make_problem()
+    torch.save(trained_state(mlp, mlp_train[:1]), tmp_path / "mlp.pt")  # an Adam state of another model
+    refusals = [([*cache, "--optimizer-state", str(tmp_path / "mlp.pt")], r"cached with other flags \(--optimizer-state"),
+                ([*cache[:2], str(tmp_path / "s2"), *cache[3:], "--optimizer-state", str(tmp_path / "sgd.pt")],
+                 "--optimizer-state .*sgd.pt: optimizer_state: the optimizer state holds no 'exp_avg_sq'"),
+                ([*cache[:2], str(tmp_path / "s3"), *cache[3:], "--optimizer-state", str(tmp_path / "none.pt")],
+                 "--optimizer-state .*none.pt: no such file"),
+                ([*cache[:2], str(tmp_path / "s4"), *cache[3:], "--optimizer-state", str(tmp_path / "mlp.pt")],
+                 "--optimizer-state .*mlp.pt: optimizer_state: .*a state of another model")]
+    opt.step()  # the same file, another state: the store refuses it
+    torch.save(opt.state_dict(), path)
+    refusals.append(([*attribute, str(tmp_path / "r2")], "--optimizer-state .*cached with another optimizer state"))
+    for argv, message in refusals:
+        assert cli.main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("grass-attribute: error: ") and re.search(message, last), last
