@@ -35,8 +35,9 @@ def _trained_adamw(model, tok):
 
 
 def test_the_old_module_name_has_it():
-    import attribution.evaluation.facts as new
     from attribution.facts import tail_patch
+
+    import attribution.evaluation.facts as new
 
     assert tail_patch is new.tail_patch and facts is new
 
