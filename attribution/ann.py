@@ -3,6 +3,7 @@ rebuild it when the store grows, and answer top-k queries from it with exact re-
 function here is collective under torch.distributed: rank 0 builds, the ranks split the queries."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,13 +71,32 @@ class AnnIndex:
             self._loaded = {key: index_module.load(self.store, records, list(range(len(records))), self.mode)}
         return self._loaded[key]
 
+    def _vectors(self, queries: list[Tensor]) -> Tensor:
+        """The index's query vectors [n_test, checkpoints * columns] (TracIn: weighted), on the CPU."""
+        weights = self.weights or [1.0] * len(queries)
+        return torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu()
+
+    def search(self, queries: list[Tensor], records: list[Completion], candidates: int, largest: bool,
+               nprobe: int | None) -> np.ndarray:
+        """[n_test, candidates] training rows the index finds for the prepared ``queries`` (-1 where it finds
+        fewer), not re-ranked; every rank searches every query (the same answer on each)."""
+        loaded = collectives.collectively(lambda: self._load(records))
+        vectors = self._vectors(queries)
+        return collectives.collectively(lambda: loaded.search(vectors if largest else -vectors, candidates, nprobe))
+
+    def recorded_crcs(self, records: list[Completion]) -> np.ndarray:
+        """The rows' CRC32s recorded by this method's index when it is current ([checkpoints, n_train]), so
+        that rows read for a re-rank are checked; else [checkpoints, 0] (no per-row check)."""
+        found = self.store.load_derived(0, index_module.derived_name(self.mode), index_module.data_fingerprint(records))
+        crcs = None if found is None else found[0]["row_crc32"]
+        return crcs if crcs is not None and crcs.shape[1] else np.zeros((len(records), 0), dtype=np.uint32)
+
     def top_k(self, queries: list[Tensor], records: list[Completion], n_test: int, k: int, largest: bool,
               candidates: int, nprobe: int | None) -> tuple[Tensor, Tensor]:
         """(values, indices) [n_test, min(k, n_train)] from ``candidates`` per query (prepared ``queries``,
         per checkpoint [n_test, columns]), re-ranked exactly; every rank returns them all."""
         loaded = collectives.collectively(lambda: self._load(records))
-        weights = self.weights or [1.0] * len(queries)
-        vectors = torch.cat([q.float() * w for q, w in zip(queries, weights)], dim=1).cpu()
+        vectors = self._vectors(queries)
         rank, world = rank_and_world()
         mine = streaming.share(n_test, rank, world)  # the ranks split the queries
 

@@ -8,6 +8,7 @@ recall@5 and the mean reciprocal rank (MRR) of the source document over the twen
 """
 from __future__ import annotations
 
+import copy as copy_module
 import re
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import llm
+from .metrics import mean_and_standard_error
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,8 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
         order = torch.randperm(len(pool), generator=g).tolist()
         for b in tqdm(range(0, len(order), batch_size), disable=not progress, leave=False, desc="fine-tune"):
             chunk = [pool[i] for i in order[b : b + batch_size]]
-            (batch,), _ = llm.document_batches(tokenizer, chunk, len(chunk), max_length, pad_multiple=1)
             with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-                loss = llm.sequence_loss(model, batch).sum() / batch["loss_mask"][:, 1:].sum()
+                loss = training_loss(model, tokenizer, chunk, max_length)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -161,6 +162,16 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
             losses.append(float(loss.detach()))
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss": sum(losses[-10:]) / min(10, len(losses))}
+
+
+def training_loss(model, tokenizer, docs: list[dict], max_length: int) -> Tensor:
+    """The fine-tuning loss of one batch of ``docs`` (dicts with "text"): the mean next-token
+    cross-entropy (nats per target token) over every real token, the documents padded to the longest
+    one (cut at ``max_length`` tokens) and moved to the model's device; a scalar with its graph."""
+    (batch,), _ = llm.document_batches(tokenizer, docs, len(docs), max_length, pad_multiple=1)
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    return llm.sequence_loss(model, batch).sum() / batch["loss_mask"][:, 1:].sum()
 
 
 def retrieval_metrics(scores: Tensor, doc_ids: list[str], targets: list[str]) -> dict:
@@ -188,3 +199,149 @@ def bm25_scores(queries: list[str], docs: list[str]) -> Tensor:
     index = BM25Okapi([_WORD.findall(d.lower()) or [""] for d in docs])
     rows = [index.get_scores(_WORD.findall(q.lower())) for q in queries]
     return torch.from_numpy(np.asarray(rows, dtype=np.float64).reshape(len(queries), len(docs)))
+
+
+# ---- tail-patch: TrackStar's influence metric ---------------------------------------------------------------
+TAIL_PATCH_KS = (1, 5, 10)
+
+
+def _patch_documents(docs) -> list[dict]:
+    """``docs`` (texts, or document dicts with "text") as document dicts; an empty list is an error."""
+    if isinstance(docs, (str, dict)) or not isinstance(docs, (list, tuple)):
+        raise ValueError(f"docs must be a list of texts or of document dicts, got {type(docs).__name__}")
+    if not docs:
+        raise ValueError("docs is empty: tail-patch takes a training step on at least one document (k >= 1)")
+    out = []
+    for i, d in enumerate(docs):
+        text = d if isinstance(d, str) else d.get("text") if isinstance(d, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"docs[{i}] must be a non-empty text or a dict with a non-empty 'text', got {d!r:.80}")
+        out.append({"id": str(d.get("id", i)) if isinstance(d, dict) else str(i), "text": text})
+    return out
+
+
+def _patch_query(query) -> dict:
+    """A query dict {"prompt", "completion"} (a :class:`Fact`: its prompt and " " + its answer), checked."""
+    if isinstance(query, Fact):
+        query = {"id": query.id, "prompt": query.prompt, "completion": " " + query.answer}
+    if not isinstance(query, dict) or not isinstance(query.get("prompt"), str) or not isinstance(query.get("completion"), str):
+        raise ValueError(f"query must be a Fact or a dict with string 'prompt' and 'completion', got {query!r:.80}")
+    if not query["completion"].strip():
+        raise ValueError(f"query {query.get('id', query['prompt'][:40])!r}: its completion is empty, so there is no "
+                         "answer whose log-probability could change")
+    return query
+
+
+def answer_log_prob(model, tokenizer, query, max_length: int = 128) -> float:
+    """log p(completion | prompt) of ``query`` under ``model`` (nats; the sum over the completion's tokens),
+    without a gradient; the model's training mode is left as it is."""
+    query = _patch_query(query)
+    (batch,) = llm.query_batches(tokenizer, [query], 1, max_length, pad_multiple=1)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return -float(llm.sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
+
+
+def _copied_optimizer(optimizer, model, copy, lr: float | None):
+    """An optimizer of ``optimizer``'s class over ``copy``'s parameters with a deep copy of its state
+    (Adam's moments and step counts), its param groups' hyperparameters and, when given, ``lr`` instead."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    params = list(copy.parameters())
+    groups = []
+    for group in optimizer.param_groups:
+        missing = [tuple(p.shape) for p in group["params"] if id(p) not in position]
+        if missing:
+            raise ValueError(f"optimizer holds parameters that are not the model's (shapes {missing[:3]}): give the "
+                             "optimizer that trained this model")
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [params[position[id(p)]] for p in group["params"]]})
+    copied = type(optimizer)(groups)
+    copied.load_state_dict(copy_module.deepcopy(optimizer.state_dict()))
+    if lr is not None:
+        for group in copied.param_groups:
+            group["lr"] = lr
+    return copied
+
+
+def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128) -> float:
+    """TrackStar's tail-patch score (Chang et al. 2024) of a method's top documents for a query: the
+    change in the log-probability of the query's answer caused by one training step on them.
+
+    One step from the final ``model`` on ``docs`` (the top-k documents: a list of k >= 1 texts or
+    document dicts with "text"; one batch of the k documents, the fine-tuning loss of
+    :func:`training_loss`: the mean next-token cross-entropy per token, each cut at ``max_length``
+    tokens), taken by a copy of ``optimizer`` (its class, hyperparameters and state, e.g. AdamW's
+    moments: the step the training would take next) at its learning rate (``lr`` overrides it), or,
+    with ``optimizer=None``, plain SGD at ``lr``. ``query``: a dict with "prompt" and "completion" (the
+    answer; non-empty) or a :class:`Fact`. Returns log p_after(completion | prompt) - log p_before, in
+    nats (a float: the sum over the completion's tokens; positive: the step made the answer more likely).
+
+    The caller's model and optimizer are not touched (the step is taken on deep copies), and dropout is
+    off during the step (eval mode), so the result is deterministic."""
+    docs, query = _patch_documents(docs), _patch_query(query)
+    if optimizer is None and (lr is None or not lr > 0):
+        raise ValueError(f"lr must be a positive learning rate when optimizer is None (plain SGD), got {lr!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    copy = copy_module.deepcopy(model).eval()
+    step = (torch.optim.SGD(copy.parameters(), lr=lr) if optimizer is None
+            else _copied_optimizer(optimizer, model, copy, lr))
+    before = answer_log_prob(copy, tokenizer, query, max_length)
+    step.zero_grad()
+    training_loss(copy, tokenizer, docs, max_length).backward()
+    step.step()
+    return answer_log_prob(copy, tokenizer, query, max_length) - before
+
+
+def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]:
+    """A seeded random order of ``ids`` (the "k random documents" reference: its first k), one per query."""
+    order = np.random.default_rng([seed, query_index]).permutation(len(ids))
+    return [ids[i] for i in order]
+
+
+def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list[str], *, tokenizer,
+                       ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128) -> dict[int, float]:
+    """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
+    (document ids of ``corpus``, best first, at least max(ks) of them) of one query."""
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive numbers of documents, got {ks!r} (k = 0 documents: no step to take)")
+    by_id = {str(d["id"]): d for d in corpus}
+    unknown = [r for r in ranked if str(r) not in by_id]
+    if unknown:
+        raise ValueError(f"ranked holds ids that are not in the corpus: {unknown[:5]}")
+    if len(ranked) < ks[-1]:
+        raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {ks[-1]}")
+    return {k: tail_patch(model, optimizer, [by_id[str(r)] for r in ranked[:k]], query, tokenizer=tokenizer, lr=lr,
+                          max_length=max_length) for k in ks}
+
+
+def tail_patch_references(model, optimizer, corpus: list[dict], query, source: str, *, tokenizer, ks=TAIL_PATCH_KS,
+                          seed: int = 0, query_index: int = 0, lr: float | None = None,
+                          max_length: int = 128) -> dict:
+    """The two references of a query's tail-patch: {"random": {k: tail-patch on k random documents
+    (:func:`random_ranking`, seeded by ``seed`` and ``query_index``)}, "source": tail-patch on the true
+    source document (id ``source``) alone}."""
+    ids = [str(d["id"]) for d in corpus]
+    if str(source) not in ids:
+        raise ValueError(f"source {source!r} is not a document id of the corpus")
+    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length}
+    return {"random": tail_patch_ranking(model, optimizer, corpus, query, random_ranking(ids, seed, query_index),
+                                         ks=ks, **options),
+            "source": tail_patch(model, optimizer, [corpus[ids.index(str(source))]], query, **options)}
+
+
+def tail_patch_summary(per_query: list[dict[int, float]]) -> dict[int, dict]:
+    """{k: {"mean", "se", "n"}} over the queries of per-query {k: tail-patch} dicts (the same ks in each):
+    the mean change of the answer's log-probability (nats) and its standard error (sample standard
+    deviation / sqrt(n); nan for one query)."""
+    if not per_query:
+        raise ValueError("per_query is empty: no query to average over")
+    ks = sorted(per_query[0])
+    if any(sorted(row) != ks for row in per_query):
+        raise ValueError(f"per_query: every query needs the same ks {ks}")
+    out = {}
+    for k in ks:
+        mean, se = mean_and_standard_error([row[k] for row in per_query])
+        out[k] = {"mean": mean, "se": se, "n": len(per_query)}
+    return out

@@ -33,3 +33,15 @@ def pearson(a: Tensor, b: Tensor, dim: int = -1) -> Tensor:
 def spearman(a: Tensor, b: Tensor, dim: int = -1) -> Tensor:
     """Spearman rank correlation along ``dim`` (ties averaged)."""
     return pearson(rankdata(a, dim), rankdata(b, dim), dim)
+
+
+def mean_and_standard_error(values) -> tuple[float, float]:
+    """(mean, standard error of the mean) of a non-empty sequence of numbers, in float64: the standard
+    error is the sample standard deviation (n - 1 in the denominator) over sqrt(n); nan for one value."""
+    x = torch.as_tensor(list(values) if not isinstance(values, Tensor) else values, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        raise ValueError("values is empty: no mean to take")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"values must be finite numbers, got {x.tolist()[:5]}")
+    se = float(x.std(correction=1) / x.numel() ** 0.5) if x.numel() > 1 else float("nan")
+    return float(x.mean()), se

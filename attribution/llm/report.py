@@ -33,7 +33,7 @@ METHOD_NAMES = {"if": "influence function", "graddot": "gradient dot product", "
 SETUP_LABELS = {"model": "model", "method": "scoring",
                 "compressor": "compressor", "k": "k (floats per layer)", "damping": "damping",
                 "documents": "training documents", "top_k": "documents listed per query", "per_token": "per-token lists",
-                "index": "ANN index candidates", "answered_correctly": "questions answered correctly",
+                "index": "ANN index candidates", "two_stage": "ranking", "answered_correctly": "questions answered correctly",
                 "cache_seconds": "cache seconds"}
 
 
@@ -98,11 +98,21 @@ def score_legend(meta: dict) -> list[str]:
     return lines
 
 
+def two_stage_text(info: dict) -> str:
+    """A two-stage ranking's setup line: its sources, their candidates per query, the distinct ones re-ranked."""
+    counts = info.get("candidates") or []
+    spread = f"{min(counts)}" if counts and min(counts) == max(counts) else f"{min(counts)} to {max(counts)}" if counts else "?"
+    return (f"two-stage: the top {info.get('candidates_k')} documents of {' and '.join(map(str, info.get('sources', [])))} "
+            f"per query ({spread} distinct candidates), re-ranked by the exact score")
+
+
 def _setup(meta: dict) -> list[tuple[str, str]]:
     """(label, value) of the configuration, readable: the method with its scoring, seconds rounded."""
     def shown(key, value):
         if key == "method":
             return f"{METHOD_NAMES.get(value, value)}, {'unit-normalized' if meta.get('normalize') else 'raw'} scores"
+        if key == "two_stage" and isinstance(value, dict):
+            return two_stage_text(value)
         if key.endswith("seconds") and isinstance(value, float):
             return f"{value:.0f}"
         return "yes" if value is True else "no" if value is False else str(value)

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import json
 
-from ... import llm
+import numpy as np
+import torch
+
+from ... import index as index_module
+from ... import llm, retrieval
 from ...collectives import agreed, collectively
+from ...evaluation import facts
+from ...store import open_store
 from ..config import DEFAULT_NORMALIZE, CacheConfig
 from ..report import Attribution, write_reports
 from . import flags as f
@@ -34,12 +40,31 @@ def _queries(args, model, tokenizer):
     return [{"id": q.get("id", str(i)), **q} for i, q in enumerate(queries)]
 
 
+def two_stage_candidates(attr, features, rows: list[dict], docs: list[dict], sources, k: int, nprobe: int | None = None):
+    """(candidate rows [n_rows, width], -1 padded; distinct candidates per row): the union of each source's top
+    ``k`` documents per query: "bm25" (BM25 of prompt + completion against the documents' text, ties to the
+    lower row) and "index" (the store's ANN index for ``attr``'s scores)."""
+    n = min(k, len(docs))
+    parts = []
+    if "bm25" in sources:
+        lexical = facts.bm25_scores([f"{q['prompt']} {q['completion']}" for q in rows], [str(d["text"]) for d in docs])
+        parts.append(torch.argsort(-lexical, dim=1, stable=True)[:, :n].numpy())
+    if "index" in sources:
+        parts.append(retrieval.index_candidates(attr, n, features=features, nprobe=nprobe))
+    ids = retrieval.candidate_rows(np.concatenate(parts, axis=1), len(rows), len(docs))
+    return ids, (ids >= 0).sum(1).tolist()
+
+
 def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
-                      method: str = "if", ann: dict | None = None, normalize: bool = DEFAULT_NORMALIZE):
+                      method: str = "if", ann: dict | None = None, normalize: bool = DEFAULT_NORMALIZE,
+                      two_stage: dict | None = None):
     """(results, scores [n_queries, n_docs] or None) for queries with completions, against a cached store.
     per_token=True: each completion token is its own query; results then carry per-token top documents.
     ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
     ANN index (Attributor.top_k(index=True)) and no score matrix is formed (scores is None).
+    two_stage={"sources": ("bm25", "index"), "k": .., "nprobe": ..}: the top and bottom documents are the union of
+    the sources' top k candidates (:func:`two_stage_candidates`) re-ranked by the exact score
+    (retrieval.rerank_candidates); each query then carries "candidates" (how many) and scores is None.
     normalize: unit-normalized gradients (Attributor(normalize=True)), else raw IF scores. ``config``: the
     store's CacheConfig (or the dict of its flags, as cli.json records them)."""
     config = CacheConfig.from_dict(config) if isinstance(config, dict) else config
@@ -48,7 +73,14 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
     features = attr.query_features(llm.query_batches(tokenizer, rows, config.batch_size, config.max_length,
                                                      config.token_batch_size))
-    if ann and ann.get("index"):
+    if two_stage:
+        scores = None
+        ids, counts = two_stage_candidates(attr, features, rows, docs, **two_stage)
+        top = retrieval.rerank_candidates(attr, ids, top_k, features=features)
+        bottom = retrieval.rerank_candidates(attr, ids, 2 * top_k, features=features, largest=False)  # top ones skipped
+        for q, count in zip(queries, counts):
+            q["candidates"] = count
+    elif ann and ann.get("index"):
         scores = None
         top = attr.top_k(k=top_k, features=features, **ann)
         bottom = attr.top_k(k=top_k, largest=False, features=features, **ann)
@@ -62,7 +94,7 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     def listed(values, indices, i, skip=frozenset()):
         return [(docs[j], float(v)) for j, v in zip(indices[i].tolist(), values[i].tolist()) if j >= 0 and j not in skip]
 
-    ranked = [(listed(*top, i), listed(*bottom, i, skip=frozenset(top[1][i].tolist()))) for i in range(len(rows))]
+    ranked = [(listed(*top, i), listed(*bottom, i, skip=frozenset(top[1][i].tolist()))[:top_k]) for i in range(len(rows))]
     results = [Attribution(q, *ranked[i]) for i, q in enumerate(queries)]
     if per_token:
         start = len(queries)
@@ -78,24 +110,43 @@ def run(args, loaded=None):
     store, config, docs = load_store(args.store)
     if not (args.task or args.prompts or args.prompt):
         raise CLIError("give --prompt, --prompts FILE or --task")
-    if getattr(args, "index", False):
+    sources = args.candidates if isinstance(getattr(args, "candidates", None), tuple) else None
+    if getattr(args, "candidates_k", None) is not None and sources is None:
+        raise CLIError("--candidates-k counts the candidates of --candidates bm25, index or bm25,index; give one of them")
+    if sources and getattr(args, "index", False):
+        raise CLIError(f"--candidates {','.join(sources)} re-ranks its own candidates: drop --index (the ANN index is "
+                       "the source `index`, its count --candidates-k)")
+    if getattr(args, "index", False) or (sources and "index" in sources):
         require_faiss()
+    if sources and "index" in sources:
+        mode = index_module.mode_of("if", args.normalize)
+        if open_store(store).derived_meta(0, index_module.derived_name(mode)) is None:
+            raise CLIError(f"--candidates index needs the store's ANN index ({mode} scores): build it with "
+                           f"`grass-attribute index --store {store} --mode {mode}`")
     model, tokenizer = loaded or load_model(config)
     check_rows(attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
     # rank 0 generates the completions and sends them (every rank must score the same queries)
     queries = agreed(collectively(lambda: _queries(args, model, tokenizer) if main_rank() else None))
     ann = {key: getattr(args, key, None) for key in ("index", "candidates", "nprobe")}  # `demo` has no --index
     ann["index"] = bool(ann["index"])
+    two_stage = None if sources is None else {"sources": sources, "k": args.candidates_k or max(10 * args.top_k, 100),
+                                              "nprobe": args.nprobe}
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
-                                   per_token=getattr(args, "per_token", False), ann=ann, normalize=args.normalize)
+                                   per_token=getattr(args, "per_token", False), ann=ann, normalize=args.normalize,
+                                   two_stage=two_stage)
     meta = {"model": config.model, "method": "if", "normalize": args.normalize, "compressor": config.compressor,
             "k": config.k, "damping": config.damping, "documents": len(docs), "top_k": args.top_k,
             "per_token": getattr(args, "per_token", False), "index": ann["index"]}
+    if two_stage:  # marked in the reports and the printed JSON: the ranking is two-stage, from how many candidates
+        meta["two_stage"] = {"sources": list(sources), "candidates_k": two_stage["k"],
+                             "candidates": [r.query["candidates"] for r in results]}
     if not main_rank():
         return results
     paths = write_reports(args.out, results, meta)
     print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
+                      **({"two_stage": meta["two_stage"]} if two_stage else {}),
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
+                                   **({"candidates": r.query["candidates"]} if two_stage else {}),
                                    "top": [d["id"] for d, _ in r.helpful]} for r in results]}))
     return results
 
@@ -104,7 +155,11 @@ COMMAND = f.Command("attribute", "top-k training documents for prompts / complet
     f.STORE, *f.QUERY_SET,
     f.Flag("--index", "candidates from the store's ANN index (grass-attribute index), re-ranked exactly", default=False,
            action="store_true"),
-    f.Flag("--candidates", "--index: candidates per query (default 10 x top-k, >= 100)", type=f.positive_int),
+    f.Flag("--candidates", "--index: candidates per query (default 10 x top-k, >= 100); or the sources of a two-stage "
+                           "ranking, bm25, index or bm25,index: the union of their top --candidates-k documents per query, "
+                           "re-ranked by the exact gradient score (`index`: the store's ANN index)", type=f.candidates),
+    f.Flag("--candidates-k", "--candidates SOURCES: documents from each source per query (default 10 x top-k, >= 100)",
+           type=f.positive_int),
     f.Flag("--nprobe", "--index: inverted lists to probe (default: the index's)", type=f.positive_int),
     f.Flag("--prompt", "a prompt (repeatable); completed by the model (default: none)", type=f.nonempty, action="append"),
     f.Flag("--prompts", "jsonl of {prompt[, completion]} (default: none)"),

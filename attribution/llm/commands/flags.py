@@ -143,6 +143,21 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and v != float("inf"), "a number >= 0", "a finite number >= 0")
 
 
+CANDIDATE_SOURCES = ("bm25", "index")
+
+
+def candidates(text: str):
+    """``attribute --candidates``: a positive int (with --index: the ANN index's candidates per query) or the
+    sources of a two-stage ranking, comma-separated (bm25, index or bm25,index) -> a tuple of them."""
+    if text.strip().lstrip("+-").isdigit():
+        return positive_int(text)
+    sources = tuple(s.strip() for s in text.split(","))
+    if not all(s in CANDIDATE_SOURCES for s in sources) or len(set(sources)) != len(sources):
+        raise argparse.ArgumentTypeError(f"must be a positive int (with --index) or candidate sources among "
+                                         f"{', '.join(CANDIDATE_SOURCES)} separated by commas (e.g. bm25,index), got {text!r}")
+    return sources
+
+
 def nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")

@@ -1,0 +1,126 @@
+"""Tail-patch (TrackStar's influence metric, attribution.facts.tail_patch): one training step on a method's top
+documents raises the answer's log-probability when they state it, leaves the caller's model and optimizer bit for
+bit, is deterministic, refuses empty or unknown inputs by name; and its aggregation over queries."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import facts, llm  # noqa: E402  (attribution.facts: the old name of attribution.evaluation.facts)
+from attribution.evaluation import metrics  # noqa: E402
+
+QUERY = {"id": "q", "prompt": "the data privacy", "completion": " statement"}
+ANSWER_DOC = {"id": "answer", "text": "the data privacy statement"}
+OTHER_DOC = {"id": "other", "text": "lambda expression creates function"}
+CORPUS = [ANSWER_DOC, OTHER_DOC, {"id": "d2", "text": "a for loop list"}, {"id": "d3", "text": "python list data"},
+          {"id": "d4", "text": "assert statement"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    return model.double(), tok
+
+
+def _trained_adamw(model, tok):
+    """An AdamW that has taken two steps on the model (so it holds moments and step counts)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for docs in ([CORPUS[2]], [CORPUS[3]]):
+        optimizer.zero_grad()
+        facts.training_loss(model, tok, docs, 16).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+def test_the_old_module_name_has_it():
+    from attribution.facts import tail_patch
+
+    import attribution.evaluation.facts as new
+
+    assert tail_patch is new.tail_patch and facts is new
+
+
+def test_a_step_on_the_answer_raises_its_log_probability_more_than_an_unrelated_step(tiny):
+    model, tok = tiny
+    on_answer = facts.tail_patch(model, None, [ANSWER_DOC], QUERY, tokenizer=tok, lr=0.5)
+    unrelated = facts.tail_patch(model, None, [OTHER_DOC["text"]], QUERY, tokenizer=tok, lr=0.5)  # a text works too
+    assert on_answer > 0.5 and on_answer > unrelated + 0.5, (on_answer, unrelated)
+
+
+def test_the_model_and_the_optimizer_are_unchanged_bit_for_bit_and_the_result_is_deterministic(tiny):
+    model, tok = tiny
+    optimizer = _trained_adamw(model, tok)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    first = facts.tail_patch(model, optimizer, [ANSWER_DOC, OTHER_DOC], QUERY, tokenizer=tok)
+    second = facts.tail_patch(model, optimizer, [ANSWER_DOC, OTHER_DOC], QUERY, tokenizer=tok)
+    assert first == second and first != 0.0
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert {id(p) for p in optimizer.state} == set(state)
+    for p, s in optimizer.state.items():
+        assert s.keys() == state[id(p)].keys()
+        assert all(torch.equal(v, state[id(p)][k]) if torch.is_tensor(v) else v == state[id(p)][k] for k, v in s.items())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
+    # the learning rate is the optimizer's: another one gives another number
+    optimizer.param_groups[0]["lr"] = 1e-3
+    assert facts.tail_patch(model, optimizer, [ANSWER_DOC, OTHER_DOC], QUERY, tokenizer=tok) != first
+
+
+def test_empty_or_unknown_inputs_are_named(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="docs is empty"):
+        facts.tail_patch(model, None, [], QUERY, tokenizer=tok, lr=0.1)
+    with pytest.raises(ValueError, match="its completion is empty"):
+        facts.tail_patch(model, None, [ANSWER_DOC], {**QUERY, "completion": " "}, tokenizer=tok, lr=0.1)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        facts.tail_patch(model, None, [ANSWER_DOC], QUERY, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"ranked holds ids that are not in the corpus: \['nope'\]"):
+        facts.tail_patch_ranking(model, None, CORPUS, QUERY, ["answer", "nope"], tokenizer=tok, ks=(1,), lr=0.1)
+    with pytest.raises(ValueError, match="ks must be positive"):
+        facts.tail_patch_ranking(model, None, CORPUS, QUERY, ["answer"], tokenizer=tok, ks=(0,), lr=0.1)
+    with pytest.raises(ValueError, match="fewer than k = 5"):
+        facts.tail_patch_ranking(model, None, CORPUS, QUERY, ["answer", "other"], tokenizer=tok, ks=(1, 5), lr=0.1)
+    with pytest.raises(ValueError, match="source 'nope' is not a document id"):
+        facts.tail_patch_references(model, None, CORPUS, QUERY, "nope", tokenizer=tok, ks=(1,), lr=0.1)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match="not the model's"):
+        facts.tail_patch(model, other, [ANSWER_DOC], QUERY, tokenizer=tok)
+
+
+def test_a_ranking_and_its_references(tiny):
+    model, tok = tiny
+    ranked = ["answer", "d4", "other", "d2", "d3"]
+    got = facts.tail_patch_ranking(model, None, CORPUS, QUERY, ranked, tokenizer=tok, ks=(1, 5), lr=0.5)
+    assert set(got) == {1, 5}
+    assert got[1] == facts.tail_patch(model, None, [ANSWER_DOC], QUERY, tokenizer=tok, lr=0.5)
+    refs = facts.tail_patch_references(model, None, CORPUS, QUERY, "answer", tokenizer=tok, ks=(1, 5), lr=0.5, seed=3)
+    assert refs["source"] == got[1] and set(refs["random"]) == {1, 5}
+    order = facts.random_ranking([d["id"] for d in CORPUS], seed=3)
+    assert refs["random"][5] == pytest.approx(got[5])  # all five documents, in another order: the same batch
+    assert refs["random"][1] == facts.tail_patch(model, None, [next(d for d in CORPUS if d["id"] == order[0])], QUERY,
+                                                 tokenizer=tok, lr=0.5)
+    assert order == facts.random_ranking([d["id"] for d in CORPUS], seed=3)  # seeded
+    assert sorted(order) == sorted(d["id"] for d in CORPUS)
+
+
+def test_the_aggregation_matches_numpy():
+    values = [0.5, -1.25, 3.0, 2.0, 0.125]
+    mean, se = metrics.mean_and_standard_error(values)
+    assert mean == pytest.approx(np.mean(values), abs=1e-15)
+    assert se == pytest.approx(np.std(values, ddof=1) / np.sqrt(len(values)), abs=1e-15)
+    one_mean, one_se = metrics.mean_and_standard_error([2.5])
+    assert one_mean == 2.5 and np.isnan(one_se)
+    with pytest.raises(ValueError, match="values is empty"):
+        metrics.mean_and_standard_error([])
+    summary = facts.tail_patch_summary([{1: v, 5: 2 * v} for v in values])
+    assert summary[1]["n"] == 5 and summary[5]["mean"] == pytest.approx(2 * np.mean(values))
+    assert summary[5]["se"] == pytest.approx(2 * np.std(values, ddof=1) / np.sqrt(5))
+    with pytest.raises(ValueError, match="per_query is empty"):
+        facts.tail_patch_summary([])
+    with pytest.raises(ValueError, match="the same ks"):
+        facts.tail_patch_summary([{1: 0.0}, {5: 0.0}])
