@@ -78,6 +78,9 @@ def format_score(value: float) -> str:
 def score_legend(meta: dict) -> list[str]:
     """What a score means (sign, scale, helpful vs harmful) for the report's method."""
     method, normalized = meta.get("method", "if"), bool(meta.get("normalize"))
+    preconditioned = method in ("if", "trak") and meta.get("preconditioner") != "none"
+    if method == "if" and not preconditioned:
+        method = "graddot"  # IF without a preconditioner: the plain dot product
     what = {"if": "the influence estimate q · (F + λI)⁻¹ · g, with q the answer's compressed loss gradient, g the "
                   "document's, F their Fisher information matrix and λ the damping",
             "graddot": "the dot product q · g of the answer's and the document's compressed loss gradients",
@@ -87,13 +90,16 @@ def score_legend(meta: dict) -> list[str]:
              "Positive = helpful: a training step on the document lowers the loss of this answer (makes it more likely). "
              "Negative = harmful: a step on it raises that loss. The lowest-score list shows harmful documents when "
              "their scores are negative; a positive lowest score only means least helpful."]
-    if normalized:
+    if normalized and not preconditioned:
+        lines.append("Scale: unit-normalized: the cosine of the two gradients, between -1 and 1.")
+    elif normalized:
         lines.append("Scale: unit-normalized (--normalize): divided by both gradients' norms, so a long document with a "
                      "large gradient does not top every list; the preconditioner keeps the scores unbounded.")
     elif method == "gradcos":
         lines.append("Scale: between -1 and 1.")
     else:
-        lines.append("Scale: no fixed unit (scores grow with the gradients' norms and shrink with the damping): "
+        damping = " and shrink with the damping" if preconditioned else ""
+        lines.append(f"Scale: no fixed unit (scores grow with the gradients' norms{damping}): "
                      "compare them within one report, not across stores or settings.")
     return lines
 

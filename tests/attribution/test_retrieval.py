@@ -143,7 +143,7 @@ def test_two_stage_flags_rerank_bm25_and_index_candidates(cli_store, tmp_path, c
 
     store, prompts = cli_store
     plain, plain_report, plain_printed = _attribute(store, prompts, tmp_path / "plain", capsys=capsys)
-    assert "two_stage" not in plain_report["meta"] and set(plain_printed) == {"reports", "queries"}
+    assert "two_stage" not in plain_report["meta"] and set(plain_printed) == {"reports", "method", "preconditioner", "queries"}
     assert all(set(q) == {"prompt", "completion", "top"} for q in plain_printed["queries"])
     assert all("candidates" not in q["query"] for q in plain_report["queries"])
     again, again_report, again_printed = _attribute(store, prompts, tmp_path / "again", capsys=capsys)

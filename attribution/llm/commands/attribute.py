@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -9,12 +10,47 @@ import torch
 from ... import index as index_module
 from ... import llm, retrieval
 from ...collectives import agreed, collectively
+from ...config import METHODS
 from ...evaluation import facts
+from ...preconditioners import PRECONDITIONERS, REGISTRY, resolve_preconditioner
+from ...scoring import PRECONDITIONED
 from ...store import open_store
 from ..config import DEFAULT_NORMALIZE, CacheConfig
 from ..report import Attribution, write_reports
 from . import flags as f
 from .common import CLIError, attributor, check_out, check_rows, load_model, load_store, main_rank, require_faiss
+
+# What a store of `grass-attribute cache` holds: one model's compressed loss gradients and their FIM (the Attributor's
+# defaults). The methods and preconditioners that need more are refused, with what they need.
+UNCACHED_METHODS = {
+    "tracin": "sums gradient dot products over training checkpoints weighted by their learning rates; a store of "
+              "`grass-attribute cache` holds one model's gradients (no checkpoints), where TracIn is --method graddot",
+    "trak": "needs the gradients of a model-output function cached per checkpoint (the Python API's "
+            "Attributor(method='trak', output_fn=...)); a store of `grass-attribute cache` holds loss gradients",
+}
+STORE_METHODS = tuple(m for m in METHODS if m not in UNCACHED_METHODS)
+STORE_PRECONDITIONERS = ("fim", "none")  # the FIM is derived by `cache`; "none" needs no derived data
+
+
+def scoring(args) -> tuple[str, str, bool]:
+    """(method, preconditioner, normalize) of `attribute`'s --method, --preconditioner and --normalize, or a usage
+    error naming the flag and the values that a store of `grass-attribute cache` accepts."""
+    method, given = args.method, args.preconditioner
+    if method in UNCACHED_METHODS:
+        raise CLIError(f"--method {method} {UNCACHED_METHODS[method]}; accepted: {', '.join(STORE_METHODS)}")
+    if method not in PRECONDITIONED and given not in (None, "none"):
+        raise CLIError(f"--preconditioner {given} applies to --method if; --method {method} uses none (drop "
+                       "--preconditioner or give none)")
+    preconditioner = resolve_preconditioner(given, method, PRECONDITIONED)
+    if preconditioner not in STORE_PRECONDITIONERS:
+        raise CLIError(f"--preconditioner {preconditioner} needs its data ({', '.join(REGISTRY[preconditioner].derived_names)}"
+                       ": the target layers' Kronecker factors) collected while caching, as "
+                       f"Attributor(preconditioner={preconditioner!r}).cache does; a store of `grass-attribute cache` holds "
+                       f"the FIM only; accepted: {', '.join(STORE_PRECONDITIONERS)}")
+    if method == "gradcos" and args.normalize is False:
+        raise CLIError("--method gradcos is the cosine of the gradients (unit-normalized by definition): drop --no-normalize")
+    normalize = DEFAULT_NORMALIZE if args.normalize is None else args.normalize
+    return method, preconditioner, normalize or method == "gradcos"
 
 
 def _queries(args, model, tokenizer):
@@ -57,7 +93,7 @@ def two_stage_candidates(attr, features, rows: list[dict], docs: list[dict], sou
 
 def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
                       method: str = "if", ann: dict | None = None, normalize: bool = DEFAULT_NORMALIZE,
-                      two_stage: dict | None = None):
+                      two_stage: dict | None = None, preconditioner: str | None = None):
     """(results, scores [n_queries, n_docs] or None) for queries with completions, against a cached store.
     per_token=True: each completion token is its own query; results then carry per-token top documents.
     ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
@@ -65,10 +101,11 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     two_stage={"sources": ("bm25", "index"), "k": .., "nprobe": ..}: the top and bottom documents are the union of
     the sources' top k candidates (:func:`two_stage_candidates`) re-ranked by the exact score
     (retrieval.rerank_candidates); each query then carries "candidates" (how many) and scores is None.
-    normalize: unit-normalized gradients (Attributor(normalize=True)), else raw IF scores. ``config``: the
-    store's CacheConfig (or the dict of its flags, as cli.json records them)."""
+    normalize: unit-normalized gradients (Attributor(normalize=True)), else raw scores. ``method`` and
+    ``preconditioner`` (None: the method's default): the Attributor's. ``config``: the store's CacheConfig (or the
+    dict of its flags, as cli.json records them)."""
     config = CacheConfig.from_dict(config) if isinstance(config, dict) else config
-    attr = attributor(model, config, store, method=method, normalize=normalize)
+    attr = attributor(model, config, store, method=method, normalize=normalize, preconditioner=preconditioner)
     expanded = [llm.per_token_queries(tokenizer, q, config.max_length) for q in queries] if per_token else None
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
     features = attr.query_features(llm.query_batches(tokenizer, rows, config.batch_size, config.max_length,
@@ -110,6 +147,7 @@ def run(args, loaded=None):
     store, config, docs = load_store(args.store)
     if not (args.task or args.prompts or args.prompt):
         raise CLIError("give --prompt, --prompts FILE or --task")
+    method, preconditioner, normalize = scoring(args)
     sources = args.candidates if isinstance(getattr(args, "candidates", None), tuple) else None
     if getattr(args, "candidates_k", None) is not None and sources is None:
         raise CLIError("--candidates-k counts the candidates of --candidates bm25, index or bm25,index; give one of them")
@@ -119,7 +157,7 @@ def run(args, loaded=None):
     if getattr(args, "index", False) or (sources and "index" in sources):
         require_faiss()
     if sources and "index" in sources:
-        mode = index_module.mode_of("if", args.normalize)
+        mode = index_module.mode_of(method, normalize)
         if open_store(store).derived_meta(0, index_module.derived_name(mode)) is None:
             raise CLIError(f"--candidates index needs the store's ANN index ({mode} scores): build it with "
                            f"`grass-attribute index --store {store} --mode {mode}`")
@@ -132,18 +170,18 @@ def run(args, loaded=None):
     two_stage = None if sources is None else {"sources": sources, "k": args.candidates_k or max(10 * args.top_k, 100),
                                               "nprobe": args.nprobe}
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
-                                   per_token=getattr(args, "per_token", False), ann=ann, normalize=args.normalize,
-                                   two_stage=two_stage)
-    meta = {"model": config.model, "method": "if", "normalize": args.normalize, "compressor": config.compressor,
-            "k": config.k, "damping": config.damping, "documents": len(docs), "top_k": args.top_k,
-            "per_token": getattr(args, "per_token", False), "index": ann["index"]}
+                                   per_token=getattr(args, "per_token", False), method=method, ann=ann,
+                                   normalize=normalize, two_stage=two_stage, preconditioner=preconditioner)
+    meta = {"model": config.model, "method": method, "preconditioner": preconditioner, "normalize": normalize,
+            "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
+            "top_k": args.top_k, "per_token": getattr(args, "per_token", False), "index": ann["index"]}
     if two_stage:  # marked in the reports and the printed JSON: the ranking is two-stage, from how many candidates
         meta["two_stage"] = {"sources": list(sources), "candidates_k": two_stage["k"],
                              "candidates": [r.query["candidates"] for r in results]}
     if not main_rank():
         return results
     paths = write_reports(args.out, results, meta)
-    print(json.dumps({"reports": {k: str(v) for k, v in paths.items()},
+    print(json.dumps({"reports": {k: str(v) for k, v in paths.items()}, "method": method, "preconditioner": preconditioner,
                       **({"two_stage": meta["two_stage"]} if two_stage else {}),
                       "queries": [{"prompt": r.query["prompt"], "completion": r.query["completion"],
                                    **({"candidates": r.query["candidates"]} if two_stage else {}),
@@ -165,7 +203,13 @@ COMMAND = f.Command("attribute", "top-k training documents for prompts / complet
     f.Flag("--prompts", "jsonl of {prompt[, completion]} (default: none)"),
     f.Flag("--generate", "new tokens of each completion", default=24, type=f.positive_int),
     f.Flag("--top-k", "documents listed per query, top and bottom", default=5, type=f.positive_int),
-    f.NORMALIZE,
+    f.Flag("--method", "the score: if (influence function), graddot (gradient dot product), gradcos (gradient cosine); "
+                       "tracin and trak need more than `grass-attribute cache` stores and are refused",
+           default="if", choices=METHODS),
+    f.Flag("--preconditioner", "--method if: fim (the store's Fisher information, default) or none (a plain dot "
+                               "product); graddot and gradcos use none; kfac and ekfac need factors `cache` does not "
+                               "collect and are refused", choices=PRECONDITIONERS),
+    replace(f.NORMALIZE, help=f.NORMALIZE.help[:-1] + "; --method gradcos is normalized by definition)", default=None),
     f.Flag("--per-token", "also attribute each completion token on its own (one query per token)", default=False,
            action="store_true"),
     f.Flag("--out", "folder of report.md, report.html and report.json", default="out/llm_report"),

@@ -88,11 +88,13 @@ def check_optimizer_state(model, config: CacheConfig) -> None:
         raise CLIError(f"--optimizer-state {config.optimizer_state}: {err}") from None
 
 
-def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False):
-    """The Attributor of a cache configuration over ``store``; an error of its --optimizer-state (another model's
-    state, or a store cached with another one) is a usage error naming the flag."""
+def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False, preconditioner=None):
+    """The Attributor of a cache configuration over ``store`` (``preconditioner`` None: the method's default); an
+    error of its --optimizer-state (another model's state, or a store cached with another one) is a usage error
+    naming the flag."""
     try:
-        return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)),
+        return Attributor(model, llm.sequence_loss, method=method, preconditioner=preconditioner,
+                          compressor=compressor_spec(config, Path(store)),
                           k=config.k, damping=config.damping, store=store,
                           layers=llm.resolve_layers(model, config.layer_patterns), seed=config.seed, compile=compile,
                           storage_dtype=config.storage_dtype, normalize=normalize,
