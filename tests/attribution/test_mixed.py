@@ -2,6 +2,7 @@
 dense reference from the compressed features; w = 0 is "fim"; a direction every query shares is damped; the
 task_weight checks; a store read by a fresh process and two gloo ranks give the same scores."""
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,62 @@ def test_two_gloo_ranks_give_the_mixed_scores_of_one_process(tmp_path):
         assert torch.equal(got["self"], single["self"]), rank
 
 
+
+# ---- the CLI: grass-attribute attribute --preconditioner mixed --task-weight W -----------------------------------
+DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
+        "python list data", "the function creates a list"]
+
+
+@pytest.fixture
+def cli_store(tiny_llama, tmp_path):
+    pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+    from attribution.llm import cli
+
+    corpus, store, prompts = tmp_path / "corpus.jsonl", tmp_path / "store", tmp_path / "prompts.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(DOCS)))
+    cli.run(["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "16", "--batch-size",
+             "2", "--max-length", "8", "--layers", "model.layers.*", "--no-compile"])
+    prompts.write_text("\n".join(json.dumps(q) for q in [{"id": "q0", "prompt": "a for", "completion": " loop list"},
+                                                         {"id": "q1", "prompt": "the data", "completion": " privacy"}]))
+    return store, prompts
+
+
+def _report(store, prompts, out, *flags):
+    from attribution.llm import cli
+
+    results = cli.run(["attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "6", "--out", str(out),
+                       *flags])
+    return {r.query["id"]: {d["id"]: s for d, s in r.helpful} for r in results}, json.loads((out / "report.json").read_text())
+
+
+def test_cli_mixed_preconditioner_records_its_weight_and_zero_is_the_fim(cli_store, tmp_path):
+    store, prompts = cli_store
+    plain, plain_report = _report(store, prompts, tmp_path / "plain")
+    zero, zero_report = _report(store, prompts, tmp_path / "zero", "--preconditioner", "mixed", "--task-weight", "0")
+    mixed, mixed_report = _report(store, prompts, tmp_path / "mixed", "--preconditioner", "mixed", "--task-weight", "0.5")
+    assert zero == plain and "task_weight" not in plain_report["meta"]
+    assert zero_report["meta"]["preconditioner"] == "mixed" and zero_report["meta"]["task_weight"] == 0.0
+    assert mixed_report["meta"]["task_weight"] == 0.5 and mixed != plain
+    assert all(set(mixed[q]) == set(plain[q]) for q in plain)  # every document listed, with other scores
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task-weight", "0.5"], "--task-weight weights the query set in --preconditioner mixed"),
+    (["--preconditioner", "mixed"], "--preconditioner mixed needs --task-weight W"),
+    (["--preconditioner", "mixed", "--task-weight", "0.5", "--per-token"], "--per-token would add each token's row"),
+    (["--preconditioner", "mixed", "--task-weight", "1"], "argument --task-weight: must be in [0, 1)"),
+    (["--preconditioner", "mixed", "--task-weight", "nan"], "argument --task-weight: must be in [0, 1)"),
+    (["--preconditioner", "mixed", "--task-weight", "x"], "argument --task-weight: must be a number in [0, 1)"),
+    (["--preconditioner", "kfac"], "argument --preconditioner: invalid choice"),
+])
+def test_bad_mixed_flags_exit_2_naming_the_flag(cli_store, tmp_path, capsys, flags, message):
+    from attribution.llm import cli
+
+    store, prompts = cli_store
+    try:  # argparse's own errors exit from inside main, the command's return 2
+        code = cli.main(["attribute", "--store", str(store), "--prompts", str(prompts), "--out", str(tmp_path / "r"), *flags])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err
