@@ -51,7 +51,10 @@ class Attributor:
     two need logits_fn(model, batch) -> Tensor[B, C] and use the cross-entropy of those logits.
     preconditioner (if / trak): "fim" (default: the block-diagonal FIM of the compressed gradients, the
     paper's), "kfac" / "ekfac" (Kronecker-factored curvature of each target layer, applied to the query in
-    the full parameter space before it is compressed; see attribution.preconditioners) or "none".
+    the full parameter space before it is compressed; see attribution.preconditioners), "mixed"
+    (TrackStar's task-aware curvature: per block (1 - task_weight) F_train + task_weight F_query, F_query
+    the mean second moment of the compressed query gradients scored together, so that directions every
+    query shares are damped; task_weight in [0, 1), 0 is "fim"; see attribution.preconditioners.mixed) or "none".
     damping: a number >= 0 (absolute) or "<factor>*mean" (relative: factor x the mean eigenvalue of each
     block's preconditioner, e.g. "0.1*mean").
     optimizer_state (optimizer-aware normalization, TrackStar / LESS): an Adam / AdamW ``state_dict()``, a
@@ -69,7 +72,7 @@ class Attributor:
                  fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
-                 preconditioner: str | None = None, autocast: torch.dtype | str | None = None,
+                 preconditioner: str | None = None, task_weight: float | None = None, autocast: torch.dtype | str | None = None,
                  normalize: bool = False, optimizer_state=None, optimizer_eps: float = DEFAULT_EPS,
                  config: AttributorConfig | None = None):
         self.config = config = AttributorConfig.from_arguments(locals(), config)

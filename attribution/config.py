@@ -12,7 +12,7 @@ import torch
 
 from .fim import check_damping
 from .optimizer_state import DEFAULT_EPS, check_argument
-from .preconditioners import preconditioner_class, resolve_preconditioner
+from .preconditioners import check_task_weight, preconditioner_class, resolve_preconditioner
 from .process_group import is_distributed
 from .scoring import PRECONDITIONED
 from .store import STORAGE_DTYPES
@@ -36,7 +36,8 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
 class AttributorConfig:
     """The Attributor's keyword arguments (see :class:`attribution.Attributor` for their meaning),
     checked on construction: a clear error naming the argument, else normalized values (``k`` an int,
-    ``damping`` from :func:`check_damping`, ``preconditioner`` resolved, ``autocast`` a dtype or None).
+    ``damping`` from :func:`check_damping`, ``preconditioner`` resolved, ``task_weight`` a float for
+    "mixed" and None otherwise, ``autocast`` a dtype or None).
     ``damping`` may be changed afterwards (through ``Attributor.damping``, which checks it)."""
 
     method: str = "if"
@@ -61,6 +62,7 @@ class AttributorConfig:
     param_compressor: object = "sjlt"
     param_chunk: int = 64
     preconditioner: str | None = None
+    task_weight: float | None = None
     autocast: torch.dtype | str | None = None
     normalize: bool = False
     optimizer_state: object = None
@@ -91,6 +93,10 @@ class AttributorConfig:
         if preconditioner_class(self.preconditioner).needs_factors and fisher != "empirical":
             raise ValueError(f"preconditioner={self.preconditioner!r} uses the empirical Fisher (the training factors); "
                              f"fisher={fisher!r} is supported with preconditioner='fim'")
+        self.task_weight = check_task_weight(self.task_weight, self.preconditioner)
+        if self.preconditioner == "mixed" and fisher != "empirical":
+            raise ValueError(f"preconditioner='mixed' mixes the empirical second moments of the training and the query "
+                             f"gradients: fisher must be 'empirical', got {fisher!r}")
         self.k = check_int("k", self.k)
         self.seed = check_int("seed", self.seed, 0, 2**63)
         self.damping = check_damping(self.damping)

@@ -82,10 +82,14 @@ class FIMAccumulator:
         gw = g if weights is None else g * weights.to(g.device, self.acc_dtype).unsqueeze(1)
         self.sum.addmm_(gw.T, g)
 
-    def finalize(self, n: int, store_dtype: torch.dtype = torch.float32) -> "DampedInverse":
+    def mean(self, n: int) -> Tensor:
+        """[k, k]: the sum over ``n`` samples divided by n (the per-example mean second moment)."""
         if n <= 0:
             raise ValueError("the FIM needs at least one training sample")
-        return DampedInverse.from_fim(self.sum / n, store_dtype)
+        return self.sum / n
+
+    def finalize(self, n: int, store_dtype: torch.dtype = torch.float32) -> "DampedInverse":
+        return DampedInverse.from_fim(self.mean(n), store_dtype)
 
 
 # A FIM summed over n samples has rank <= n. When n + LOW_RANK_OVERSAMPLE <= k / LOW_RANK_SHARE, its
@@ -130,6 +134,11 @@ class DampedInverse:
             found = low_rank_eigh(sym, samples + LOW_RANK_OVERSAMPLE, 100 * torch.finfo(fim.dtype).eps)
         eigvals, eigvecs = found if found is not None else torch.linalg.eigh(sym)
         return cls(eigvals.clamp_min(0.0), eigvecs.to(store_dtype))
+
+    def matrix(self, device=None) -> Tensor:
+        """[k, k] float64: F = V diag(lam) V^T rebuilt from the eigendecomposition (on ``device``)."""
+        v = self.eigvecs.to(device, torch.float64)
+        return (v * self.eigvals.to(device, torch.float64)) @ v.T
 
     def apply(self, vectors: Tensor, damping: float | str) -> Tensor:
         """(F + damping I)^-1 applied to the rows of ``vectors`` [m, k]; returns vectors.dtype. A relative

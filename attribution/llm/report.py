@@ -32,6 +32,7 @@ METHOD_NAMES = {"if": "influence function", "graddot": "gradient dot product", "
                 "tracin": "TracIn", "trak": "TRAK"}
 SETUP_LABELS = {"model": "model", "method": "scoring",
                 "compressor": "compressor", "k": "k (floats per layer)", "damping": "damping",
+                "preconditioner": "preconditioner", "task_weight": "task weight (query share of the curvature)",
                 "documents": "training documents", "top_k": "documents listed per query", "per_token": "per-token lists",
                 "index": "ANN index candidates", "two_stage": "ranking", "answered_correctly": "questions answered correctly",
                 "cache_seconds": "cache seconds"}

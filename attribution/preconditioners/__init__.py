@@ -12,10 +12,12 @@ from __future__ import annotations
 from .base import Preconditioner, Setup
 from .fim import FIMPreconditioner
 from .kronecker import EKFACPreconditioner, KFACPreconditioner, KroneckerQueryFeatures, PreconditionedQueries
+from .mixed import MixedPreconditioner, check_task_weight
 from .none import NoPreconditioner
 
 REGISTRY: dict[str, type[Preconditioner]] = {
     "fim": FIMPreconditioner,
+    "mixed": MixedPreconditioner,
     "kfac": KFACPreconditioner,
     "ekfac": EKFACPreconditioner,
     "none": NoPreconditioner,
@@ -45,5 +47,5 @@ def build_preconditioner(name: str, setup: Setup) -> Preconditioner:
 
 
 __all__ = ["EKFACPreconditioner", "FIMPreconditioner", "KFACPreconditioner", "KroneckerQueryFeatures",
-           "NoPreconditioner", "PRECONDITIONERS", "PreconditionedQueries", "Preconditioner", "REGISTRY", "Setup",
-           "build_preconditioner", "preconditioner_class", "resolve_preconditioner"]
+           "MixedPreconditioner", "NoPreconditioner", "PRECONDITIONERS", "PreconditionedQueries", "Preconditioner", "REGISTRY", "Setup",
+           "build_preconditioner", "check_task_weight", "preconditioner_class", "resolve_preconditioner"]

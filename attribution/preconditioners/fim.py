@@ -86,7 +86,12 @@ class FIMPreconditioner(Preconditioner):
     # ---- queries -------------------------------------------------------------------------------
     def apply(self, ckpt: int, record: Completion, q: Tensor, damping, blocks: Iterable[int] | None = None) -> Tensor:
         """q [n, columns] with ``blocks`` (default: all) replaced by (F_b + damping I)^-1 q_b, on the device."""
-        q, fims, o = q.to(self.device, self.dtype).clone(), self.inverses(ckpt, record), self.offsets
+        return self.apply_inverses(self.inverses(ckpt, record), q, damping, blocks)
+
+    def apply_inverses(self, fims: list[DampedInverse], q: Tensor, damping, blocks: Iterable[int] | None = None) -> Tensor:
+        """q [n, columns] with ``blocks`` (default: all) replaced by (P_b + damping I)^-1 q_b, P_b the
+        matrix of fims[b], on the device."""
+        q, o = q.to(self.device, self.dtype).clone(), self.offsets
         for j in range(len(self.widths)) if blocks is None else blocks:
             q[:, o[j] : o[j + 1]] = fims[j].apply(q[:, o[j] : o[j + 1]], damping)
         return q

@@ -29,7 +29,7 @@ UNCACHED_METHODS = {
             "Attributor(method='trak', output_fn=...)); a store of `grass-attribute cache` holds loss gradients",
 }
 STORE_METHODS = tuple(m for m in METHODS if m not in UNCACHED_METHODS)
-STORE_PRECONDITIONERS = ("fim", "none")  # the FIM is derived by `cache`; "none" needs no derived data
+STORE_PRECONDITIONERS = ("fim", "none", "mixed")  # the FIM is derived by `cache` (and serves "mixed"); "none" needs none
 
 
 def scoring(args) -> tuple[str, str, bool]:
@@ -93,7 +93,7 @@ def two_stage_candidates(attr, features, rows: list[dict], docs: list[dict], sou
 
 def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict], top_k: int, per_token: bool = False,
                       method: str = "if", ann: dict | None = None, normalize: bool = DEFAULT_NORMALIZE,
-                      two_stage: dict | None = None, preconditioner: str | None = None):
+                      two_stage: dict | None = None, preconditioner: str | None = None, task_weight: float | None = None):
     """(results, scores [n_queries, n_docs] or None) for queries with completions, against a cached store.
     per_token=True: each completion token is its own query; results then carry per-token top documents.
     ann={"index": True, "candidates": .., "nprobe": ..}: the top and bottom documents come from the store's
@@ -102,10 +102,12 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     the sources' top k candidates (:func:`two_stage_candidates`) re-ranked by the exact score
     (retrieval.rerank_candidates); each query then carries "candidates" (how many) and scores is None.
     normalize: unit-normalized gradients (Attributor(normalize=True)), else raw scores. ``method`` and
-    ``preconditioner`` (None: the method's default): the Attributor's. ``config``: the store's CacheConfig (or the
-    dict of its flags, as cli.json records them)."""
+    ``preconditioner`` (None: the method's default) and ``task_weight`` (of "mixed": the curvature mixes in the
+    second moment of all ``rows``): the Attributor's. ``config``: the store's CacheConfig (or the dict of its flags,
+    as cli.json records them)."""
     config = CacheConfig.from_dict(config) if isinstance(config, dict) else config
-    attr = attributor(model, config, store, method=method, normalize=normalize, preconditioner=preconditioner)
+    attr = attributor(model, config, store, method=method, normalize=normalize, preconditioner=preconditioner,
+                      task_weight=task_weight)
     expanded = [llm.per_token_queries(tokenizer, q, config.max_length) for q in queries] if per_token else None
     rows = queries + [t for per_query in expanded for t in per_query] if per_token else queries  # whole queries first
     features = attr.query_features(llm.query_batches(tokenizer, rows, config.batch_size, config.max_length,
@@ -142,6 +144,23 @@ def attribute_queries(store, config, docs, model, tokenizer, queries: list[dict]
     return results, None if scores is None else scores[: len(queries)]
 
 
+def _check_mixed(args) -> dict:
+    """{preconditioner: "mixed", task_weight: w} for --preconditioner mixed --task-weight W, {} for the FIM; a
+    usage error for one flag without the other, or with --per-token (its token rows would join the query set)."""
+    preconditioner, weight = getattr(args, "preconditioner", None), getattr(args, "task_weight", None)
+    if preconditioner != "mixed":
+        if weight is not None:
+            given = preconditioner or "fim (the default)"
+            raise CLIError(f"--task-weight weights the query set in --preconditioner mixed, not --preconditioner {given}")
+        return {}
+    if weight is None:
+        raise CLIError("--preconditioner mixed needs --task-weight W, the query set's share of the curvature in [0, 1)")
+    if getattr(args, "per_token", False):
+        raise CLIError("--preconditioner mixed takes its query curvature from the whole queries; --per-token would add "
+                       "each token's row to that set: drop one of them")
+    return {"preconditioner": "mixed", "task_weight": weight}
+
+
 def run(args, loaded=None):
     check_out(args)
     store, config, docs = load_store(args.store)
@@ -154,6 +173,7 @@ def run(args, loaded=None):
     if sources and getattr(args, "index", False):
         raise CLIError(f"--candidates {','.join(sources)} re-ranks its own candidates: drop --index (the ANN index is "
                        "the source `index`, its count --candidates-k)")
+    mixed = _check_mixed(args)
     if getattr(args, "index", False) or (sources and "index" in sources):
         require_faiss()
     if sources and "index" in sources:
@@ -171,9 +191,11 @@ def run(args, loaded=None):
                                               "nprobe": args.nprobe}
     results, _ = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k,
                                    per_token=getattr(args, "per_token", False), method=method, ann=ann,
-                                   normalize=normalize, two_stage=two_stage, preconditioner=preconditioner)
+                                   normalize=normalize, two_stage=two_stage, preconditioner=preconditioner,
+                                   task_weight=mixed.get("task_weight"))
     meta = {"model": config.model, "method": method, "preconditioner": preconditioner, "normalize": normalize,
-            "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
+            "compressor": config.compressor, "k": config.k, "damping": config.damping,
+            **mixed, "documents": len(docs),
             "top_k": args.top_k, "per_token": getattr(args, "per_token", False), "index": ann["index"]}
     if two_stage:  # marked in the reports and the printed JSON: the ranking is two-stage, from how many candidates
         meta["two_stage"] = {"sources": list(sources), "candidates_k": two_stage["k"],
@@ -206,9 +228,11 @@ COMMAND = f.Command("attribute", "top-k training documents for prompts / complet
     f.Flag("--method", "the score: if (influence function), graddot (gradient dot product), gradcos (gradient cosine); "
                        "tracin and trak need more than `grass-attribute cache` stores and are refused",
            default="if", choices=METHODS),
-    f.Flag("--preconditioner", "--method if: fim (the store's Fisher information, default) or none (a plain dot "
-                               "product); graddot and gradcos use none; kfac and ekfac need factors `cache` does not "
-                               "collect and are refused", choices=PRECONDITIONERS),
+    f.Flag("--preconditioner", "--method if: fim (the store's Fisher information, default), none (a plain dot "
+                               "product) or mixed (TrackStar's task-aware curvature: the FIM mixed with the queries', "
+                               "--task-weight); graddot and gradcos use none; kfac and ekfac need factors `cache` does "
+                               "not collect and are refused", choices=PRECONDITIONERS),
+    f.TASK_WEIGHT,
     replace(f.NORMALIZE, help=f.NORMALIZE.help[:-1] + "; --method gradcos is normalized by definition)", default=None),
     f.Flag("--per-token", "also attribute each completion token on its own (one query per token)", default=False,
            action="store_true"),

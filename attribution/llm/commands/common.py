@@ -88,18 +88,19 @@ def check_optimizer_state(model, config: CacheConfig) -> None:
         raise CLIError(f"--optimizer-state {config.optimizer_state}: {err}") from None
 
 
-def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False, preconditioner=None):
-    """The Attributor of a cache configuration over ``store`` (``preconditioner`` None: the method's default); an
-    error of its --optimizer-state (another model's state, or a store cached with another one) is a usage error
-    naming the flag."""
+def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False, preconditioner=None,
+               task_weight=None):
+    """The Attributor of a cache configuration over ``store`` (``preconditioner`` / ``task_weight``: the
+    Attributor's, e.g. "mixed" and its weight: the store's FIM serves both); an error of its --optimizer-state
+    (another model's state, or a store cached with another one) is a usage error naming the flag."""
     try:
-        return Attributor(model, llm.sequence_loss, method=method, preconditioner=preconditioner,
-                          compressor=compressor_spec(config, Path(store)),
+        return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)),
                           k=config.k, damping=config.damping, store=store,
                           layers=llm.resolve_layers(model, config.layer_patterns), seed=config.seed, compile=compile,
                           storage_dtype=config.storage_dtype, normalize=normalize,
                           autocast=None if config.autocast == "none" else config.autocast,
-                          optimizer_state=optimizer_state(config))
+                          optimizer_state=optimizer_state(config), preconditioner=preconditioner,
+                          task_weight=task_weight)
     except ValueError as err:
         if not str(err).startswith(f"{optimizer_module.ARGUMENT}:"):
             raise

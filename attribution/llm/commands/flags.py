@@ -143,6 +143,10 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and v != float("inf"), "a number >= 0", "a finite number >= 0")
 
 
+def task_weight(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)", "in [0, 1)")
+
+
 CANDIDATE_SOURCES = ("bm25", "index")
 
 
@@ -189,3 +193,6 @@ QUERY_SET = [  # the query (or target) set of `attribute` and `select`
 NORMALIZE = Flag("--normalize", "IF on unit-normalized gradients, q^T (F + damping I)^-1 g / (|q| |g|), so that no "
                                 "high-norm document tops every query (default: raw IF scores, which traced the planted facts "
                                 "as well or better)", default=DEFAULT_NORMALIZE, action=argparse.BooleanOptionalAction)
+TASK_WEIGHT = Flag("--task-weight", "--preconditioner mixed: the query set's share w in [0, 1) of the curvature, (1 - w) "
+                                    "F_train + w F_query per block, so directions every query shares (a prompt template) "
+                                    "weigh less; 0 is the FIM", type=task_weight)
