@@ -44,7 +44,8 @@ class Attributor:
         dict, or a callable (LayerInfo, k, seed) -> Compressor. k: the compressed dimension per layer.
     store: None (in memory) or a directory (persistent, resumable, crash-safe, checksummed).
     layers: None (every nn.Linear / Conv1D) or names / glob patterns.
-    checkpoints: state dicts for TracIn / TRAK (default: the model as it is);
+    checkpoints: state dicts for TracIn / TRAK (default: the model as it is; None: the model's own weights; a
+    callable returning a state dict: read each time it is needed, one in memory at a time);
     checkpoint_weights: TracIn's learning rates (default 1). output_fn(model, batch) -> Tensor[B]: TRAK's
     model-output function (e.g. the margin log(p / (1 - p))). fisher: "empirical" (the paper's),
     "true" (exact expectation over classes) or "true_sampled" (labels drawn from the model), the latter

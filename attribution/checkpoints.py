@@ -3,7 +3,9 @@ dicts (TracIn's and TRAK's checkpoints) with their weights, swapped in one at a 
 
 A checkpoint's tensors that share memory with the model (e.g. ``model.state_dict()`` itself) would
 change when another checkpoint is loaded, so they are copied when the Attributor is built. ``None``
-in the list means the model's own weights as they were when the swapping started."""
+in the list means the model's own weights as they were when the swapping started. A callable
+(no arguments -> state dict) is a lazy checkpoint: it is called, and its state checked, each time the
+checkpoint is needed (swapped in or fingerprinted), so only one such checkpoint is in memory at a time."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +16,12 @@ import warnings
 from torch import Tensor, nn
 
 
-def _check_state(model: nn.Module, state, index: int) -> dict:
+def check_state(model: nn.Module, state, index: int) -> dict:
+    """``state`` checked to fit ``model`` (tensors, the model's names and shapes; errors name checkpoints[index]),
+    its tensors that share memory with the model copied."""
     if not isinstance(state, dict):
-        raise TypeError(f"checkpoints[{index}] must be a state dict (name -> Tensor) or None, got {type(state).__name__}")
+        raise TypeError(f"checkpoints[{index}] must be a state dict (name -> Tensor), a callable returning one, or None, "
+                        f"got {type(state).__name__}")
     expected = model.state_dict()
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
@@ -42,7 +47,7 @@ class Checkpoints:
         if method == "tracin" and not states:
             warnings.warn("method='tracin' without checkpoints: using the current model alone (= GradDot)", stacklevel=4)
         self.model = model
-        self.states = [None if s is None else _check_state(model, s, i) for i, s in enumerate(states or [None])]
+        self.states = [s if s is None or callable(s) else check_state(model, s, i) for i, s in enumerate(states or [None])]
         weights = [1.0] * len(self.states) if weights is None else list(weights)
         if len(weights) != len(self.states):
             raise ValueError(f"checkpoint_weights has {len(weights)} entries for {len(self.states)} checkpoints")
@@ -56,6 +61,8 @@ class Checkpoints:
 
     def state(self, index: int) -> dict:
         state = self.states[index]
+        if callable(state):
+            return check_state(self.model, state(), index)
         return self.model.state_dict() if state is None else state
 
     @contextlib.contextmanager
@@ -70,7 +77,7 @@ class Checkpoints:
         def indices():
             for c, state in enumerate(self.states):
                 if swapped:
-                    self.model.load_state_dict(original if state is None else state)
+                    self.model.load_state_dict(original if state is None else self.state(c))
                 yield c
 
         try:

@@ -38,6 +38,7 @@ from .models import (
     complete,
     fast_bfloat16,
     load_model,
+    load_state,
     resolve_layers,
     smollm2_location,
 )
@@ -55,6 +56,6 @@ from .tokens import (
 
 __all__ = ["DEFAULT_LAYERS", "DEFAULT_MODEL", "DEFAULT_PROMPTS", "DTYPES", "SMOLLM2_GGUF", "UsageError", "chat_document",
            "complete", "document_batches", "document_tokens", "encoded_batches", "fast_bfloat16", "length_batches",
-           "lm_eval_queries", "load_documents", "load_model", "pad_batch", "per_token_queries", "python_docs_corpus",
+           "lm_eval_queries", "load_documents", "load_model", "load_state", "pad_batch", "per_token_queries", "python_docs_corpus",
            "query_batches", "query_tokens", "read_corpus", "read_dataset", "read_jsonl", "read_text", "resolve_layers",
            "sequence_loss", "smollm2_location"]

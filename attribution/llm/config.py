@@ -1,7 +1,8 @@
 """The configuration of a ``grass-attribute`` store: :class:`CacheConfig`, the flags that ``cache`` records in
 the store's ``cli.json`` so that later commands need only ``--store``, and the defaults chosen by measurement.
 
-``cli.json`` is ``{"flags": {<every CacheConfig field>: value}, "corpus": {"documents", "sha256", "segments"}}``,
+``cli.json`` is ``{"flags": {<every CacheConfig field>: value}, "corpus": {"documents", "sha256", "segments"}}``
+(with --checkpoint also ``"checkpoints": [{"path", "fingerprint"}]``, one per checkpoint in flag order),
 written with ``indent=1, sort_keys=True`` and a final newline. A field of OPTIONAL_KEYS is written only when it is
 not None, and read as None when absent: stores written before it existed read back, and write, the same bytes.
 """
@@ -26,6 +27,8 @@ DEFAULT_NORMALIZE = False
 COMPILE_MIN_TOKENS = {"bfloat16": 100_000, "float16": 100_000, "none": 300_000}
 
 CLI_JSON = "cli.json"
+# --checkpoint model: the --model's own weights as one of the checkpoints (a folder named "model": ./model)
+MODEL_CHECKPOINT = "model"
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,14 @@ class CacheConfig:
     masks: str = "energy"
     mask_documents: int = 32
     optimizer_state: str | None = None
+    checkpoint: tuple[str, ...] | None = None
+    checkpoint_weight: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.layers is not None and not isinstance(self.layers, tuple):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        for key in ("layers", "checkpoint", "checkpoint_weight"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, key, tuple(value))
 
     @property
     def layer_patterns(self) -> list[str] | None:
@@ -79,7 +86,8 @@ class CacheConfig:
     def as_dict(self) -> dict:
         """The flags as cli.json records them (``layers`` as a list)."""
         values = asdict(self)
-        values["layers"] = self.layer_patterns
+        values.update({key: list(getattr(self, key)) for key in ("layers", "checkpoint", "checkpoint_weight")
+                       if getattr(self, key) is not None})
         return {key: value for key, value in values.items() if value is not None or key not in OPTIONAL_KEYS}
 
     def differing(self, other: CacheConfig) -> list[str]:
@@ -115,13 +123,26 @@ class CacheConfig:
                              f"unknown: {unknown}); cache into a new --store")
         return cls.from_dict(flags), corpus
 
-    def record_text(self, corpus: dict) -> str:
-        """The text of cli.json for this configuration and the corpus record."""
-        return json.dumps({"flags": self.as_dict(), "corpus": corpus}, indent=1, sort_keys=True) + "\n"
+    def record_text(self, corpus: dict, checkpoints: list[dict] | None = None) -> str:
+        """The text of cli.json for this configuration, the corpus record and the checkpoints' (None: none)."""
+        record = {"flags": self.as_dict(), "corpus": corpus, **({"checkpoints": checkpoints} if checkpoints else {})}
+        return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
+def recorded_checkpoints(store: str | Path) -> list[dict] | None:
+    """The checkpoints' record of the store's cli.json ([{"path", "fingerprint"}]; None: no cli.json or none)."""
+    path = Path(store) / CLI_JSON
+    if not path.is_file():
+        return None
+    record = read_json(path, "CLI configuration")
+    found = record.get("checkpoints") if isinstance(record, dict) else None
+    if found is not None and not (isinstance(found, list) and all(isinstance(c, dict) for c in found)):
+        raise StoreError(f"{path}: its checkpoints record is not a list of {{path, fingerprint}}")
+    return found
 
 
 CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 # Fields added after stores were written: absent from cli.json when None (the bytes of older stores unchanged).
-OPTIONAL_KEYS = ("optimizer_state",)
+OPTIONAL_KEYS = ("optimizer_state", "checkpoint", "checkpoint_weight")
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
 GROWABLE_KEYS = ("limit",)

@@ -66,6 +66,33 @@ def load_model(name: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: s
     return model.to(device).eval(), tokenizer
 
 
+def load_state(path: str, dtype: str = "float32") -> dict:
+    """The state dict of a checkpoint on the CPU: a Hugging Face model folder (read by from_pretrained in ``dtype``,
+    any weight format and sharding), a .safetensors file, or a torch.save of a state dict (memory-mapped, read
+    with weights_only=True; its tensors keep their dtype, converted when loaded into the model)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    where = Path(path)
+    if where.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype]).state_dict()
+    if not where.is_file():
+        raise FileNotFoundError(f"no checkpoint folder or file {path}")
+    if where.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(where, device="cpu")
+    try:
+        state = torch.load(where, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle, zip and weights_only errors have no common type
+        raise ValueError(f"{path} is not a state dict file that torch.load(weights_only=True) reads "
+                         f"({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor)")
+    return state
+
+
 def fast_bfloat16(device: str | torch.device = "cpu") -> bool:
     """Whether bfloat16 matmuls run natively here (AVX512-BF16/AMX CPUs, CUDA GPUs with bf16), so
     autocast to bfloat16 speeds a pass up instead of emulating it."""

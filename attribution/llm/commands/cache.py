@@ -19,7 +19,19 @@ from ...compression import parse_spec
 from ...store import atomic_write_json, read_json
 from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, CacheConfig
 from . import flags as f
-from .common import CLIError, attributor, cached_documents, check_optimizer_state, device, load_model, main_rank, optimizer_state, segments
+from .common import (
+    CLIError,
+    attributor,
+    cached_documents,
+    check_checkpoints,
+    check_optimizer_state,
+    device,
+    load_model,
+    main_rank,
+    optimizer_state,
+    resolve_checkpoints,
+    segments,
+)
 
 DEFAULTS = CacheConfig()
 
@@ -120,6 +132,7 @@ def run(args, loaded=None):
         args.autocast = "bfloat16" if llm.fast_bfloat16(device()) else "none"
     if args.optimizer_state is not None:  # recorded absolute: the later commands read it from any folder
         args.optimizer_state = str(Path(args.optimizer_state).resolve())
+    resolve_checkpoints(args)
     config = CacheConfig.from_args(args)
     optimizer_state(config)  # the file read and checked before anything is written
     # under torchrun: every rank the same flags, then the same corpus, before anything is written
@@ -154,6 +167,8 @@ def run(args, loaded=None):
 
     model, tokenizer, cached, added, sizes, batches, pending = collectively(prepare)
     check_optimizer_state(model, config)  # another model's state is refused before the masks are written
+    # and checkpoints of another model, or changed ones (every rank reads them: one rank's error stops them all)
+    checkpoints = collectively(lambda: check_checkpoints(model, config, store))
     docs = cached + added
     docs_text = "".join(json.dumps(d) + "\n" for d in docs)
     require_agreement({"the corpus": f"{len(docs)} documents, sha256 {hashlib.sha256(docs_text.encode()).hexdigest()}"})
@@ -174,7 +189,7 @@ def run(args, loaded=None):
         if main_rank():
             corpus_record = {"documents": len(docs), "sha256": hashlib.sha256(docs_text.encode()).hexdigest(),
                              "segments": sizes}
-            config_text = config.record_text(corpus_record)
+            config_text = config.record_text(corpus_record, checkpoints)
             if grows:  # docs.jsonl first: its first rows stay the cached ones, which the old record still checks
                 write_text_atomic(store / "docs.jsonl", docs_text)
                 write_text_atomic(saved, config_text)
@@ -248,6 +263,14 @@ CONFIG_FLAGS = [
                                 "v its second moment (FactGraSS: v's Adafactor row and column factors); the later "
                                 "commands read it again from the recorded absolute path (default: none)",
            metavar="FILE"),
+    f.Flag("--checkpoint", "a model state whose gradients are cached, instead of the --model's (repeatable; TracIn-CP: "
+                           "the score is the weighted sum over the checkpoints): a Hugging Face model folder of the "
+                           "--model's architecture, a .safetensors file or a torch.save of a state dict, or `model` for "
+                           "the --model's own weights; recorded absolute with its fingerprint, and read one at a time "
+                           "(default: the --model's weights alone)", action="append", metavar="DIR|FILE|model"),
+    f.Flag("--checkpoint-weight", "the weight of each --checkpoint in the score, one per checkpoint in their order "
+                                  "(repeatable; e.g. the learning rate at that checkpoint; default: 1.0 each)",
+           type=f.finite_float, action="append", metavar="W"),
 ]
 
 COMMAND = f.Command("cache", "compress a corpus's training gradients into a store (a larger --limit or corpus grows it)",

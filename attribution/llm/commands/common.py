@@ -12,10 +12,12 @@ from ... import index as index_module
 from ... import llm, process_group
 from ... import optimizer_state as optimizer_module
 from ...attributor import Attributor
+from ...checkpoints import check_state
 from ...compression import parse_spec
 from ...layers import find_layers
 from ...store import StoreError, open_store, refuse_inside_store
-from ..config import CLI_JSON, CacheConfig
+from ...store.manifest import model_fingerprint
+from ..config import CLI_JSON, MODEL_CHECKPOINT, CacheConfig, recorded_checkpoints
 
 
 class CLIError(SystemExit):
@@ -88,11 +90,87 @@ def check_optimizer_state(model, config: CacheConfig) -> None:
         raise CLIError(f"--optimizer-state {config.optimizer_state}: {err}") from None
 
 
+def resolve_checkpoints(args) -> None:
+    """--checkpoint paths made absolute (the later commands read them from any folder; ``model`` stays) and
+    --checkpoint-weight defaulted to 1.0 each; a usage error for a weight count that does not match."""
+    paths, weights = args.checkpoint, args.checkpoint_weight
+    if paths is None:
+        if weights is not None:
+            raise CLIError("--checkpoint-weight weighs a --checkpoint: give the checkpoints too")
+        return
+    if weights is not None and len(weights) != len(paths):
+        raise CLIError(f"--checkpoint-weight: expected one per --checkpoint ({len(paths)}), got {len(weights)}")
+    args.checkpoint = [p if p == MODEL_CHECKPOINT else str(Path(p).resolve()) for p in paths]
+    args.checkpoint_weight = [1.0] * len(paths) if weights is None else weights
+
+
+def _file_versions(path: str) -> tuple:
+    """(name, size, mtime) of the file, or of every file under the folder: changes when a checkpoint is rewritten."""
+    where = Path(path)
+    files = sorted(p for p in where.rglob("*") if p.is_file()) if where.is_dir() else [where]
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists())
+
+
+_fingerprints: dict[tuple, str] = {}  # (path, file versions, dtype, the model's names and shapes) -> fingerprint
+
+
+def checkpoint_fingerprint(model, config: CacheConfig, index: int) -> str:
+    """The sha256 fingerprint of --checkpoint number ``index`` (of its tensors as loaded, model_fingerprint), after
+    checking that it fits the model (attribution.checkpoints.check_state); each file version is read once per
+    process. A missing or unreadable checkpoint, or one of another model, is a usage error naming it."""
+    path = config.checkpoint[index]
+    if path == MODEL_CHECKPOINT:
+        return model_fingerprint(model.state_dict(), "sha256")
+    if not Path(path).exists():
+        raise CLIError(f"--checkpoint {path}: no such folder or file")
+    key = (path, _file_versions(path), config.dtype, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    if key not in _fingerprints:
+        try:
+            state = check_state(model, llm.load_state(path, config.dtype), index)
+        except (ValueError, TypeError, OSError) as err:
+            raise CLIError(f"--checkpoint {path}: {err}") from None
+        _fingerprints[key] = model_fingerprint(state, "sha256")
+    return _fingerprints[key]
+
+
+def check_checkpoints(model, config: CacheConfig, store) -> list[dict] | None:
+    """The checkpoints' record ([{"path", "fingerprint"}] in --checkpoint order; None without --checkpoint), each
+    checkpoint checked to fit the model and, when the store's cli.json records them, to be unchanged since."""
+    if config.checkpoint is None:
+        return None
+    recorded = recorded_checkpoints(store) or []
+    records = [{"path": path, "fingerprint": checkpoint_fingerprint(model, config, i)}
+               for i, path in enumerate(config.checkpoint)]
+    for then, now in zip(recorded, records):
+        if then != now:
+            raise CLIError(f"--checkpoint {now['path']} differs from the one {store} was cached with (fingerprint "
+                           f"{then.get('fingerprint')} then, {now['fingerprint']} now): restore it, or cache into a "
+                           "new --store")
+    return records
+
+
+def checkpoint_states(config: CacheConfig) -> list | None:
+    """The Attributor's checkpoints of --checkpoint (None without): None for ``model`` (the --model's own
+    weights), else a loader that reads the folder or file each time the checkpoint is needed (llm.load_state).
+
+    Memory: one checkpoint at a time besides the model and the copy of its own weights that the swapping keeps
+    (about 3x the weights at peak; a torch.save file is memory-mapped). Time: each checkpoint is read again
+    whenever it is needed: fingerprinted by the Attributor, swapped in for the cache or the queries (with the
+    once-per-process check_checkpoints read, 4 reads per cache and 5 per attribute run)."""
+    if config.checkpoint is None:
+        return None
+    return [None if path == MODEL_CHECKPOINT else functools.partial(llm.load_state, path, config.dtype)
+            for path in config.checkpoint]
+
+
 def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False, preconditioner=None,
                task_weight=None):
-    """The Attributor of a cache configuration over ``store`` (``preconditioner`` / ``task_weight``: the
-    Attributor's, e.g. "mixed" and its weight: the store's FIM serves both); an error of its --optimizer-state
-    (another model's state, or a store cached with another one) is a usage error naming the flag."""
+    """The Attributor of a cache configuration over ``store`` (at its --checkpoint states, checked against the
+    store's record first; ``preconditioner`` / ``task_weight``: the Attributor's, e.g. "mixed" and its weight: the
+    store's FIM serves both); an error of its --optimizer-state (another model's state, or a store cached with
+    another one) is a usage error naming the flag."""
+    check_checkpoints(model, config, store)
+    weights = None if config.checkpoint_weight is None else list(config.checkpoint_weight)
     try:
         return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)),
                           k=config.k, damping=config.damping, store=store,
@@ -100,7 +178,7 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
                           storage_dtype=config.storage_dtype, normalize=normalize,
                           autocast=None if config.autocast == "none" else config.autocast,
                           optimizer_state=optimizer_state(config), preconditioner=preconditioner,
-                          task_weight=task_weight)
+                          task_weight=task_weight, checkpoints=checkpoint_states(config), checkpoint_weights=weights)
     except ValueError as err:
         if not str(err).startswith(f"{optimizer_module.ARGUMENT}:"):
             raise

@@ -4,6 +4,7 @@ file (:func:`config_flags`). The value parsers (``positive_int``, ...) give argp
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -137,6 +138,10 @@ def max_length(text: str) -> int:
 
 def fraction(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]", "in (0, 1]")
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, math.isfinite, "a finite number")
 
 
 def nonnegative_float(text: str) -> float:
