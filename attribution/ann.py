@@ -21,7 +21,7 @@ class AnnIndex:
     def __init__(self, scorer, weights: list[float], budget: RowBudget, device):
         self.scorer, self.store, self.budget, self.device = scorer, scorer.store, budget, device
         self.mode = index_module.mode_of(scorer.method, scorer.normalize)
-        self.weights = weights if scorer.method == "tracin" else None  # TracIn weights its queries
+        self.weights = weights  # each checkpoint's weight scales its query columns
         self._loaded: dict = {}
 
     def build(self, records: list[Completion], factory: str | None, project: int | None, train_size: int | None,

@@ -46,9 +46,9 @@ class Attributor:
     layers: None (every nn.Linear / Conv1D) or names / glob patterns.
     checkpoints: state dicts for TracIn / TRAK (default: the model as it is; None: the model's own weights; a
     callable returning a state dict: read each time it is needed, one in memory at a time);
-    checkpoint_weights: TracIn's learning rates (default 1). output_fn(model, batch) -> Tensor[B]: TRAK's
-    model-output function (e.g. the margin log(p / (1 - p))). fisher: "empirical" (the paper's),
-    "true" (exact expectation over classes) or "true_sampled" (labels drawn from the model), the latter
+    checkpoint_weights: the score is their weighted sum (TracIn's learning rates; default 1; not TRAK's ensemble).
+    output_fn(model, batch) -> Tensor[B]: TRAK's model-output function (e.g. the margin log(p / (1 - p))).
+    fisher: "empirical" (the paper's), "true" (exact expectation over classes) or "true_sampled" (labels drawn from the model), the latter
     two need logits_fn(model, batch) -> Tensor[B, C] and use the cross-entropy of those logits.
     preconditioner (if / trak): "fim" (default: the block-diagonal FIM of the compressed gradients, the
     paper's), "kfac" / "ekfac" (Kronecker-factored curvature of each target layer, applied to the query in

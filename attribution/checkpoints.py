@@ -54,6 +54,9 @@ class Checkpoints:
         for w in weights:
             if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
                 raise ValueError(f"checkpoint_weights must be finite numbers, got {w!r}")
+        if method == "trak" and any(float(w) != 1.0 for w in weights):
+            raise ValueError("checkpoint_weights: TRAK averages its checkpoints (an ensemble); the weights are for "
+                             "'if', 'graddot', 'gradcos' and 'tracin', whose score is the weighted sum over checkpoints")
         self.weights = [float(w) for w in weights]
 
     def __len__(self) -> int:

@@ -113,7 +113,7 @@ class Scorer:
             part = q @ g.T
             if self.normalize:
                 part = part / _norms(g).to(part.dtype)
-            weight = self.weights[c] if self.method == "tracin" else 1.0
+            weight = self.weights[c]
             part = part * weight if weight != 1.0 else part
             total = part if total is None else total + part
         if self.method == "trak":
@@ -144,7 +144,7 @@ class Scorer:
                     part = forms[c](g)
                 if self.normalize and self.method != "gradcos":
                     part = part / _norms(g).square()
-                total = total + part * (self.weights[c] if self.method == "tracin" else 1.0)
+                total = total + part * self.weights[c]
             if self.method == "trak":
                 keep = sum(1.0 - torch.sigmoid(v) for v in values) / m
                 total = total / m * keep.to(total.device)

@@ -90,6 +90,28 @@ def test_tracin_is_a_weighted_sum_of_checkpoint_graddots():
     torch.testing.assert_close(scores, expected)
 
 
+@pytest.mark.parametrize("method", ["if", "graddot", "gradcos"])
+def test_checkpoint_weights_weigh_every_method_not_only_tracin(method):
+    """Σ_c w_c · score_c at each checkpoint, for every method that sums over checkpoints (they were once applied by
+    TracIn only, so a weight given with method="if" was silently ignored); TRAK's ensemble refuses them."""
+    model, train, test = make_problem()
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    states.append({k: v.clone() for k, v in model.state_dict().items()})
+    kwargs = dict(method=method, compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
+    weighted = Attributor(model, loss_fn, checkpoints=states, checkpoint_weights=[0.25, 3.0], **kwargs).cache(train)
+    each = [Attributor(model, loss_fn, checkpoints=states, checkpoint_weights=w, **kwargs).cache(train).attribute(test)
+            for w in ([1.0, 0.0], [0.0, 1.0])]
+    torch.testing.assert_close(weighted.attribute(test), 0.25 * each[0] + 3.0 * each[1])
+    values, indices = weighted.top_k(test, k=3)
+    torch.testing.assert_close(values, (0.25 * each[0] + 3.0 * each[1]).topk(3, dim=1).values)
+    with pytest.raises(ValueError, match="checkpoint_weights: TRAK averages its checkpoints"):
+        Attributor(model, loss_fn, method="trak", checkpoints=states, checkpoint_weights=[1.0, 2.0],
+                   output_fn=lambda m, b: m(b[0]).sum(1), compressor="identity", k=10**6, compile=False)
+
+
 @pytest.mark.parametrize("n_checkpoints", [1, 2])
 def test_trak_follows_the_formula(n_checkpoints):
     model, train, test = make_problem()
