@@ -261,7 +261,8 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
 
 
 def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float = 2.0, layers=None,
-                 k_in: int | None = None, k_out: int | None = None, progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+                 k_in: int | None = None, k_out: int | None = None, progress: bool = False,
+                 scales: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
     the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
     (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
@@ -270,7 +271,10 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     masks are saved like Selective Masks (<layer>.in.npz / <layer>.out.npz, use
     "factgrass:mask_dir=..."), with k_in' = k_out' =
     blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}.
-    ``progress``: a bar over the batches."""
+    ``progress``: a bar over the batches. ``scales``: {layer: (x_in scale [d_in], g_out scale [d_out])} that the
+    compressor applies to the factors before its masks (the optimizer normalization's Adafactor factors): the
+    coordinates are then ranked by the second moments of the scaled factors (moment * scale**2), so the masks keep
+    the energy of what is compressed."""
     from .gradients import factor_moments
     from .layers import find_layers
 
@@ -286,6 +290,10 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
             moments[n][1] += g_sum.cpu()
     if samples == 0:
         raise ValueError("heldout_loader yielded no samples")
+    for n, (x_scale, g_scale) in (scales or {}).items():
+        if n in moments:
+            moments[n][0] *= x_scale.detach().to("cpu", torch.float64).square()
+            moments[n][1] *= g_scale.detach().to("cpu", torch.float64).square()
     root = math.isqrt(k) or 1
     fingerprint = data_fingerprint(digests)
     out = {}

@@ -48,3 +48,24 @@ def test_truth_is_the_exact_gradient_and_exact_methods_agree(tiny_llama, tmp_pat
     for name in ("energy", "if"):
         result = fidelity(truth, scores(features[name], methods[name]))
         assert -1 <= result["spearman_vs_cosine"] <= 1 and len(result["per_query_vs_cosine"]) == 2
+
+
+def test_energy_masks_rank_the_scaled_coordinates(tiny_llama, tmp_path):
+    """scales= (the optimizer normalization's factors, applied before the masks): the masks keep the coordinates
+    of largest moment * scale**2, so a high-energy coordinate scaled to ~0 is dropped and a scaled-up one kept."""
+    model, tok = llm.load_model(tiny_llama)
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
+    batches, _ = llm.document_batches(tok, docs, 4, 8)
+    name = "model.layers.0.mlp.down_proj"
+    plain = energy_masks(model, llm.sequence_loss, batches, tmp_path / "plain", k=4, layers=[name], blowup=1.0)
+    x_kept, g_kept = plain[name]
+    info = find_layers(model, [name])[name]
+    x_scale, g_scale = torch.ones(info.d_in), torch.ones(info.d_out)
+    x_scale[x_kept[0]], g_scale[g_kept[0]] = 1e-6, 1e-6  # a kept coordinate scaled to nothing
+    x_up = next(i for i in range(info.d_in) if i not in set(x_kept.tolist()))
+    x_scale[x_up] = 1e6  # an unkept one scaled up
+    scaled = energy_masks(model, llm.sequence_loss, batches, tmp_path / "scaled", k=4, layers=[name], blowup=1.0,
+                          scales={name: (x_scale, g_scale)})
+    x_new, g_new = scaled[name]
+    assert int(x_kept[0]) not in x_new.tolist() and x_up in x_new.tolist()
+    assert int(g_kept[0]) not in g_new.tolist() and len(x_new) == len(x_kept)

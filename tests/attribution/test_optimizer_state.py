@@ -243,6 +243,9 @@ def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_p
     assert cli.run([*cache, "--optimizer-state", str(path)])["documents"] == 4
     assert json.loads((store / "cli.json").read_text())["flags"]["optimizer_state"] == str(path.resolve())
     assert set(json.loads((store / "manifest.json").read_text())["optimizer_state"]) == {"sha256", "eps"}
+    # the energy masks are chosen in the normalized coordinates, so their record names the state
+    assert json.loads((store / "masks" / "masks.json").read_text())["optimizer_state"] == json.loads(
+        (store / "manifest.json").read_text())["optimizer_state"]
     attribute = ["attribute", "--store", str(store), "--prompt", "a for", "--generate", "2", "--top-k", "2", "--out"]
     results = cli.run([*attribute, str(tmp_path / "report")])
     assert len(results[0].helpful) == 2

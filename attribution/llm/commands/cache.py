@@ -55,6 +55,10 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict])
     sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
                     [: config.mask_documents].tolist())
     wanted = {"documents": [docs[i]["id"] for i in sample], "k": config.k, "options": options}
+    layers = llm.resolve_layers(model, config.layer_patterns)
+    scales = _normalized_coordinates(model, config, layers)
+    if scales is not None:  # masks chosen in the normalized coordinates: redone for another optimizer state
+        wanted["optimizer_state"] = scales[1]
     if record.is_file() and read_json(record, "mask record") == wanted:
         return
     batches, _ = llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
@@ -62,9 +66,23 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict])
     from ...selective_mask import energy_masks
 
     energy_masks(model, llm.sequence_loss, batches, folder, config.k, blowup=float(options.get("blowup", 2.0)),
-                 layers=llm.resolve_layers(model, config.layer_patterns), k_in=options.get("k_in"), k_out=options.get("k_out"),
-                 progress=True)
+                 layers=layers, k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True,
+                 scales=None if scales is None else scales[0])
     atomic_write_json(record, wanted)
+
+
+def _normalized_coordinates(model, config: CacheConfig, layers) -> tuple[dict, dict] | None:
+    """({layer: (x_in scale, g_out scale)}, the state's record) of --optimizer-state: FactGraSS scales the factors
+    by these before its masks, so the energy masks rank the scaled coordinates (None without a state)."""
+    if config.optimizer_state is None:
+        return None
+    from ... import optimizer_state as optimizer_module
+    from ...layers import find_layers
+
+    infos = find_layers(model, layers)
+    found = optimizer_module.normalization(model, config.optimizer_state, optimizer_module.DEFAULT_EPS, infos, [],
+                                           set(infos))
+    return {n: tuple(scale[1:]) for n, scale in found.scales.items()}, found.record
 
 
 def _mask_files(attr, store: Path) -> list[str]:
