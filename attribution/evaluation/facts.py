@@ -278,16 +278,30 @@ def _optimizer_groups(optimizer, model, lr: float | None) -> list[tuple[dict, li
     return groups
 
 
-def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None) -> dict[str, Tensor]:
+def _without_momentum(hyper: dict) -> dict:
+    """A param group's hyperparameters with the momentum off: Adam-style betas (0, beta2), SGD / RMSprop momentum 0."""
+    hyper = dict(hyper)
+    if isinstance(hyper.get("betas"), (tuple, list)):
+        hyper["betas"] = (0.0, *tuple(hyper["betas"])[1:])
+    if "momentum" in hyper:
+        hyper["momentum"] = 0.0
+        if "nesterov" in hyper:
+            hyper["nesterov"] = False
+    return hyper
+
+
+def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None,
+                        momentum: bool = False) -> dict[str, Tensor]:
     """{name: the parameter after one step of ``optimizer`` (its class, hyperparameters and a copy of its state)
     with ``grads``} without touching the model or the optimizer: each parameter is stepped on its own, from a
     clone of it and of its state, so the extra memory is the new parameters plus one parameter's state.
     With ``optimizer=None``: plain SGD at ``lr``. A parameter without a gradient keeps its value (as
-    torch.optim skips it)."""
+    torch.optim skips it). ``momentum=False``: see :func:`tail_patch`."""
     if optimizer is None:
         return {n: (p.detach() - lr * grads[n]) if n in grads else p.detach() for n, p in model.named_parameters()}
     stepped = {}
     for hyper, params in _optimizer_groups(optimizer, model, lr):
+        hyper = hyper if momentum else _without_momentum(hyper)
         for name, p in params:
             if name not in grads:
                 continue
@@ -318,7 +332,7 @@ def _parameters_swapped(model, values: dict[str, Tensor]):
 
 
 def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,
-               autocast: torch.dtype | None = None, before: float | None = None) -> float:
+               autocast: torch.dtype | None = None, before: float | None = None, momentum: bool = False) -> float:
     """TrackStar's tail-patch score (Chang et al. 2024) of a method's top documents for a query: the
     change in the log-probability of the query's answer caused by one training step on them.
 
@@ -334,6 +348,12 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
     - log p_before, in nats (a float: the sum over the completion's tokens; positive: the step made the
     answer more likely).
 
+    ``momentum=False`` (the default) takes the step without the optimizer's momentum (Adam's beta1 and SGD's
+    or RMSprop's momentum set to 0; the second moments and step counts are kept), so the step is the documents'
+    own gradient preconditioned as the training would: with its momentum, an Adam step is 90% the previous
+    steps' direction (beta1 = 0.9), the same for every set of documents, and on the main job k random
+    documents then moved the answer as much as its true source (BENCHMARKS.md, "Fact tracing").
+
     The caller's model, its gradients and its optimizer are not changed (the stepped parameters are new
     tensors, swapped in for the evaluation only), and dropout is off (eval mode), so the result is
     deterministic. Extra memory: one gradient and one stepped copy of the parameters."""
@@ -348,7 +368,7 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
         if before is None:
             before = answer_log_prob(model, tokenizer, query, max_length)
         grads = _loss_gradients(model, tokenizer, docs, max_length, autocast, mean=True)
-        return _after_step(model, optimizer, grads, lr, tokenizer, query, max_length) - before
+        return _after_step(model, optimizer, grads, lr, tokenizer, query, max_length, momentum) - before
 
 
 @contextlib.contextmanager
@@ -371,9 +391,10 @@ def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocas
     return {n: g for (n, _), g in zip(named, grads) if g is not None}
 
 
-def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int) -> float:
+def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
+                momentum: bool) -> float:
     """The answer's log-probability after one step of ``optimizer`` with ``grads`` (the model is not changed)."""
-    stepped = _stepped_parameters(model, optimizer, grads, lr)
+    stepped = _stepped_parameters(model, optimizer, grads, lr, momentum)
     with _parameters_swapped(model, stepped):
         return answer_log_prob(model, tokenizer, query, max_length)
 
@@ -386,7 +407,7 @@ def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]
 
 def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list[str], *, tokenizer,
                        ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
-                       autocast: torch.dtype | None = None) -> dict[int, float]:
+                       autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float]:
     """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
     (document ids of ``corpus``, best first, at least max(ks) of them) of one query."""
     ks = sorted({int(k) for k in ks})
@@ -399,42 +420,43 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
     if len(ranked) < ks[-1]:
         raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {ks[-1]}")
     return _prefix_tail_patches(model, optimizer, [by_id[str(r)] for r in ranked[: ks[-1]]], query, ks, tokenizer=tokenizer,
-                                lr=lr, max_length=max_length, autocast=autocast)
+                                lr=lr, max_length=max_length, autocast=autocast, momentum=momentum)
 
 
 def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], *, tokenizer, lr, max_length: int,
-                         autocast) -> dict[int, float]:
+                         autocast, momentum: bool) -> dict[int, float]:
     """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
     per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
     gradients over its count of target tokens (padding to the right changes no real token's loss), so the
-    documents' gradients are accumulated in rank order and a step is taken at each k. Equal to
-    :func:`tail_patch` on each prefix up to float rounding."""
+    gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; one
+    batch each) are accumulated in rank order and a step is taken at each k. Equal to :func:`tail_patch` on
+    each prefix up to float rounding."""
     docs, query = _patch_documents(docs), _patch_query(query)
     if optimizer is not None:
         _optimizer_groups(optimizer, model, lr)
-    out, total, tokens = {}, {}, 0
+    out, total, tokens, start = {}, {}, 0, 0
     with _evaluation_mode(model):
         before = answer_log_prob(model, tokenizer, query, max_length)
-        for i, doc in enumerate(docs[: ks[-1]], start=1):
-            for name, g in _loss_gradients(model, tokenizer, [doc], max_length, autocast, mean=False).items():
+        for k in ks:
+            segment = docs[start:k]
+            for name, g in _loss_gradients(model, tokenizer, segment, max_length, autocast, mean=False).items():
                 total[name] = total[name].add_(g) if name in total else g
-            tokens += target_tokens(tokenizer, [doc], max_length)
-            if i in ks:
-                out[i] = _after_step(model, optimizer, {n: g / tokens for n, g in total.items()}, lr, tokenizer, query,
-                                     max_length) - before
+            tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
+            out[k] = _after_step(model, optimizer, {n: g / tokens for n, g in total.items()}, lr, tokenizer, query,
+                                 max_length, momentum) - before
     return out
 
 
 def tail_patch_references(model, optimizer, corpus: list[dict], query, source: str, *, tokenizer, ks=TAIL_PATCH_KS,
                           seed: int = 0, query_index: int = 0, lr: float | None = None,
-                          max_length: int = 128, autocast: torch.dtype | None = None) -> dict:
+                          max_length: int = 128, autocast: torch.dtype | None = None, momentum: bool = False) -> dict:
     """The two references of a query's tail-patch: {"random": {k: tail-patch on k random documents
     (:func:`random_ranking`, seeded by ``seed`` and ``query_index``)}, "source": tail-patch on the true
     source document (id ``source``) alone}."""
     ids = [str(d["id"]) for d in corpus]
     if str(source) not in ids:
         raise ValueError(f"source {source!r} is not a document id of the corpus")
-    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length, "autocast": autocast}
+    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length, "autocast": autocast, "momentum": momentum}
     return {"random": tail_patch_ranking(model, optimizer, corpus, query, random_ranking(ids, seed, query_index),
                                          ks=ks, **options),
             "source": tail_patch(model, optimizer, [corpus[ids.index(str(source))]], query, **options)}

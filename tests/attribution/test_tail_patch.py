@@ -126,8 +126,9 @@ def test_the_aggregation_matches_numpy():
         facts.tail_patch_summary([{1: 0.0}, {5: 0.0}])
 
 
-def _reference_tail_patch(model, optimizer, docs, query, tok, max_length=128):
-    """The definition, spelled out: deep copies of the model and the optimizer, one step on the copy."""
+def _reference_tail_patch(model, optimizer, docs, query, tok, max_length=128, momentum=True):
+    """The definition, spelled out: deep copies of the model and the optimizer, one step on the copy (without
+    momentum: Adam's beta1 and SGD's momentum 0)."""
     import copy
 
     clone = copy.deepcopy(model).eval()
@@ -137,14 +138,20 @@ def _reference_tail_patch(model, optimizer, docs, query, tok, max_length=128):
               for g in optimizer.param_groups]
     step = type(optimizer)(groups)
     step.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for group in step.param_groups if not momentum else []:
+        if "betas" in group:
+            group["betas"] = (0.0, group["betas"][1])
+        if "momentum" in group:
+            group["momentum"] = 0.0
     before = facts.answer_log_prob(clone, tok, query, max_length)
     facts.training_loss(clone, tok, docs, max_length).backward()
     step.step()
     return facts.answer_log_prob(clone, tok, query, max_length) - before
 
 
+@pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("kind", ["adamw", "sgd-momentum"])
-def test_the_memory_light_step_equals_a_step_on_deep_copies(tiny, kind):
+def test_the_memory_light_step_equals_a_step_on_deep_copies(tiny, kind, momentum):
     model, tok = tiny
     if kind == "adamw":
         optimizer = _trained_adamw(model, tok)
@@ -154,11 +161,13 @@ def test_the_memory_light_step_equals_a_step_on_deep_copies(tiny, kind):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     docs = [ANSWER_DOC, OTHER_DOC, CORPUS[4]]
-    got = facts.tail_patch(model, optimizer, docs, QUERY, tokenizer=tok)
-    want = _reference_tail_patch(model, optimizer, docs, QUERY, tok)
+    got = facts.tail_patch(model, optimizer, docs, QUERY, tokenizer=tok, momentum=momentum)
+    want = _reference_tail_patch(model, optimizer, docs, QUERY, tok, momentum=momentum)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (got, want)
+    other = _reference_tail_patch(model, optimizer, docs, QUERY, tok, momentum=not momentum)
+    assert abs(got - other) > 1e-6  # the momentum matters: the test can tell the two steps apart
     before = facts.answer_log_prob(model, tok, QUERY)
-    assert facts.tail_patch(model, optimizer, docs, QUERY, tokenizer=tok, before=before) == got
+    assert facts.tail_patch(model, optimizer, docs, QUERY, tokenizer=tok, before=before, momentum=momentum) == got
 
 
 def test_an_optimizer_that_steps_parameters_jointly_is_refused(tiny):
