@@ -3,6 +3,7 @@
 
     python scripts/optimizer_fidelity.py                      # 8 documents, 4 queries, 64 tokens, every block
     python scripts/optimizer_fidelity.py --blocks 0 15 29     # a few blocks only
+    python scripts/optimizer_fidelity.py --model out/llm/model --optimizer-state out/llm/optimizer.pt   # the demo's
 
 A real AdamW state comes from a few AdamW steps on the documents (the model keeps the stepped weights, as a
 fine-tuned model keeps its optimizer's state). For every target layer (the linear layers of the chosen
@@ -67,15 +68,20 @@ def main(argv=None):
     parser.add_argument("--eps", type=float, default=opt_state.DEFAULT_EPS)
     parser.add_argument("--blocks", type=int, nargs="*", default=None, help="transformer blocks (default: all)")
     parser.add_argument("--k", type=int, default=256, help="floats per layer of the pipeline rows")
+    parser.add_argument("--model", default="smollm2", help="a model folder (e.g. the demo's out/llm/model)")
+    parser.add_argument("--optimizer-state", default=None,
+                        help="its AdamW state_dict file (e.g. the demo's out/llm/optimizer.pt) instead of --steps of AdamW")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)
-    model, tokenizer = llm.load_model("smollm2")
+    model, tokenizer = llm.load_model(args.model)
     corpus = llm.python_docs_corpus(limit=None)
     docs, queries = corpus[: args.documents], corpus[args.documents : args.documents + args.queries]
     doc_batches, _ = llm.document_batches(tokenizer, docs, 4, args.max_length)
     query_batches, _ = llm.document_batches(tokenizer, queries, 4, args.max_length)
-    state = adamw_state(model, doc_batches, args.steps, args.lr)
+    state = (adamw_state(model, doc_batches, args.steps, args.lr) if args.optimizer_state is None
+             else torch.load(args.optimizer_state, weights_only=True))
+    model.eval()
     blocks = args.blocks if args.blocks else range(model.config.num_hidden_layers)
     patterns = [f"model.layers.{b}.*" for b in blocks]
     layers = find_layers(model, patterns)
@@ -109,8 +115,9 @@ def main(argv=None):
         scores = attr.cache(doc_batches).attribute(query_batches).double()
         pipeline[label] = rank_agreement(totals["exact"], scores)
     report = {
-        "model": "SmolLM2-135M-Instruct (embedded GGUF)", "documents": len(docs), "queries": len(queries),
-        "max_length": args.max_length, "adamw": {"steps": args.steps * len(doc_batches), "lr": args.lr},
+        "model": args.model, "documents": len(docs), "queries": len(queries), "max_length": args.max_length,
+        "adamw": ({"steps": args.steps * len(doc_batches), "lr": args.lr} if args.optimizer_state is None
+                  else {"state": args.optimizer_state}),
         "eps": args.eps, "layers": len(per_layer), "blocks": list(blocks),
         "cosine_exact_vs_factored": {"mean_over_layers": float(cosines.mean()), "min_over_layers": float(cosines.min()),
                                      "median_over_layers": float(cosines.median()),

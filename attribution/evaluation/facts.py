@@ -8,6 +8,7 @@ recall@5 and the mean reciprocal rank (MRR) of the source document over the twen
 """
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import re
 from dataclasses import dataclass
@@ -131,12 +132,19 @@ def answered(fact: Fact, completion: str) -> bool:
     return fact.answer.lower() in completion.lower()
 
 
+def finetune_optimizer(model, lr: float = 2e-4) -> torch.optim.AdamW:
+    """The fine-tuning's optimizer: AdamW over ``model.parameters()`` at ``lr``, no weight decay (build it
+    again and load a saved state_dict() into it to continue, or to tail-patch, from where the training ended)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
 def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e-4, batch_size: int = 4,
              max_length: int = 128, seed: int = 0, corpus_per_epoch: int = 12, progress: bool = False,
-             autocast: torch.dtype | None = None) -> dict:
-    """Briefly fine-tune ``model`` in place (AdamW, float32 weights; matmuls in ``autocast`` precision
-    when given): each epoch sees every fact document and ``corpus_per_epoch`` other documents of the
-    corpus (a seeded sample), in a seeded order; returns {"steps", "seconds", "loss"}."""
+             autocast: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Briefly fine-tune ``model`` in place (``optimizer``, by default :func:`finetune_optimizer` at ``lr``, whose
+    state the caller keeps when it passes one; float32 weights; matmuls in ``autocast`` precision when given):
+    each epoch sees every fact document and ``corpus_per_epoch`` other documents of the corpus (a seeded
+    sample), in a seeded order; returns {"steps", "seconds", "loss"}."""
     import contextlib
     import time
 
@@ -145,7 +153,7 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     g = torch.Generator().manual_seed(seed)
     facts = [d for d in docs if d["id"].startswith("fact/")]
     others = [d for d in docs if not d["id"].startswith("fact/")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = finetune_optimizer(model, lr) if optimizer is None else optimizer
     start, steps, losses = time.perf_counter(), 0, []
     model.train()
     for _ in range(epochs):
@@ -164,14 +172,22 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss": sum(losses[-10:]) / min(10, len(losses))}
 
 
-def training_loss(model, tokenizer, docs: list[dict], max_length: int) -> Tensor:
+def training_loss(model, tokenizer, docs: list[dict], max_length: int, mean: bool = True) -> Tensor:
     """The fine-tuning loss of one batch of ``docs`` (dicts with "text"): the mean next-token
-    cross-entropy (nats per target token) over every real token, the documents padded to the longest
-    one (cut at ``max_length`` tokens) and moved to the model's device; a scalar with its graph."""
+    cross-entropy (nats per target token; ``mean=False``: their sum) over every real token, the documents
+    padded to the longest one (cut at ``max_length`` tokens) and moved to the model's device; a scalar
+    with its graph."""
     (batch,), _ = llm.document_batches(tokenizer, docs, len(docs), max_length, pad_multiple=1)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    return llm.sequence_loss(model, batch).sum() / batch["loss_mask"][:, 1:].sum()
+    total = llm.sequence_loss(model, batch).sum()
+    return total / batch["loss_mask"][:, 1:].sum() if mean else total
+
+
+def target_tokens(tokenizer, docs: list[dict], max_length: int) -> int:
+    """How many next-token targets :func:`training_loss` averages over for ``docs``."""
+    (batch,), _ = llm.document_batches(tokenizer, docs, len(docs), max_length, pad_multiple=1)
+    return int(batch["loss_mask"][:, 1:].sum())
 
 
 def retrieval_metrics(scores: Tensor, doc_ids: list[str], targets: list[str]) -> dict:
@@ -242,55 +258,145 @@ def answer_log_prob(model, tokenizer, query, max_length: int = 128) -> float:
         return -float(llm.sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
 
 
-def _copied_optimizer(optimizer, model, copy, lr: float | None):
-    """An optimizer of ``optimizer``'s class over ``copy``'s parameters with a deep copy of its state
-    (Adam's moments and step counts), its param groups' hyperparameters and, when given, ``lr`` instead."""
-    position = {id(p): i for i, p in enumerate(model.parameters())}
-    params = list(copy.parameters())
+def _optimizer_groups(optimizer, model, lr: float | None) -> list[tuple[dict, list[tuple[str, Tensor]]]]:
+    """[(hyperparameters, [(name, model parameter)])] per param group of ``optimizer`` (``lr`` instead of the
+    group's when given); every parameter must be one of ``model``'s."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("optimizer: LBFGS steps all parameters jointly (a closure, a line search); tail-patch needs an "
+                         "optimizer that steps each parameter from its own state (SGD, Adam, AdamW, Adafactor, ...)")
+    names = {id(p): n for n, p in model.named_parameters()}
     groups = []
     for group in optimizer.param_groups:
-        missing = [tuple(p.shape) for p in group["params"] if id(p) not in position]
+        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
         if missing:
             raise ValueError(f"optimizer holds parameters that are not the model's (shapes {missing[:3]}): give the "
                              "optimizer that trained this model")
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [params[position[id(p)]] for p in group["params"]]})
-    copied = type(optimizer)(groups)
-    copied.load_state_dict(copy_module.deepcopy(optimizer.state_dict()))
-    if lr is not None:
-        for group in copied.param_groups:
-            group["lr"] = lr
-    return copied
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        if lr is not None:
+            hyper["lr"] = lr
+        groups.append((hyper, [(names[id(p)], p) for p in group["params"]]))
+    return groups
 
 
-def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128) -> float:
+def _without_momentum(hyper: dict) -> dict:
+    """A param group's hyperparameters with the momentum off: Adam-style betas (0, beta2), SGD / RMSprop momentum 0."""
+    hyper = dict(hyper)
+    if isinstance(hyper.get("betas"), (tuple, list)):
+        hyper["betas"] = (0.0, *tuple(hyper["betas"])[1:])
+    if "momentum" in hyper:
+        hyper["momentum"] = 0.0
+        if "nesterov" in hyper:
+            hyper["nesterov"] = False
+    return hyper
+
+
+def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None,
+                        momentum: bool = False) -> dict[str, Tensor]:
+    """{name: the parameter after one step of ``optimizer`` (its class, hyperparameters and a copy of its state)
+    with ``grads``} without touching the model or the optimizer: each parameter is stepped on its own, from a
+    clone of it and of its state, so the extra memory is the new parameters plus one parameter's state.
+    With ``optimizer=None``: plain SGD at ``lr``. A parameter without a gradient keeps its value (as
+    torch.optim skips it). ``momentum=False``: see :func:`tail_patch`."""
+    if optimizer is None:
+        return {n: (p.detach() - lr * grads[n]) if n in grads else p.detach() for n, p in model.named_parameters()}
+    stepped = {}
+    for hyper, params in _optimizer_groups(optimizer, model, lr):
+        hyper = hyper if momentum else _without_momentum(hyper)
+        for name, p in params:
+            if name not in grads:
+                continue
+            clone = p.detach().clone().requires_grad_(True)
+            clone.grad = grads[name]
+            single = type(optimizer)([{**hyper, "params": [clone]}])
+            state = optimizer.state.get(p)
+            if state:
+                single.state[clone] = {k: v.clone() if torch.is_tensor(v) else copy_module.deepcopy(v)
+                                       for k, v in state.items()}
+            single.step()
+            stepped[name] = clone.detach()
+    return stepped
+
+
+@contextlib.contextmanager
+def _parameters_swapped(model, values: dict[str, Tensor]):
+    """``model`` with ``values`` as its parameters' data (no copy) inside the block; the originals after it."""
+    params = dict(model.named_parameters())
+    originals = {name: params[name].data for name in values}
+    try:
+        for name, value in values.items():
+            params[name].data = value
+        yield model
+    finally:
+        for name, value in originals.items():
+            params[name].data = value
+
+
+def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,
+               autocast: torch.dtype | None = None, before: float | None = None, momentum: bool = False) -> float:
     """TrackStar's tail-patch score (Chang et al. 2024) of a method's top documents for a query: the
     change in the log-probability of the query's answer caused by one training step on them.
 
     One step from the final ``model`` on ``docs`` (the top-k documents: a list of k >= 1 texts or
     document dicts with "text"; one batch of the k documents, the fine-tuning loss of
     :func:`training_loss`: the mean next-token cross-entropy per token, each cut at ``max_length``
-    tokens), taken by a copy of ``optimizer`` (its class, hyperparameters and state, e.g. AdamW's
-    moments: the step the training would take next) at its learning rate (``lr`` overrides it), or,
-    with ``optimizer=None``, plain SGD at ``lr``. ``query``: a dict with "prompt" and "completion" (the
-    answer; non-empty) or a :class:`Fact`. Returns log p_after(completion | prompt) - log p_before, in
-    nats (a float: the sum over the completion's tokens; positive: the step made the answer more likely).
+    tokens; matmuls in ``autocast`` precision when given, as the training had them), taken by
+    ``optimizer``'s class with its hyperparameters and a copy of its state (e.g. AdamW's moments: the step
+    the training would take next) at its learning rate (``lr`` overrides it), or, with ``optimizer=None``,
+    plain SGD at ``lr``. ``query``: a dict with "prompt" and "completion" (the answer; non-empty) or a
+    :class:`Fact`. ``before``: the answer's log-probability under ``model`` when the caller has it
+    (:func:`answer_log_prob`; many patches of one query share it). Returns log p_after(completion | prompt)
+    - log p_before, in nats (a float: the sum over the completion's tokens; positive: the step made the
+    answer more likely).
 
-    The caller's model and optimizer are not touched (the step is taken on deep copies), and dropout is
-    off during the step (eval mode), so the result is deterministic."""
+    ``momentum=False`` (the default) takes the step without the optimizer's momentum (Adam's beta1 and SGD's
+    or RMSprop's momentum set to 0; the second moments and step counts are kept), so the step is the documents'
+    own gradient preconditioned as the training would: with its momentum, an Adam step is 90% the previous
+    steps' direction (beta1 = 0.9), the same for every set of documents, and on the main job k random
+    documents then moved the answer as much as its true source (BENCHMARKS.md, "Fact tracing").
+
+    The caller's model, its gradients and its optimizer are not changed (the stepped parameters are new
+    tensors, swapped in for the evaluation only), and dropout is off (eval mode), so the result is
+    deterministic. Extra memory: one gradient and one stepped copy of the parameters."""
     docs, query = _patch_documents(docs), _patch_query(query)
     if optimizer is None and (lr is None or not lr > 0):
         raise ValueError(f"lr must be a positive learning rate when optimizer is None (plain SGD), got {lr!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    copy = copy_module.deepcopy(model).eval()
-    step = (torch.optim.SGD(copy.parameters(), lr=lr) if optimizer is None
-            else _copied_optimizer(optimizer, model, copy, lr))
-    before = answer_log_prob(copy, tokenizer, query, max_length)
-    step.zero_grad()
-    training_loss(copy, tokenizer, docs, max_length).backward()
-    step.step()
-    return answer_log_prob(copy, tokenizer, query, max_length) - before
+    if optimizer is not None:
+        _optimizer_groups(optimizer, model, lr)  # refuse a foreign optimizer before the costly backward
+    with _evaluation_mode(model):
+        if before is None:
+            before = answer_log_prob(model, tokenizer, query, max_length)
+        grads = _loss_gradients(model, tokenizer, docs, max_length, autocast, mean=True)
+        return _after_step(model, optimizer, grads, lr, tokenizer, query, max_length, momentum) - before
+
+
+@contextlib.contextmanager
+def _evaluation_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocast, mean: bool) -> dict[str, Tensor]:
+    """{parameter name: gradient} of :func:`training_loss` on one batch of ``docs`` (``mean=False``: of the
+    summed token losses instead of their mean); the model's ``.grad`` are not touched."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+        loss = training_loss(model, tokenizer, docs, max_length, mean=mean)
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads) if g is not None}
+
+
+def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
+                momentum: bool) -> float:
+    """The answer's log-probability after one step of ``optimizer`` with ``grads`` (the model is not changed)."""
+    stepped = _stepped_parameters(model, optimizer, grads, lr, momentum)
+    with _parameters_swapped(model, stepped):
+        return answer_log_prob(model, tokenizer, query, max_length)
 
 
 def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]:
@@ -300,7 +406,8 @@ def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]
 
 
 def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list[str], *, tokenizer,
-                       ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128) -> dict[int, float]:
+                       ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
+                       autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float]:
     """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
     (document ids of ``corpus``, best first, at least max(ks) of them) of one query."""
     ks = sorted({int(k) for k in ks})
@@ -312,20 +419,44 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
         raise ValueError(f"ranked holds ids that are not in the corpus: {unknown[:5]}")
     if len(ranked) < ks[-1]:
         raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {ks[-1]}")
-    return {k: tail_patch(model, optimizer, [by_id[str(r)] for r in ranked[:k]], query, tokenizer=tokenizer, lr=lr,
-                          max_length=max_length) for k in ks}
+    return _prefix_tail_patches(model, optimizer, [by_id[str(r)] for r in ranked[: ks[-1]]], query, ks, tokenizer=tokenizer,
+                                lr=lr, max_length=max_length, autocast=autocast, momentum=momentum)
+
+
+def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], *, tokenizer, lr, max_length: int,
+                         autocast, momentum: bool) -> dict[int, float]:
+    """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
+    per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
+    gradients over its count of target tokens (padding to the right changes no real token's loss), so the
+    gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; one
+    batch each) are accumulated in rank order and a step is taken at each k. Equal to :func:`tail_patch` on
+    each prefix up to float rounding."""
+    docs, query = _patch_documents(docs), _patch_query(query)
+    if optimizer is not None:
+        _optimizer_groups(optimizer, model, lr)
+    out, total, tokens, start = {}, {}, 0, 0
+    with _evaluation_mode(model):
+        before = answer_log_prob(model, tokenizer, query, max_length)
+        for k in ks:
+            segment = docs[start:k]
+            for name, g in _loss_gradients(model, tokenizer, segment, max_length, autocast, mean=False).items():
+                total[name] = total[name].add_(g) if name in total else g
+            tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
+            out[k] = _after_step(model, optimizer, {n: g / tokens for n, g in total.items()}, lr, tokenizer, query,
+                                 max_length, momentum) - before
+    return out
 
 
 def tail_patch_references(model, optimizer, corpus: list[dict], query, source: str, *, tokenizer, ks=TAIL_PATCH_KS,
                           seed: int = 0, query_index: int = 0, lr: float | None = None,
-                          max_length: int = 128) -> dict:
+                          max_length: int = 128, autocast: torch.dtype | None = None, momentum: bool = False) -> dict:
     """The two references of a query's tail-patch: {"random": {k: tail-patch on k random documents
     (:func:`random_ranking`, seeded by ``seed`` and ``query_index``)}, "source": tail-patch on the true
     source document (id ``source``) alone}."""
     ids = [str(d["id"]) for d in corpus]
     if str(source) not in ids:
         raise ValueError(f"source {source!r} is not a document id of the corpus")
-    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length}
+    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length, "autocast": autocast, "momentum": momentum}
     return {"random": tail_patch_ranking(model, optimizer, corpus, query, random_ranking(ids, seed, query_index),
                                          ks=ks, **options),
             "source": tail_patch(model, optimizer, [corpus[ids.index(str(source))]], query, **options)}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from grass_ops.atomic_files import atomic_writer, write_json_atomic
+
 from .. import llm
 from ..evaluation import facts
 from ..evaluation.fidelity import Method, measure, scores
@@ -27,23 +29,40 @@ from .commands.common import check_out, load_store
 from .report import write_reports
 
 
+def finetune_autocast():
+    """The fine-tuning's matmul precision (bfloat16 where this CPU has fast bfloat16, else None: float32); the
+    tail-patch steps take the same."""
+    return torch.bfloat16 if llm.fast_bfloat16() else None
+
+
+OPTIMIZER_FILE = "optimizer.pt"  # the fine-tuning's AdamW state_dict(), beside the model folder
+
+
 def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progress: bool = True):
-    """(model, tokenizer, info): the embedded SmolLM2 fine-tuned on ``corpus``, trained once and
-    saved under ``out`` (reused when its recorded configuration matches)."""
-    autocast = torch.bfloat16 if llm.fast_bfloat16() else None
+    """(model, tokenizer, info, optimizer): the embedded SmolLM2 fine-tuned on ``corpus``, trained once and
+    saved under ``out`` with the optimizer's state (``optimizer.pt``: AdamW's moments where the training
+    ended, for TrackStar's normalization and for tail-patch), reused when its recorded configuration matches."""
+    autocast = finetune_autocast()
     config = {"base": llm.DEFAULT_MODEL, "epochs": epochs, "seed": seed, "lr": 2e-4, "corpus_per_epoch": 12,
-              "autocast": str(autocast), "documents": [d["id"] for d in corpus]}
-    folder, record = out / "model", out / "model.json"
-    if record.is_file() and json.loads(record.read_text()).get("config") == config and (folder / "config.json").is_file():
+              "autocast": str(autocast), "documents": [d["id"] for d in corpus], "optimizer_state": OPTIMIZER_FILE}
+    folder, record, state = out / "model", out / "model.json", out / OPTIMIZER_FILE
+    if (record.is_file() and json.loads(record.read_text()).get("config") == config and (folder / "config.json").is_file()
+            and state.is_file()):
         model, tokenizer = llm.load_model(str(folder))
-        return model, tokenizer, json.loads(record.read_text())["info"]
+        optimizer = facts.finetune_optimizer(model, config["lr"])
+        optimizer.load_state_dict(torch.load(state, weights_only=True))
+        return model, tokenizer, json.loads(record.read_text())["info"], optimizer
     torch.manual_seed(seed)
     model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
+    optimizer = facts.finetune_optimizer(model, config["lr"])
     info = facts.finetune(model, tokenizer, corpus, epochs=epochs, lr=config["lr"], seed=seed,
-                          corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast)
+                          corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast,
+                          optimizer=optimizer)
     save_folder(model, tokenizer, folder)
-    record.write_text(json.dumps({"config": config, "info": info}, indent=1))
-    return model, tokenizer, info
+    with atomic_writer(state) as handle:
+        torch.save(optimizer.state_dict(), handle)
+    write_json_atomic(record, {"config": config, "info": info}, indent=1)  # last: it marks the folder complete
+    return model, tokenizer, info, optimizer
 
 
 def save_folder(model, tokenizer, folder: Path) -> None:
@@ -96,23 +115,79 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
                           {name: m for name, m in methods.items()}, truth=False)
     rows = []
     for name, method in methods.items():
-        metrics = facts.retrieval_metrics(scores(features[name], method), ids, targets)
         spec = str(method.compressor)
         label = (f"{spec}, random masks (not the store's energy masks), {SCORINGS[method.scoring]}" if name == "default"
                  else name)
-        rows.append({"method": label, "compressor": str(method.compressor), "scoring": method.scoring, **metrics})
-    rows.append({"method": "BM25 (question + answer vs document text)", "compressor": None, "scoring": "bm25",
-                 **facts.retrieval_metrics(facts.bm25_scores([q["prompt"] + " " + q["completion"] for q in queries],
-                                                             [d["text"] for d in ordered]), ids, targets)})
+        rows.append(evaluated(label, scores(features[name], method), ids, targets, compressor=spec,
+                              scoring=method.scoring))
+    rows.append(evaluated("BM25 (question + answer vs document text)", bm25(queries, ordered), ids, targets,
+                          compressor=None, scoring="bm25"))
     base_layers = find_layers(base_model, llm.DEFAULT_LAYERS[:1])
     _, base = measure(base_model, llm.sequence_loss, base_layers, doc_batches, query_batches,
                       {"default": methods["default"]}, truth=False)
-    rows.append({"method": f"control: the untuned base model, {default[0]}, random masks, {SCORINGS[default[1]]}",
-                 "compressor": str(default[0]), "scoring": default[1],
-                 **facts.retrieval_metrics(scores(base["default"], methods["default"]), ids, targets)})
+    rows.append(evaluated(f"control: the untuned base model, {default[0]}, random masks, {SCORINGS[default[1]]}",
+                          scores(base["default"], methods["default"]), ids, targets, compressor=str(default[0]),
+                          scoring=default[1]))
     for row in rows:
         row["seconds"] = time.perf_counter() - start
     return rows
+
+
+def bm25(queries: list[dict], docs: list[dict]):
+    """BM25 scores [n_query, n_doc] of each question and its answer against the documents' text."""
+    return facts.bm25_scores([q["prompt"] + " " + q["completion"] for q in queries], [d["text"] for d in docs])
+
+
+def evaluated(label: str, score_matrix, ids: list[str], targets: list[str], **fields) -> dict:
+    """An evaluation row: ``label``, ``fields``, the retrieval metrics of ``score_matrix`` [n_query, n_doc] (columns
+    in ``ids``' order) and "ranking": each query's top max(TAIL_PATCH_KS) document ids (ties to the lower column),
+    the documents tail-patch steps on."""
+    order = torch.argsort(-score_matrix, dim=1, stable=True)[:, : max(facts.TAIL_PATCH_KS)]
+    return {"method": label, **fields, **facts.retrieval_metrics(score_matrix, ids, targets),
+            "ranking": [[ids[j] for j in row] for row in order.tolist()]}
+
+
+def two_stage(score_matrix, lexical, candidates: int):
+    """Two-stage retrieval from score matrices [n_query, n_doc]: each query's top ``candidates`` BM25 documents
+    re-ranked by ``score_matrix``, the others after them (what ``attribute --candidates bm25`` returns, where
+    documents outside the candidates are not ranked at all)."""
+    top = torch.argsort(-lexical, dim=1, stable=True)[:, :candidates]
+    out = torch.full_like(score_matrix, -torch.inf)
+    return out.scatter(1, top, score_matrix.gather(1, top))
+
+
+TAIL_PATCH_ROWS = ("default", "store", "bm25", "two-stage")  # `--tail-patch main`: the rows that get tail-patch
+TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
+
+
+def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: list[dict], rows: list[dict], *,
+                    seed: int, max_length: int, autocast=None, progress: bool = True) -> list[dict]:
+    """TrackStar's tail-patch for each row with a "ranking" (top documents per query), and its two reference
+    rows: k documents drawn at random (seeded by ``seed`` and the question's index) and the true source alone
+    (k = 1). Each row gains tail_patch@k (mean over the questions, nats) and tail_patch@k_se for
+    k in facts.TAIL_PATCH_KS; returns the two reference rows. One step from the fine-tuned ``model`` with
+    ``optimizer``'s class, state and learning rate, on the question's own completion (the answer attributed)."""
+    from tqdm import tqdm
+
+    random_row = {"method": f"reference: k documents at random (seeded, seed {seed})", "scoring": "random"}
+    source_row = {"method": "reference: the true source paragraph alone (k = 1)", "scoring": "source"}
+    patched = [r for r in rows if r.get("ranking")]
+    per_row = {id(r): [] for r in [*patched, random_row]}
+    source = []
+    options = {"tokenizer": tokenizer, "max_length": max_length, "autocast": autocast}
+    for i, query in enumerate(tqdm(queries, disable=not progress, leave=False, desc="tail-patch")):
+        for row in patched:
+            per_row[id(row)].append(facts.tail_patch_ranking(model, optimizer, corpus, query, row["ranking"][i], **options))
+        references = facts.tail_patch_references(model, optimizer, corpus, query, query["target"], seed=seed,
+                                                 query_index=i, **options)
+        per_row[id(random_row)].append(references["random"])
+        source.append({1: references["source"]})
+    for row in [*patched, random_row]:
+        for k, summary in facts.tail_patch_summary(per_row[id(row)]).items():
+            row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
+    summary = facts.tail_patch_summary(source)[1]
+    source_row["tail_patch@1"], source_row["tail_patch@1_se"] = summary["mean"], summary["se"]
+    return [random_row, source_row]
 
 
 def recall_figure(rows: list[dict]):
@@ -186,6 +261,19 @@ def notes(rows: list[dict]) -> list[str]:
             "BM25 is better at finding passages that state a fact, gradient-based influence at finding the examples that "
             "change the model's prediction. Where the words differ (paraphrase, translation, code), word overlap has "
             "nothing to match.")
+    patched = [r for r in rows if r.get("tail_patch@5") is not None]
+    if default.get("tail_patch@5") is not None:
+        listed = "; ".join(f"{r['method']}: {r['tail_patch@5']:+.2f} ± {r['tail_patch@5_se']:.2f}" for r in patched)
+        source = next((r for r in rows if r.get("scoring") == "source"), None)
+        out.append(
+            "Tail-patch measures influence rather than retrieval (TrackStar): one training step, from the fine-tuned model "
+            "with its optimizer's state and learning rate, on a method's top k documents, and the change in the "
+            "log-probability (nats) of the model's own answer to the question; the mean over the questions ± its "
+            f"standard error. At k = 5: {listed}."
+            + (f" The true source alone (k = 1) gives {source['tail_patch@1']:+.2f} ± {source['tail_patch@1_se']:.2f}."
+               if source is not None else "")
+            + " A method whose top documents raise the answer more than the documents that state the fact has found "
+            "what the model's answer depends on, not only where the words match.")
     if control is not None:
         better = control["mrr"] > default["mrr"]
         out.append(f"The control row attributes with the base model before fine-tuning: it traces the facts "
@@ -196,11 +284,25 @@ def notes(rows: list[dict]) -> list[str]:
 
 
 def console_table(rows: list[dict]) -> str:
-    """The evaluation as a text table; the method column is as wide as its longest name (never cut)."""
+    """The evaluation as a text table; the method column is as wide as its longest name (never cut); the tail-patch
+    columns (mean ± standard error, nats) where any row has them; "-" where a row has no value."""
     width = max(len("method"), *(len(str(r["method"])) for r in rows))
-    header = f"{'method':{width}s}  recall@1  recall@5   MRR  MRR (answered right)"
-    return "\n".join([header, *(f"{str(r['method']):{width}s}  {r['recall@1']:8.2f}  {r['recall@5']:8.2f}  {r['mrr']:4.2f}  "
-                                f"{'-' if r.get('mrr_answered') is None else format(r['mrr_answered'], '.2f')}" for r in rows)])
+    patched = [k for k in facts.TAIL_PATCH_KS if any(f"tail_patch@{k}" in r for r in rows)]
+
+    def number(row, key, spec):
+        return "-" if row.get(key) is None else format(row[key], spec)
+
+    def patch(row, k):
+        if row.get(f"tail_patch@{k}") is None:
+            return f"{'-':>13s}"
+        return f"{row[f'tail_patch@{k}']:+6.2f} ± {row[f'tail_patch@{k}_se']:4.2f}"
+
+    header = (f"{'method':{width}s}  recall@1  recall@5   MRR  MRR (answered right)"
+              + "".join(f"  {'tail-patch@' + str(k):>13s}" for k in patched))
+    return "\n".join([header, *(f"{str(r['method']):{width}s}  {number(r, 'recall@1', '8.2f'):>8s}  "
+                                f"{number(r, 'recall@5', '8.2f'):>8s}  {number(r, 'mrr', '4.2f'):>4s}  "
+                                f"{number(r, 'mrr_answered', '.2f'):>20s}" + "".join(f"  {patch(r, k)}" for k in patched)
+                                for r in rows)])
 
 
 def run(args) -> list[dict]:
@@ -213,39 +315,61 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = facts.fact_corpus(llm.python_docs_corpus(limit=args.limit))
-    model, tokenizer, tuned = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
+    model, tokenizer, tuned, optimizer = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
     queries = answer_queries(model, tokenizer)
     corpus_path = out / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
     args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
+    args.optimizer_state = str(out / OPTIMIZER_FILE) if args.use_optimizer_state else None
     summary = cache.run(args, (model, tokenizer))
     store, config, docs = load_store(args.store)
     results, score_matrix = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token,
-                                        normalize=args.normalize)
+                                              normalize=args.normalize)
     _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=not args.normalize)
     ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
     scoring = {True: "IF on unit-normalized gradients", False: "raw IF"}
-    rows = [{"method": f"default: {config.compressor}, {config.masks} masks, k={config.k}, {scoring[args.normalize]}",
-             **facts.retrieval_metrics(score_matrix, ids, targets)},
-            {"method": f"the same store, {scoring[not args.normalize]}", **facts.retrieval_metrics(other, ids, targets)}]
+    lexical = bm25(queries, docs)
+    rows = [evaluated(f"default: {config.compressor}, {config.masks} masks, k={config.k}, {scoring[args.normalize]}"
+                      + (", optimizer-normalized" if config.optimizer_state else ""), score_matrix, ids, targets,
+                      row="default"),
+            evaluated(f"the same store, {scoring[not args.normalize]}", other, ids, targets, row="store"),
+            evaluated(f"two-stage: BM25's top {TWO_STAGE_CANDIDATES} re-ranked by the default's score",
+                      two_stage(score_matrix, lexical, TWO_STAGE_CANDIDATES), ids, targets, row="two-stage")]
     for result, rank in zip(results, rows[0]["ranks"]):
         result.query["target_rank"] = rank  # the default's rank of the true source, shown per question in the report
-    base, _ = llm.load_model(llm.DEFAULT_MODEL)
-    rows += compare(model, tokenizer, base, corpus, queries, config.k, config.max_length, config.token_batch_size or 512,
-                    (config.compressor, "if-unit" if args.normalize else "if"))
+    if args.compare:
+        base, _ = llm.load_model(llm.DEFAULT_MODEL)
+        rows += compare(model, tokenizer, base, corpus, queries, config.k, config.max_length,
+                        config.token_batch_size or 512, (config.compressor, "if-unit" if args.normalize else "if"))
+        del base
+    else:
+        rows.append(evaluated("BM25 (question + answer vs document text)", lexical, ids, targets, scoring="bm25"))
+    for row in rows:
+        if row.get("scoring") == "bm25":
+            row["row"] = "bm25"
+        if args.tail_patch == "main" and row.get("row") not in TAIL_PATCH_ROWS or args.tail_patch == "none":
+            row.pop("ranking")
     correct = [q["correct"] for q in queries]
     for row in rows:  # the questions the model answers right: their gradient points at the planted fact
         row["mrr_answered"] = (sum(1.0 / r for r, c in zip(row["ranks"], correct) if c) / sum(correct)
                                if any(correct) else None)
-    figure = plot(rows, out / "recall.png")
+    tail_start = time.perf_counter()
+    if args.tail_patch != "none":
+        by_id = {d["id"]: d for d in docs}
+        rows += tail_patch_rows(model, optimizer, tokenizer, [by_id[i] for i in ids], queries, rows, seed=args.seed,
+                                max_length=config.max_length, autocast=finetune_autocast())
+    tail_seconds = time.perf_counter() - tail_start
+    figure = plot([r for r in rows if "recall@1" in r], out / "recall.png")
     meta = {"job": f"fact tracing: {len(facts.FACTS)} invented facts planted in the corpus, each asked with a paraphrased "
                    "question", "model": "SmolLM2-135M-Instruct fine-tuned "
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
             "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
-            "cache_seconds": summary["cache_seconds"]}
-    paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k != "ranks"} for r in rows],
-                          plot=figure, notes=notes(rows))
+            "optimizer_state": config.optimizer_state is not None, "cache_seconds": summary["cache_seconds"],
+            "tail_patch": args.tail_patch, "tail_patch_seconds": tail_seconds}
+    internal = ("ranks", "ranking", "row")
+    paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}
+                                                               for r in rows], plot=figure, notes=notes(rows))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
     lines = [f"{len(docs)} documents ({len(docs) - len(facts.FACTS)} Python-docs paragraphs + {len(facts.FACTS)} planted "
              f"facts) cached in {summary['cache_seconds']:.0f}s; the fine-tuned model answers {meta['answered_correctly']}/"

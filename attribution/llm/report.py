@@ -25,6 +25,11 @@ METRICS = (
                    "first; 0.5: second on average; near 0: far down the list)"),
     ("mrr_answered", "MRR (answered right)", "the MRR over only the questions the model answered correctly: there the "
                                              "answer comes from the planted fact, so its source should rank first"),
+    *((f"tail_patch@{k}", f"tail-patch@{k}", f"influence (TrackStar's tail-patch): the mean over the questions of the change "
+                                             f"in the log-probability of the model's answer (nats) after one training step "
+                                             f"on the method's top {k} document{'s' if k > 1 else ''}, at the fine-tuning's "
+                                             "learning rate and optimizer state; ± its standard error")
+      for k in (1, 5, 10)),
 )
 
 # Readable labels of the report's configuration (meta) keys; other keys keep their name.
@@ -172,9 +177,15 @@ def _verdict(views: list[dict], meta: dict, top_k: int) -> list[str]:
 def _evaluation(evaluation: list[dict] | None) -> dict | None:
     if not evaluation:
         return None
-    metrics = [m for m in METRICS if m[0] in evaluation[0]]
-    rows = [{"method": str(row["method"]),
-             "cells": ["–" if row.get(key) is None else f"{row[key]:.2f}" for key, _, _ in metrics]} for row in evaluation]
+    metrics = [m for m in METRICS if any(m[0] in row for row in evaluation)]
+
+    def cell(row: dict, key: str) -> str:  # a value, with "± its standard error" where the row has one
+        if row.get(key) is None:
+            return "–"
+        se = row.get(f"{key}_se")
+        return f"{row[key]:.2f}" + ("" if se is None else f" ± {se:.2f}")
+
+    rows = [{"method": str(row["method"]), "cells": [cell(row, key) for key, _, _ in metrics]} for row in evaluation]
     return {"headers": [label for _, label, _ in metrics], "legend": [(label, text) for _, label, text in metrics],
             "rows": rows}
 

@@ -2,6 +2,7 @@
 SmolLM2 GGUF), the grass-attribute CLI, lm-eval query sets from a local task."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,13 +85,24 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path):
     rows = cli.run(flags)
     names = [r["method"] for r in rows]
     assert names[0].startswith("default") and any("BM25" in n for n in names) and any("untuned" in n for n in names)
-    for r in rows:
+    assert any(n.startswith("two-stage") for n in names)
+    retrieval = [r for r in rows if "mrr" in r]
+    for r in retrieval:
         assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 < r["mrr"] <= 1 and len(r["ranks"]) == 20
+    # tail-patch (--tail-patch main): the store's two scorings, BM25, two-stage and the references, mean and s.e.
+    patched = [r for r in rows if r.get("tail_patch@5") is not None]
+    assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 5
+    assert all(np.isfinite(r[f"tail_patch@{k}"]) and r[f"tail_patch@{k}_se"] >= 0 for r in patched for k in (1, 5, 10))
+    source = next(r for r in rows if r.get("scoring") == "source")
+    assert np.isfinite(source["tail_patch@1"]) and source.get("tail_patch@5") is None
+    assert (tmp_path / "optimizer.pt").stat().st_size > 0  # the fine-tuning's AdamW state, kept for tail-patch
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["queries"]) == 20 and report["evaluation"][0]["method"] == names[0]
     assert (tmp_path / "recall.png").stat().st_size > 5_000 and "recall.png" in (tmp_path / "report.html").read_text()
     facts_record = json.loads((tmp_path / "facts.json").read_text())
     assert len(facts_record["queries"]) == 20 and all(q["completion"].strip() for q in facts_record["queries"])
     mtime = (tmp_path / "model" / "config.json").stat().st_mtime_ns
-    assert cli.run(flags)[0] == rows[0]  # a second run reuses the fine-tuned model and the store: the same figures
+    again = cli.run([*flags, "--tail-patch", "none"])[0]  # reuses the fine-tuned model and the store: the same figures
+    assert {k: again[k] for k in ("method", "ranks", "mrr")} == {k: rows[0][k] for k in ("method", "ranks", "mrr")}
+    assert "tail_patch@5" not in again
     assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime

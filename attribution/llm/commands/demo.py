@@ -1,6 +1,8 @@
 """``grass-attribute demo``: the main job (attribution.llm.demo), fact tracing on the embedded model, measured."""
 from __future__ import annotations
 
+import argparse
+
 from . import flags as f
 from .cache import CONFIG_FLAGS, DEFAULTS
 
@@ -27,5 +29,16 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
     f.Flag("--finetune-epochs", "epochs of the short fine-tune", default=6, type=f.positive_int),
     f.Flag("--top-k", "documents listed per question, top and bottom", default=5, type=f.positive_int),
     f.Flag("--per-token", "also list each answer token's top documents", default=False, action="store_true"),
+    f.Flag("--optimizer-state", "divide every cached and query gradient by sqrt(v) + eps, v the fine-tuning's AdamW "
+                                "second moment (TrackStar; `cache --optimizer-state`; default: off, it traced the facts "
+                                "worse here, BENCHMARKS.md)", default=False, action=argparse.BooleanOptionalAction,
+           dest="use_optimizer_state"),
+    f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
+                        "corpus per model: most of the job's time and memory)", default=True,
+           action=argparse.BooleanOptionalAction),
+    f.Flag("--tail-patch", "TrackStar's influence metric (one training step on each method's top 1, 5 and 10 documents): "
+                           "main (the default, the store's two scorings, BM25 and two-stage, with the random and "
+                           "true-source references), all (every row) or none", default="main",
+           choices=["main", "all", "none"]),
     f.NORMALIZE,
 ], run, defaults={key: getattr(DEFAULTS, key) for key in FIXED})
