@@ -93,15 +93,14 @@ def test_score_rows_equal_each_methods_closed_form(method):
     values = [torch.tensor([0.0, 1.0, -2.0, 5.0], dtype=torch.float64), torch.tensor([1.0, 0.0, 0.0, -1.0], dtype=torch.float64)]
     weights = (0.5, 2.0)
     scores = _scorer(method, None, weights=weights).score_rows(queries, grads, values)
-    if method in ("if", "graddot"):
-        expected = queries[0] @ grads[0].T + queries[1] @ grads[1].T
-    elif method == "tracin":
+    # every method weighs its checkpoints (Checkpoints refuses non-unit weights for TRAK's ensemble before this)
+    if method in ("if", "graddot", "tracin"):
         expected = 0.5 * queries[0] @ grads[0].T + 2.0 * queries[1] @ grads[1].T
     elif method == "gradcos":  # queries arrive normalized from prepared_queries; the rows are normalized here
-        expected = sum(q @ (g / g.norm(dim=1, keepdim=True)).T for q, g in zip(queries, grads))
+        expected = sum(w * q @ (g / g.norm(dim=1, keepdim=True)).T for w, q, g in zip(weights, queries, grads))
     else:
         keep = ((1 - torch.sigmoid(values[0])) + (1 - torch.sigmoid(values[1]))) / 2
-        expected = (queries[0] @ grads[0].T + queries[1] @ grads[1].T) / 2 * keep
+        expected = (0.5 * queries[0] @ grads[0].T + 2.0 * queries[1] @ grads[1].T) / 2 * keep
     torch.testing.assert_close(scores, expected)
 
 

@@ -200,4 +200,4 @@ NORMALIZE = Flag("--normalize", "IF on unit-normalized gradients, q^T (F + dampi
                                 "as well or better)", default=DEFAULT_NORMALIZE, action=argparse.BooleanOptionalAction)
 TASK_WEIGHT = Flag("--task-weight", "--preconditioner mixed: the query set's share w in [0, 1) of the curvature, (1 - w) "
                                     "F_train + w F_query per block, so directions every query shares (a prompt template) "
-                                    "weigh less; 0 is the FIM", type=task_weight)
+                                    "weigh less; 0 is the FIM (default: none; required with mixed)", type=task_weight)
