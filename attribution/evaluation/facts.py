@@ -291,14 +291,15 @@ def _without_momentum(hyper: dict) -> dict:
 
 
 def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None,
-                        momentum: bool = False) -> dict[str, Tensor]:
+                        momentum: bool = False, scale: float = 1.0) -> dict[str, Tensor]:
     """{name: the parameter after one step of ``optimizer`` (its class, hyperparameters and a copy of its state)
     with ``grads``} without touching the model or the optimizer: each parameter is stepped on its own, from a
     clone of it and of its state, so the extra memory is the new parameters plus one parameter's state.
     With ``optimizer=None``: plain SGD at ``lr``. A parameter without a gradient keeps its value (as
-    torch.optim skips it). ``momentum=False``: see :func:`tail_patch`."""
+    torch.optim skips it). ``momentum=False``: see :func:`tail_patch`. ``scale``: the gradients are ``grads`` times
+    it, formed one parameter at a time (no scaled copy of the whole gradient)."""
     if optimizer is None:
-        return {n: (p.detach() - lr * grads[n]) if n in grads else p.detach() for n, p in model.named_parameters()}
+        return {n: (p.detach() - lr * (grads[n] * scale)) if n in grads else p.detach() for n, p in model.named_parameters()}
     stepped = {}
     for hyper, params in _optimizer_groups(optimizer, model, lr):
         hyper = hyper if momentum else _without_momentum(hyper)
@@ -306,7 +307,7 @@ def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | 
             if name not in grads:
                 continue
             clone = p.detach().clone().requires_grad_(True)
-            clone.grad = grads[name]
+            clone.grad = grads[name] * scale if scale != 1.0 else grads[name]
             single = type(optimizer)([{**hyper, "params": [clone]}])
             state = optimizer.state.get(p)
             if state:
@@ -392,9 +393,10 @@ def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocas
 
 
 def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
-                momentum: bool) -> float:
-    """The answer's log-probability after one step of ``optimizer`` with ``grads`` (the model is not changed)."""
-    stepped = _stepped_parameters(model, optimizer, grads, lr, momentum)
+                momentum: bool, scale: float = 1.0) -> float:
+    """The answer's log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model is
+    not changed)."""
+    stepped = _stepped_parameters(model, optimizer, grads, lr, momentum, scale)
     with _parameters_swapped(model, stepped):
         return answer_log_prob(model, tokenizer, query, max_length)
 
@@ -442,8 +444,8 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
             for name, g in _loss_gradients(model, tokenizer, segment, max_length, autocast, mean=False).items():
                 total[name] = total[name].add_(g) if name in total else g
             tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
-            out[k] = _after_step(model, optimizer, {n: g / tokens for n, g in total.items()}, lr, tokenizer, query,
-                                 max_length, momentum) - before
+            out[k] = _after_step(model, optimizer, total, lr, tokenizer, query, max_length, momentum,
+                                 scale=1.0 / tokens) - before
     return out
 
 

@@ -92,14 +92,31 @@ def measure(model, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches:
     truth without it)."""
     model.eval()
     capture = FactorCapture(model, layers)
-    compressors = {name: build_compressors(m.compressor, layers, m.k, m.seed) for name, m in methods.items()}
-    q_factors = _stack_factors(capture, loss_fn, query_batches, autocast)
-    n_query = next(iter(q_factors.values()))[0].shape[0]
-    q_norm2 = torch.zeros(n_query, dtype=torch.float64)
-    for x, g in q_factors.values() if truth else []:
-        q_norm2 += grass_ops.factorized_inner(x, g, x, g).diagonal().double()
-    q_feats = {name: torch.cat([compress_layer(comps[n], *q_factors[n]) for n in layers], 1) for name, comps in compressors.items()}
-    inner, d_norm2, d_feats, seconds = [], [], {name: [] for name in methods}, {name: 0.0 for name in methods}
+    # methods that differ only in their scoring share one compressor and its features (one flat SJLT's hash
+    # over every layer's weights is 9 bytes per parameter)
+    keys = {name: (m.compressor if isinstance(m.compressor, str) else id(m.compressor), m.k, m.seed)
+            for name, m in methods.items()}
+    shared = {key: name for name, key in reversed(keys.items())}  # the first method of each key computes it
+    compressors = {name: build_compressors(methods[name].compressor, layers, methods[name].k, methods[name].seed)
+                   for name in shared.values()}
+    if truth:  # the exact inner products need every query's factors beside each document batch's
+        q_factors = _stack_factors(capture, loss_fn, query_batches, autocast)
+        n_query = next(iter(q_factors.values()))[0].shape[0]
+        q_norm2 = torch.zeros(n_query, dtype=torch.float64)
+        for x, g in q_factors.values():
+            q_norm2 += grass_ops.factorized_inner(x, g, x, g).diagonal().double()
+        q_feats = {name: torch.cat([compress_layer(comps[n], *q_factors[n]) for n in layers], 1)
+                   for name, comps in compressors.items()}
+    else:  # features only: each query batch compressed and its factors dropped (a smaller working set)
+        q_feats = {name: [] for name in compressors}
+        for batch in query_batches:
+            x, g, _ = _factors(capture, loss_fn, batch, autocast)
+            for name, comps in compressors.items():
+                q_feats[name].append(torch.cat([compress_layer(comps[n], x[n], g[n]) for n in layers], 1))
+            del x, g
+        q_feats = {name: torch.cat(parts) for name, parts in q_feats.items()}
+        n_query = next(iter(q_feats.values())).shape[0]
+    inner, d_norm2, d_feats, seconds = [], [], {name: [] for name in compressors}, {name: 0.0 for name in compressors}
     for batch in tqdm(doc_batches, desc="fidelity", disable=not progress, leave=False):
         x, g, _ = _factors(capture, loss_fn, batch, autocast)
         rows = next(iter(x.values())).shape[0]
@@ -114,9 +131,11 @@ def measure(model, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches:
             start = time.perf_counter()
             d_feats[name].append(torch.cat([compress_layer(comps[n], x[n], g[n]) for n in layers], 1))
             seconds[name] += time.perf_counter() - start
+        del x, g  # this batch's factors, before the next batch's are captured
     exact = Truth(torch.cat(inner, 1), q_norm2.sqrt(), torch.cat(d_norm2).sqrt()) if truth else None
-    features = {name: Features(q_feats[name], torch.cat(d_feats[name]), [compressors[name][n].out_features for n in layers],
-                               seconds[name]) for name in methods}
+    computed = {name: Features(q_feats[name], torch.cat(d_feats[name]), [compressors[name][n].out_features for n in layers],
+                               seconds[name]) for name in compressors}
+    features = {name: computed[shared[keys[name]]] for name in methods}
     return exact, features
 
 

@@ -39,19 +39,18 @@ OPTIMIZER_FILE = "optimizer.pt"  # the fine-tuning's AdamW state_dict(), beside 
 
 
 def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progress: bool = True):
-    """(model, tokenizer, info, optimizer): the embedded SmolLM2 fine-tuned on ``corpus``, trained once and
-    saved under ``out`` with the optimizer's state (``optimizer.pt``: AdamW's moments where the training
-    ended, for TrackStar's normalization and for tail-patch), reused when its recorded configuration matches."""
+    """(model, tokenizer, info): the embedded SmolLM2 fine-tuned on ``corpus``, trained once and saved under
+    ``out`` with the optimizer's state (``optimizer.pt``: AdamW's moments where the training ended, for
+    TrackStar's normalization and for tail-patch; read back by ``load_optimizer`` when needed, so that its
+    1 GB is not held through the cache and the comparison), reused when its recorded configuration matches."""
     autocast = finetune_autocast()
-    config = {"base": llm.DEFAULT_MODEL, "epochs": epochs, "seed": seed, "lr": 2e-4, "corpus_per_epoch": 12,
+    config = {"base": llm.DEFAULT_MODEL, "epochs": epochs, "seed": seed, "lr": FINETUNE_LR, "corpus_per_epoch": 12,
               "autocast": str(autocast), "documents": [d["id"] for d in corpus], "optimizer_state": OPTIMIZER_FILE}
     folder, record, state = out / "model", out / "model.json", out / OPTIMIZER_FILE
     if (record.is_file() and json.loads(record.read_text()).get("config") == config and (folder / "config.json").is_file()
             and state.is_file()):
         model, tokenizer = llm.load_model(str(folder))
-        optimizer = facts.finetune_optimizer(model, config["lr"])
-        optimizer.load_state_dict(torch.load(state, weights_only=True))
-        return model, tokenizer, json.loads(record.read_text())["info"], optimizer
+        return model, tokenizer, json.loads(record.read_text())["info"]
     torch.manual_seed(seed)
     model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
     optimizer = facts.finetune_optimizer(model, config["lr"])
@@ -62,7 +61,17 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
     with atomic_writer(state) as handle:
         torch.save(optimizer.state_dict(), handle)
     write_json_atomic(record, {"config": config, "info": info}, indent=1)  # last: it marks the folder complete
-    return model, tokenizer, info, optimizer
+    return model, tokenizer, info
+
+
+FINETUNE_LR = 2e-4
+
+
+def load_optimizer(out: Path, model):
+    """The fine-tuning's AdamW with its state as saved under ``out`` (``optimizer.pt``), on ``model``'s parameters."""
+    optimizer = facts.finetune_optimizer(model, FINETUNE_LR)
+    optimizer.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
+    return optimizer
 
 
 def save_folder(model, tokenizer, folder: Path) -> None:
@@ -101,7 +110,8 @@ COMPARED = {  # name -> (compressor spec, scoring); the default is added by the 
 def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict], k: int, max_length: int,
             token_batch_size: int, default: tuple[str, str]) -> list[dict]:
     """Retrieval metrics of every compared method (one pass over the corpus for all of them), BM25,
-    and, as a control, the default compressor spec (random masks) on the untuned base model's gradients."""
+    and, as a control, the default compressor spec (random masks) on the untuned base model's gradients
+    (``base_model``: the model, or a function that loads it, called once the tuned model's features are freed)."""
     layers = find_layers(model, llm.DEFAULT_LAYERS[:1])
     doc_batches, order = llm.document_batches(tokenizer, docs, None, max_length, token_batch_size)
     ordered = [docs[i] for i in order]
@@ -122,6 +132,9 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
                               scoring=method.scoring))
     rows.append(evaluated("BM25 (question + answer vs document text)", bm25(queries, ordered), ids, targets,
                           compressor=None, scoring="bm25"))
+    del features
+    if callable(base_model):  # loaded only now: the tuned model's features are freed first
+        base_model = base_model()
     base_layers = find_layers(base_model, llm.DEFAULT_LAYERS[:1])
     _, base = measure(base_model, llm.sequence_loss, base_layers, doc_batches, query_batches,
                       {"default": methods["default"]}, truth=False)
@@ -156,6 +169,7 @@ def two_stage(score_matrix, lexical, candidates: int):
     return out.scatter(1, top, score_matrix.gather(1, top))
 
 
+COMPARE_TOKEN_BATCH = 256  # tokens per batch of the comparison pass (every layer's factors of a batch are held)
 TAIL_PATCH_ROWS = ("default", "store", "bm25", "two-stage")  # `--tail-patch main`: the rows that get tail-patch
 TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 
@@ -315,7 +329,7 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = facts.fact_corpus(llm.python_docs_corpus(limit=args.limit))
-    model, tokenizer, tuned, optimizer = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
+    model, tokenizer, tuned = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
     queries = answer_queries(model, tokenizer)
     corpus_path = out / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
@@ -338,10 +352,9 @@ def run(args) -> list[dict]:
     for result, rank in zip(results, rows[0]["ranks"]):
         result.query["target_rank"] = rank  # the default's rank of the true source, shown per question in the report
     if args.compare:
-        base, _ = llm.load_model(llm.DEFAULT_MODEL)
-        rows += compare(model, tokenizer, base, corpus, queries, config.k, config.max_length,
-                        config.token_batch_size or 512, (config.compressor, "if-unit" if args.normalize else "if"))
-        del base
+        rows += compare(model, tokenizer, lambda: llm.load_model(llm.DEFAULT_MODEL)[0], corpus, queries, config.k,
+                        config.max_length, min(config.token_batch_size or 512, COMPARE_TOKEN_BATCH),
+                        (config.compressor, "if-unit" if args.normalize else "if"))
     else:
         rows.append(evaluated("BM25 (question + answer vs document text)", lexical, ids, targets, scoring="bm25"))
     for row in rows:
@@ -355,6 +368,7 @@ def run(args) -> list[dict]:
                                if any(correct) else None)
     tail_start = time.perf_counter()
     if args.tail_patch != "none":
+        optimizer = load_optimizer(out, model)  # read back only now: its moments are not held through cache and comparison
         by_id = {d["id"]: d for d in docs}
         rows += tail_patch_rows(model, optimizer, tokenizer, [by_id[i] for i in ids], queries, rows, seed=args.seed,
                                 max_length=config.max_length, autocast=finetune_autocast())

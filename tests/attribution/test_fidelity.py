@@ -69,3 +69,24 @@ def test_energy_masks_rank_the_scaled_coordinates(tiny_llama, tmp_path):
     x_new, g_new = scaled[name]
     assert int(x_kept[0]) not in x_new.tolist() and x_up in x_new.tolist()
     assert int(g_kept[0]) not in g_new.tolist() and len(x_new) == len(x_kept)
+
+
+def test_features_alone_equal_the_truth_pass_and_scorings_share_a_compressor(tiny_llama):
+    """truth=False compresses each query batch as it comes (its factors dropped): the same features as the
+    truth pass, which stacks every query's factors; methods differing only in scoring share one compressor."""
+    model, tok = llm.load_model(tiny_llama)
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
+    queries = [{"id": "q0", "prompt": "a for", "completion": " loop list"}, {"id": "q1", "prompt": "the", "completion": " data"},
+               {"id": "q2", "prompt": "lambda", "completion": " expression creates"}]
+    doc_batches, _ = llm.document_batches(tok, docs, 3, 8)
+    query_batches = llm.query_batches(tok, queries, 2, 8)  # two batches of queries, the second of 1 (odd-sized)
+    layers = find_layers(model, ["model.layers.*"])
+    methods = {"cos": Method("sjlt", 16, "cosine"), "if": Method("sjlt", 16, "if"), "fg": Method("factgrass", 16)}
+    _, with_truth = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, methods, progress=False)
+    _, alone = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, methods, progress=False, truth=False)
+    for name in methods:
+        assert alone[name].queries.shape[0] == len(queries)
+        torch.testing.assert_close(alone[name].queries, with_truth[name].queries, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alone[name].docs, with_truth[name].docs)
+    assert alone["cos"] is alone["if"] and alone["fg"] is not alone["if"]
+    assert not torch.equal(alone["fg"].docs, alone["if"].docs)
