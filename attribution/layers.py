@@ -55,15 +55,48 @@ def _owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def adapter_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that hold LoRA adapters (peft's LoRA layers: ``lora_A`` and ``lora_B`` module dicts of
+    linear layers, one entry per adapter); [] for a model without adapters."""
+    return [name for name, module in model.named_modules()
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)]
+
+
+def _adapter_default(model: nn.Module, candidates: dict[str, nn.Module]) -> list[str]:
+    """An adapter model's default layers: its linear layers whose weight is trainable (the LoRA adapters'
+    ``lora_A`` / ``lora_B``, and any trainable copy of peft's ``modules_to_save``), the frozen base layers left out.
+    Trainable parameters that no linear layer holds (a LoRA on an embedding, DoRA's magnitudes) are refused, named:
+    the default would leave their gradients out."""
+    chosen = [name for name, module in candidates.items() if module.weight.requires_grad]
+    if not chosen:
+        raise ValueError("layers=None on a model with LoRA adapters attributes over the adapters' trainable linear "
+                         "layers, and none has a trainable weight (an adapter loaded for inference: load it with "
+                         "PeftModel.from_pretrained(..., is_trainable=True)), or name the layers to attribute: "
+                         "layers=['*.lora_A.*', '*.lora_B.*'] for the adapters, or the base layers' names")
+    held = {id(candidates[name].weight) for name in chosen}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held
+               and not name.endswith(".bias")]
+    if outside:
+        raise ValueError(f"the model's adapters train {len(outside)} parameters that no linear layer holds "
+                         f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): layers=None would leave "
+                         "their gradients out; name the layers (layers=[...]) and give those parameters as params=[...]")
+    return chosen
+
+
 def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict[str, LayerInfo]:
-    """Target layers by name. None: every nn.Linear / Conv1D. A string or list may hold exact names or
-    glob patterns ("model.layers.*.mlp.*"). Unknown names raise, listing what exists."""
+    """Target layers by name. None: every nn.Linear / Conv1D; on a model with LoRA adapters (peft), the linear
+    layers with a trainable weight (the adapters' lora_A / lora_B: see :func:`_adapter_default`). A string or list
+    may hold exact names or glob patterns ("model.layers.*.mlp.*"; a peft model's base layers are named
+    "base_model.model.<name>.base_layer"). Unknown names raise, listing what exists."""
     modules = dict(model.named_modules(remove_duplicate=False))
     candidates = {name: module for name, module in modules.items() if is_target(module)}
     if not candidates:
         raise ValueError("the model has no nn.Linear or Conv1D layers to attribute through (to use other "
                          "parameters only, pass layers=[] and params=[...])")
-    if layers is None:  # every layer, except those used through their weights alone (MultiheadAttention)
+    if layers is None and adapter_modules(model):
+        chosen = _adapter_default(model, candidates)
+    elif layers is None:  # every layer, except those used through their weights alone (MultiheadAttention)
         chosen = [n for n in candidates if not isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)]
     else:
         patterns = [layers] if isinstance(layers, str) else layers

@@ -38,6 +38,7 @@ class CacheConfig:
 
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
+    adapter: str | None = None
     corpus: str | None = None
     dataset: str | None = None
     split: str | None = None
@@ -143,6 +144,6 @@ def recorded_checkpoints(store: str | Path) -> list[dict] | None:
 
 CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 # Fields added after stores were written: absent from cli.json when None (the bytes of older stores unchanged).
-OPTIONAL_KEYS = ("optimizer_state", "checkpoint", "checkpoint_weight")
+OPTIONAL_KEYS = ("adapter", "optimizer_state", "checkpoint", "checkpoint_weight")
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
 GROWABLE_KEYS = ("limit",)

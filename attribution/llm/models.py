@@ -19,11 +19,16 @@ class UsageError(ValueError):
     """Bad command-line input; the CLI prints its message alone and exits with status 2."""
 
 
-def resolve_layers(model: nn.Module, patterns: list[str] | None) -> list[str]:
+def resolve_layers(model: nn.Module, patterns: list[str] | None) -> list[str] | None:
     """The --layers patterns; each must match a module. None (the default): every linear layer of the
-    transformer blocks, whichever of the usual names the architecture has (DEFAULT_LAYERS)."""
+    transformer blocks, whichever of the usual names the architecture has (DEFAULT_LAYERS); on a model with
+    LoRA adapters (--adapter), None: find_layers' default, the adapters' trainable lora_A / lora_B layers."""
+    from ..layers import adapter_modules
+
     names = [n for n, _ in model.named_modules()]
     matches = lambda p: any(fnmatch.fnmatchcase(n, p) for n in names)  # noqa: E731
+    if patterns is None and adapter_modules(model):
+        return None
     if patterns is None:
         found = [p for p in DEFAULT_LAYERS if matches(p)]
         if not found:
@@ -64,6 +69,30 @@ def load_model(name: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: s
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.to(device).eval(), tokenizer
+
+
+def check_adapter_folder(path: str) -> Path:
+    """The --adapter folder, which must hold a peft adapter (its adapter_config.json)."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {path}: no adapter_config.json there (a folder written by "
+                         "PeftModel.save_pretrained is expected)")
+    return folder
+
+
+def apply_adapter(model, path: str):
+    """``model`` with the peft adapter saved in the folder ``path`` (PeftModel.save_pretrained: adapter_config.json
+    and its weights), loaded trainable so that the default layers are its lora_A / lora_B; in eval mode."""
+    folder = check_adapter_folder(path)
+    try:
+        from peft import PeftModel
+    except ModuleNotFoundError:
+        raise UsageError("--adapter needs peft: pip install 'grass-ops[llm]' (or pip install peft)") from None
+    try:
+        adapted = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as err:  # another base model's adapter: shapes or module names differ
+        raise UsageError(f"--adapter {path} does not fit the model: {str(err).splitlines()[0][:300]}") from None
+    return adapted.eval()
 
 
 def load_state(path: str, dtype: str = "float32") -> dict:

@@ -1,38 +1,16 @@
 """`torchrun -m attribution.llm.cli cache|attribute|select|index`: two gloo ranks initialized from torchrun's
 environment write the store one process writes and print the reports one process prints."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 from attribution_problems import store_files
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
-from attribution.llm import cli  # noqa: E402
+from cli_runs import single, torchrun  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data", "the function creates a list", "a list for the data"]  # 4 batches of 2, the last of 1
-
-
-def _torchrun(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "attribution.llm.cli", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def _single(*args):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' thread count, for bitwise equal gradients and scores
-    try:
-        return cli.run(list(args))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -57,12 +35,12 @@ def _report(folder):
 @pytest.mark.slow
 def test_torchrun_cache_attribute_select_equal_one_process(setup):
     tmp_path, cache_args, prompts = setup
-    printed = _torchrun(*cache_args(tmp_path / "dist"))
+    printed = torchrun(*cache_args(tmp_path / "dist"))
     assert len(printed) == 1 and printed[0]["documents"] == 7  # rank 0 alone prints
-    _single(*cache_args(tmp_path / "single"))
+    single(*cache_args(tmp_path / "single"))
     assert store_files(tmp_path / "dist") == store_files(tmp_path / "single")
     for store in ("dist", "single"):
-        run = _torchrun if store == "dist" else _single
+        run = torchrun if store == "dist" else single
         run("attribute", "--store", str(tmp_path / store), "--prompts", str(prompts), "--top-k", "3",
             "--out", str(tmp_path / f"report_{store}"))
         run("select", "--store", str(tmp_path / store), "--target", str(prompts), "--fraction", "0.5",
@@ -77,12 +55,12 @@ def test_torchrun_attribute_with_the_ann_index(setup):
     pytest.importorskip("faiss", reason="the `faiss` extra (faiss-cpu) is not installed")
     tmp_path, cache_args, prompts = setup
     store = tmp_path / "store"
-    _single(*cache_args(store))
-    summary = _torchrun("index", "--store", str(store), "--factory", "Flat")[0]
+    single(*cache_args(store))
+    summary = torchrun("index", "--store", str(store), "--factory", "Flat")[0]
     assert summary["rows"] == 7 and summary["mode"] == "ip"  # what `attribute` scores by default
-    _torchrun("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--index",
+    torchrun("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--index",
               "--out", str(tmp_path / "indexed"))
-    _single("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--out", str(tmp_path / "exact"))
+    single("attribute", "--store", str(store), "--prompts", str(prompts), "--top-k", "3", "--out", str(tmp_path / "exact"))
     indexed, exact = _report(tmp_path / "indexed"), _report(tmp_path / "exact")
     for a, b in zip(indexed, exact):
         for side in ("helpful", "harmful"):

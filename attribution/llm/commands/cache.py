@@ -150,6 +150,9 @@ def run(args, loaded=None):
         args.autocast = "bfloat16" if llm.fast_bfloat16(device()) else "none"
     if args.optimizer_state is not None:  # recorded absolute: the later commands read it from any folder
         args.optimizer_state = str(Path(args.optimizer_state).resolve())
+    if args.adapter is not None:
+        args.adapter = str(Path(args.adapter).expanduser().resolve())
+        llm.check_adapter_folder(args.adapter)  # before anything is written
     resolve_checkpoints(args)
     config = CacheConfig.from_args(args)
     optimizer_state(config)  # the file read and checked before anything is written
@@ -242,6 +245,9 @@ def run(args, loaded=None):
 CONFIG_FLAGS = [
     f.Flag("--model", "'smollm2' (embedded), a folder or a hub id", default=DEFAULTS.model),
     f.Flag("--gguf-file", "the GGUF file inside --model's folder or hub repo (default: none, safetensors weights)"),
+    f.Flag("--adapter", "a LoRA / PEFT adapter folder (PeftModel.save_pretrained) applied to --model: the default layers "
+                        "become the adapter's trainable lora_A / lora_B (--layers can name the base layers: "
+                        "base_model.model.<name>.base_layer); recorded absolute (default: none)", metavar="DIR"),
     f.Flag("--corpus", "'python-docs' (embedded), a .jsonl or a .txt (default: python-docs)"),
     f.Flag("--dataset", "a Hugging Face datasets dataset: a save_to_disk folder, or a .parquet / .arrow / .jsonl / .csv "
                         "file (the `llm` extra; default: none)"),

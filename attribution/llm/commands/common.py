@@ -45,8 +45,9 @@ def device() -> str:
 
 
 def load_model(config: CacheConfig):
-    """(model, tokenizer) of the configuration, on this rank's device."""
-    return llm.load_model(config.model, config.gguf_file, config.dtype, device=device())
+    """(model, tokenizer) of the configuration, on this rank's device (with its --adapter applied)."""
+    model, tokenizer = llm.load_model(config.model, config.gguf_file, config.dtype, device=device())
+    return (model if config.adapter is None else llm.apply_adapter(model, config.adapter)), tokenizer
 
 
 def compressor_spec(config: CacheConfig, store: Path) -> str:

@@ -9,7 +9,7 @@ from .cache import CONFIG_FLAGS, DEFAULTS
 # the cache flags the demo takes; its model and corpus are its own (the fine-tuned model, the facts' corpus)
 CACHED = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping",
           "seed", "layers", "limit", "masks", "mask_documents"}
-FIXED = ("model", "gguf_file", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field", "messages_field",
+FIXED = ("model", "gguf_file", "adapter", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field", "messages_field",
          "optimizer_state", "checkpoint", "checkpoint_weight")
 
 
