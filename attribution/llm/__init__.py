@@ -56,8 +56,9 @@ from .tokens import (
     sequence_loss,
 )
 
-__all__ = ["DEFAULT_LAYERS", "DEFAULT_MODEL", "DEFAULT_PROMPTS", "DTYPES", "SMOLLM2_GGUF", "UsageError", "apply_adapter", "chat_document", "check_adapter_folder",
-           "complete", "document_batches", "document_tokens", "encoded_batches", "fast_bfloat16", "length_batches",
-           "lm_eval_queries", "load_documents", "load_model", "load_state", "pad_batch", "per_token_queries", "python_docs_corpus",
-           "query_batches", "query_tokens", "read_corpus", "read_dataset", "read_jsonl", "read_text", "resolve_layers",
-           "sequence_loss", "smollm2_location"]
+__all__ = ["DEFAULT_LAYERS", "DEFAULT_MODEL", "DEFAULT_PROMPTS", "DTYPES", "SMOLLM2_GGUF", "UsageError",
+           "apply_adapter", "chat_document", "check_adapter_folder", "complete", "document_batches",
+           "document_tokens", "encoded_batches", "fast_bfloat16", "length_batches", "lm_eval_queries",
+           "load_documents", "load_model", "load_state", "pad_batch", "per_token_queries", "python_docs_corpus",
+           "query_batches", "query_tokens", "read_corpus", "read_dataset", "read_jsonl", "read_text",
+           "resolve_layers", "sequence_loss", "smollm2_location"]
