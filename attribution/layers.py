@@ -96,6 +96,10 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
                          "parameters only, pass layers=[] and params=[...])")
     if layers is None and adapter_modules(model):
         chosen = _adapter_default(model, candidates)
+    elif layers is None and getattr(model, "peft_config", None):  # a peft model whose adapters are not LoRA
+        kinds = sorted({str(getattr(c, "peft_type", c)) for c in model.peft_config.values()})
+        raise ValueError(f"layers=None on a peft model with {', '.join(kinds)} adapters: only LoRA adapters (lora_A / "
+                         "lora_B linear layers) have a default; name the layers to attribute (layers=[...], params=[...])")
     elif layers is None:  # every layer, except those used through their weights alone (MultiheadAttention)
         chosen = [n for n in candidates if not isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)]
     else:

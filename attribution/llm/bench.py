@@ -206,11 +206,11 @@ def _job_child(store: str, flags: list[str]) -> None:
     import json
     from pathlib import Path
 
-    from .commands import cache
+    from .commands import cache, common
     from .config import CacheConfig
 
     args = cache.COMMAND.parse(["--store", f"{store}/store", *flags])
-    model, tokenizer = llm.load_model(args.model, args.gguf_file, args.dtype)
+    model, tokenizer = common.load_model(CacheConfig.from_args(args))  # with its --adapter
     summary = cache.run(args, (model, tokenizer))
     sizes = {"shards": 0, "fim": 0, "masks": 0}
     for path in Path(store).rglob("*"):

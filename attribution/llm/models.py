@@ -73,10 +73,20 @@ def load_model(name: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: s
 
 def check_adapter_folder(path: str) -> Path:
     """The --adapter folder, which must hold a peft adapter (its adapter_config.json)."""
+    import json
+
     folder = Path(path).expanduser()
-    if not (folder / "adapter_config.json").is_file():
+    config = folder / "adapter_config.json"
+    if not config.is_file():
         raise UsageError(f"--adapter {path}: no adapter_config.json there (a folder written by "
                          "PeftModel.save_pretrained is expected)")
+    try:
+        kind = json.loads(config.read_text()).get("peft_type")
+    except (ValueError, AttributeError):
+        raise UsageError(f"--adapter {path}: its adapter_config.json is not a JSON object") from None
+    if kind != "LORA":
+        raise UsageError(f"--adapter {path}: a {kind} adapter; only LoRA adapters (peft_type LORA: their lora_A / "
+                         "lora_B linear layers) are attributed")
     return folder
 
 

@@ -92,6 +92,18 @@ def test_an_adapter_without_trainable_weights_and_one_that_trains_an_embedding_a
     assert len(find_layers(embedded, "*.lora_*")) == 4  # named, the linear adapters are attributed
 
 
+def test_modules_to_save_copies_are_attributed_and_a_non_lora_peft_model_is_refused(tiny_llama):
+    saved, _ = _adapted(tiny_llama, modules_to_save=["lm_head"])
+    found = find_layers(saved)
+    extra = [n for n in found if ".lora_" not in n]
+    assert len(found) == 9 and len(extra) == 1 and "lm_head" in extra[0] and "original_module" not in extra[0]
+    torch.manual_seed(0)
+    ia3 = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                              peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="IA3 adapters: only LoRA adapters"):
+        find_layers(ia3)
+
+
 def _save_adapter(tiny_llama, folder):
     model, _ = _adapted(tiny_llama)
     model.save_pretrained(folder)
@@ -146,6 +158,14 @@ def test_cli_cache_with_an_adapter_is_read_back_by_a_fresh_attribute_and_equals_
         cli.run(["cache", "--store", str(tmp_path / "new"), *cache[3:5], "--adapter", str(tmp_path / "nowhere"),
                  *cache[7:]])
     assert not (tmp_path / "new").exists()  # refused before anything was written
+    with pytest.raises(CLIError, match="--checkpoint with --adapter"):
+        cli.run(["cache", "--store", str(tmp_path / "new"), *cache[3:], "--checkpoint", tiny_llama])
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(CLIError, match="a IA3 adapter; only LoRA adapters"):
+        cli.run(["cache", "--store", str(tmp_path / "new"), *cache[3:5], "--adapter", str(tmp_path / "ia3"),
+                 *cache[7:]])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

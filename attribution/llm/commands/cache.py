@@ -17,7 +17,7 @@ from ... import llm
 from ...collectives import collectively, require_agreement
 from ...compression import parse_spec
 from ...store import atomic_write_json, read_json
-from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, CacheConfig
+from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, MODEL_CHECKPOINT, CacheConfig
 from . import flags as f
 from .common import (
     CLIError,
@@ -153,6 +153,9 @@ def run(args, loaded=None):
     if args.adapter is not None:
         args.adapter = str(Path(args.adapter).expanduser().resolve())
         llm.check_adapter_folder(args.adapter)  # before anything is written
+        if any(path != MODEL_CHECKPOINT for path in args.checkpoint or []):
+            raise CLIError("--checkpoint with --adapter: a checkpoint is a state of the base model, without the adapter's "
+                           "weights; only --checkpoint model (the adapted model as loaded) is supported")
     resolve_checkpoints(args)
     config = CacheConfig.from_args(args)
     optimizer_state(config)  # the file read and checked before anything is written
