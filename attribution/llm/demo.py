@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from grass_ops.atomic_files import atomic_writer, write_json_atomic
+from grass_ops.benchmarking import peak_rss_bytes, release_freed_memory
 
 from .. import llm
 from ..evaluation import facts
@@ -133,6 +134,7 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     rows.append(evaluated("BM25 (question + answer vs document text)", bm25(queries, ordered), ids, targets,
                           compressor=None, scoring="bm25"))
     del features
+    release_freed_memory()
     if callable(base_model):  # loaded only now: the tuned model's features are freed first
         base_model = base_model()
     base_layers = find_layers(base_model, llm.DEFAULT_LAYERS[:1])
@@ -196,6 +198,7 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
                                                  query_index=i, **options)
         per_row[id(random_row)].append(references["random"])
         source.append({1: references["source"]})
+        release_freed_memory()  # each question's gradients and stepped copies, freed, leave the resident set
     for row in [*patched, random_row]:
         for k, summary in facts.tail_patch_summary(per_row[id(row)]).items():
             row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
@@ -330,12 +333,14 @@ def run(args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     corpus = facts.fact_corpus(llm.python_docs_corpus(limit=args.limit))
     model, tokenizer, tuned = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
+    release_freed_memory()  # the fine-tuning's freed gradients and moments leave the resident set
     queries = answer_queries(model, tokenizer)
     corpus_path = out / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
     args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
     args.optimizer_state = str(out / OPTIMIZER_FILE) if args.use_optimizer_state else None
     summary = cache.run(args, (model, tokenizer))
+    release_freed_memory()
     store, config, docs = load_store(args.store)
     results, score_matrix = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token,
                                               normalize=args.normalize)
@@ -351,12 +356,15 @@ def run(args) -> list[dict]:
                       two_stage(score_matrix, lexical, TWO_STAGE_CANDIDATES), ids, targets, row="two-stage")]
     for result, rank in zip(results, rows[0]["ranks"]):
         result.query["target_rank"] = rank  # the default's rank of the true source, shown per question in the report
+    compare_start = time.perf_counter()
     if args.compare:
         rows += compare(model, tokenizer, lambda: llm.load_model(llm.DEFAULT_MODEL)[0], corpus, queries, config.k,
                         config.max_length, min(config.token_batch_size or 512, COMPARE_TOKEN_BATCH),
                         (config.compressor, "if-unit" if args.normalize else "if"))
     else:
         rows.append(evaluated("BM25 (question + answer vs document text)", lexical, ids, targets, scoring="bm25"))
+    release_freed_memory()
+    compare_seconds = time.perf_counter() - compare_start
     for row in rows:
         if row.get("scoring") == "bm25":
             row["row"] = "bm25"
@@ -379,15 +387,17 @@ def run(args) -> list[dict]:
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
             "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
-            "optimizer_state": config.optimizer_state is not None, "cache_seconds": summary["cache_seconds"],
-            "tail_patch": args.tail_patch, "tail_patch_seconds": tail_seconds}
+            "optimizer_state": config.optimizer_state is not None, "finetune_seconds": tuned["seconds"],
+            "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
+            "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
     internal = ("ranks", "ranking", "row")
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}
                                                                for r in rows], plot=figure, notes=notes(rows))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
     lines = [f"{len(docs)} documents ({len(docs) - len(facts.FACTS)} Python-docs paragraphs + {len(facts.FACTS)} planted "
              f"facts) cached in {summary['cache_seconds']:.0f}s; the fine-tuned model answers {meta['answered_correctly']}/"
-             f"{len(queries)} questions correctly; total {time.perf_counter() - start:.0f}s", "", console_table(rows),
+             f"{len(queries)} questions correctly; total {time.perf_counter() - start:.0f}s, peak RSS "
+             f"{meta['peak_rss_gib']:.2f} GiB", "", console_table(rows),
              f"\nreports: {paths['md']} (and .html, .json), plot: {figure}"]
     print("\n".join(lines))
     return rows

@@ -71,7 +71,7 @@ def test_lm_eval_task_queries(local_task):
     assert queries[0]["prompt"] == "Q: a for loop\nA:" and queries[0]["completion"].strip() == "list"
 
 
-@pytest.mark.slow  # peaks near 10 GB RSS (SmolLM2-135M fine-tuned and cached): .ci/run runs it
+@pytest.mark.slow  # SmolLM2-135M fine-tuned, cached, compared and tail-patched (minutes, GiBs): .ci/run runs it
 def test_embedded_smollm2_fact_tracing_demo(tmp_path):
     """The README's main job, shrunk: 4 Python-docs paragraphs + the 20 planted facts, one fine-tuning
     epoch, a small k. It must run end to end, write every report, and reuse its fine-tuned model."""
