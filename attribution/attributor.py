@@ -84,7 +84,10 @@ class Attributor:
         self.layer_infos, self.layer_names, self.block_names = gradients.layer_infos, gradients.layer_names, gradients.block_names
         self.compressors, self.dims, self.stats = gradients.compressors, gradients.widths, gradients.stats
         root = None if config.store is None else Path(config.store)
-        manifest = gradients.manifest(gradients.pin_weights(recorded_algorithm(root)))
+        manifest = gradients.manifest(gradients.pin_weights(self._weights_algorithm(root)))
+        if gradients.during_training and len(self.checkpoints) > 1:
+            raise ValueError(f"store {root} was recorded during training (each row at the weights of its step): it has one "
+                             "checkpoint; give no checkpoints")
         check_recorded(root, manifest.get("optimizer_state"))  # a clear error before the store's generic one
         self.store = (MemoryStore(gradients.columns, config.storage) if root is None
                       else DiskStore(root, manifest, config.storage))
@@ -96,6 +99,16 @@ class Attributor:
         self.scorer = Scorer(self.method, self.store, gradients.offsets, self.checkpoints.weights, self.dtype, self.device,
                              self.preconditioning, normalize=self.normalize)
         self.ann = AnnIndex(self.scorer, self.checkpoints.weights, self.budget, self.device)
+
+    def _weights_algorithm(self, root: Path | None) -> str | None:
+        """How the store pins the model: the algorithm of its recorded fingerprints (None: a new store, by device)."""
+        return recorded_algorithm(root)
+
+    def _refuse_training_store(self, what: str) -> None:
+        if self.gradients.during_training:
+            where = getattr(self.store, "root", "(in memory)")
+            raise ValueError(f"{what}: store {where} was recorded during training by GradientCacheCallback (each row at "
+                             "the weights of its step); its rows are added by the callback, not from this model")
 
     @property
     def damping(self) -> float | str:
@@ -129,6 +142,7 @@ class Attributor:
     def cache(self, train_loader: Iterable) -> "Attributor":
         """Compress every training gradient (per checkpoint), then the preconditioner's derived data.
         Resumes an interrupted cache, grows a completed one, and writes nothing when the store is up to date."""
+        self._refuse_training_store("cache()")
         if len(self.checkpoints) > 1:
             require_reiterable(train_loader, "it is read once per checkpoint")
         if self.fisher != "empirical":
@@ -140,7 +154,8 @@ class Attributor:
                 observer = self.preconditioning.observer(c, writer)
                 records.append(cache_checkpoint(
                     self.store, lambda batch: self.gradients.cache_step(batch, observer), train_loader, c, writer,
-                    lambda record, c=c: self.preconditioning.derive(c, record, train_loader, writer), self.progress, observer))
+                    lambda record, c=c: self.preconditioning.derive(c, record, train_loader, writer), self.progress, observer,
+                    self.gradients.lockstep))
             self.ann.refresh(records, writer)
         check_same_batches(records)
         return self
@@ -151,6 +166,7 @@ class Attributor:
         pipeline or synthetic data for benchmarks. The same store and guarantees as :meth:`cache`
         (resume, growth, torch.distributed), then the FIM. One checkpoint, empirical Fisher, not TRAK,
         preconditioner "fim" or "none" (K-FAC needs the model's factors)."""
+        self._refuse_training_store("cache_gradients()")
         if len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical" or self.preconditioning.needs_factors:
             raise ValueError("cache_gradients needs one checkpoint, the empirical Fisher, a method other than 'trak' "
                              "and preconditioner 'fim' or 'none' (those need the model)")

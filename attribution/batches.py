@@ -53,7 +53,7 @@ def batch_digest(batch) -> str:
             t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
             h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
             if t.numel():
-                h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         elif isinstance(obj, dict):
             h.update(f"D{len(obj)}".encode())
             for key in sorted(obj, key=repr):

@@ -58,20 +58,25 @@ def check_same_batches(records: list[Completion]) -> None:
 
 
 def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
-                 progress: bool = True, observer=None) -> int:
+                 progress: bool = True, observer=None, lockstep: Callable | None = None) -> int:
     """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches.
     ``observer`` (optional): ``written(index, digest)`` after each shard this rank writes, ``flush()`` once
-    this rank's batches are done (e.g. to accumulate statistics of the batches with the shards)."""
+    this rank's batches are done (e.g. to accumulate statistics of the batches with the shards).
+    ``lockstep(batch)`` (a sharded model, see attribution.sharding): a dropped compression of one sample, run
+    instead of a stored batch and in the last round by the ranks without a batch, so that every rank runs
+    one compression per round."""
     rank, world = rank_and_world()
     done = store.shard_meta(ckpt)
-    count, n = 0, 0
+    count, n, spare = 0, 0, None
     bar = tqdm(loader, desc=f"cache ckpt {ckpt}", disable=not progress or rank != 0, leave=False)
     for index, batch in enumerate(bar):
         count = index + 1
         rows = batch_size(batch)
         if index % world != rank:  # another rank's batch
+            spare = batch if spare is None else spare
             n += rows
             continue
+        spare = batch
         if rows == 0:
             raise ValueError(f"batch {index} of the train loader holds no samples")
         digest = batch_digest(batch)
@@ -80,6 +85,8 @@ def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt:
                 raise ValueError(f"batch {index} differs from the one stored in shard {index}: the train loader must yield "
                                  "the same batches in the same order to resume or grow a store (or use a new store)")
             n += rows
+            if lockstep is not None:
+                lockstep(batch)
             continue
         writer.ensure()
         grads, values = compress_batch(batch)
@@ -88,6 +95,8 @@ def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt:
         if observer is not None:
             observer.written(index, digest)
         n += rows
+    if lockstep is not None and count % world and rank >= count % world and spare is not None:
+        lockstep(spare)  # the last round: the other ranks compress a batch
     if observer is not None:
         observer.flush()
     return count
@@ -128,7 +137,8 @@ def completion_record(store: Store, ckpt: int, count: int) -> Completion:
 
 
 def cache_checkpoint(store: Store, compress_batch: Callable, loader: Iterable, ckpt: int, writer: LazyWriter,
-                     derive: Callable[[Completion], None], progress: bool = True, observer=None) -> Completion:
+                     derive: Callable[[Completion], None], progress: bool = True, observer=None,
+                     lockstep: Callable | None = None) -> Completion:
     """The cache stage for one checkpoint (collective under torch.distributed). ``derive(record)``
     runs on every rank (collective itself; rank 0 holds the writer and writes) before the completion
     record is written. ``observer``: see :func:`write_shards`."""
@@ -137,7 +147,15 @@ def cache_checkpoint(store: Store, compress_batch: Callable, loader: Iterable, c
         writer.delegated = rank != 0
         collectively(writer.ensure)
         barrier()
-    count = collectively(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress, observer))
+    count = collectively(lambda: write_shards(store, compress_batch, loader, ckpt, writer, progress, observer, lockstep))
+    return finish_checkpoint(store, ckpt, count, writer, derive)
+
+
+def finish_checkpoint(store: Store, ckpt: int, count: int, writer: LazyWriter,
+                      derive: Callable[[Completion], None]) -> Completion:
+    """Collective: once every rank's shards 0..count-1 of checkpoint ``ckpt`` are written, check them,
+    ``derive(record)`` on every rank, and let rank 0 write the completion record (if it changed)."""
+    rank, world = rank_and_world()
     if world > 1 and len(set(all_gather_objects(count))) != 1:
         raise RuntimeError("ranks saw different numbers of batches: give every rank the same train loader")
     barrier()

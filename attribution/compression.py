@@ -304,8 +304,10 @@ class BatchCompressor:
 
     def __init__(self, model, layers: dict[str, LayerInfo], params: list[str], blocks: dict[str, C.Compressor],
                  dtype: torch.dtype, device: torch.device, compile: bool = True, param_chunk: int = 64,
-                 return_factors: bool = False, autocast: torch.dtype | None = None, normalization=None):
+                 return_factors: bool = False, autocast: torch.dtype | None = None, normalization=None,
+                 sharded: bool = False):
         self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
+        self.sharded = sharded  # FSDP2: every forward is collective, so the shape pass runs for every batch
         self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
         self.return_factors, self.autocast = bool(return_factors), autocast
         self.capture = FactorCapture(model, layers)
@@ -337,7 +339,7 @@ class BatchCompressor:
         if not self.layers:
             return {}
         key = (_fn_key(fn), tuple((shape[1:], dtype) for shape, dtype in shape_key(batch)))
-        if key not in self._probe_shapes:  # also checks every layer's layout on one sample (a [T, B, d] layer
+        if key not in self._probe_shapes or self.sharded:  # also checks every layer's layout on one sample (a [T, B, d] layer
             with self._mixed_precision():  # cannot pass for [B, T, d] when T == B, but it fails with B = 1)
                 self._probe_shapes[key] = (fn, self.capture.output_shapes(fn, batch))
         if not self.return_factors:

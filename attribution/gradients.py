@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import grass_ops
 from grass_ops.compressors import FactorizedCompressor
 
-from .batches import batch_digest, batch_size, batch_tensors
+from .batches import batch_digest, batch_size, batch_tensors, slice_rows
 from .cache import require_reiterable
 from .capture import FactorCapture, tokens_view
 from .checkpoints import Checkpoints
@@ -26,7 +26,8 @@ from .compression import BatchCompressor, build_compressors
 from .layers import LayerInfo, find_layers
 from .optimizer_state import normalization
 from .param_grads import find_params
-from .store.manifest import model_fingerprint
+from .sharding import check_sharding, check_supported
+from .store.manifest import DURING_TRAINING, model_fingerprint
 
 PARAM_SEED_TAG = 1 << 20  # params= blocks draw their seeds from derive_seed(seed, PARAM_SEED_TAG, ...)
 
@@ -151,8 +152,12 @@ class ModelGradients:
         factorized = {n for n in self.layer_names if isinstance(self.compressors[n], FactorizedCompressor)}
         self.normalization = normalization(model, config.optimizer_state, config.optimizer_eps, self.layer_infos,
                                            self.param_names, factorized)
+        self.sharded = check_sharding(model)  # FSDP2: eager, lock-step forwards (see attribution.sharding)
+        if self.sharded:
+            check_supported(config)
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, self.dtype,
-                                        self.device, compile=config.compile, param_chunk=config.param_chunk,
+                                        self.device, compile=config.compile and not self.sharded,
+                                        sharded=self.sharded, param_chunk=config.param_chunk,
                                         return_factors=factors, autocast=config.autocast,
                                         normalization=self.normalization)
         self.stats: dict = {"graph_breaks": None, "compiled": False, "compile_seconds": 0.0, "gradient_seconds": 0.0,
@@ -189,6 +194,13 @@ class ModelGradients:
         observer.computed(x, g)
         return grads, values
 
+    @property
+    def lockstep(self) -> Callable | None:
+        """For a sharded model: a dropped compression of a batch's first sample (see attribution.sharding)."""
+        if not self.sharded:
+            return None
+        return lambda batch: self(slice_rows(batch, 0, 1))
+
     def relabelled(self, batch, loss: Callable) -> Tensor:
         """[B, columns] compressed gradients of another loss(model, batch) (the true Fisher's), uncompiled."""
         return self.compress.eager(batch, loss)[0]
@@ -216,7 +228,15 @@ class ModelGradients:
         self.pinned = self.fingerprints()
         return self.pinned
 
+    @property
+    def during_training(self) -> bool:
+        """Whether the store was recorded during training (each row at its step's weights; see
+        attribution.integrations): the architecture is pinned, not the weights."""
+        return self.algorithm == DURING_TRAINING
+
     def check_unchanged(self) -> None:
+        if self.during_training:
+            return
         if self.fingerprints() != self.pinned:
             raise ValueError("the model's weights changed since this Attributor was built, and its store holds gradients "
                              "of the weights it was built with: build a new Attributor (with a new store) for the new weights")

@@ -262,7 +262,8 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
 
 def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float = 2.0, layers=None,
                  k_in: int | None = None, k_out: int | None = None, progress: bool = False,
-                 scales: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                 scales: dict[str, tuple[Tensor, Tensor]] | None = None, save: bool = True
+                 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
     the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
     (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
@@ -271,7 +272,8 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     masks are saved like Selective Masks (<layer>.in.npz / <layer>.out.npz, use
     "factgrass:mask_dir=..."), with k_in' = k_out' =
     blowup * sqrt(k) (capped at d) unless given. Returns {layer: (in indices, out indices)}.
-    ``progress``: a bar over the batches. ``scales``: {layer: (x_in scale [d_in], g_out scale [d_out])} that the
+    ``progress``: a bar over the batches. ``save=False``: computed, not written (the ranks of a sharded model
+    all compute them, rank 0 writes). ``scales``: {layer: (x_in scale [d_in], g_out scale [d_out])} that the
     compressor applies to the factors before its masks (the optimizer normalization's Adafactor factors): the
     coordinates are then ranked by the second moments of the scaled factors (moment * scale**2), so the masks keep
     the energy of what is compressed."""
@@ -303,8 +305,11 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
         chosen = [torch.topk(m, kx).indices.sort().values for m, kx in zip(moments[n], kk)]
         energy = [float(m[c].sum() / m.sum().clamp_min(1e-300)) for m, c in zip(moments[n], chosen)]
         directory = Path(out_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        if save:
+            directory.mkdir(parents=True, exist_ok=True)
         for suffix, idx, size, kept in zip((".in", ".out"), chosen, (info.d_in, info.d_out), energy):
+            if not save:  # another rank of a sharded model writes them
+                continue
             SelectiveMask.save(directory / f"{n}{suffix}.npz", idx, p=size, layer=n, form="energy" + suffix,
                                target_k=k, blowup=blowup, energy_kept=kept, data_fingerprint=fingerprint,
                                n_heldout=samples)

@@ -69,23 +69,32 @@ def tensor_digest(t: Tensor) -> tuple[int, ...]:
 
 
 ALGORITHMS = ("sha256", "lin64")
+# A store recorded during training (attribution.integrations.GradientCacheCallback): each row is a gradient at
+# the weights of the step that saw it, so the store pins the architecture (names, shapes, dtypes), not values.
+DURING_TRAINING = "trainer"
+
+
+def _full(t: Tensor) -> Tensor:
+    """A sharded parameter (a DTensor, e.g. FSDP2's) gathered whole: collective, every rank in the same order."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
 
 
 def model_fingerprint(state: dict[str, Tensor], algorithm: str | None = None) -> str:
     """"<algorithm>:<96-bit hex>" of a state dict's names, shapes, dtypes and values. ``algorithm``:
     "sha256" (in place, for CPU tensors), "lin64" (on the tensors' device), or None: sha256 if every
-    tensor is on the CPU, else lin64."""
+    tensor is on the CPU, else lin64; DURING_TRAINING ("trainer"): names, shapes and dtypes only."""
     if algorithm is None:
         algorithm = "sha256" if all(t.device.type == "cpu" for t in state.values()) else "lin64"
-    if algorithm not in ALGORITHMS:
+    if algorithm not in (*ALGORITHMS, DURING_TRAINING):
         raise ValueError(f"fingerprint algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach()
+        t = _full(state[name].detach())
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         if algorithm == "lin64":
             h.update(repr(tensor_digest(t)).encode())
-        elif t.numel():
+        elif algorithm == "sha256" and t.numel():
             t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return f"{algorithm}:{h.hexdigest()[:24]}"
@@ -94,7 +103,7 @@ def model_fingerprint(state: dict[str, Tensor], algorithm: str | None = None) ->
 def fingerprint_algorithm(fingerprint) -> str | None:
     """The algorithm prefix of a recorded fingerprint (None for an unrecognized one)."""
     head = str(fingerprint).partition(":")[0]
-    return head if head in ALGORITHMS else None
+    return head if head in (*ALGORITHMS, DURING_TRAINING) else None
 
 
 def recorded_algorithm(root: Path | None) -> str | None:

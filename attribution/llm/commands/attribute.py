@@ -181,10 +181,12 @@ def run(args, loaded=None):
         if open_store(store).derived_meta(0, index_module.derived_name(mode)) is None:
             raise CLIError(f"--candidates index needs the store's ANN index ({mode} scores): build it with "
                            f"`grass-attribute index --store {store} --mode {mode}`")
-    model, tokenizer = loaded or load_model(config)
+    fsdp = getattr(args, "fsdp", False)  # `demo` has no --fsdp
+    model, tokenizer = loaded or load_model(config, fsdp)
     check_rows(attributor(model, config, store), docs, store)  # refuse an incomplete store before generating
-    # rank 0 generates the completions and sends them (every rank must score the same queries)
-    queries = agreed(collectively(lambda: _queries(args, model, tokenizer) if main_rank() else None))
+    # rank 0 generates the completions and sends them (every rank must score the same queries); a sharded model
+    # generates on every rank (each forward is collective)
+    queries = agreed(collectively(lambda: _queries(args, model, tokenizer) if main_rank() or fsdp else None))
     ann = {key: getattr(args, key, None) for key in ("index", "candidates", "nprobe")}  # `demo` has no --index
     ann["index"] = bool(ann["index"])
     two_stage = None if sources is None else {"sources": sources, "k": args.candidates_k or max(10 * args.top_k, 100),
@@ -212,7 +214,7 @@ def run(args, loaded=None):
 
 
 COMMAND = f.Command("attribute", "top-k training documents for prompts / completions", [
-    f.STORE, *f.QUERY_SET,
+    f.STORE, f.FSDP, *f.QUERY_SET,
     f.Flag("--index", "candidates from the store's ANN index (grass-attribute index), re-ranked exactly", default=False,
            action="store_true"),
     f.Flag("--candidates", "--index: candidates per query (default 10 x top-k, >= 100); or the sources of a two-stage "

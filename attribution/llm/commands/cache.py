@@ -44,9 +44,10 @@ def compile_decision(flag: str, real_tokens: int, autocast: str = "none") -> boo
     return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS[autocast])
 
 
-def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict]) -> None:
+def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict], save: bool = True) -> None:
     """Energy masks (attribution.selective_mask.energy_masks) from --mask-documents documents of the
-    corpus (a seeded sample), written once into STORE/masks and reused on resume."""
+    corpus (a seeded sample), written once into STORE/masks and reused on resume. save=False: computed, not
+    written (every rank of a sharded model runs the forwards; rank 0 writes)."""
     name, options = parse_spec(config.compressor)
     if config.masks != "energy" or name != "factgrass" or "mask_dir" in options:
         return
@@ -67,8 +68,9 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict])
 
     energy_masks(model, llm.sequence_loss, batches, folder, config.k, blowup=float(options.get("blowup", 2.0)),
                  layers=layers, k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True,
-                 scales=None if scales is None else scales[0])
-    atomic_write_json(record, wanted)
+                 scales=None if scales is None else scales[0], save=save)
+    if save:
+        atomic_write_json(record, wanted)
 
 
 def _normalized_coordinates(model, config: CacheConfig, layers) -> tuple[dict, dict] | None:
@@ -146,6 +148,7 @@ def run(args, loaded=None):
     of a larger corpus (the store grows: its rows keep their order, the new documents are appended).
     ``loaded``: the (model, tokenizer) of the configuration, already loaded."""
     store = Path(args.store)
+    fsdp = getattr(args, "fsdp", False)  # `demo` has no --fsdp
     if args.autocast == "auto":  # recorded resolved, so the store reads back the same on any machine
         args.autocast = "bfloat16" if llm.fast_bfloat16(device()) else "none"
     if args.optimizer_state is not None:  # recorded absolute: the later commands read it from any folder
@@ -171,7 +174,7 @@ def run(args, loaded=None):
 
     def prepare():
         with timed_phase(phases, "load_model"):  # GGUF dequantization included
-            model, tokenizer = loaded or load_model(config)
+            model, tokenizer = loaded or load_model(config, fsdp)
         with timed_phase(phases, "tokenize"):
             corpus = llm.load_documents(config, tokenizer)
             cached = cached_documents(store, corpus_before, whole=False) if corpus_before is not None else []
@@ -201,7 +204,8 @@ def run(args, loaded=None):
     parse_spec(config.compressor)  # validate before anything is written
     mask_docs = cached[:sizes[0]] if cached else docs  # the first cache's documents: a grown store keeps its masks
     with timed_phase(phases, "masks"):
-        collectively(lambda: main_rank() and _masks(config, store, model, tokenizer, mask_docs))  # rank 0 writes them
+        collectively(lambda: (main_rank() or fsdp) and _masks(config, store, model, tokenizer, mask_docs,
+                                                                   save=main_rank()))  # rank 0 writes them
     compile = compile_decision(args.compile, sum(int(b["attention_mask"].sum()) for b in pending), config.autocast)
     with timed_phase(phases, "attributor"):  # the weights' fingerprint included
         attr = collectively(lambda: attributor(model, config, store, compile=compile))  # validates the configuration
@@ -301,4 +305,4 @@ CONFIG_FLAGS = [
 ]
 
 COMMAND = f.Command("cache", "compress a corpus's training gradients into a store (a larger --limit or corpus grows it)",
-                    [f.STORE, *CONFIG_FLAGS, *f.COMPILE], run)
+                    [f.STORE, *CONFIG_FLAGS, *f.COMPILE, f.FSDP], run)

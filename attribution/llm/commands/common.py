@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ... import index as index_module
-from ... import llm, process_group
+from ... import llm, process_group, sharding
 from ... import optimizer_state as optimizer_module
 from ...attributor import Attributor
 from ...checkpoints import check_state
@@ -44,10 +44,19 @@ def device() -> str:
     return "cpu"
 
 
-def load_model(config: CacheConfig):
-    """(model, tokenizer) of the configuration, on this rank's device (with its --adapter applied)."""
+def load_model(config: CacheConfig, fsdp: bool = False):
+    """(model, tokenizer) of the configuration, on this rank's device (with its --adapter applied); ``fsdp``:
+    sharded across the torchrun ranks with FSDP2 (attribution.sharding.shard)."""
+    if fsdp and process_group.rank_and_world()[1] < 2:
+        raise CLIError("--fsdp shards the model across the ranks of torchrun: run it under torchrun with 2 or more ranks")
     model, tokenizer = llm.load_model(config.model, config.gguf_file, config.dtype, device=device())
-    return (model if config.adapter is None else llm.apply_adapter(model, config.adapter)), tokenizer
+    model = model if config.adapter is None else llm.apply_adapter(model, config.adapter)
+    if fsdp:
+        try:
+            model = sharding.shard(model)
+        except ValueError as err:
+            raise CLIError(f"--fsdp: {err}") from None
+    return model, tokenizer
 
 
 def compressor_spec(config: CacheConfig, store: Path) -> str:

@@ -31,7 +31,7 @@ def run(args):
     store, config, docs = load_store(args.store)
     if not (args.task or args.target):
         raise CLIError("select needs --target FILE or --task TASK")
-    model, tokenizer = load_model(config)
+    model, tokenizer = load_model(config, args.fsdp)
     attr = attributor(model, config, store, method="gradcos")
     check_rows(attr, docs, store)
     targets = _targets(args)
@@ -54,7 +54,7 @@ def run(args):
 
 
 COMMAND = f.Command("select", "LESS-style data selection against a target set", [
-    f.STORE, *f.QUERY_SET,
+    f.STORE, f.FSDP, *f.QUERY_SET,
     f.Flag("--target", "jsonl of {prompt, completion} or {text} (default: none)"),
     f.Flag("--fraction", "share of the cached documents to keep", default=0.1, type=f.fraction),
     f.Flag("--out", "the selected documents, as jsonl", default="out/selected.jsonl"),
