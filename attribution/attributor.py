@@ -104,6 +104,11 @@ class Attributor:
         """How the store pins the model: the algorithm of its recorded fingerprints (None: a new store, by device)."""
         return recorded_algorithm(root)
 
+    def _require_shared_store(self) -> None:
+        if isinstance(self.store, MemoryStore) and rank_and_world()[1] > 1:
+            raise ValueError("caching under torch.distributed needs store=<a directory every rank shares>: "
+                             "ranks write their shards there and read each other's")
+
     def _refuse_training_store(self, what: str) -> None:
         if self.gradients.during_training:
             where = getattr(self.store, "root", "(in memory)")
@@ -143,6 +148,7 @@ class Attributor:
         """Compress every training gradient (per checkpoint), then the preconditioner's derived data.
         Resumes an interrupted cache, grows a completed one, and writes nothing when the store is up to date."""
         self._refuse_training_store("cache()")
+        self._require_shared_store()
         if len(self.checkpoints) > 1:
             require_reiterable(train_loader, "it is read once per checkpoint")
         if self.fisher != "empirical":
@@ -167,6 +173,7 @@ class Attributor:
         (resume, growth, torch.distributed), then the FIM. One checkpoint, empirical Fisher, not TRAK,
         preconditioner "fim" or "none" (K-FAC needs the model's factors)."""
         self._refuse_training_store("cache_gradients()")
+        self._require_shared_store()
         if len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical" or self.preconditioning.needs_factors:
             raise ValueError("cache_gradients needs one checkpoint, the empirical Fisher, a method other than 'trak' "
                              "and preconditioner 'fim' or 'none' (those need the model)")

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from grass_ops import _compat
 
+from . import experts
 from .batches import batch_size, batch_tensors, slice_rows
 from .layers import LayerInfo
 
@@ -67,6 +68,8 @@ class FactorCapture:
         self.modules = {name: list({id(modules[m]): modules[m] for m in info.modules}.values())  # one hook per module
                         for name, info in layers.items()}
         self._hook_fns = {name: self._make_hook(name) for name in layers}  # stable objects: stable compile guards
+        # fused experts modules compute through their per-expert views while hooked (attribution.experts)
+        self.experts = experts.owners(model, [m for info in layers.values() for m in info.modules])
         self.probes: dict[str, list[Tensor]] | None = None
         self.taps: dict[str, tuple[Callable, Tensor]] | None = None  # sketch mode: {layer: (tap, z)}
         self.calls: dict[str, int] = {}
@@ -123,7 +126,8 @@ class FactorCapture:
         handles = [m.register_forward_hook(self._hook_fns[name]) for name in self.layers for m in self.modules[name]]
         self._hook_depth = 1
         try:
-            yield
+            with experts.capturing(self.experts, lambda: self.rows):
+                yield
         finally:
             self._hook_depth = 0
             for handle in handles:

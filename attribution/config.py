@@ -13,7 +13,6 @@ import torch
 from .fim import check_damping
 from .optimizer_state import DEFAULT_EPS, check_argument
 from .preconditioners import check_task_weight, preconditioner_class, resolve_preconditioner
-from .process_group import is_distributed
 from .scoring import PRECONDITIONED
 from .store import STORAGE_DTYPES
 
@@ -110,9 +109,6 @@ class AttributorConfig:
         self.autocast = AUTOCAST_DTYPES.get(self.autocast, self.autocast)
         if self.autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {self.autocast!r}")
-        if self.store is None and is_distributed():
-            raise ValueError("caching under torch.distributed needs store=<a directory every rank shares>: "
-                             "ranks write their shards there and read each other's")
         if self.store is not None and (not isinstance(self.store, (str, Path)) or not str(self.store)):
             raise TypeError(f"store must be None or a directory path, got {self.store!r}")
         if self.store is not None and Path(self.store).exists() and not Path(self.store).is_dir():

@@ -131,6 +131,11 @@ class ModelGradients:
         self.layer_infos = find_layers(model, config.layers) if config.layers != [] else {}
         self.layer_names = list(self.layer_infos)
         self.param_names = list(find_params(model, config.params)) if config.params else []
+        expert_layers = [n for n, i in self.layer_infos.items() if i.kind == "expert"]
+        if expert_layers and (factors or config.optimizer_state is not None):
+            what = "an optimizer normalization" if config.optimizer_state is not None else f"preconditioner={config.preconditioner!r}"
+            raise ValueError(f"{what} does not support the experts of a fused mixture-of-experts module ({expert_layers[0]}, "
+                             "...): use preconditioner 'fim' / 'none', or leave the experts out of layers")
         if not self.layer_names and not self.param_names:
             raise ValueError("nothing to attribute through: layers=[] and no params")
         if not self.layer_names and factors:
@@ -156,7 +161,7 @@ class ModelGradients:
         if self.sharded:
             check_supported(config)
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, self.dtype,
-                                        self.device, compile=config.compile and not self.sharded,
+                                        self.device, compile=config.compile and not self.sharded and not expert_layers,
                                         sharded=self.sharded, param_chunk=config.param_chunk,
                                         return_factors=factors, autocast=config.autocast,
                                         normalization=self.normalization)

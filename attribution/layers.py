@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import experts
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF transformers' Conv1D (GPT-2): y = x @ W + b with W [d_in, d_out]."""
@@ -17,7 +19,7 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, experts.ExpertProjection)) or is_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class LayerInfo:
     name: str
     d_in: int
     d_out: int
-    kind: str  # "linear", "conv1d" or "param"
+    kind: str  # "linear", "conv1d", "expert" (a fused experts module's projection: attribution.experts) or "param"
     modules: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -43,6 +45,8 @@ class LayerInfo:
 def layer_info(name: str, module: nn.Module, modules: tuple[str, ...] = ()) -> LayerInfo:
     if isinstance(module, nn.Linear):
         return LayerInfo(name, module.in_features, module.out_features, "linear", modules)
+    if isinstance(module, experts.ExpertProjection):
+        return LayerInfo(name, module.in_features, module.out_features, "expert", modules)
     d_in, d_out = module.weight.shape
     return LayerInfo(name, int(d_in), int(d_out), "conv1d", modules)
 
@@ -88,7 +92,10 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
     """Target layers by name. None: every nn.Linear / Conv1D; on a model with LoRA adapters (peft), the linear
     layers with a trainable weight (the adapters' lora_A / lora_B: see :func:`_adapter_default`). A string or list
     may hold exact names or glob patterns ("model.layers.*.mlp.*"; a peft model's base layers are named
-    "base_model.model.<name>.base_layer"). Unknown names raise, listing what exists."""
+    "base_model.model.<name>.base_layer"). Unknown names raise, listing what exists.
+    Fused mixture-of-experts modules get one layer per expert and projection (attribution.experts: named
+    "<experts>.per_expert.<projection>.<e>"); with None, a 3-D parameter in a layout not recognised is refused."""
+    experts.attach_views(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     candidates = {name: module for name, module in modules.items() if is_target(module)}
     if not candidates:
@@ -101,6 +108,7 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
         raise ValueError(f"layers=None on a peft model with {', '.join(kinds)} adapters: only LoRA adapters (lora_A / "
                          "lora_B linear layers) have a default; name the layers to attribute (layers=[...], params=[...])")
     elif layers is None:  # every layer, except those used through their weights alone (MultiheadAttention)
+        experts.refuse_unrecognized(model)
         chosen = [n for n in candidates if not isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)]
     else:
         patterns = [layers] if isinstance(layers, str) else layers
@@ -113,13 +121,16 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
             matches = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
                 known = ", ".join(list(candidates)[:20])
-                raise ValueError(f"layers: {pattern!r} matches no nn.Linear/Conv1D layer; available: {known}")
+                raise ValueError(f"layers: {pattern!r} matches no nn.Linear/Conv1D layer or expert; available: {known}")
             chosen.extend(m for m in matches if m not in chosen)
     owners = _owners(model)
     blocks: dict[str, LayerInfo] = {}
     absorbed: set[str] = set()
     for name in chosen:
         if name in absorbed:
+            continue
+        if isinstance(candidates[name], experts.ExpertProjection):  # a slice of a fused parameter: its own user
+            blocks[name] = layer_info(name, candidates[name])
             continue
         users = owners[id(candidates[name].weight)]
         foreign = [u for u in users if u not in candidates or is_conv1d(candidates[u]) != is_conv1d(candidates[name])]
@@ -130,3 +141,12 @@ def find_layers(model: nn.Module, layers: list[str] | str | None = None) -> dict
         absorbed.update(users)
         blocks[name] = layer_info(name, candidates[name], tuple(users))
     return blocks
+
+
+def coverage(model: nn.Module, blocks: dict[str, LayerInfo]) -> dict:
+    """{"attributed": the weight entries the blocks cover, "total": the model's parameters (each shared one once),
+    "fraction"}: how much of the model the attribution sees (biases, norms, embeddings and routers are not
+    layer weights; a fused experts module counts each expert's projections)."""
+    total = sum(p.numel() for p in model.parameters())
+    attributed = sum(i.params for i in blocks.values())
+    return {"attributed": attributed, "total": total, "fraction": attributed / total if total else 0.0}

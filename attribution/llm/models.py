@@ -22,14 +22,19 @@ class UsageError(ValueError):
 def resolve_layers(model: nn.Module, patterns: list[str] | None) -> list[str] | None:
     """The --layers patterns; each must match a module. None (the default): every linear layer of the
     transformer blocks, whichever of the usual names the architecture has (DEFAULT_LAYERS); on a model with
-    LoRA adapters (--adapter), None: find_layers' default, the adapters' trainable lora_A / lora_B layers."""
+    LoRA adapters (--adapter), None: find_layers' default, the adapters' trainable lora_A / lora_B layers. Fused
+    mixture-of-experts modules count as one layer per expert and projection (attribution.experts); with None, a
+    parameter in a layout not recognised is refused, named."""
+    from .. import experts
     from ..layers import adapter_modules
 
+    experts.attach_views(model)  # fused experts: a layer per expert (their names match the patterns)
     names = [n for n, _ in model.named_modules()]
     matches = lambda p: any(fnmatch.fnmatchcase(n, p) for n in names)  # noqa: E731
     if patterns is None and adapter_modules(model):
         return None
     if patterns is None:
+        experts.refuse_unrecognized(model)
         found = [p for p in DEFAULT_LAYERS if matches(p)]
         if not found:
             raise UsageError(f"the model has no modules named {DEFAULT_LAYERS}: give --layers")

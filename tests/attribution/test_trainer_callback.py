@@ -177,6 +177,9 @@ def test_two_gloo_ranks_record_every_example_at_its_steps_weights(tmp_path):
     assert report["rows"] == rows and len(rows) == 2 * 2 * 3  # 2 steps x 2 ranks x 3 examples
     want = reference_rows(report["weights"], rows)
     torch.testing.assert_close(_stored(tmp_path / "store"), want, rtol=1e-4, atol=1e-5)
+    # a callback with queries and no store, beside it, scores the same rows alike
+    torch.testing.assert_close(report["scores_only"][0], report["scores"], rtol=1e-5, atol=1e-6)
+    assert report["scores_only"][1] == rows
 
 
 def test_example_digest_ignores_padding_and_tells_examples_apart():

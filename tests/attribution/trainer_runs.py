@@ -124,13 +124,15 @@ def main() -> None:
     parser.add_argument("--ranks", action="store_true")
     opts = parser.parse_args()
     callback = GradientCacheCallback(opts.store, queries=QUERIES, every=opts.every, **OPTIONS)
+    scores_only = GradientCacheCallback(queries=QUERIES, every=opts.every, **OPTIONS)  # no store
     snapshots = Snapshots(callback.records)
-    callbacks = [callback, snapshots] + ([StopAt(opts.stop_at)] if opts.stop_at else [])
+    callbacks = [callback, scores_only, snapshots] + ([StopAt(opts.stop_at)] if opts.stop_at else [])
     train(opts.out, callbacks, max_steps=opts.max_steps, save_steps=opts.save_steps, resume=opts.resume, ranks=opts.ranks)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if opts.report and rank == 0:
         scores, rows = callback.query_scores()
-        torch.save({"scores": scores, "rows": rows, "weights": snapshots.weights, "lrs": snapshots.lrs}, opts.report)
+        torch.save({"scores": scores, "rows": rows, "weights": snapshots.weights, "lrs": snapshots.lrs,
+                    "scores_only": scores_only.query_scores()}, opts.report)
     print(json.dumps({"rank": rank, "recorded": len(callback._local)}))
 
 

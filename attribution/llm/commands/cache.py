@@ -16,6 +16,7 @@ from grass_ops.benchmarking import peak_rss_bytes, process_seconds, timed_phase
 from ... import llm
 from ...collectives import collectively, require_agreement
 from ...compression import parse_spec
+from ...layers import coverage
 from ...store import atomic_write_json, read_json
 from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, MODEL_CHECKPOINT, CacheConfig
 from . import flags as f
@@ -234,8 +235,11 @@ def run(args, loaded=None):
     stats = attr.stats
     phases.update(gradients=stats["gradient_seconds"] - stats["compile_seconds"], compile=stats["compile_seconds"],
                   fim=stats["fim_seconds"], cache_other=seconds - stats["gradient_seconds"] - stats["fim_seconds"])
+    covered = coverage(model, attr.layer_infos)  # of a sharded model: the global shapes
     summary = {"store": str(store), "documents": len(docs), "added_documents": len(added),
                "layers": len(attr.block_names), "k": config.k,
+               "parameters_covered": covered["fraction"], "parameters_attributed": covered["attributed"],
+               "parameters_total": covered["total"],
                "real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
                "positions": sum(int(b["attention_mask"].numel()) for b in batches),
                "cache_seconds": seconds, "gradient_seconds": stats["gradient_seconds"],
