@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .batches import batch_digest, batch_size
 from .collectives import collectively
-from .process_group import all_gather_objects, barrier, rank_and_world
+from .process_group import all_gather_objects, barrier, first_error, rank_and_world
 from .store import Completion, CorruptStoreError, Store
 
 
@@ -62,41 +62,75 @@ def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt:
     """Cache this rank's missing batches of checkpoint ``ckpt``; returns the number of batches.
     ``observer`` (optional): ``written(index, digest)`` after each shard this rank writes, ``flush()`` once
     this rank's batches are done (e.g. to accumulate statistics of the batches with the shards).
-    ``lockstep(batch)`` (a sharded model, see attribution.sharding): a dropped compression of one sample, run
-    instead of a stored batch and in the last round by the ranks without a batch, so that every rank runs
-    one compression per round."""
+    ``lockstep(batch)`` (a sharded model, see attribution.sharding): the batches go in rounds, one per rank; the
+    ranks agree on each round before and after its compressions: a round every rank has stored is skipped, an
+    error of any rank is raised by every rank, and a rank whose batch is stored (or who has none left) runs
+    ``lockstep`` (a dropped, unchecked compression of one sample) while the others compress theirs."""
     rank, world = rank_and_world()
     done = store.shard_meta(ckpt)
     count, n, spare = 0, 0, None
     bar = tqdm(loader, desc=f"cache ckpt {ckpt}", disable=not progress or rank != 0, leave=False)
-    for index, batch in enumerate(bar):
-        count = index + 1
-        rows = batch_size(batch)
-        if index % world != rank:  # another rank's batch
-            spare = batch if spare is None else spare
-            n += rows
-            continue
-        spare = batch
+
+    def check(index: int, batch, rows: int) -> tuple[str, bool]:
+        """(digest, whether stored), or a ValueError for an empty or changed batch."""
         if rows == 0:
             raise ValueError(f"batch {index} of the train loader holds no samples")
         digest = batch_digest(batch)
-        if index in done:
-            if done[index]["digest"] != digest or int(done[index]["rows"]) != rows:
-                raise ValueError(f"batch {index} differs from the one stored in shard {index}: the train loader must yield "
-                                 "the same batches in the same order to resume or grow a store (or use a new store)")
-            n += rows
-            if lockstep is not None:
-                lockstep(batch)
-            continue
+        if index in done and (done[index]["digest"] != digest or int(done[index]["rows"]) != rows):
+            raise ValueError(f"batch {index} differs from the one stored in shard {index}: the train loader must yield "
+                             "the same batches in the same order to resume or grow a store (or use a new store)")
+        return digest, index in done
+
+    def write(index: int, batch, rows: int, digest: str, start: int) -> None:
         writer.ensure()
         grads, values = compress_batch(batch)
-        store.write_shard(ckpt, index, grads, {"rows": rows, "digest": digest, "start": n,
+        store.write_shard(ckpt, index, grads, {"rows": rows, "digest": digest, "start": start,
                                                "values": values.double().cpu().tolist()})
         if observer is not None:
             observer.written(index, digest)
+
+    def round_of(item) -> None:
+        """One lock-step round: ``item`` is (index, batch, rows, start) or None (no batch left)."""
+        status, error = "idle", None
+        try:
+            if item is not None:
+                digest, stored = check(*item[:3])
+                status = "stored" if stored else "compute"
+        except ValueError as err:
+            error = err
+        error = first_error(error)  # before any collective forward: every rank raises together
+        if error is not None:
+            raise error
+        statuses = all_gather_objects(status)
+        if "compute" not in statuses:
+            return  # every batch of the round is stored (or none is left)
+        try:
+            if status == "compute":
+                write(*item[:3], digest, item[3])
+            else:
+                lockstep(item[1] if item is not None else spare)
+        except Exception as err:  # noqa: BLE001 - raised below on every rank (after the round's collectives)
+            error = err
+        error = first_error(error)
+        if error is not None:
+            raise error
+
+    for index, batch in enumerate(bar):
+        count = index + 1
+        rows = batch_size(batch)
+        spare = batch if spare is None else spare
+        if index % world != rank:  # another rank's batch
+            n += rows
+            continue
+        if lockstep is not None:
+            round_of((index, batch, rows, n))
+        else:
+            digest, stored = check(index, batch, rows)
+            if not stored:
+                write(index, batch, rows, digest, n)
         n += rows
-    if lockstep is not None and count % world and rank >= count % world and spare is not None:
-        lockstep(spare)  # the last round: the other ranks compress a batch
+    if lockstep is not None and count % world and rank >= count % world:
+        round_of(None)  # the last round: the other ranks compress a batch
     if observer is not None:
         observer.flush()
     return count

@@ -425,6 +425,12 @@ class BatchCompressor:
         n = len(factors) // 2
         return grads, values, dict(zip(self.layers, factors[:n])), dict(zip(self.layers, factors[n:]))
 
+    def unchecked(self, batch, fn: Callable, name: str = "loss_fn") -> None:
+        """The step run for its collectives only (a sharded model's dropped round, attribution.sharding): no
+        check, no result (a sample whose gradient is zero or not finite is not an error here)."""
+        with self.capture.hooks():
+            self.step(fn, name)(to_device(batch, self.device))
+
     def eager(self, batch, fn: Callable, name: str = "loss") -> tuple[Tensor, Tensor]:
         """The step without torch.compile (e.g. for the true Fisher's relabelled losses)."""
         batch = to_device(batch, self.device)

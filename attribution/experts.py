@@ -17,8 +17,11 @@ experts' gradients. Every view runs for every batch (with T_e = 0 when no token 
 the store is defined. Outside a capture the module runs its own forward, untouched.
 
 Not supported (refused): the Kronecker-factored preconditioners and the optimizer normalization over expert
-views. A module that holds a 3-D parameter in a layout not recognised here is named and refused by the
-default layers (never skipped silently); name the layers to leave it out knowingly.
+views. Not supported either: experts whose weights are offloaded (accelerate's device_map offload: the views read
+the parameters directly), and layers that an MoE block calls on its flattened tokens [B * T, H] (Qwen2-MoE's
+shared expert: the capture refuses them with a LayoutError; leave them out with --layers). A module that holds a
+3-D parameter in a layout not recognised here is named and refused by the default layers (never skipped
+silently); name the layers to leave it out knowingly.
 """
 from __future__ import annotations
 
@@ -125,20 +128,25 @@ def owners(model: nn.Module, layer_modules: list[str]) -> list[nn.Module]:
 def capturing(modules: list[nn.Module], rows: Callable[[], int | None]):
     """The fused experts ``modules`` compute through their views while the block runs (``rows()``: the batch's
     samples, None outside a capture: then their own forward)."""
-    for module in modules:
-        module.forward = types.MethodType(_through_views(type(module).forward, rows), module)
+    saved = [module.__dict__.get("forward") for module in modules]  # an instance forward (e.g. accelerate's hook)
+    for module, own in zip(modules, saved):
+        module.forward = types.MethodType(_through_views(own or types.MethodType(type(module).forward, module), rows),
+                                          module)
     try:
         yield
     finally:
-        for module in modules:
-            module.__dict__.pop("forward", None)
+        for module, own in zip(modules, saved):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
 
 
 def _through_views(original: Callable, rows: Callable[[], int | None]) -> Callable:
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         samples = rows()
         if samples is None:
-            return original(self, hidden_states, top_k_index, top_k_weights)
+            return original(hidden_states, top_k_index, top_k_weights)
         return views_forward(self, hidden_states, top_k_index, top_k_weights, samples)
 
     return forward

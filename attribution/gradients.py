@@ -204,7 +204,7 @@ class ModelGradients:
         """For a sharded model: a dropped compression of a batch's first sample (see attribution.sharding)."""
         if not self.sharded:
             return None
-        return lambda batch: self(slice_rows(batch, 0, 1))
+        return lambda batch: self._timed(self.compress.unchecked, slice_rows(batch, 0, 1), self.kind)
 
     def relabelled(self, batch, loss: Callable) -> Tensor:
         """[B, columns] compressed gradients of another loss(model, batch) (the true Fisher's), uncompiled."""

@@ -18,7 +18,9 @@ score, equal the unsharded model's.
   the model) and params= blocks (torch.func over DTensors).
 
 Memory per rank: the parameters / world, plus one block's gathered parameters at a time (two with FSDP2's
-prefetch), plus the batch's activations; the compressed gradients and the FIM do not depend on the sharding.
+prefetch), plus the batch's activations; the compressed gradients and the FIM do not depend on the sharding. Loading
+is not sharded: each rank loads the whole model into host memory (``grass-attribute --fsdp`` loads it on the CPU
+and lets fully_shard move each rank's shards to its GPU), so host memory must hold world copies at load time.
 """
 from __future__ import annotations
 
@@ -43,7 +45,16 @@ def _is_dtensor(t) -> bool:
 
 
 def check_sharding(model: nn.Module) -> bool:
-    """Whether the model is sharded; a ValueError for one only partly sharded (some parameters not DTensors)."""
+    """Whether the model is sharded; a ValueError for one only partly sharded (some parameters not DTensors) and
+    for FSDP1 (FullyShardedDataParallel's flat parameters, whose forwards are collectives too)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        FullyShardedDataParallel = ()
+    wrapped = [n or "(root)" for n, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    if wrapped:
+        raise ValueError(f"the model is wrapped with FSDP1 (FullyShardedDataParallel: {wrapped[0]}): shard it with FSDP2 "
+                         "instead (torch.distributed.fsdp.fully_shard; attribution.sharding.shard)")
     names = [(n, _is_dtensor(p)) for n, p in model.named_parameters()]
     sharded = [n for n, s in names if s]
     if sharded and len(sharded) != len(names):
@@ -69,17 +80,19 @@ def check_supported(config) -> None:
         raise ValueError("a sharded (FSDP2) model does not support " + "; ".join(problems))
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, device: str | None = None) -> nn.Module:
     """``model`` sharded across the ranks of the default process group with FSDP2: fully_shard on every block of
-    its transformer block lists (BLOCK_LISTS), then on the root; on the ranks' device (CUDA with NCCL, else CPU)."""
+    its transformer block lists (BLOCK_LISTS), then on the root. ``device`` ("cuda", "cuda:1", "cpu"; None: where
+    the parameters are): the mesh's device type; fully_shard moves each rank's shards there, so a model loaded on
+    the CPU reaches each GPU sharded (each rank still holds the whole model in host memory until it is sharded)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("sharding needs torch.distributed (run under torchrun)")
-    device = next(model.parameters()).device.type
-    mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    kind = torch.device(device).type if device is not None else next(model.parameters()).device.type
+    mesh = init_device_mesh(kind, (torch.distributed.get_world_size(),))
     blocks = [m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(fnmatch.fnmatchcase(n, p) for p in BLOCK_LISTS)]
     if not blocks:
         raise ValueError(f"the model has no ModuleList of transformer blocks named {BLOCK_LISTS} to shard")

@@ -126,6 +126,8 @@ class FusedRecorder:
             raise FusedUnavailable(f"the gradient reaching the model's loss is {scale} (a skipped step?)")
         factor = entry.denominator / scale
         grads = torch.cat([entry.zs[n].grad * factor for n in self.compress.layers], dim=1).to(self.compress.dtype)
+        if not bool(torch.isfinite(grads).all()):
+            raise FusedUnavailable("the training step's gradients are not finite (a float16 loss-scale overflow?)")
         return grads, entry.values
 
 

@@ -23,6 +23,7 @@ Under torch.distributed (DDP) every rank records its own micro-batches into the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -43,6 +44,7 @@ from ..cache import LazyWriter, finish_checkpoint
 from ..collectives import collectively
 from ..config import check_int
 from ..process_group import all_gather_objects, barrier, rank_and_world
+from ..sharding import is_sharded
 from ..store import DiskStore
 from ..store.manifest import DURING_TRAINING
 from .fused import FusedRecorder, FusedUnavailable, unavailable_reason
@@ -81,10 +83,11 @@ def row_tokens(batch: dict) -> list[list[int]]:
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> Tensor:
     """Per-sample summed next-token cross-entropy [B] over the ``labels`` that are not -100 (the Hugging
-    Face convention: labels aligned with input_ids, shifted here)."""
+    Face convention: labels aligned with input_ids, shifted here). Every other tensor of the batch is passed to
+    the model (attention_mask, position_ids, ...), as the Trainer passes them."""
     if "labels" not in batch:
         raise ValueError("causal_lm_loss needs the batch's 'labels' (give loss_fn= for batches without them)")
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     labels = batch["labels"][:, 1:]
     token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none", ignore_index=-100)
@@ -151,6 +154,8 @@ class GradientCacheCallback(TrainerCallback):
             raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[B], got {type(loss_fn).__name__}")
         if cli_model is not None and (store is None or not isinstance(cli_model, (str, Path))):
             raise ValueError("cli_model (the folder the trained model is saved to, for grass-attribute) needs store=")
+        if cli_model is not None and options.get("dtype", torch.float32) != torch.float32:
+            raise ValueError("cli_model: grass-attribute reads float32 gradients; give no dtype= with cli_model")
         self.cli_model = None if cli_model is None else str(cli_model)
         unknown = sorted(set(options) - set(PASSED_OPTIONS))
         if unknown:
@@ -167,7 +172,7 @@ class GradientCacheCallback(TrainerCallback):
         self.attributor_options = dict(compressor=compressor, k=k, layers=layers, seed=seed, compile=compile,
                                        progress=progress, **options)
         self.attributor: Attributor | None = None
-        self._model, self._hooks, self._writer = None, [], None
+        self._model, self._hooks = None, []
         self._active, self._inside, self._pending = False, False, []
         self._recorder: FusedRecorder | None = None  # fused recording (see attribution.integrations.fused), or None
         self._open = None  # the micro-batch whose training forward runs with the taps
@@ -186,8 +191,12 @@ class GradientCacheCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise RuntimeError("GradientCacheCallback: the Trainer passed no model to on_train_begin")
-        self._release()  # a train() that raised left its hooks and the writer lock behind
+        self._release()  # a train() that raised left its hooks behind
+        if is_sharded(model):
+            raise ValueError("GradientCacheCallback does not record a sharded (FSDP) training run: every forward is a "
+                             "collective there, and the recording would have to run in lock-step on every rank")
         self._tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
+        self._model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # how grass-attribute loads it
         if self.cli_model is not None and not hasattr(self._tokenizer, "decode"):
             raise ValueError("cli_model: the store's docs.jsonl holds the decoded rows; give the Trainer its tokenizer "
                              "(processing_class=)")
@@ -204,7 +213,7 @@ class GradientCacheCallback(TrainerCallback):
         if self.store_path is not None:
             self._open_store(state.global_step)
         self._hooks = [model.register_forward_pre_hook(self._capture, with_kwargs=True),
-                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+                       model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._active, self._pending = self.records(state.global_step + 1), []
@@ -233,14 +242,26 @@ class GradientCacheCallback(TrainerCallback):
         self._hooks = []
 
     def _release(self) -> None:
-        """Remove the model hooks and release the store's writer lock (idempotent)."""
+        """Remove the model hooks and any taps left on (idempotent)."""
         self._remove_hooks()
         self._open, self._pending, self._active = None, [], False
         if self._recorder is not None and self._recorder.capture.taps is not None:
             self._recorder.end_interrupted()
-        if self._writer is not None:
-            self._writer.__exit__(None, None, None)
-            self._writer = None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The store's writer lock while the block writes (rank 0's, shared by the ranks); yields the writer. Held
+        per recorded step, so that a train() that raises leaves no lock behind."""
+        rank, world = rank_and_world()
+        writer = LazyWriter(self.attributor.store)
+        writer.delegated = rank != 0
+        try:
+            collectively(writer.ensure)
+            barrier()
+            yield writer
+            barrier()  # every rank's shards are written before rank 0 lets the lock go
+        finally:
+            writer.__exit__(None, None, None)
 
     # ---- recording -------------------------------------------------------------------------------
     def _capture(self, module, args, kwargs):
@@ -259,8 +280,13 @@ class GradientCacheCallback(TrainerCallback):
         return None
 
     def _after_forward(self, module, args, kwargs, output):
+        """After the training forward (also when it raised: always_call): the taps come off."""
         if self._open is not None:
             (batch, fused), self._open = self._open, None
+            if output is None:  # the forward raised: nothing of this step is recorded
+                self._recorder.end_interrupted()
+                self._active, self._pending = False, []
+                return None
             self._recorder.end(fused, batch, kwargs, output)
         return None
 
@@ -275,17 +301,21 @@ class GradientCacheCallback(TrainerCallback):
         self._inside = True
         try:
             queries = self._query_gradients() if self.queries is not None else None
-            for batch, fused in self._pending:
-                rows = int(batch["input_ids"].shape[0])
-                sizes = all_gather_objects(rows)
-                index, start = self._position + rank, self._start + sum(sizes[:rank])
-                grads, digests = self._shard(index, step, lr, batch, start, lambda: self._gradients(batch, fused))
-                if queries is not None:
-                    self._local.append((index, step, digests, (lr * queries @ grads.to(queries.dtype).T).cpu()))
-                self._position += world
-                self._start += sum(sizes)
+            with self._locked() if self.store_path is not None else contextlib.nullcontext():
+                self._record_batches(step, lr, queries, rank, world)
         finally:
             self._inside = False
+
+    def _record_batches(self, step: int, lr: float, queries: Tensor | None, rank: int, world: int) -> None:
+        for batch, fused in self._pending:
+            rows = int(batch["input_ids"].shape[0])
+            sizes = all_gather_objects(rows)
+            index, start = self._position + rank, self._start + sum(sizes[:rank])
+            grads, digests = self._shard(index, step, lr, batch, start, lambda: self._gradients(batch, fused))
+            if queries is not None:
+                self._local.append((index, step, digests, (lr * queries @ grads.to(queries.dtype).T).cpu()))
+            self._position += world
+            self._start += sum(sizes)
 
     def _gradients(self, batch: dict, fused) -> tuple[Tensor, Tensor]:
         """(grads [B, columns], values [B]): from the training backward (fused), else recomputed in eval mode."""
@@ -333,14 +363,10 @@ class GradientCacheCallback(TrainerCallback):
 
     # ---- the store -------------------------------------------------------------------------------
     def _open_store(self, global_step: int) -> None:
-        """Take the writer lock and continue after the shards of the steps up to ``global_step`` (a resumed
-        run); later shards of an interrupted run are checked against the batches as the steps run again."""
-        rank, world = rank_and_world()
+        """Continue after the shards of the steps up to ``global_step`` (a resumed run); later shards of an
+        interrupted run are checked against the batches as the steps run again."""
+        world = rank_and_world()[1]
         store = self.attributor.store
-        self._writer = LazyWriter(store)
-        self._writer.delegated = rank != 0
-        collectively(self._writer.ensure)
-        barrier()
         done = {i: m for i, m in store.shard_meta(0).items() if int(m["step"]) <= global_step}
         self._position = 0 if not done else max(done) + 1
         if self._position % world:
@@ -356,12 +382,12 @@ class GradientCacheCallback(TrainerCallback):
         count = self._position
         if count == 0:
             return
-        record = finish_checkpoint(store, 0, count, self._writer,
-                                   lambda record: attributor.preconditioning.derive(0, record, None, self._writer))
-        attributor.ann.refresh([record], self._writer)
-        if self.cli_model is not None:
-            collectively(lambda: rank_and_world()[0] == 0 and self._write_cli_files(record))
-            barrier()
+        with self._locked() as writer:
+            record = finish_checkpoint(store, 0, count, writer,
+                                       lambda record: attributor.preconditioning.derive(0, record, None, writer))
+            attributor.ann.refresh([record], writer)
+            if self.cli_model is not None:
+                collectively(lambda: rank_and_world()[0] == 0 and self._write_cli_files(record))
 
     def _write_cli_files(self, record) -> bool:
         """docs.jsonl (one document per row) and cli.json (the flags that reproduce this compressor), attached."""
@@ -370,6 +396,8 @@ class GradientCacheCallback(TrainerCallback):
         from ..llm.config import CLI_JSON, CacheConfig
 
         store, options = self.attributor.store, self.attributor_options
+        autocast = self.attributor.config.autocast
+        autocast = "none" if autocast is None else str(autocast).replace("torch.", "")
         metas = store.shard_meta(0)
         docs = []
         for shard in record.shards:
@@ -384,8 +412,8 @@ class GradientCacheCallback(TrainerCallback):
         layers = options["layers"]
         config = CacheConfig(model=self.cli_model, compressor=options["compressor"], k=options["k"], seed=options["seed"],
                              layers=None if layers is None else [layers] if isinstance(layers, str) else list(layers),
-                             storage_dtype=store.storage, dtype=str(self.attributor.dtype).replace("torch.", ""),
-                             autocast="none", masks="random", limit=None,
+                             storage_dtype=store.storage, dtype=self._model_dtype, autocast=autocast, masks="random",
+                             limit=None,
                              damping=options.get("damping", CacheConfig.damping))
         corpus = {"documents": len(docs), "sha256": hashlib.sha256(text.encode()).hexdigest(), "segments": [len(docs)]}
         write_text_atomic(store.root / "docs.jsonl", text)

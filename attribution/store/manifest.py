@@ -90,8 +90,10 @@ def model_fingerprint(state: dict[str, Tensor], algorithm: str | None = None) ->
         raise ValueError(f"fingerprint algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     h = hashlib.sha256()
     for name in sorted(state):
-        t = _full(state[name].detach())
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        t = state[name].detach()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())  # a DTensor's shape: the whole tensor's
+        if algorithm != DURING_TRAINING:
+            t = _full(t)
         if algorithm == "lin64":
             h.update(repr(tensor_digest(t)).encode())
         elif algorithm == "sha256" and t.numel():

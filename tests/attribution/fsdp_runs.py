@@ -1,8 +1,8 @@
 """A model sharded with FSDP2 across 2 gloo ranks (run by torchrun, tests/attribution/test_fsdp.py): the tiny random
 Llama of trainer_runs, cached over BATCHES (5 batches of 1..3 sequences of other lengths: the ranks get 3 and 2)
-into a store, first the first 3 batches then all 5 (the store grows: the stored batches are compressed again as
-dropped rounds), scored against QUERIES. Rank 0 writes the scores, the top-k and the self-influence to --report;
-a partly sharded model's error is recorded too."""
+into a store, first the first 3 batches then all 5 (the store grows: a round both ranks stored is skipped, a stored
+batch beside a new one is a dropped round), scored against QUERIES. Rank 0 writes the scores, the top-k and the
+self-influence to --report, with the errors of a partly sharded model and of a changed batch on one rank."""
 import argparse
 import os
 import sys
@@ -20,9 +20,19 @@ from attribution import Attributor  # noqa: E402
 from attribution.integrations import causal_lm_loss  # noqa: E402
 from attribution.sharding import shard  # noqa: E402
 
-EXAMPLES = examples(10)
-BATCHES = [collate(EXAMPLES[0:2]), collate(EXAMPLES[2:5]), collate(EXAMPLES[5:6]), collate(EXAMPLES[6:8]),
-           collate(EXAMPLES[8:10])]
+EXAMPLES = examples(11)
+
+
+def _unlabelled_first(batch: dict) -> dict:
+    """The batch with its first sample's labels all -100 (that sample's gradient is zero)."""
+    labels = batch["labels"].clone()
+    labels[0] = -100
+    return {**batch, "labels": labels}
+
+
+# the first sample of batch 2 has a zero gradient: when it is stored, rank 0 compresses it as a dropped round
+BATCHES = [collate(EXAMPLES[0:2]), collate(EXAMPLES[2:5]), _unlabelled_first(collate(EXAMPLES[5:7])),
+           collate(EXAMPLES[7:8]), collate(EXAMPLES[8:10])]
 
 
 def attributor(model, store):
@@ -50,6 +60,11 @@ def main() -> None:
     attr = attributor(model, opts.store).cache(BATCHES)
     report = {"scores": attr.attribute(QUERIES), "top_k": attr.top_k(QUERIES, k=3), "self": attr.self_influence(),
               "refused": refused, "rows": attr.n_train}
+    changed = [*BATCHES[:3], collate(EXAMPLES[9:11]), *BATCHES[4:]]  # rank 1's batch 3 differs: every rank raises
+    try:
+        attributor(model, opts.store).cache(changed)
+    except Exception as err:  # noqa: BLE001 - the message is the test's
+        report["changed"] = f"{type(err).__name__}: {err}"
     if rank == 0:
         torch.save(report, opts.report)
     dist.destroy_process_group()

@@ -32,6 +32,8 @@ def test_two_sharded_ranks_store_and_score_what_one_unsharded_process_does(tmp_p
     assert done.returncode == 0, done.stderr[-4000:]
     report = torch.load(tmp_path / "report.pt")
     assert "only partly sharded" in report["refused"] and "fully_shard(model)" in report["refused"]
+    # one rank's error before its round's forward is raised by both ranks (no rank waits in a collective)
+    assert "batch 3 differs from the one stored in shard 3" in report["changed"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -145,6 +145,32 @@ def test_a_train_that_raised_in_this_process_is_resumed_by_the_same_callback(tmp
     torch.testing.assert_close(_stored(tmp_path / "store"), _stored(tmp_path / "whole"), rtol=1e-5, atol=1e-6)
 
 
+def test_a_training_forward_that_raises_takes_the_taps_off_and_leaves_the_store_unlocked(tmp_path):
+    """Step 2's forward raises inside the model (after the callback put its taps on): the taps come off, the hooks
+    go inert, and a new callback and Trainer on the same model and store record again."""
+    model = tiny_model()
+    failing = {"step": 0}
+
+    def boom(module, args):
+        if failing["step"]:
+            raise RuntimeError("out of memory (simulated)")
+
+    class Arm(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            failing["step"] = state.global_step + 1 == 2
+
+    handle = model.model.layers[1].register_forward_pre_hook(boom)
+    first = GradientCacheCallback(tmp_path / "store", **OPTIONS)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(str(tmp_path / "o1"), [first, Arm()], max_steps=3, model=model)
+    handle.remove()
+    assert first.attributor.gradients.compress.capture.taps is None
+    assert not any(m._forward_hooks for m in model.model.layers.modules())  # the capture's layer hooks are gone
+    again = GradientCacheCallback(tmp_path / "store", **OPTIONS)  # the store is not locked
+    train(str(tmp_path / "o2"), [again], max_steps=1, model=tiny_model())  # step 1 again: shard 0 read back
+    assert [r["step"] for r in recorded_rows(tmp_path / "store")] == [1, 1, 1]
+
+
 def test_training_on_grows_the_store_and_its_fim(tmp_path):
     first = GradientCacheCallback(tmp_path / "store", every=1, **OPTIONS)
     train(str(tmp_path / "out"), [first], max_steps=2, save_steps=2)

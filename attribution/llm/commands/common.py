@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from grass_ops.benchmarking import release_freed_memory
+
 from ... import index as index_module
 from ... import llm, process_group, sharding
 from ... import optimizer_state as optimizer_module
@@ -49,11 +51,13 @@ def load_model(config: CacheConfig, fsdp: bool = False):
     sharded across the torchrun ranks with FSDP2 (attribution.sharding.shard)."""
     if fsdp and process_group.rank_and_world()[1] < 2:
         raise CLIError("--fsdp shards the model across the ranks of torchrun: run it under torchrun with 2 or more ranks")
-    model, tokenizer = llm.load_model(config.model, config.gguf_file, config.dtype, device=device())
+    # sharded: loaded on the CPU, each rank's shards moved to its device by fully_shard (not the whole model)
+    model, tokenizer = llm.load_model(config.model, config.gguf_file, config.dtype, device="cpu" if fsdp else device())
     model = model if config.adapter is None else llm.apply_adapter(model, config.adapter)
     if fsdp:
         try:
-            model = sharding.shard(model)
+            model = sharding.shard(model, device())
+            release_freed_memory()  # the whole model's loaded copy goes back to the system
         except ValueError as err:
             raise CLIError(f"--fsdp: {err}") from None
     return model, tokenizer
