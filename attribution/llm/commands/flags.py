@@ -185,7 +185,7 @@ STORE = Flag("--store", STORE_HELP, required=True)
 FSDP = Flag("--fsdp", "under torchrun: shard the model across the ranks with FSDP2 (fully_shard on each transformer "
             "block, then the root): once sharded each rank holds 1/world of the weights on its device (every rank "
             "loads the whole model into host memory first); the gradients and scores equal an unsharded run's "
-            "(README: sharded models)", action="store_true")
+            "(README: sharded models)", default=False, action="store_true")
 COMPILE = [
     Flag("--compile", "torch.compile the cache step: auto (default) compiles when the corpus has at least "
                       f"{COMPILE_MIN_TOKENS['bfloat16']:,} real tokens to compute under bfloat16 autocast, "
