@@ -70,6 +70,8 @@ class FactorCapture:
         self._hook_fns = {name: self._make_hook(name) for name in layers}  # stable objects: stable compile guards
         # fused experts modules compute through their per-expert views while hooked (attribution.experts)
         self.experts = experts.owners(model, [m for info in layers.values() for m in info.modules])
+        # layers of an MoE block that it calls on the flattened tokens [B * T, d] (a shared expert, its gate)
+        self.flattened = experts.flattened_layers(model, layers)
         self.probes: dict[str, list[Tensor]] | None = None
         self.taps: dict[str, tuple[Callable, Tensor]] | None = None  # sketch mode: {layer: (tap, z)}
         self.calls: dict[str, int] = {}
@@ -86,6 +88,11 @@ class FactorCapture:
             if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
                 raise LayoutError(f"layer {name} must be called with a tensor and return one")
             x = args[0]
+            if name in self.flattened:  # called on an MoE block's flattened tokens [B * T, d]: seen as [B, T, d]
+                unflattened = self._unflattened(name, x, output)
+                if unflattened is not None:
+                    out = hook(module, (unflattened[0],), unflattened[1])
+                    return None if out is None else out.reshape(output.shape)
             if x.dim() < 2 or output.dim() < 2 or x.shape[0] != self.rows or output.shape[0] != self.rows:
                 raise LayoutError(f"layer {name} was called with input {tuple(x.shape)} and output {tuple(output.shape)}, "
                                   f"but the batch has {self.rows} samples: every target layer must keep the samples along "
@@ -112,6 +119,13 @@ class FactorCapture:
             return output + probe
 
         return hook
+
+    def _unflattened(self, name: str, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(x [B, T, d_in], output [B, T, d_out]) of a layer an MoE block calls on its flattened tokens [B * T, d]
+        (sample by sample, as transformers' MoE blocks flatten them), or None when it was not so called."""
+        if x.dim() != 2 or output.dim() != 2 or x.shape[0] != output.shape[0] or x.shape[0] % self.rows:
+            return None
+        return x.reshape(self.rows, -1, x.shape[-1]), output.reshape(self.rows, -1, output.shape[-1])
 
     @contextlib.contextmanager
     def hooks(self):

@@ -18,8 +18,8 @@ the store is defined. Outside a capture the module runs its own forward, untouch
 
 Not supported (refused): the Kronecker-factored preconditioners and the optimizer normalization over expert
 views. Not supported either: experts whose weights are offloaded (accelerate's device_map offload: the views read
-the parameters directly), and layers that an MoE block calls on its flattened tokens [B * T, H] (Qwen2-MoE's
-shared expert: the capture refuses them with a LayoutError; leave them out with --layers). A module that holds a
+the parameters directly). The other layers of an MoE block (Qwen2-MoE's shared expert and its gate) are called on
+the block's flattened tokens [B * T, H]: the capture reads those calls as [B, T, H] (:func:`flattened_layers`). A module that holds a
 3-D parameter in a layout not recognised here is named and refused by the default layers (never skipped
 silently); name the layers to leave it out knowingly.
 """
@@ -122,6 +122,20 @@ def owners(model: nn.Module, layer_modules: list[str]) -> list[nn.Module]:
             owner = module._owner[0]
             found[id(owner)] = owner
     return list(found.values())
+
+
+def flattened_layers(model: nn.Module, layers: dict) -> set[str]:
+    """The target layers (by block name) inside an MoE block, the parent of a fused experts module, other than the
+    expert views: transformers' MoE blocks call them (a shared expert and its gate) on the block's flattened tokens
+    [B * T, H], which the capture reads as [B, T, H] when they come so."""
+    blocks = [name.rpartition(".")[0] for name, module in model.named_modules() if is_fused_experts(module)]
+    out = set()
+    for name, info in layers.items():
+        if info.kind == "expert":
+            continue
+        if any(m.startswith(f"{b}.") for m in info.modules for b in blocks):
+            out.add(name)
+    return out
 
 
 @contextlib.contextmanager

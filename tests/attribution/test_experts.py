@@ -1,8 +1,9 @@
 """Mixture-of-experts layers held as fused 3-D parameters (issue 20, item 4): every expert's projections are
 attributed as their own layers, with the routing respected; the per-sample gradients and IF scores equal a
-float64 reference that loops over the experts as separate nn.Linear layers (Mixtral's layout, and gpt-oss's:
-transposed, biased, interleaved gate); every expert parameter is covered and the CLI reports the fraction; a
-layout that is not recognised is named and refused."""
+float64 reference that loops over the experts as separate nn.Linear layers (Mixtral's layout; gpt-oss's:
+transposed, biased, interleaved gate; Qwen2-MoE's, with a shared expert called on the flattened tokens); every
+expert parameter is covered and the CLI reports the fraction; a layout that is not recognised is named and
+refused."""
 import copy
 import json
 
@@ -24,13 +25,24 @@ VOCAB = 64
 
 def _moe(kind: str, dtype=torch.float64):
     """A tiny random MoE causal LM from a transformers config: 2 blocks of 4 experts, top-2 routing."""
-    from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
     if kind == "mixtral":
         config, cls = MixtralConfig(**common), MixtralForCausalLM
+    elif kind == "qwen2_moe":  # a shared expert and its gate beside the routed experts, on the flattened tokens
+        common = {k: v for k, v in common.items() if k != "num_local_experts"}
+        config = Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=12)
+        cls = Qwen2MoeForCausalLM
     else:
         config, cls = GptOssConfig(**common, head_dim=8, layer_types=["full_attention"] * 2), GptOssForCausalLM
     config._experts_implementation = "eager"  # the reference forward in any dtype (grouped_mm: no float64)
@@ -84,7 +96,7 @@ def _batches():
     return train, query
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "qwen2_moe"])
 def test_per_expert_gradients_and_scores_equal_experts_as_separate_linear_layers(kind):
     model = _moe(kind)
     reference = copy.deepcopy(model)
@@ -95,6 +107,7 @@ def test_per_expert_gradients_and_scores_equal_experts_as_separate_linear_layers
                       dtype=torch.float64, damping=0.1, layers=["model.layers.*"])
     experts = [n for n in attr.layer_names if ".per_expert." in n]
     assert len(experts) == 2 * 4 * 2  # blocks x experts x (gate_up, down)
+    assert (kind == "qwen2_moe") == any(".shared_expert" in n for n in attr.layer_names)
     names = dict(reference.named_modules())
     modules = [names[n.replace("per_expert.gate_up_proj", "first").replace("per_expert.up_proj", "first")
                      .replace("per_expert.down_proj", "second")] for n in attr.layer_names]
