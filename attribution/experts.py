@@ -92,13 +92,17 @@ def attach_views(model: nn.Module) -> list[str]:
 
 
 def unrecognized(model: nn.Module) -> list[str]:
-    """'<module> (<class>): <params>' for each module holding a parameter of 3 or more dims in a layout not
-    recognised here (convolutions aside)."""
+    """'<module> (<class>): <params>' for each module that looks like it holds experts in a layout not recognised
+    here: its class is named like an expert module and holds parameters of 2+ dims, or it holds a stack of
+    matrices (a parameter [n > 1, ...] of 3+ dims; convolutions aside, and [1, ...] tensors such as a ViT's
+    position embedding)."""
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, SKIPPED_MODULES) or is_fused_experts(module):
+        if isinstance(module, SKIPPED_MODULES) or is_fused_experts(module) or isinstance(module, ExpertProjection):
             continue
-        params = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 3]
+        own = list(module.named_parameters(recurse=False))
+        expert_class = "expert" in type(module).__name__.lower() and not isinstance(module, nn.Linear)
+        params = [n for n, p in own if (expert_class and p.dim() >= 2) or (p.dim() >= 3 and p.shape[0] > 1)]
         if params:
             out.append(f"{name or '(root)'} ({type(module).__name__}): {', '.join(params)}")
     return out

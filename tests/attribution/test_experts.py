@@ -159,10 +159,24 @@ def test_a_layout_that_is_not_recognised_is_named_and_refused():
         def forward(self, x):
             return self.proj(x) + torch.einsum("btd,edf->btf", x, self.experts)
 
+    class DbrxLikeExperts(nn.Module):  # experts concatenated in 2-D: named like experts, not recognised
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.zeros(4 * 8, 8))
+
+    class Positions(nn.Module):  # a [1, T, d] position embedding: not a stack of matrices
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+            self.proj = nn.Linear(8, 8)
+
     model = nn.Sequential(Odd())
     with pytest.raises(ValueError, match=r"does not recognise .*0 \(Odd\): experts"):
         find_layers(model)
     assert list(find_layers(model, ["0.proj"])) == ["0.proj"]  # named layers leave it out knowingly
+    with pytest.raises(ValueError, match=r"0 \(DbrxLikeExperts\): w1"):
+        find_layers(nn.Sequential(DbrxLikeExperts(), nn.Linear(8, 8)))
+    assert list(find_layers(nn.Sequential(Positions()))) == ["0.proj"]
     with pytest.raises(ValueError, match="does not support the experts"):
         Attributor(_moe("mixtral", torch.float32), causal_lm_loss, preconditioner="kfac", compile=False, progress=False)
 
