@@ -82,7 +82,11 @@ def write_shards(store: Store, compress_batch: Callable, loader: Iterable, ckpt:
         return digest, index in done
 
     def write(index: int, batch, rows: int, digest: str, start: int) -> None:
-        writer.ensure()
+        if not writer.held:
+            writer.ensure()
+            done.update(store.shard_meta(ckpt))  # a writer that held the lock until now may have stored this batch
+            if check(index, batch, rows)[1]:
+                return
         grads, values = compress_batch(batch)
         store.write_shard(ckpt, index, grads, {"rows": rows, "digest": digest, "start": start,
                                                "values": values.double().cpu().tolist()})

@@ -179,6 +179,7 @@ class GradientCacheCallback(TrainerCallback):
         self._verified = False
         self.mode: str | None = None  # "fused" or "recompute", once training began
         self._position, self._start = 0, 0  # the next shard's index (over every rank) and first row
+        self._revisit: dict[int, dict] = {}  # shards of steps after the resumed checkpoint, met again as they run
         self._local: list[tuple[int, int, list[str], Tensor | None]] = []  # (index, step, digests, scores [n_q, rows])
         self._gathered = None
 
@@ -347,7 +348,7 @@ class GradientCacheCallback(TrainerCallback):
         interrupted run already wrote for the same batch is read back instead)."""
         digests, digest = row_digests(batch), batch_digest(batch)
         store = self.attributor.store if self.store_path is not None else None
-        existing = store.shard_meta_of(0, index) if store is not None and index in store.shard_meta(0) else None
+        existing = self._revisit.pop(index, None)  # a shard an interrupted run wrote after the resumed checkpoint
         if existing is not None:
             if existing["digest"] != digest or int(existing["start"]) != start or int(existing["step"]) != step:
                 raise ValueError(f"store {self.store_path} holds a different batch as shard {index} (step "
@@ -367,7 +368,9 @@ class GradientCacheCallback(TrainerCallback):
         interrupted run are checked against the batches as the steps run again."""
         world = rank_and_world()[1]
         store = self.attributor.store
-        done = {i: m for i, m in store.shard_meta(0).items() if int(m["step"]) <= global_step}
+        metas = store.shard_meta(0)
+        done = {i: m for i, m in metas.items() if int(m["step"]) <= global_step}
+        self._revisit = {i: m for i, m in metas.items() if int(m["step"]) > global_step}
         self._position = 0 if not done else max(done) + 1
         if self._position % world:
             raise ValueError(f"store {self.store_path} was recorded by a run with another number of ranks; use a new store")
