@@ -55,7 +55,13 @@ class Attributor:
     the full parameter space before it is compressed; see attribution.preconditioners), "mixed"
     (TrackStar's task-aware curvature: per block (1 - task_weight) F_train + task_weight F_query, F_query
     the mean second moment of the compressed query gradients scored together, so that directions every
-    query shares are damped; task_weight in [0, 1), 0 is "fim"; see attribution.preconditioners.mixed) or "none".
+    query shares are damped; task_weight in [0, 1), 0 is "fim"; see attribution.preconditioners.mixed),
+    "kfac-whitened" / "ekfac-whitened" (both sides whitened before compression: the store holds
+    C((P + damping I)^-1/2 g) of each layer's K-FAC / EK-FAC curvature P, computed by a first pass over the
+    training data or ``cache(..., curvature_loader=)``; the damping is fixed at cache time; see
+    attribution.whitening) or "none".
+    whitening_masks (whitened preconditioners): "energy" (FactGraSS / LoGra keep the eigenvectors that carry
+    the most whitened second moment) or "random" (a seeded random subset of them).
     damping: a number >= 0 (absolute) or "<factor>*mean" (relative: factor x the mean eigenvalue of each
     block's preconditioner, e.g. "0.1*mean").
     optimizer_state (optimizer-aware normalization, TrackStar / LESS): an Adam / AdamW ``state_dict()``, a
@@ -75,7 +81,7 @@ class Attributor:
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
                  preconditioner: str | None = None, task_weight: float | None = None, autocast: torch.dtype | str | None = None,
                  normalize: bool = False, optimizer_state=None, optimizer_eps: float = DEFAULT_EPS,
-                 config: AttributorConfig | None = None):
+                 whitening_masks: str = "energy", config: AttributorConfig | None = None):
         self.config = config = AttributorConfig.from_arguments(locals(), config)
         self.method, self.k, self.seed, self.dtype, self.fisher = config.method, config.k, config.seed, config.dtype, config.fisher
         self.normalize, self.preconditioner, self.progress = config.normalized, config.preconditioner, config.progress
@@ -137,6 +143,11 @@ class Attributor:
         kind: "loss" or "output" (TRAK's output_fn)."""
         if kind not in ("loss", "output"):
             raise ValueError(f"kind must be 'loss' or 'output', got {kind!r}")
+        if self.preconditioning.whitened:
+            if len(self.checkpoints) > 1:
+                raise ValueError(f"compress_batch: with preconditioner={self.preconditioner!r} each checkpoint has its own "
+                                 "whitening; use query_features(test_loader)")
+            self.preconditioning.install(0)
         return self.gradients(batch, kind)
 
     def _with_factors(self, batch, kind: str):
@@ -144,19 +155,27 @@ class Attributor:
         return self.gradients.with_factors(batch, kind)
 
     # ---- cache stage -----------------------------------------------------------------------------
-    def cache(self, train_loader: Iterable) -> "Attributor":
+    def cache(self, train_loader: Iterable, *, curvature_loader: Iterable | None = None) -> "Attributor":
         """Compress every training gradient (per checkpoint), then the preconditioner's derived data.
-        Resumes an interrupted cache, grows a completed one, and writes nothing when the store is up to date."""
+        Resumes an interrupted cache, grows a completed one, and writes nothing when the store is up to date.
+        ``curvature_loader`` (preconditioner "kfac-whitened" / "ekfac-whitened"): the batches whose K-FAC
+        factors whiten the store (default: the training batches), read before the cache (pass one) and
+        pinned in the store: a grown store keeps them, other data for a store that has them is refused."""
         self._refuse_training_store("cache()")
         self._require_shared_store()
         if len(self.checkpoints) > 1:
             require_reiterable(train_loader, "it is read once per checkpoint")
+        if self.preconditioning.whitened:
+            require_reiterable(train_loader, "pass one reads the training batches before the cache")
+            if curvature_loader is not None:
+                require_reiterable(curvature_loader, "pass one reads it (twice for EK-FAC)")
         if self.fisher != "empirical":
             require_reiterable(train_loader, f"fisher={self.fisher!r} reads it again to form the FIM")
         self.gradients.check_unchanged()
         records = []
         with LazyWriter(self.store) as writer, self.checkpoints.each() as indices:
             for c in indices:
+                self.preconditioning.prepare(c, train_loader, writer, curvature_loader)
                 observer = self.preconditioning.observer(c, writer)
                 records.append(cache_checkpoint(
                     self.store, lambda batch: self.gradients.cache_step(batch, observer), train_loader, c, writer,
@@ -174,9 +193,10 @@ class Attributor:
         preconditioner "fim" or "none" (K-FAC needs the model's factors)."""
         self._refuse_training_store("cache_gradients()")
         self._require_shared_store()
-        if len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical" or self.preconditioning.needs_factors:
+        if (len(self.checkpoints) > 1 or self.method == "trak" or self.fisher != "empirical" or self.preconditioning.needs_factors
+                or self.preconditioning.whitened):
             raise ValueError("cache_gradients needs one checkpoint, the empirical Fisher, a method other than 'trak' "
-                             "and preconditioner 'fim' or 'none' (those need the model)")
+                             "and preconditioner 'fim' or 'none' (K-FAC and the whitened ones need the model)")
         with LazyWriter(self.store) as writer:
             record = cache_checkpoint(self.store, self.gradients.precomputed_batch, batches, 0, writer,
                                       lambda record: self.preconditioning.derive(0, record, batches, writer), self.progress)

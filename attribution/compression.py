@@ -324,6 +324,7 @@ class BatchCompressor:
         self.offsets = [0]
         for width in self.widths:
             self.offsets.append(self.offsets[-1] + width)
+        self.blocked: str | None = None  # why this compressor must not run yet (see :meth:`block`)
         self._probe_shapes: dict[tuple, tuple] = {}  # (fn key, shapes) -> (fn kept alive, layer output shapes)
         self._loss_modules: dict[int, tuple] = {}
         self._steps: dict[int, tuple[Callable, CompiledStep]] = {}
@@ -331,6 +332,23 @@ class BatchCompressor:
     @property
     def columns(self) -> int:
         return self.offsets[-1]
+
+    def block(self, reason: str) -> None:
+        """Refuse to compress (a RuntimeError giving ``reason``) until :meth:`install` sets the compressors."""
+        self.blocked = reason
+
+    def install(self, compressors: dict[str, C.Compressor]) -> None:
+        """Replace target layers' compressors by others of the same widths (a whitening's, per checkpoint):
+        the taps are rebuilt and the compiled steps dropped (the next batch compiles anew)."""
+        for name, comp in compressors.items():
+            if name not in self.layers or comp.out_features != self.blocks[name].out_features:
+                raise ValueError(f"install: {name!r} is not a target layer of this width")
+            if self.scales.get(name) is not None:
+                raise ValueError("install: a target layer with an optimizer normalization keeps its compressor")
+        self.blocks.update(compressors)
+        self.taps.update({n: layer_tap(c, self.layers[n]) for n, c in compressors.items()})
+        self._steps.clear()
+        self.blocked = None
 
     def probes(self, fn: Callable, batch) -> dict:
         """The step's zero inputs: one sketch z [B, k] per target layer (in-backward compression), or
@@ -353,10 +371,10 @@ class BatchCompressor:
         inputs [B, T, d_in] and then every layer's output gradients [B, T, d_out]."""
         parts, values, inputs, grads = [], None, {}, {}
         if self.layers and not self.return_factors:
-            sketches, values = self.capture.sketches(self._forward_in_mixed_precision(fn), batch, self.taps, probes)
+            sketches, values = self.capture.sketches(self.forward_in_mixed_precision(fn), batch, self.taps, probes)
             parts = [sketches[n].to(self.dtype) for n in self.layers]
         elif self.layers:
-            inputs, grads, values = self.capture.factors(self._forward_in_mixed_precision(fn), batch, probes)
+            inputs, grads, values = self.capture.factors(self.forward_in_mixed_precision(fn), batch, probes)
             if self.autocast is not None:  # compress in float32 (the factors of one layer may differ in dtype)
                 inputs = {n: t.float() for n, t in inputs.items()}
                 grads = {n: t.float() for n, t in grads.items()}
@@ -376,7 +394,7 @@ class BatchCompressor:
         factors = tuple(inputs[n] for n in self.layers) + tuple(grads[n] for n in self.layers) if self.return_factors else ()
         return (torch.cat(parts, dim=1), values.detach()) + factors
 
-    def _forward_in_mixed_precision(self, fn: Callable) -> Callable:
+    def forward_in_mixed_precision(self, fn: Callable) -> Callable:
         """fn with its forward pass under :meth:`_mixed_precision`; the backward runs outside autocast
         (each op's backward in the dtype its forward ran in, the sketches' products in float32)."""
         if self.autocast is None:
@@ -411,6 +429,8 @@ class BatchCompressor:
     def with_factors(self, batch, fn: Callable, name: str = "loss_fn") -> tuple:
         """(grads [B, columns], values [B], inputs {layer: [B, T, d_in]}, output grads {layer: [B, T, d_out]});
         the factor dicts are empty unless return_factors=True. Checks as :meth:`__call__`."""
+        if self.blocked is not None:
+            raise RuntimeError(self.blocked)
         batch = to_device(batch, self.device)
         rows = batch_size(batch)
         if rows == 0:
@@ -428,11 +448,15 @@ class BatchCompressor:
     def unchecked(self, batch, fn: Callable, name: str = "loss_fn") -> None:
         """The step run for its collectives only (a sharded model's dropped round, attribution.sharding): no
         check, no result (a sample whose gradient is zero or not finite is not an error here)."""
+        if self.blocked is not None:
+            raise RuntimeError(self.blocked)
         with self.capture.hooks():
             self.step(fn, name)(to_device(batch, self.device))
 
     def eager(self, batch, fn: Callable, name: str = "loss") -> tuple[Tensor, Tensor]:
         """The step without torch.compile (e.g. for the true Fisher's relabelled losses)."""
+        if self.blocked is not None:
+            raise RuntimeError(self.blocked)
         batch = to_device(batch, self.device)
         with self.capture.hooks():
             grads, values = self.raw(fn, batch, self.probes(fn, batch))[:2]

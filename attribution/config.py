@@ -15,6 +15,7 @@ from .optimizer_state import DEFAULT_EPS, check_argument
 from .preconditioners import check_task_weight, preconditioner_class, resolve_preconditioner
 from .scoring import PRECONDITIONED
 from .store import STORAGE_DTYPES
+from .whitening import MASKS
 
 METHODS = ("if", "graddot", "gradcos", "tracin", "trak")
 FISHERS = ("empirical", "true", "true_sampled")
@@ -66,6 +67,7 @@ class AttributorConfig:
     normalize: bool = False
     optimizer_state: object = None
     optimizer_eps: float = DEFAULT_EPS
+    whitening_masks: str = "energy"
     storage: str = field(init=False, default="float32")  # storage_dtype resolved for dtype
 
     def __post_init__(self):
@@ -115,9 +117,38 @@ class AttributorConfig:
             raise ValueError(f"store {self.store} exists and is not a directory")
         self.progress, self.compile = bool(self.progress), bool(self.compile)
         self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps)
+        self._check_whitening()
         if self.optimizer_state is not None and preconditioner_class(self.preconditioner).needs_factors:
             raise ValueError(f"optimizer_state is not supported with preconditioner={self.preconditioner!r} (its "
                              "curvature comes from the unnormalized factors); use preconditioner 'fim' or 'none'")
+
+    def _check_whitening(self) -> None:
+        whitened = preconditioner_class(self.preconditioner).whitened
+        if self.whitening_masks not in MASKS:
+            raise ValueError(f"whitening_masks must be one of {MASKS}, got {self.whitening_masks!r}")
+        if not whitened:
+            if self.whitening_masks != "energy":
+                raise ValueError(f"whitening_masks applies to preconditioner 'kfac-whitened' / 'ekfac-whitened', not "
+                                 f"{self.preconditioner!r}")
+            return
+        what = f"preconditioner={self.preconditioner!r}"
+        if self.method != "if":
+            raise ValueError(f"{what} whitens the loss gradients of method 'if'; method={self.method!r} is not supported")
+        if self.fisher != "empirical":
+            raise ValueError(f"{what} uses the empirical Fisher (the training factors); fisher={self.fisher!r} is not")
+        if self.params:
+            raise ValueError(f"{what} whitens target linear layers; params= blocks have no Kronecker factors (use "
+                             "preconditioner 'fim' for them)")
+        if self.optimizer_state is not None:
+            raise ValueError(f"optimizer_state is not supported with {what} (its curvature comes from the unnormalized "
+                             "factors); use preconditioner 'fim' or 'none'")
+
+    @property
+    def whitening_record(self) -> dict | None:
+        """What a whitened store's rows depend on beyond the compressors (its manifest's "whitening"), or None."""
+        if not preconditioner_class(self.preconditioner).whitened:
+            return None
+        return {"preconditioner": self.preconditioner, "damping": self.damping, "masks": self.whitening_masks}
 
     @classmethod
     def from_arguments(cls, arguments: dict, config: "AttributorConfig | None") -> "AttributorConfig":

@@ -132,7 +132,7 @@ class ModelGradients:
         self.layer_names = list(self.layer_infos)
         self.param_names = list(find_params(model, config.params)) if config.params else []
         expert_layers = [n for n, i in self.layer_infos.items() if i.kind == "expert"]
-        if expert_layers and (factors or config.optimizer_state is not None):
+        if expert_layers and (factors or config.optimizer_state is not None or config.whitening_record is not None):
             what = "an optimizer normalization" if config.optimizer_state is not None else f"preconditioner={config.preconditioner!r}"
             raise ValueError(f"{what} does not support the experts of a fused mixture-of-experts module ({expert_layers[0]}, "
                              "...): use preconditioner 'fim' / 'none', or leave the experts out of layers")
@@ -190,6 +190,20 @@ class ModelGradients:
     def with_factors(self, batch, kind: str | None = None) -> tuple:
         """As ``__call__`` plus every layer's factors ({layer: [B, T, d_in]}, {layer: [B, T, d_out]})."""
         return self._timed(self.compress.with_factors, batch, kind or self.kind)
+
+    def layer_factors(self, batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every target layer's factors of one batch (eager, eval mode): ({layer: inputs [B, T, d_in]},
+        {layer: output gradients [B, T, d_out]}) of ``kind``'s function, in float32 under autocast."""
+        fn = self.output_fn if self.kind == "output" else self.loss_fn
+        start = time.perf_counter()
+        try:
+            with eval_mode(self.model):
+                x, g, _ = self.compress.capture.capture(self.compress.forward_in_mixed_precision(fn), batch, self.device)
+        finally:
+            self.stats["gradient_seconds"] += time.perf_counter() - start
+        if self.config.autocast is not None:
+            x, g = {n: t.float() for n, t in x.items()}, {n: t.float() for n, t in g.items()}
+        return x, g
 
     def cache_step(self, batch, observer=None) -> tuple[Tensor, Tensor]:
         """One training batch's compressed gradients; with an observer its factors go to ``observer.computed``."""
@@ -260,6 +274,7 @@ class ModelGradients:
             "fisher": config.fisher,
             **({"autocast": str(config.autocast).replace("torch.", "")} if config.autocast is not None else {}),
             **({"optimizer_state": self.normalization.record} if self.normalization is not None else {}),
+            **({"whitening": config.whitening_record} if config.whitening_record is not None else {}),
         }
 
     # ---- queries -------------------------------------------------------------------------------

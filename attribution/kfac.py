@@ -56,7 +56,7 @@ _PARTIAL = "kfac_partial."  # + "rank<r>" (cache stage) or "merged" (completion)
 _EK_PARTIAL = "ekfac_partial"
 
 
-def _check_finite(t: Tensor, what: str) -> None:
+def check_finite(t: Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(f"{what} holds non-finite values (NaN or inf in the layer's inputs or output gradients "
                                  "of the training data); check the model, the loss and the data")
@@ -67,7 +67,7 @@ def eigh64(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
     naming ``what`` for non-finite input or a failed decomposition."""
     sym = matrix.double()
     sym = (sym + sym.T) / 2
-    _check_finite(sym, what)
+    check_finite(sym, what)
     try:
         values, vectors = torch.linalg.eigh(sym)
     except RuntimeError as err:  # torch.linalg.LinAlgError
@@ -332,7 +332,7 @@ class KroneckerStatistics:
             corrected = {}
             for name in self.layers:
                 lam = sums.sums[f"{name}.L"] / samples
-                _check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
+                check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
                 corrected[f"corrected.{name}"] = lam.cpu().numpy()
             self.store.save_derived(ckpt, "ekfac", {**{f"sum.{k}": v for k, v in sums.to_arrays().items()}, **corrected},
                                     record.fingerprint, sums.meta(**meta, basis=record.fingerprint))

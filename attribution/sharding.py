@@ -72,7 +72,7 @@ def check_supported(config) -> None:
         problems.append("checkpoints (each would be a sharded state to swap in)")
     if config.fisher != "empirical":
         problems.append(f"fisher={config.fisher!r} (rank 0 alone re-reads the data through the model)")
-    if config.preconditioner in ("kfac", "ekfac"):
+    if config.preconditioner in ("kfac", "ekfac", "kfac-whitened", "ekfac-whitened"):
         problems.append(f"preconditioner={config.preconditioner!r} (rank 0 alone re-reads the data through the model)")
     if config.params:
         problems.append("params= blocks (per-sample gradients of DTensor parameters)")

@@ -514,7 +514,86 @@ class LoGra(FactorizedCompressor):
                 "seed": self.seed}
 
 
+@_register
+class Whitened(FactorizedCompressor):
+    """A linear layer's gradient G [d_in, d_out] in another basis, scaled elementwise, then compressed:
+
+        compress(G) = inner(vec((B_in^T G B_out) * S))
+
+    with bases ``in_basis`` B_in [d_in, m_in] and ``out_basis`` B_out [d_out, m_out] (e.g. the leading
+    eigenvectors of a layer's K-FAC factors), ``scale`` S [m_in, m_out] and ``inner`` any compressor of
+    m_in * m_out inputs. With orthonormal bases and S = (Lambda + lambda)^-1/2 it compresses the whitened
+    gradient P^-1/2 g of a Kronecker-factored curvature P, from the factors: B_in^T G B_out =
+    sum_t (B_in^T x_t)(B_out^T g_t)^T, so the full gradient is never formed (m_in x m_out per sample).
+
+    The bases are data, not a seed: :meth:`spec` records their sha256 (``basis_digest``) and
+    ``from_spec`` refuses to rebuild one without them."""
+
+    def __init__(self, inner: Compressor, in_basis: Tensor, out_basis: Tensor, scale: Tensor):
+        super().__init__()
+        if in_basis.dim() != 2 or out_basis.dim() != 2 or scale.dim() != 2:
+            raise ValueError("in_basis [d_in, m_in], out_basis [d_out, m_out] and scale [m_in, m_out] must be matrices")
+        (d_in, m_in), (d_out, m_out) = in_basis.shape, out_basis.shape
+        if tuple(scale.shape) != (m_in, m_out):
+            raise ValueError(f"scale must be [m_in, m_out] = [{m_in}, {m_out}], got {tuple(scale.shape)}")
+        if inner.in_features != m_in * m_out:
+            raise ValueError(f"inner takes {inner.in_features} inputs, not m_in * m_out = {m_in * m_out}")
+        for name, t in (("in_basis", in_basis), ("out_basis", out_basis), ("scale", scale)):
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be a finite floating-point matrix")
+        self.d_in, self.d_out, self.m_in, self.m_out = d_in, d_out, m_in, m_out
+        self.in_features, self.out_features = d_in * d_out, inner.out_features
+        self.inner = inner
+        self.register_buffer("in_basis", in_basis.detach().clone(), persistent=False)
+        self.register_buffer("out_basis", out_basis.detach().clone(), persistent=False)
+        self.register_buffer("scale", scale.detach().clone(), persistent=False)
+        digest = hashlib.sha256()
+        for t in (in_basis, out_basis, scale):
+            digest.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        self.basis_digest = digest.hexdigest()
+
+    def _parts(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return self.in_basis.to(dtype), self.out_basis.to(dtype), self.scale.to(dtype)
+
+    def compress_factors(self, x_in: Tensor, g_out: Tensor) -> Tensor:
+        x_in, g_out = as_3d(x_in), as_3d(g_out)
+        acc = accumulation_dtype(x_in.dtype)
+        b_in, b_out, scale = self._parts(acc)
+        rotated = torch.bmm((x_in.to(acc) @ b_in).transpose(1, 2), g_out.to(acc) @ b_out)  # [B, m_in, m_out]
+        return self.inner((rotated * scale).flatten(1)).to(x_in.dtype)
+
+    def forward(self, g: Tensor) -> Tensor:
+        acc = accumulation_dtype(g.dtype)
+        b_in, b_out, scale = self._parts(acc)
+        rotated = b_in.T @ self._weight_gradient(g).to(acc) @ b_out
+        return self.inner((rotated * scale).flatten(-2)).to(g.dtype)
+
+    def adjoint(self, z: Tensor) -> Tensor:
+        acc = accumulation_dtype(z.dtype)
+        b_in, b_out, scale = self._parts(acc)
+        w = self.inner.adjoint(z.to(acc)).unflatten(-1, (self.m_in, self.m_out)) * scale
+        return (b_in @ w @ b_out.T).flatten(-2).to(z.dtype)
+
+    def sketch_output(self, y: Tensor, x_in: Tensor, z: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        # d/dz of <g_out, y + ((x B_in) W(z)) B_out^T> = inner(vec((B_in^T x^T g_out B_out) * S)), W = inner^T(z) * S
+        b_in, b_out, scale = self._parts(z.dtype)
+        if out_scale is not None:
+            b_out = b_out * out_scale.to(z.dtype)[:, None]
+        a = as_3d(x_in).to(z.dtype) @ b_in  # [B, T, m_in]: all the backward keeps of the layer's inputs
+        w = self.inner.adjoint(z).unflatten(-1, (self.m_in, self.m_out)) * scale
+        return y + (torch.bmm(a, w) @ b_out.T).to(y.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "Whitened", "d_in": self.d_in, "d_out": self.d_out, "m_in": self.m_in, "m_out": self.m_out,
+                "inner": self.inner.spec(), "basis_digest": self.basis_digest}
+
+    @classmethod
+    def _from_spec(cls, spec):
+        raise ValueError(f"a Whitened compressor's bases are data (sha256 {spec.get('basis_digest')}), not a seed: "
+                         "rebuild it with Whitened(inner, in_basis, out_basis, scale)")
+
+
 __all__ = [
     "Compressor", "FactorizedCompressor", "Identity", "SJLT", "RandomMask", "SelectiveMask", "GraSS",
-    "FactGraSS", "Gaussian", "Rademacher", "FJLT", "LoGra", "from_spec", "hadamard_transform",
+    "FactGraSS", "Gaussian", "Rademacher", "FJLT", "LoGra", "Whitened", "from_spec", "hadamard_transform",
 ]

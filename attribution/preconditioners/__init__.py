@@ -14,12 +14,15 @@ from .fim import FIMPreconditioner
 from .kronecker import EKFACPreconditioner, KFACPreconditioner, KroneckerQueryFeatures, PreconditionedQueries
 from .mixed import MixedPreconditioner, check_task_weight
 from .none import NoPreconditioner
+from .whitened import EKFACWhitened, KFACWhitened, WhitenedPreconditioner
 
 REGISTRY: dict[str, type[Preconditioner]] = {
     "fim": FIMPreconditioner,
     "mixed": MixedPreconditioner,
     "kfac": KFACPreconditioner,
     "ekfac": EKFACPreconditioner,
+    "kfac-whitened": KFACWhitened,
+    "ekfac-whitened": EKFACWhitened,
     "none": NoPreconditioner,
 }
 PRECONDITIONERS = tuple(REGISTRY)
@@ -46,6 +49,6 @@ def build_preconditioner(name: str, setup: Setup) -> Preconditioner:
     return REGISTRY[name](setup)
 
 
-__all__ = ["EKFACPreconditioner", "FIMPreconditioner", "KFACPreconditioner", "KroneckerQueryFeatures",
+__all__ = ["EKFACPreconditioner", "EKFACWhitened", "KFACWhitened", "WhitenedPreconditioner", "FIMPreconditioner", "KFACPreconditioner", "KroneckerQueryFeatures",
            "MixedPreconditioner", "NoPreconditioner", "PRECONDITIONERS", "PreconditionedQueries", "Preconditioner", "REGISTRY", "Setup",
            "build_preconditioner", "check_task_weight", "preconditioner_class", "resolve_preconditioner"]

@@ -39,6 +39,7 @@ class Preconditioner:
     needs_factors = False  # its statistics come from the target layers' training factors (empirical Fisher)
     full_query_gradients = False  # it preconditions a query's full gradient (no precomputed compressed queries)
     derived_names: tuple[str, ...] = ()  # its derived data, per checkpoint of the store
+    whitened = False  # the store holds whitened rows (its curvature comes before the cache: :meth:`prepare`)
 
     def __init__(self, setup: Setup):
         self.setup, self.store, self.config, self.gradients = setup, setup.store, setup.config, setup.gradients
@@ -48,6 +49,12 @@ class Preconditioner:
     def observer(self, ckpt: int, writer):
         """The cache stage's observer of the shards this rank writes (see attribution.cache.write_shards), or None."""
         return None
+
+    def prepare(self, ckpt: int, train_loader: Iterable, writer, curvature_loader: Iterable | None) -> None:
+        """Collective, before checkpoint ``ckpt``'s cache: what the cache step needs first (a whitening's pass one)."""
+        if curvature_loader is not None:
+            raise ValueError(f"curvature_loader is for preconditioner 'kfac-whitened' / 'ekfac-whitened' (their pass one); "
+                             f"preconditioner={self.name!r} takes its curvature from the cached training gradients")
 
     def fingerprint(self, record: Completion) -> str:
         """The fingerprint its derived data carries: that of the shards it was derived from."""

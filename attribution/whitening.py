@@ -1,0 +1,296 @@
+"""Symmetric whitening before compression: the store holds C(P^-1/2 g) for a Kronecker-factored P.
+
+With a layer's K-FAC factors A = Q_A diag(a) Q_A^T and G = Q_G diag(b) Q_G^T (attribution.kfac) and the
+eigenvalue matrix Lambda [d_in, d_out] (a b^T for K-FAC, EK-FAC's corrected second moments otherwise),
+
+    (P + lambda I)^-1/2 vec(G_n) = vec(Q_A [(Q_A^T G_n Q_G) / sqrt(Lambda + lambda)] Q_G^T),
+
+and an orthogonal Q drops out of every inner product, so the whitened gradient is compressed in the
+eigenbasis: R_n = (Q_A^T G_n Q_G) * S with S = (Lambda + lambda)^-1/2, and
+<C(R_q), C(R_i)> ~= <R_q, R_i> = g_q^T (P + lambda I)^-1 g_i is the influence score with no further curvature.
+R_n = sum_t (Q_A^T x_t)(Q_G^T g_t)^T * S comes from the factors, so FactGraSS keeps its factorization:
+its masks pick m_in eigenvectors of A and m_out of G (columns of Q_A, Q_G), the small Kronecker block is
+scaled by S restricted to them, then its SJLT compresses it (grass_ops.compressors.Whitened). Flat
+compressors take the whole rotated, scaled gradient; LoGra keeps m_in x m_out eigenvectors whole.
+
+Masks in the whitened coordinates: a coordinate (i, j) of R carries E[R_ij^2] = Lambda_ij / (Lambda_ij + lambda)
+of second moment (EK-FAC: exactly), so "energy" keeps the m_in rows and m_out columns with the largest
+sums of it (K-FAC: the leading eigenvectors of A and G); "random" a seeded random subset of each.
+
+Two passes, both resumable and under torch.distributed:
+* pass one (:meth:`Whitening.prepare`): the K-FAC sums of the curvature data (the training data, or
+  another loader: a seeded sample of documents), rank r taking batches i % world == r; partial sums with
+  the batches they cover are saved every ``kfac.SAVE_SECONDS``; rank 0 merges them, eigendecomposes, runs
+  EK-FAC's correction pass (resumable too) and saves the result, ``ckpt_XXX/whitening``, tagged with the
+  fingerprint of the curvature data;
+* pass two: the cache stage, with each layer's whitened compressor installed in the backward taps.
+The whitening is pinned: a store's rows are all whitened alike, so growing the store reuses it, and a
+different curvature loader (other data) for a store that has one is refused, never mixed. The damping
+is part of the whitening (the store's manifest records it): another damping needs another store.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from grass_ops import compressors as C
+from grass_ops._hashing import derive_seed, random_mask
+
+from .batches import batch_digest, to_device
+from .collectives import collectively
+from .fim import absolute_damping, check_invertible
+from .kfac import (KroneckerBlock, Saver, Sums, check_finite, blocks_from_arrays, blocks_to_arrays, correction_sums,
+                   factor_sums, kfac_blocks, merge_disjoint)
+from .process_group import all_gather_objects, barrier, rank_and_world
+from .store import Store
+
+KINDS = {"kfac-whitened": "kfac", "ekfac-whitened": "ekfac"}
+MASKS = ("energy", "random")
+RESULT = "whitening"
+_PARTIAL = "whitening_partial."  # + "rank<r>" (pass one) or "merged" (rank 0's catch-up)
+_EK_PARTIAL = "whitening_ekfac_partial"
+
+
+def data_fingerprint(digests: dict[int, str]) -> str:
+    """The curvature data's fingerprint: its batches' digests in order."""
+    return hashlib.sha256("".join(digests[i] for i in sorted(digests)).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Curvature:
+    """One checkpoint's pinned whitening: per-layer eigendecompositions (``corrected`` set for EK-FAC), the
+    fingerprint of the data it came from, its batches and samples, and the damping and masks it uses."""
+
+    blocks: dict[str, KroneckerBlock]
+    fingerprint: str
+    batches: int
+    samples: int
+    damping: float | str
+    masks: str
+
+    def record(self) -> dict:
+        return {"curvature_fingerprint": self.fingerprint, "batches": self.batches, "samples": self.samples,
+                "damping": self.damping, "masks": self.masks}
+
+
+def _top(energy: Tensor, m: int) -> Tensor:
+    """The m indices of the largest entries (ties to the lower index), sorted ascending."""
+    order = torch.argsort(-energy, stable=True)[:m]
+    return torch.sort(order).values
+
+
+def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str
+                        ) -> C.Whitened:
+    """``base`` (a layer's compressor as built from the spec) in the whitened eigenbasis of ``block``:
+    FactGraSS keeps its k_in x k_out mask sizes and its SJLT, LoGra its k_in x k_out, a flat compressor
+    takes all d_in x d_out rotated coordinates. ``masks``: "energy" or "random" (see the module docstring)."""
+    eig = block.eigenvalues()
+    lam = absolute_damping(damping, block.mean_eigenvalue())
+    check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
+    d_in, d_out = eig.shape
+    if isinstance(base, C.FactGraSS):
+        if not (isinstance(base.in_mask, C.RandomMask) and isinstance(base.out_mask, C.RandomMask)):
+            raise ValueError(f"layer {name!r}: learned FactGraSS masks (mask_dir) select coordinates of the raw gradient; "
+                             "a whitened store chooses its masks in the whitened eigenbasis (whitening_masks)")
+        m_in, m_out, inner, seed = base.k_in, base.k_out, base.projection, base.seed
+    elif isinstance(base, C.LoGra):
+        m_in, m_out, seed = base.k_in, base.k_out, base.seed
+        inner = C.Identity(m_in * m_out)
+    elif isinstance(base, C.FactorizedCompressor):
+        raise ValueError(f"layer {name!r}: no whitened form of the factorized compressor {type(base).__name__}")
+    else:
+        m_in, m_out, inner, seed = d_in, d_out, base, 0
+    if m_in == d_in and m_out == d_out:
+        rows, cols = torch.arange(d_in), torch.arange(d_out)
+    elif masks == "energy":
+        share = eig / (eig + lam) if lam > 0 else (eig > 0).double()
+        rows, cols = _top(share.sum(1), m_in), _top(share.sum(0), m_out)
+    else:
+        rows, cols = random_mask(d_in, m_in, derive_seed(seed, 1)), random_mask(d_out, m_out, derive_seed(seed, 2))
+    scale = (eig[rows][:, cols] + lam).rsqrt()
+    return C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], scale)
+
+
+class Whitening:
+    """The whitening of an Attributor's target layers: pass one, its record in the store, and the
+    whitened compressors of each checkpoint.
+
+    ``factors(batch) -> (x {layer: [B, T, d_in]}, g {layer: [B, T, d_out]})``: one batch's factors at the
+    current weights (eval mode). ``bases``: {layer: the compressor built from the spec}."""
+
+    def __init__(self, preconditioner: str, layers: list[str], bases: dict[str, C.Compressor], store: Store,
+                 dtype: torch.dtype, device, damping: float | str, masks: str, factors: Callable, progress: bool = True):
+        self.kind = KINDS[preconditioner]
+        self.preconditioner, self.layers, self.bases, self.store = preconditioner, list(layers), bases, store
+        self.dtype, self.device, self.damping, self.masks = dtype, device, damping, masks
+        self.factors, self.progress = factors, progress
+        self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self._loaded: dict[int, tuple[str, Curvature, dict[str, C.Whitened]]] = {}
+
+    # ---- the record ------------------------------------------------------------------------------
+    def recorded(self, ckpt: int) -> Curvature | None:
+        """The store's whitening of checkpoint ``ckpt`` (None: pass one has not finished)."""
+        meta = self.store.derived_meta(ckpt, RESULT)
+        if meta is None:
+            return None
+        fingerprint, info = meta
+        cached = self._loaded.get(ckpt)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        arrays, info = self.store.load_derived(ckpt, RESULT, fingerprint)
+        if info.get("preconditioner") != self.preconditioner or info.get("layers") != self.layers:
+            raise ValueError(f"the store's whitening is {info.get('preconditioner')!r} of layers {info.get('layers')}, not "
+                             f"{self.preconditioner!r} of {self.layers}")
+        blocks = blocks_from_arrays(arrays, self.layers)
+        if self.kind == "ekfac":
+            for name, block in blocks.items():
+                block.corrected = torch.from_numpy(np.array(arrays[f"corrected.{name}"]))
+        curvature = Curvature(blocks, fingerprint, int(info["batches"]), int(info["samples"]), info["damping"], info["masks"])
+        compressors = {n: whitened_compressor(self.bases[n], blocks[n], curvature.damping, curvature.masks, n).to(self.device)
+                       for n in self.layers}
+        self._loaded[ckpt] = (fingerprint, curvature, compressors)
+        return curvature
+
+    def compressors(self, ckpt: int) -> dict[str, C.Whitened]:
+        """{layer: its whitened compressor} of checkpoint ``ckpt``; a clear error before pass one."""
+        if self.recorded(ckpt) is None:
+            raise RuntimeError(f"preconditioner={self.preconditioner!r}: the store holds no whitening for checkpoint {ckpt} "
+                               "yet; call cache(train_loader) first (pass one computes it)")
+        return self._loaded[ckpt][2]
+
+    def check_damping(self, ckpt: int, damping) -> None:
+        recorded = self.recorded(ckpt)
+        if recorded is not None and damping != recorded.damping:
+            raise ValueError(f"this store was whitened with damping {recorded.damping!r}; its rows cannot be re-damped "
+                             f"to {damping!r} (preconditioner={self.preconditioner!r} applies the damping before "
+                             "compression): cache another store for another damping")
+
+    # ---- pass one --------------------------------------------------------------------------------
+    def prepare(self, ckpt: int, loader: Iterable, writer, explicit: bool) -> Curvature:
+        """Collective: checkpoint ``ckpt``'s whitening, from the store or computed from ``loader`` (pass one).
+        ``explicit``: the caller named this curvature loader, so a store pinned to other data is refused."""
+        recorded = collectively(lambda: self.recorded(ckpt))
+        if recorded is not None:
+            if explicit:
+                digests = collectively(lambda: self._digests(loader))
+                if data_fingerprint(digests) != recorded.fingerprint:
+                    raise ValueError(f"the store's whitening (checkpoint {ckpt}) came from other curvature data ({recorded.batches} "
+                                     f"batches, fingerprint {recorded.fingerprint}); its rows cannot be mixed with rows whitened "
+                                     "by other factors: use the same curvature_loader, none, or a new store")
+            return recorded
+        if self.store.shard_meta(ckpt):
+            raise ValueError(f"the store holds shards of checkpoint {ckpt} but no whitening: it was not cached with "
+                             f"preconditioner={self.preconditioner!r} (or its whitening was deleted); use a new store")
+        rank, world = rank_and_world()
+        if world > 1:
+            writer.delegated = rank != 0
+            collectively(writer.ensure)
+            barrier()
+        mine = collectively(lambda: self._rank_sums(ckpt, loader, writer, rank, world))
+        shares = all_gather_objects(mine)
+        digests = {int(i): d for share in shares for i, d in share.items()}
+        collectively(lambda: rank == 0 and self._finish(ckpt, loader, writer, digests))
+        barrier()
+        return collectively(lambda: self.recorded(ckpt))
+
+    def _digests(self, loader: Iterable) -> dict[int, str]:
+        digests = {i: batch_digest(batch) for i, batch in enumerate(loader)}
+        if not digests:
+            raise ValueError("the curvature loader yielded no batches")
+        return digests
+
+    def _batch_factors(self, batch):
+        x, g = self.factors(to_device(batch, self.device))
+        return None, None, x, g
+
+    def _rank_sums(self, ckpt: int, loader: Iterable, writer, rank: int, world: int) -> dict[int, str]:
+        """This rank's K-FAC sums of its batches (resumed from its saved partial); returns {index: digest}."""
+        name = f"{_PARTIAL}rank{rank}"
+        loaded = self.store.load_derived(ckpt, name, "partial")
+        sums = Sums.from_derived(loaded, self.device) if loaded is not None else Sums()
+        saver = Saver(self.store, ckpt, name, writer.ensure)
+        mine: dict[int, str] = {}
+        bar = tqdm(desc=f"whitening factors ckpt {ckpt}", disable=not self.progress or rank != 0, leave=False)
+        for index, batch in enumerate(loader):
+            if index % world != rank:
+                continue
+            digest = mine[index] = batch_digest(batch)
+            if index in sums.covered:
+                if sums.covered[index] != digest:
+                    raise ValueError(f"batch {index} of the curvature loader differs from the one an interrupted pass one "
+                                     "summed: the loader must yield the same batches in the same order to resume")
+                continue
+            _, _, x, g = self._batch_factors(batch)
+            part = factor_sums(x, g)
+            part.covered = {index: digest}
+            sums.add(part)
+            saver.maybe(sums)
+            bar.update(1)
+        bar.close()
+        if not mine and rank == 0:
+            raise ValueError("the curvature loader yielded no batches")
+        saver.final(sums)
+        return mine
+
+    def _finish(self, ckpt: int, loader: Iterable, writer, digests: dict[int, str]) -> None:
+        """Rank 0: merge the ranks' sums (any batch no partial covers is summed here), eigendecompose, run
+        EK-FAC's correction pass, save the result and drop the partials."""
+        writer.ensure()
+        fingerprint = data_fingerprint(digests)
+        chunks = [Sums.from_derived(self.store.load_derived(ckpt, n, "partial"), self.device)
+                  for n in self.store.derived_names(ckpt) if n.startswith(_PARTIAL)]
+        sums = merge_disjoint(chunks, digests)
+        self._pass(loader, digests, sums, Saver(self.store, ckpt, f"{_PARTIAL}merged", writer.ensure), factor_sums,
+                   f"whitening factors ckpt {ckpt}")
+        blocks = kfac_blocks(sums, self.layers, self.store_dtype)
+        arrays = blocks_to_arrays(blocks)
+        if self.kind == "ekfac":
+            loaded = self.store.load_derived(ckpt, _EK_PARTIAL, "partial")
+            ek = Sums()
+            if loaded is not None and loaded[1].get("basis") == fingerprint:
+                ek = merge_disjoint([Sums.from_derived(loaded, self.device)], digests)
+            self._pass(loader, digests, ek, Saver(self.store, ckpt, _EK_PARTIAL, writer.ensure, {"basis": fingerprint}),
+                       lambda x, g: correction_sums(blocks, x, g), f"whitening EK-FAC ckpt {ckpt}")
+            for name in self.layers:
+                lam = ek.sums[f"{name}.L"] / ek.counts["samples"]
+                check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
+                arrays[f"corrected.{name}"] = lam.cpu().numpy()
+        meta = {"preconditioner": self.preconditioner, "layers": self.layers, "damping": self.damping, "masks": self.masks,
+                "batches": len(digests), "samples": int(sums.counts.get("samples", 0)),
+                "normalization": "A: per token, G: per sample", "covered": {str(i): d for i, d in sorted(digests.items())}}
+        self.store.save_derived(ckpt, RESULT, arrays, fingerprint, meta)
+        for name in self.store.derived_names(ckpt):
+            if name.startswith(_PARTIAL) or name == _EK_PARTIAL:
+                self.store.remove_derived(ckpt, name)
+
+    def _pass(self, loader: Iterable, digests: dict[int, str], sums: Sums, saver: Saver, batch_sums: Callable,
+              desc: str) -> None:
+        """Add batch_sums(x, g) of every batch of ``digests`` that ``sums`` does not cover yet."""
+        missing = set(digests) - set(sums.covered)
+        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not missing, leave=False)
+        for index, batch in enumerate(loader):
+            if index not in missing:
+                continue
+            if batch_digest(batch) != digests[index]:
+                raise ValueError(f"batch {index} of the curvature loader changed during pass one: the loader must yield the "
+                                 "same batches in the same order")
+            _, _, x, g = self._batch_factors(batch)
+            part = batch_sums(x, g)
+            part.covered = {index: digests[index]}
+            sums.add(part)
+            saver.maybe(sums)
+            bar.update(1)
+        bar.close()
+        left = set(digests) - set(sums.covered)
+        if left:
+            raise ValueError(f"the curvature loader yielded no batches {sorted(left)[:5]} (it yielded them before)")
+        saver.final(sums)
+
+
+__all__ = ["Curvature", "KINDS", "MASKS", "Whitening", "data_fingerprint", "whitened_compressor"]
