@@ -41,12 +41,23 @@ from tqdm import tqdm
 
 from grass_ops import compressors as C
 from grass_ops._hashing import derive_seed, random_mask
+from grass_ops.benchmarking import timed_phase
 
 from .batches import batch_digest, to_device
 from .collectives import collectively
 from .fim import absolute_damping, check_invertible
-from .kfac import (KroneckerBlock, Saver, Sums, check_finite, blocks_from_arrays, blocks_to_arrays, correction_sums,
-                   factor_sums, kfac_blocks, merge_disjoint)
+from .kfac import (
+    KroneckerBlock,
+    Saver,
+    Sums,
+    blocks_from_arrays,
+    blocks_to_arrays,
+    check_finite,
+    correction_sums,
+    factor_sums,
+    kfac_blocks,
+    merge_disjoint,
+)
 from .process_group import all_gather_objects, barrier, rank_and_world
 from .store import Store
 
@@ -106,13 +117,17 @@ def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: floa
         raise ValueError(f"layer {name!r}: no whitened form of the factorized compressor {type(base).__name__}")
     else:
         m_in, m_out, inner, seed = d_in, d_out, base, 0
+    share = eig / (eig + lam) if lam > 0 else (eig > 0).double()  # each coordinate's whitened second moment
     if m_in == d_in and m_out == d_out:
         rows, cols = torch.arange(d_in), torch.arange(d_out)
     elif masks == "energy":
-        share = eig / (eig + lam) if lam > 0 else (eig > 0).double()
         rows, cols = _top(share.sum(1), m_in), _top(share.sum(0), m_out)
     else:
         rows, cols = random_mask(d_in, m_in, derive_seed(seed, 1)), random_mask(d_out, m_out, derive_seed(seed, 2))
+    if isinstance(base, C.FactGraSS) and masks == "energy" and base.out_features < m_in * m_out:
+        # in the eigenbasis the coordinates are ranked by what they carry: keep the k largest of the block
+        # instead of mixing them all into k by the SJLT (no sketch noise from the weak ones)
+        inner = C.SelectiveMask(m_in * m_out, indices=_top(share[rows][:, cols].flatten(), base.out_features))
     scale = (eig[rows][:, cols] + lam).rsqrt()
     return C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], scale)
 
@@ -125,11 +140,13 @@ class Whitening:
     current weights (eval mode). ``bases``: {layer: the compressor built from the spec}."""
 
     def __init__(self, preconditioner: str, layers: list[str], bases: dict[str, C.Compressor], store: Store,
-                 dtype: torch.dtype, device, damping: float | str, masks: str, factors: Callable, progress: bool = True):
+                 dtype: torch.dtype, device, damping: float | str, masks: str, factors: Callable, progress: bool = True,
+                 stats: dict | None = None):
         self.kind = KINDS[preconditioner]
         self.preconditioner, self.layers, self.bases, self.store = preconditioner, list(layers), bases, store
         self.dtype, self.device, self.damping, self.masks = dtype, device, damping, masks
         self.factors, self.progress = factors, progress
+        self.stats = {} if stats is None else stats  # "whitening_seconds": pass one's wall time, added up
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._loaded: dict[int, tuple[str, Curvature, dict[str, C.Whitened]]] = {}
 
@@ -187,17 +204,18 @@ class Whitening:
         if self.store.shard_meta(ckpt):
             raise ValueError(f"the store holds shards of checkpoint {ckpt} but no whitening: it was not cached with "
                              f"preconditioner={self.preconditioner!r} (or its whitening was deleted); use a new store")
-        rank, world = rank_and_world()
-        if world > 1:
-            writer.delegated = rank != 0
-            collectively(writer.ensure)
+        with timed_phase(self.stats, "whitening_seconds"):
+            rank, world = rank_and_world()
+            if world > 1:
+                writer.delegated = rank != 0
+                collectively(writer.ensure)
+                barrier()
+            mine = collectively(lambda: self._rank_sums(ckpt, loader, writer, rank, world))
+            shares = all_gather_objects(mine)
+            digests = {int(i): d for share in shares for i, d in share.items()}
+            collectively(lambda: rank == 0 and self._finish(ckpt, loader, writer, digests))
             barrier()
-        mine = collectively(lambda: self._rank_sums(ckpt, loader, writer, rank, world))
-        shares = all_gather_objects(mine)
-        digests = {int(i): d for share in shares for i, d in share.items()}
-        collectively(lambda: rank == 0 and self._finish(ckpt, loader, writer, digests))
-        barrier()
-        return collectively(lambda: self.recorded(ckpt))
+            return collectively(lambda: self.recorded(ckpt))
 
     def _digests(self, loader: Iterable) -> dict[int, str]:
         digests = {i: batch_digest(batch) for i, batch in enumerate(loader)}
@@ -273,7 +291,9 @@ class Whitening:
               desc: str) -> None:
         """Add batch_sums(x, g) of every batch of ``digests`` that ``sums`` does not cover yet."""
         missing = set(digests) - set(sums.covered)
-        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not missing, leave=False)
+        if not missing:
+            return
+        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress, leave=False)
         for index, batch in enumerate(loader):
             if index not in missing:
                 continue

@@ -8,7 +8,9 @@
 Every cell caches one store (the compressed training gradients, the same for every preconditioner)
 and scores the queries with {fim, kfac, ekfac}: fim is the paper's FIM of the compressed gradients;
 kfac / ekfac precondition each query in the full parameter space with the Kronecker-factored
-curvature and then compress it (attribution.kfac). "exact" rows use the identity compressor (no
+curvature and then compress it (attribution.kfac). kfac-whitened / ekfac-whitened whiten both sides
+before compressing (attribution.whitening): their store depends on the damping, so each grid value
+caches its own (their cache seconds are summed over the grid; *_per_store is one store's). "exact" rows use the identity compressor (no
 compression). The damping is relative ("<f>*mean": f times each block's mean eigenvalue), picked on
 10% of the test points from the grid, and LDS +- s.e. is reported on the other 90%; the held-out
 LDS at every grid value is kept in the JSON (e.g. kronfluence's fixed 0.1*mean). Retrained subset
@@ -28,9 +30,10 @@ from torch import nn
 
 from attribution import Attributor
 from attribution.evaluation.examples import batches, load_digits_split, make_mlp, margin, per_sample_loss, train_mlp
-from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds, timed_whitened_lds
 
-PRECONDITIONERS = ("fim", "kfac", "ekfac")
+PRECONDITIONERS = ("fim", "kfac", "ekfac", "kfac-whitened", "ekfac-whitened")
+WHITENED = ("kfac-whitened", "ekfac-whitened")
 COMPRESSORS = ("factgrass", "logra", "sjlt")
 
 
@@ -90,11 +93,24 @@ def main(argv=None):
         for preconditioner in args.preconditioners:
             if args.quick and compressor == "exact" and preconditioner == "fim":
                 continue  # the exact FIM's 8192 x 8192 eigendecomposition takes minutes on 2 cores
+            if compressor == "exact" and preconditioner in WHITENED:
+                continue  # uncompressed, whitening both sides is K-FAC / EK-FAC itself (tests/attribution/test_whitening.py)
             spec = "identity" if compressor == "exact" else compressor
-            attr = Attributor(model, per_sample_loss, method="if", compressor=spec, k=k or 10**9, compile=False,
-                              progress=False, seed=args.seed, preconditioner=preconditioner)
-            result = timed_lds(attr, harness, train_loader, test_loader, len(x_te), grid, args.seed)
-            cell = {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result}
+
+            def attributor(damping=1e-3, spec=spec, k=k, preconditioner=preconditioner):
+                return Attributor(model, per_sample_loss, method="if", compressor=spec, k=k or 10**9, compile=False,
+                                  progress=False, seed=args.seed, preconditioner=preconditioner, damping=damping)
+
+            if preconditioner in WHITENED:
+                result = timed_whitened_lds(attributor, harness, train_loader, test_loader, len(x_te), grid, args.seed)
+            else:
+                result = timed_lds(attributor(), harness, train_loader, test_loader, len(x_te), grid, args.seed)
+            factor_floats = sum(m.in_features ** 2 + m.out_features ** 2 + (m.in_features * m.out_features
+                                                                            if preconditioner.startswith("ekfac") else 0)
+                                for m in model.modules() if isinstance(m, nn.Linear))
+            cell = {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result,
+                    "store_floats": result["floats_per_sample"] * len(x_tr),
+                    **({"factor_floats": factor_floats} if preconditioner != "fim" else {})}
             cells.append(cell)
             print(json.dumps({key: v for key, v in cell.items() if key != "by_damping"}), flush=True)
 

@@ -2,7 +2,8 @@
 """LDS of a small causal language model trained from scratch on CPU (the shape of the GraSS paper's
 Table 1(d)): FactGraSS vs LoGra vs SJLT at equal k per layer, each with the compressed FIM (the paper's
 IF), K-FAC and EK-FAC (attribution.kfac: the query preconditioned in the full parameter space, then
-compressed like the training gradients).
+compressed like the training gradients), and K-FAC / EK-FAC whitening both sides before compression
+(attribution.whitening: a store per damping, since the damping is applied before compressing).
 
     flock /tmp/grass_heavy.lock python scripts/lm_lds.py --out out/lm_lds          # about an hour on 2 cores
     python scripts/lm_lds.py --out out/lm_lds --quick                              # a few minutes
@@ -31,11 +32,13 @@ from pathlib import Path
 import torch
 
 from attribution import Attributor
-from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds
+from attribution.evaluation.lds import RELATIVE_DAMPING_GRID, LDSHarness, preconditioner_table, timed_lds, timed_whitened_lds
 from attribution.evaluation.lm_lds import CharData, LMConfig, batches, block_layers, heldout_output, make_model, sequence_loss, train_lm
 from grass_ops.atomic_files import atomic_writer
 
-PRECONDITIONERS = ("ekfac", "kfac", "fim")  # ekfac first: its cache accumulates the K-FAC sums, the others reuse the store
+PRECONDITIONERS = ("ekfac", "kfac", "fim", "kfac-whitened", "ekfac-whitened")  # ekfac first: its cache accumulates the
+# K-FAC sums, kfac and fim reuse the store; the whitened ones cache their own store per damping (it is applied before compression)
+WHITENED = ("kfac-whitened", "ekfac-whitened")
 COMPRESSORS = ("factgrass", "logra", "sjlt")
 
 
@@ -90,7 +93,7 @@ def main(argv=None):
         train_loss = float(sequence_loss(model, data.train[:500]).mean() / config.length)
 
     cells = []
-    plan = [("exact", None, p) for p in args.preconditioners if p != "fim"] * args.exact
+    plan = [("exact", None, p) for p in args.preconditioners if p not in ("fim", *WHITENED)] * args.exact
     plan += [(c, k, p) for c in args.compressors for k in args.ks for p in args.preconditioners]
     for compressor, k, preconditioner in plan:
         done = root / "cells" / f"{compressor}_k{k or 'full'}_{preconditioner}.json"
@@ -124,6 +127,14 @@ def main(argv=None):
 
 def run_cell(model, data, config, harness, store, compressor, k, preconditioner, train_loader, test_loader, grid, seed):
     spec = "identity" if compressor == "exact" else compressor
+    if preconditioner in WHITENED:
+        def attributor(damping):
+            return Attributor(model, sequence_loss, method="if", compressor=spec, k=k or 10**9, seed=seed,
+                              store=store.with_name(f"{store.name}_{preconditioner}_{damping}"), layers=block_layers(model),
+                              compile=False, progress=False, preconditioner=preconditioner, damping=damping)
+
+        return {"compressor": compressor, "k": k, "preconditioner": preconditioner,
+                **timed_whitened_lds(attributor, harness, train_loader, test_loader, config.n_test, grid, seed)}
     attr = Attributor(model, sequence_loss, method="if", compressor=spec, k=k or 10**9, store=store, seed=seed,
                       layers=block_layers(model), compile=False, progress=False, preconditioner=preconditioner)
     return {"compressor": compressor, "k": k, "preconditioner": preconditioner,

@@ -139,6 +139,31 @@ def preconditioner_table(report: dict, title: str, k_header: str = "k") -> str:
     return "\n".join(lines) + "\n"
 
 
+def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loader, test_loader, n_test: int, grid,
+                       seed: int = 0) -> dict:
+    """:func:`timed_lds` for a preconditioner that whitens before compression ("kfac-whitened" /
+    "ekfac-whitened"): the damping is applied before the compression, so every grid value caches its
+    own store (``make_attributor(damping)``). The seconds are summed over the grid; ``whitening_seconds``
+    (pass one) and ``cache_seconds`` (both passes) are also given per store (``*_per_store``)."""
+    seconds: dict[str, float] = {}
+    columns = []
+
+    def scores_for(damping):
+        attr = make_attributor(damping)
+        with timed_phase(seconds, "cache_seconds"):
+            attr.cache(train_loader)
+        seconds["whitening_seconds"] = seconds.get("whitening_seconds", 0.0) + attr.stats.get("whitening_seconds", 0.0)
+        with timed_phase(seconds, "query_seconds"):
+            features = attr.query_features(test_loader)
+        columns.append(attr.compress.columns)
+        with timed_phase(seconds, "score_seconds"):
+            return attr.attribute(features=features)
+
+    result = cross_validated_lds(harness, scores_for, n_test, grid=grid, seed=seed, all_dampings=True)
+    per_store = {f"{key}_per_store": seconds[key] / len(grid) for key in ("cache_seconds", "whitening_seconds")}
+    return {**result, **seconds, **per_store, "floats_per_sample": columns[0]}
+
+
 def timed_lds(attr, harness: LDSHarness, train_loader, test_loader, n_test: int, grid, seed: int = 0) -> dict:
     """One Attributor's row of an LDS table: cache ``train_loader``, take the query features of
     ``test_loader`` once, and cross-validate the damping over ``grid`` (:func:`cross_validated_lds`, every

@@ -63,6 +63,8 @@ class CacheConfig:
     optimizer_state: str | None = None
     checkpoint: tuple[str, ...] | None = None
     checkpoint_weight: tuple[float, ...] | None = None
+    preconditioner: str | None = None
+    curvature_documents: int | None = None
 
     def __post_init__(self):
         for key in ("layers", "checkpoint", "checkpoint_weight"):
@@ -144,6 +146,6 @@ def recorded_checkpoints(store: str | Path) -> list[dict] | None:
 
 CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 # Fields added after stores were written: absent from cli.json when None (the bytes of older stores unchanged).
-OPTIONAL_KEYS = ("adapter", "optimizer_state", "checkpoint", "checkpoint_weight")
+OPTIONAL_KEYS = ("adapter", "optimizer_state", "checkpoint", "checkpoint_weight", "preconditioner", "curvature_documents")
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
 GROWABLE_KEYS = ("limit",)

@@ -49,6 +49,7 @@ def build_preconditioner(name: str, setup: Setup) -> Preconditioner:
     return REGISTRY[name](setup)
 
 
-__all__ = ["EKFACPreconditioner", "EKFACWhitened", "KFACWhitened", "WhitenedPreconditioner", "FIMPreconditioner", "KFACPreconditioner", "KroneckerQueryFeatures",
-           "MixedPreconditioner", "NoPreconditioner", "PRECONDITIONERS", "PreconditionedQueries", "Preconditioner", "REGISTRY", "Setup",
-           "build_preconditioner", "check_task_weight", "preconditioner_class", "resolve_preconditioner"]
+__all__ = ["EKFACPreconditioner", "EKFACWhitened", "KFACWhitened", "WhitenedPreconditioner", "FIMPreconditioner",
+           "KFACPreconditioner", "KroneckerQueryFeatures", "MixedPreconditioner", "NoPreconditioner", "PRECONDITIONERS",
+           "PreconditionedQueries", "Preconditioner", "REGISTRY", "Setup", "build_preconditioner", "check_task_weight",
+           "preconditioner_class", "resolve_preconditioner"]

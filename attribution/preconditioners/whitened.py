@@ -31,7 +31,8 @@ class WhitenedPreconditioner(Preconditioner):
         gradients, config = self.gradients, self.config
         bases = {n: gradients.compressors[n] for n in gradients.layer_names}
         self.whitening = Whitening(self.name, gradients.layer_names, bases, self.store, self.dtype, self.device,
-                                   config.damping, config.whitening_masks, gradients.layer_factors, config.progress)
+                                   config.damping, config.whitening_masks, gradients.layer_factors, config.progress,
+                                   gradients.stats)
         self._installed: int | None = None
         gradients.compress.block(f"preconditioner={self.name!r} compresses in the whitened eigenbasis of the store's "
                                  "curvature: cache(train_loader) computes it first (or an Attributor of a cached store loads it)")

@@ -15,6 +15,7 @@ from ...evaluation import facts
 from ...preconditioners import PRECONDITIONERS, REGISTRY, resolve_preconditioner
 from ...scoring import PRECONDITIONED
 from ...store import open_store
+from ...whitening import KINDS as WHITENED
 from ..config import DEFAULT_NORMALIZE, CacheConfig
 from ..report import Attribution, write_reports
 from . import flags as f
@@ -32,12 +33,24 @@ STORE_METHODS = tuple(m for m in METHODS if m not in UNCACHED_METHODS)
 STORE_PRECONDITIONERS = ("fim", "none", "mixed")  # the FIM is derived by `cache` (and serves "mixed"); "none" needs none
 
 
-def scoring(args) -> tuple[str, str, bool]:
+def scoring(args, config: CacheConfig | None = None) -> tuple[str, str, bool]:
     """(method, preconditioner, normalize) of `attribute`'s --method, --preconditioner and --normalize, or a usage
-    error naming the flag and the values that a store of `grass-attribute cache` accepts."""
+    error naming the flag and the values that a store of `grass-attribute cache` (``config``: its configuration)
+    accepts. A whitened store (cache --preconditioner) serves --method if with its own preconditioner only."""
     method, given = args.method, args.preconditioner
     if method in UNCACHED_METHODS:
         raise CLIError(f"--method {method} {UNCACHED_METHODS[method]}; accepted: {', '.join(STORE_METHODS)}")
+    whitened = None if config is None else config.preconditioner
+    if whitened is not None or given in WHITENED:
+        if whitened is None:
+            raise CLIError(f"--preconditioner {given} is how a store is cached (`grass-attribute cache --preconditioner "
+                           f"{given}` whitens its gradients); this store holds raw ones: use fim, none or mixed")
+        if method != "if" or given not in (None, whitened):
+            shown = f"--method {method}" + (f" --preconditioner {given}" if given else "")
+            raise CLIError(f"the store holds whitened gradients (cached with --preconditioner {whitened}): they serve "
+                           f"--method if with that preconditioner only (--normalize for their cosine), not {shown}")
+        normalize = DEFAULT_NORMALIZE if args.normalize is None else args.normalize
+        return method, whitened, normalize
     if method not in PRECONDITIONED and given not in (None, "none"):
         raise CLIError(f"--preconditioner {given} applies to --method if; --method {method} uses none (drop "
                        "--preconditioner or give none)")
@@ -166,7 +179,7 @@ def run(args, loaded=None):
     store, config, docs = load_store(args.store)
     if not (args.task or args.prompts or args.prompt):
         raise CLIError("give --prompt, --prompts FILE or --task")
-    method, preconditioner, normalize = scoring(args)
+    method, preconditioner, normalize = scoring(args, config)
     sources = args.candidates if isinstance(getattr(args, "candidates", None), tuple) else None
     if getattr(args, "candidates_k", None) is not None and sources is None:
         raise CLIError("--candidates-k counts the candidates of --candidates bm25, index or bm25,index; give one of them")
@@ -233,7 +246,8 @@ COMMAND = f.Command("attribute", "top-k training documents for prompts / complet
     f.Flag("--preconditioner", "--method if: fim (the store's Fisher information, default), none (a plain dot "
                                "product) or mixed (TrackStar's task-aware curvature: the FIM mixed with the queries', "
                                "--task-weight); graddot and gradcos use none; kfac and ekfac need factors `cache` does "
-                               "not collect and are refused", choices=PRECONDITIONERS),
+                               "not collect and are refused; a store cached with --preconditioner kfac-whitened or "
+                               "ekfac-whitened uses its own (default there)", choices=PRECONDITIONERS),
     f.TASK_WEIGHT,
     replace(f.NORMALIZE, help=f.NORMALIZE.help[:-1] + "; --method gradcos is normalized by definition)", default=None),
     f.Flag("--per-token", "also attribute each completion token on its own (one query per token)", default=False,

@@ -18,6 +18,7 @@ from ...collectives import collectively, require_agreement
 from ...compression import parse_spec
 from ...layers import coverage
 from ...store import atomic_write_json, read_json
+from ...whitening import KINDS as WHITENED
 from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, MODEL_CHECKPOINT, CacheConfig
 from . import flags as f
 from .common import (
@@ -50,8 +51,8 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
     corpus (a seeded sample), written once into STORE/masks and reused on resume. save=False: computed, not
     written (every rank of a sharded model runs the forwards; rank 0 writes)."""
     name, options = parse_spec(config.compressor)
-    if config.masks != "energy" or name != "factgrass" or "mask_dir" in options:
-        return
+    if config.masks != "energy" or name != "factgrass" or "mask_dir" in options or config.preconditioner is not None:
+        return  # a whitened store chooses its masks in the whitened eigenbasis (attribution.whitening)
     folder = store / "masks"
     record = folder / "masks.json"
     sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
@@ -72,6 +73,19 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
                  scales=None if scales is None else scales[0], save=save)
     if save:
         atomic_write_json(record, wanted)
+
+
+def curvature_batches(config: CacheConfig, tokenizer, docs: list[dict]) -> list | None:
+    """--curvature-documents: the token batches of a seeded sample of ``docs`` (the first cache's documents, so a
+    grown store asks for the same ones) that form a whitened store's curvature; None: the training batches."""
+    if config.curvature_documents is None:
+        return None
+    if config.preconditioner is None:
+        raise CLIError("--curvature-documents is the sample of --preconditioner kfac-whitened / ekfac-whitened: give one")
+    sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
+                    [: config.curvature_documents].tolist())
+    return llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
+                                config.token_batch_size)[0]
 
 
 def _normalized_coordinates(model, config: CacheConfig, layers) -> tuple[dict, dict] | None:
@@ -229,12 +243,15 @@ def run(args, loaded=None):
                               replace=("docs.jsonl", CLI_JSON) if grows else ())
 
     collectively(record)
+    curvature = curvature_batches(config, tokenizer, mask_docs)
     start = time.perf_counter()
-    attr.cache(batches)
+    attr.cache(batches, curvature_loader=curvature)
     seconds = time.perf_counter() - start
     stats = attr.stats
     phases.update(gradients=stats["gradient_seconds"] - stats["compile_seconds"], compile=stats["compile_seconds"],
                   fim=stats["fim_seconds"], cache_other=seconds - stats["gradient_seconds"] - stats["fim_seconds"])
+    if config.preconditioner is not None:  # pass one's wall time (its forwards and backwards are in "gradients" too)
+        phases["whitening"] = stats.get("whitening_seconds", 0.0)
     covered = coverage(model, attr.layer_infos)  # of a sharded model: the global shapes
     summary = {"store": str(store), "documents": len(docs), "added_documents": len(added),
                "layers": len(attr.block_names), "k": config.k,
@@ -303,6 +320,14 @@ CONFIG_FLAGS = [
                            "--model's architecture, a .safetensors file or a torch.save of a state dict, or `model` for "
                            "the --model's own weights; recorded absolute with its fingerprint, and read one at a time "
                            "(default: the --model's weights alone)", action="append", metavar="DIR|FILE|model"),
+    f.Flag("--preconditioner", "whiten both sides before compressing (the store holds C(P^-1/2 g), P each layer's K-FAC or "
+                               "EK-FAC curvature, damped by --damping; `attribute --method if` then needs no further "
+                               "curvature): kfac-whitened or ekfac-whitened; a first pass over the corpus (or "
+                               "--curvature-documents) computes P (default: none, the store keeps the raw compressed "
+                               "gradients and their FIM)", choices=list(WHITENED)),
+    f.Flag("--curvature-documents", "--preconditioner: the documents (a seeded sample of the corpus) whose factors form P "
+                                    "(default: every document of the first cache; a grown store keeps its P)",
+           type=f.positive_int),
     f.Flag("--checkpoint-weight", "the weight of each --checkpoint in the score, one per checkpoint in their order "
                                   "(repeatable; e.g. the learning rate at that checkpoint; default: 1.0 each)",
            type=f.finite_float, action="append", metavar="W"),

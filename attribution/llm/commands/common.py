@@ -66,7 +66,7 @@ def load_model(config: CacheConfig, fsdp: bool = False):
 def compressor_spec(config: CacheConfig, store: Path) -> str:
     """The compressor spec, with the store's data-aware masks for FactGraSS (--masks energy)."""
     name, options = parse_spec(config.compressor)
-    if config.masks == "energy" and name == "factgrass" and "mask_dir" not in options:
+    if config.masks == "energy" and name == "factgrass" and "mask_dir" not in options and config.preconditioner is None:
         return f"{config.compressor}{',' if ':' in config.compressor else ':'}mask_dir={store / 'masks'}"
     return config.compressor
 
@@ -184,6 +184,12 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
     store's FIM serves both); an error of its --optimizer-state (another model's state, or a store cached with
     another one) is a usage error naming the flag."""
     check_checkpoints(model, config, store)
+    if config.preconditioner is not None:  # a whitened store: its rows serve one scoring
+        if method != "if" or preconditioner not in (None, config.preconditioner):
+            given = f"--method {method}" + (f" --preconditioner {preconditioner}" if preconditioner else "")
+            raise CLIError(f"{store} holds whitened gradients (cached with --preconditioner {config.preconditioner}): they "
+                           f"serve --method if with that preconditioner only (--normalize for their cosine), not {given}")
+        preconditioner = config.preconditioner
     weights = None if config.checkpoint_weight is None else list(config.checkpoint_weight)
     try:
         return Attributor(model, llm.sequence_loss, method=method, compressor=compressor_spec(config, Path(store)),
@@ -192,7 +198,8 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
                           storage_dtype=config.storage_dtype, normalize=normalize,
                           autocast=None if config.autocast == "none" else config.autocast,
                           optimizer_state=optimizer_state(config), preconditioner=preconditioner,
-                          task_weight=task_weight, checkpoints=checkpoint_states(config), checkpoint_weights=weights)
+                          task_weight=task_weight, checkpoints=checkpoint_states(config), checkpoint_weights=weights,
+                          whitening_masks=config.masks if config.preconditioner is not None else "energy")
     except ValueError as err:
         if not str(err).startswith(f"{optimizer_module.ARGUMENT}:"):
             raise

@@ -10,7 +10,7 @@ from .cache import CONFIG_FLAGS, DEFAULTS
 CACHED = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping",
           "seed", "layers", "limit", "masks", "mask_documents"}
 FIXED = ("model", "gguf_file", "adapter", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field", "messages_field",
-         "optimizer_state", "checkpoint", "checkpoint_weight")
+         "optimizer_state", "checkpoint", "checkpoint_weight", "preconditioner", "curvature_documents")
 
 
 def run(args):
