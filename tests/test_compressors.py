@@ -20,6 +20,15 @@ FLAT = [
 IDS = ["identity", "sjlt", "random_mask", "grass", "gaussian", "rademacher", "fjlt", "factgrass", "logra"]
 
 
+def whitened(inner=None, m_in=5, m_out=3):
+    """A Whitened compressor of an 8 x 8 layer: orthonormal bases of m_in / m_out columns, a positive scale."""
+    gen = torch.Generator().manual_seed(4)
+    q_in = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))[0][:, :m_in]
+    q_out = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=torch.float64))[0][:, :m_out]
+    scale = torch.rand(m_in, m_out, generator=gen, dtype=torch.float64) + 0.5
+    return C.Whitened(inner or C.SJLT(m_in * m_out, 6, seed=2), q_in.float(), q_out.float(), scale.float())
+
+
 @pytest.mark.parametrize("make", FLAT, ids=IDS)
 def test_spec_roundtrip_and_determinism(make):
     comp = make()
@@ -50,7 +59,8 @@ def test_projections_preserve_norm_in_expectation(make):
     assert abs(float(ratios.mean()) - 1) < 4 * float(ratios.std()) / 200**0.5
 
 
-@pytest.mark.parametrize("make", [FLAT[7], FLAT[8]], ids=["factgrass", "logra"])
+@pytest.mark.parametrize("make", [FLAT[7], FLAT[8], whitened, lambda: whitened(C.Identity(64), 8, 8)],
+                         ids=["factgrass", "logra", "whitened", "whitened_full"])
 def test_factor_path_equals_full_gradient_path(make):
     comp = make()
     x_in = torch.randn(3, 5, comp.d_in, dtype=torch.float64)
@@ -121,10 +131,11 @@ def test_factorized_compressors_take_factors_when_called_with_two(make):
 
 
 ALL = FLAT + [lambda: C.SelectiveMask(64, indices=torch.tensor([3, 9, 40])),
-              lambda: C.GraSS(64, 8, 16, s=2, seed=1, mask=C.SelectiveMask(64, indices=torch.arange(0, 64, 4)))]
+              lambda: C.GraSS(64, 8, 16, s=2, seed=1, mask=C.SelectiveMask(64, indices=torch.arange(0, 64, 4))),
+              whitened]
 
 
-@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective"])
+@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective", "whitened"])
 def test_compressors_work_under_inference_mode(make):
     """Inference tensors have no version counter: hashes made (or moved) under inference_mode are
     validated at every call instead of cached ("Inference tensors do not track version counter")."""
@@ -198,7 +209,7 @@ def test_unreadable_selective_mask_file_is_named(tmp_path):
         C.SelectiveMask(12, path=tmp_path / "other.npz")
 
 
-@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective"])
+@pytest.mark.parametrize("make", ALL, ids=IDS + ["selective_mask", "grass_selective", "whitened"])
 def test_adjoint_is_the_transpose(make):
     """<C g, z> = <g, C^T z> for random g and z, and the adjoint's vector-Jacobian product is C itself."""
     comp = make()
@@ -212,8 +223,8 @@ def test_adjoint_is_the_transpose(make):
 
 
 @pytest.mark.parametrize("two_d", [False, True], ids=["tokens", "one_token"])
-@pytest.mark.parametrize("make", [FLAT[7], FLAT[8], lambda: C.FactGraSS(8, 8, 16, 4, 6, seed=5, s=3)],
-                         ids=["factgrass", "logra", "factgrass_s3"])
+@pytest.mark.parametrize("make", [FLAT[7], FLAT[8], lambda: C.FactGraSS(8, 8, 16, 4, 6, seed=5, s=3), whitened],
+                         ids=["factgrass", "logra", "factgrass_s3", "whitened"])
 def test_sketch_output_differentiates_to_compress_factors(make, two_d):
     """The output is y itself, and d/dz <g_out, sketch_output(y, x_in, z)> = compress_factors(x_in, g_out)."""
     comp = make()
@@ -226,3 +237,36 @@ def test_sketch_output_differentiates_to_compress_factors(make, two_d):
     torch.testing.assert_close(out.reshape(y.shape), y)
     (grad_z,) = torch.autograd.grad(out, z, g_out.reshape(out.shape))
     torch.testing.assert_close(grad_z, comp.compress_factors(x_in, g_out))
+
+
+def test_whitened_is_the_inner_compression_of_the_rotated_scaled_gradient():
+    """compress(G) = inner(vec((B_in^T G B_out) * S)); identity bases and scale give the inner compressor itself."""
+    comp = whitened()
+    g = torch.randn(4, 64, dtype=torch.float64)
+    b_in, b_out, scale = comp.in_basis.double(), comp.out_basis.double(), comp.scale.double()
+    expected = comp.inner(((b_in.T @ g.view(4, 8, 8) @ b_out) * scale).flatten(1))
+    torch.testing.assert_close(comp(g), expected)
+    plain = C.Whitened(C.SJLT(64, 6, seed=2), torch.eye(8), torch.eye(8), torch.ones(8, 8))
+    torch.testing.assert_close(plain(g), C.SJLT(64, 6, seed=2)(g))
+    compiled = torch.compile(comp.compress_factors, fullgraph=True)
+    x_in, g_out = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    torch.testing.assert_close(compiled(x_in, g_out), comp.compress_factors(x_in, g_out))
+
+
+def test_whitened_records_a_digest_of_its_bases_and_refuses_to_rebuild_without_them():
+    spec = whitened().spec()
+    assert spec["inner"] == C.SJLT(15, 6, seed=2).spec() and len(spec["basis_digest"]) == 64
+    assert whitened().spec() == spec and whitened(m_in=4).spec()["basis_digest"] != spec["basis_digest"]
+    with pytest.raises(ValueError, match="bases are data"):
+        C.from_spec(json.loads(json.dumps(spec)))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((C.SJLT(12, 4), torch.eye(8)[:, :3], torch.eye(8)[:, :4], torch.ones(4, 3)), "scale must be"),
+    ((C.SJLT(10, 4), torch.eye(8)[:, :3], torch.eye(8)[:, :4], torch.ones(3, 4)), "inner takes 10 inputs"),
+    ((C.SJLT(12, 4), torch.eye(8)[:, :3], torch.eye(8)[:, :4], torch.full((3, 4), float("nan"))), "scale must be a finite"),
+    ((C.SJLT(12, 4), torch.ones(8), torch.eye(8)[:, :4], torch.ones(3, 4)), "must be matrices"),
+])
+def test_whitened_arguments_are_checked(args, match):
+    with pytest.raises(ValueError, match=match):
+        C.Whitened(*args)

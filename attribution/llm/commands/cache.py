@@ -80,8 +80,6 @@ def curvature_batches(config: CacheConfig, tokenizer, docs: list[dict]) -> list 
     grown store asks for the same ones) that form a whitened store's curvature; None: the training batches."""
     if config.curvature_documents is None:
         return None
-    if config.preconditioner is None:
-        raise CLIError("--curvature-documents is the sample of --preconditioner kfac-whitened / ekfac-whitened: give one")
     sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
                     [: config.curvature_documents].tolist())
     return llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
@@ -176,6 +174,8 @@ def run(args, loaded=None):
                            "weights; only --checkpoint model (the adapted model as loaded) is supported")
     resolve_checkpoints(args)
     config = CacheConfig.from_args(args)
+    if config.curvature_documents is not None and config.preconditioner is None:
+        raise CLIError("--curvature-documents is the sample of --preconditioner kfac-whitened / ekfac-whitened: give one")
     optimizer_state(config)  # the file read and checked before anything is written
     # under torchrun: every rank the same flags, then the same corpus, before anything is written
     require_agreement({f"--{key.replace('_', '-')}": value for key, value in vars(args).items()
