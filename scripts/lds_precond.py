@@ -59,6 +59,9 @@ def main(argv=None):
     parser.add_argument("--compressors", nargs="+", default=list(COMPRESSORS))
     parser.add_argument("--preconditioners", nargs="+", default=list(PRECONDITIONERS), choices=list(PRECONDITIONERS))
     parser.add_argument("--no-exact", action="store_true", help="skip the uncompressed (identity) rows")
+    parser.add_argument("--curvature-samples", type=int, nargs="+", default=[],
+                        help="also the whitened cells with their curvature from a seeded sample of this many training "
+                             "samples (one cell per value; the default cells use all of them)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_model, n_train, n_test = SETUPS[args.setup]
@@ -101,18 +104,19 @@ def main(argv=None):
                 return Attributor(model, per_sample_loss, method="if", compressor=spec, k=k or 10**9, compile=False,
                                   progress=False, seed=args.seed, preconditioner=preconditioner, damping=damping)
 
-            if preconditioner in WHITENED:
-                result = timed_whitened_lds(attributor, harness, train_loader, test_loader, len(x_te), grid, args.seed)
-            else:
-                result = timed_lds(attributor(), harness, train_loader, test_loader, len(x_te), grid, args.seed)
-            factor_floats = sum(m.in_features ** 2 + m.out_features ** 2 + (m.in_features * m.out_features
-                                                                            if preconditioner.startswith("ekfac") else 0)
-                                for m in model.modules() if isinstance(m, nn.Linear))
-            cell = {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result,
-                    "store_floats": result["floats_per_sample"] * len(x_tr),
-                    **({"factor_floats": factor_floats} if preconditioner != "fim" else {})}
-            cells.append(cell)
-            print(json.dumps({key: v for key, v in cell.items() if key != "by_damping"}), flush=True)
+            samples = [None] + args.curvature_samples if preconditioner in WHITENED else [None]
+            for n in samples:
+                if preconditioner in WHITENED:
+                    curvature = None
+                    if n is not None:  # a seeded sample of the training set
+                        chosen = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
+                        curvature = batches(x_tr[chosen], y_tr[chosen], 256)
+                    result = timed_whitened_lds(attributor, harness, train_loader, test_loader, len(x_te), grid, args.seed,
+                                                curvature)
+                else:
+                    result = timed_lds(attributor(), harness, train_loader, test_loader, len(x_te), grid, args.seed)
+                cells.append(cell_of(args, model, compressor, k, preconditioner, result, len(x_tr), n))
+                print(json.dumps({key: v for key, v in cells[-1].items() if key != "by_damping"}), flush=True)
 
     report = {
         "setup": args.setup, "data": "sklearn digits, seeded split", "n_train": len(x_tr), "n_test": len(x_te),
@@ -126,6 +130,16 @@ def main(argv=None):
     (out / f"precond_{args.setup}.md").write_text(markdown_table(report))
     print(json.dumps({key: v for key, v in report.items() if key != "cells"}, indent=1))
     return report
+
+
+def cell_of(args, model, compressor, k, preconditioner, result, n_train, curvature_samples) -> dict:
+    """One row of the table: the LDS result, the store's floats and (K-FAC / EK-FAC) the factors' floats."""
+    factor_floats = sum(m.in_features ** 2 + m.out_features ** 2 + m.in_features * m.out_features * preconditioner.startswith("ekfac")
+                        for m in model.modules() if isinstance(m, nn.Linear))
+    return {"setup": args.setup, "compressor": compressor, "k": k, "preconditioner": preconditioner, **result,
+            "store_floats": result["floats_per_sample"] * n_train,
+            **({"factor_floats": factor_floats} if preconditioner != "fim" else {}),
+            **({"curvature_samples": curvature_samples} if curvature_samples is not None else {})}
 
 
 def markdown_table(report) -> str:

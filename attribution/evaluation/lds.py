@@ -140,10 +140,11 @@ def preconditioner_table(report: dict, title: str, k_header: str = "k") -> str:
 
 
 def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loader, test_loader, n_test: int, grid,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, curvature_loader=None) -> dict:
     """:func:`timed_lds` for a preconditioner that whitens before compression ("kfac-whitened" /
     "ekfac-whitened"): the damping is applied before the compression, so every grid value caches its
-    own store (``make_attributor(damping)``). The seconds are summed over the grid; ``whitening_seconds``
+    own store (``make_attributor(damping)``; ``curvature_loader``: its pass one's data, default the training
+    data). The seconds are summed over the grid; ``whitening_seconds``
     (pass one) and ``cache_seconds`` (both passes) are also given per store (``*_per_store``)."""
     seconds: dict[str, float] = {}
     columns = []
@@ -151,7 +152,7 @@ def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loa
     def scores_for(damping):
         attr = make_attributor(damping)
         with timed_phase(seconds, "cache_seconds"):
-            attr.cache(train_loader)
+            attr.cache(train_loader, curvature_loader=curvature_loader)
         seconds["whitening_seconds"] = seconds.get("whitening_seconds", 0.0) + attr.stats.get("whitening_seconds", 0.0)
         with timed_phase(seconds, "query_seconds"):
             features = attr.query_features(test_loader)
