@@ -20,6 +20,8 @@ from attribution_problems import (
     one_thread,  # noqa: F401 - autouse fixture: one torch thread for these tiny problems
     snapshot,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from attribution import Attributor, kfac, whitening
@@ -45,6 +47,26 @@ class Killed:
 
 
 # ---- the math ------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), t=st.integers(1, 3), d_in=st.integers(1, 4), d_out=st.integers(1, 4), seed=st.integers(0, 2**16),
+       damping=st.sampled_from([1e-2, 0.3, "0.1*mean", "2*mean"]), kind=st.sampled_from(["kfac", "ekfac"]))
+def test_whitened_rows_have_the_damped_inverse_curvature_as_their_inner_product(n, t, d_in, d_out, seed, damping, kind):
+    """<W g_a, W g_b> = g_a^T (P + lambda I)^-1 g_b for the whitened compressor at full dimension, from the
+    factors (in-backward form) and from the weight gradient alike."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, d_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, t, d_out, generator=gen, dtype=torch.float64)
+    block = kfac.kfac_blocks(kfac.factor_sums({"w": x}, {"w": g}), ["w"], torch.float64)["w"]
+    if kind == "ekfac":
+        block.corrected = kfac.correction_sums({"w": block}, {"w": x}, {"w": g}).sums["w.L"] / n
+    comp = whitening.whitened_compressor(C.Identity(d_in * d_out), block, damping, "energy", "w")
+    grads = kfac.per_sample_gradients(x, g)
+    rows = comp.compress_factors(x, g)
+    torch.testing.assert_close(rows, comp(grads.flatten(1)), rtol=1e-10, atol=1e-10)
+    expected = grads.flatten(1) @ block.apply(grads, damping).flatten(1).T
+    torch.testing.assert_close(rows @ rows.T, expected, rtol=1e-8, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 @pytest.mark.parametrize("damping", [1e-2, "0.1*mean"])
 def test_identity_compressor_at_full_dimension_equals_the_uncompressed_kronecker_scores(kind, damping):
@@ -277,3 +299,22 @@ def test_two_ranks_equal_one_process(tmp_path, preconditioner):
     for scores, grown in ranks:
         torch.testing.assert_close(scores, single[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grown, single[1], rtol=1e-4, atol=1e-4)
+
+
+def test_each_checkpoint_has_its_own_whitening(tmp_path):
+    """TracIn-CP-style checkpoints: pass one runs at each checkpoint's weights, and the weighted sum of the
+    checkpoints' whitened scores equals that of the uncompressed one-sided K-FAC scores."""
+    model, train, test = make_problem()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    second = {k: v + 0.05 * torch.randn_like(v) for k, v in first.items()}
+    options = dict(**EXACT, checkpoints=[first, second], checkpoint_weights=[1.0, 0.5], damping="0.1*mean")
+    attr = Attributor(model, loss_fn, preconditioner="ekfac-whitened", store=tmp_path / "s", **options)
+    scores = attr.cache(train).attribute(test)
+    expected = Attributor(model, loss_fn, preconditioner="ekfac", **options).cache(train).attribute(test)
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
+    fingerprints = {attr.store.derived_meta(c, whitening.RESULT)[1]["covered"]["0"] for c in range(2)}
+    assert len(fingerprints) == 1  # the same curvature batches ...
+    blocks = [attr.preconditioning.whitening.recorded(c).blocks["0"].g_vals for c in range(2)]
+    assert not torch.allclose(blocks[0], blocks[1])  # ... at different weights
+    with pytest.raises(ValueError, match="each checkpoint has its own whitening"):
+        attr.compress_batch(test[0])
