@@ -209,6 +209,33 @@ def correction_sums(blocks: dict[str, KroneckerBlock], x: dict[str, Tensor], g: 
     return out
 
 
+def add_missing(loader: Iterable, digests: dict[int, str], sums: Sums, saver: Saver, batch_sums: Callable,
+                factors: Callable, desc: str, progress: bool, changed: str, short: str) -> None:
+    """Add batch_sums(x, g) of every batch of ``digests`` ({index: digest}) that ``sums`` does not cover yet,
+    ``factors(batch) -> (x, g)``; saved by ``saver`` as it goes (the caller saves the result). ``changed`` / ``short``: the
+    messages (formatted with ``index`` / ``missing``) of a batch whose digest differs and of batches not yielded."""
+    missing = set(digests) - set(sums.covered)
+    if not missing:
+        return
+    bar = tqdm(total=len(missing), desc=desc, disable=not progress, leave=False)
+    for index, batch in enumerate(loader):
+        if index not in missing:
+            continue
+        if batch_digest(batch) != digests[index]:
+            raise ValueError(f"batch {index} " + changed.format(index=index))
+        part = batch_sums(*factors(batch))
+        part.covered = {index: digests[index]}
+        sums.add(part)
+        saver.maybe(sums)
+        bar.update(1)
+        if len(sums.covered) == len(digests):
+            break
+    bar.close()
+    left = set(digests) - set(sums.covered)
+    if left:
+        raise ValueError(short.format(missing=sorted(left)[:5]))
+
+
 # ---- merging coverages -----------------------------------------------------------------------------
 def merge_disjoint(chunks: list[Sums], digests: dict[int, str]) -> Sums:
     """Sum the chunks whose coverage agrees with ``digests`` (the completion record's) and does not
@@ -340,29 +367,10 @@ class KroneckerStatistics:
 
     def _pass(self, loader: Iterable, digests: dict[int, str], sums: Sums, saver: Saver, batch_sums: Callable,
               factors: Callable, desc: str) -> None:
-        """Add batch_sums(x, g) of every batch of the record that ``sums`` does not cover yet."""
-        missing = set(digests) - set(sums.covered)
-        if not missing:
-            return
-        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress, leave=False)
-        for index, batch in enumerate(loader):
-            if index not in missing:
-                continue
-            if batch_digest(batch) != digests[index]:
-                raise ValueError(f"batch {index} differs from the one stored in shard {index}: the train loader must yield "
-                                 "the same batches in the same order")
-            _, _, x, g = factors(batch)
-            part = batch_sums(x, g)
-            part.covered = {index: digests[index]}
-            sums.add(part)
-            saver.maybe(sums)
-            bar.update(1)
-            if len(sums.covered) == len(digests):
-                break
-        bar.close()
-        left = set(digests) - set(sums.covered)
-        if left:
-            raise ValueError(f"the train loader yielded no batches {sorted(left)[:5]} for the stored shards")
+        add_missing(loader, digests, sums, saver, batch_sums, lambda batch: factors(batch)[2:], desc, self.progress,
+                    changed="differs from the one stored in shard {index}: the train loader must yield the same batches "
+                            "in the same order",
+                    short="the train loader yielded no batches {missing} for the stored shards")
 
     # ---- derived data --------------------------------------------------------------------------
     def _kfac(self, ckpt: int, record) -> dict[str, KroneckerBlock]:

@@ -50,6 +50,7 @@ from .kfac import (
     KroneckerBlock,
     Saver,
     Sums,
+    add_missing,
     blocks_from_arrays,
     blocks_to_arrays,
     check_finite,
@@ -289,28 +290,10 @@ class Whitening:
 
     def _pass(self, loader: Iterable, digests: dict[int, str], sums: Sums, saver: Saver, batch_sums: Callable,
               desc: str) -> None:
-        """Add batch_sums(x, g) of every batch of ``digests`` that ``sums`` does not cover yet."""
-        missing = set(digests) - set(sums.covered)
-        if not missing:
-            return
-        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress, leave=False)
-        for index, batch in enumerate(loader):
-            if index not in missing:
-                continue
-            if batch_digest(batch) != digests[index]:
-                raise ValueError(f"batch {index} of the curvature loader changed during pass one: the loader must yield the "
-                                 "same batches in the same order")
-            _, _, x, g = self._batch_factors(batch)
-            part = batch_sums(x, g)
-            part.covered = {index: digests[index]}
-            sums.add(part)
-            saver.maybe(sums)
-            bar.update(1)
-        bar.close()
-        left = set(digests) - set(sums.covered)
-        if left:
-            raise ValueError(f"the curvature loader yielded no batches {sorted(left)[:5]} (it yielded them before)")
-        saver.final(sums)
+        add_missing(loader, digests, sums, saver, batch_sums, lambda batch: self._batch_factors(batch)[2:], desc,
+                    self.progress, changed="of the curvature loader changed during pass one: the loader must yield the "
+                                           "same batches in the same order",
+                    short="the curvature loader yielded no batches {missing} (it yielded them before)")
 
 
 __all__ = ["Curvature", "KINDS", "MASKS", "Whitening", "data_fingerprint", "whitened_compressor"]
