@@ -165,10 +165,6 @@ class Attributor:
         self._require_shared_store()
         if len(self.checkpoints) > 1:
             require_reiterable(train_loader, "it is read once per checkpoint")
-        if self.preconditioning.whitened:
-            require_reiterable(train_loader, "pass one reads the training batches before the cache")
-            if curvature_loader is not None:
-                require_reiterable(curvature_loader, "pass one reads it (twice for EK-FAC)")
         if self.fisher != "empirical":
             require_reiterable(train_loader, f"fisher={self.fisher!r} reads it again to form the FIM")
         self.gradients.check_unchanged()
@@ -229,11 +225,12 @@ class Attributor:
     def features_from_gradients(self, grads: Tensor | list[Tensor]) -> QueryFeatures:
         """Query features from precomputed compressed query gradients, the counterpart of
         :meth:`cache_gradients`: one [n_test, columns] float tensor per checkpoint (a tensor for one).
-        Not with preconditioner "kfac" / "ekfac" (they precondition the full query gradient)."""
+        Not with preconditioner "kfac" / "ekfac" (they precondition the full query gradient); with "kfac-whitened" /
+        "ekfac-whitened" they must be this store's whitened gradients (``compress_batch``'s)."""
         if self.preconditioning.full_query_gradients:
             raise ValueError(f"features_from_gradients: preconditioner={self.preconditioner!r} needs the query's "
                              "full gradient; use query_features(test_loader)")
-        return QueryFeatures(self.gradients.precomputed_queries(grads), self._signature)
+        return self.preconditioning.features_of(self.gradients.precomputed_queries(grads))
 
     def _features(self, test_loader, features, records: list[Completion], damping=None) -> QueryFeatures:
         if features is None:

@@ -45,9 +45,9 @@ class LazyWriter:
         self.held = False
 
 
-def require_reiterable(loader, why: str) -> None:
+def require_reiterable(loader, why: str, name: str = "train_loader") -> None:
     if iter(loader) is loader:
-        raise TypeError(f"train_loader must be re-iterable (a list, a DataLoader, ...), not a one-shot iterator: {why}")
+        raise TypeError(f"{name} must be re-iterable (a list, a DataLoader, ...), not a one-shot iterator: {why}")
 
 
 def check_same_batches(records: list[Completion]) -> None:

@@ -328,6 +328,7 @@ class BatchCompressor:
         self._probe_shapes: dict[tuple, tuple] = {}  # (fn key, shapes) -> (fn kept alive, layer output shapes)
         self._loss_modules: dict[int, tuple] = {}
         self._steps: dict[int, tuple[Callable, CompiledStep]] = {}
+        self._retired: list[dict] = []  # the statistics of the steps dropped by install (another whitening)
 
     @property
     def columns(self) -> int:
@@ -339,7 +340,8 @@ class BatchCompressor:
 
     def install(self, compressors: dict[str, C.Compressor]) -> None:
         """Replace target layers' compressors by others of the same widths (a whitening's, per checkpoint):
-        the taps are rebuilt and the compiled steps dropped (the next batch compiles anew)."""
+        the taps are rebuilt and the compiled steps dropped (the next batch compiles anew: with compile=True and
+        several checkpoints, once per checkpoint and pass)."""
         for name, comp in compressors.items():
             if name not in self.layers or comp.out_features != self.blocks[name].out_features:
                 raise ValueError(f"install: {name!r} is not a target layer of this width")
@@ -347,6 +349,7 @@ class BatchCompressor:
                 raise ValueError("install: a target layer with an optimizer normalization keeps its compressor")
         self.blocks.update(compressors)
         self.taps.update({n: layer_tap(c, self.layers[n]) for n, c in compressors.items()})
+        self._retired.extend(dict(step.stats) for _, step in self._steps.values())  # their compile time still counts
         self._steps.clear()
         self.blocked = None
 
@@ -465,9 +468,9 @@ class BatchCompressor:
 
     def stats(self) -> dict:
         """Compile statistics summed over this compressor's steps."""
-        steps = [s for _, s in self._steps.values()]
-        return {"compiled": any(s.stats["compiled"] for s in steps),
-                "graph_breaks": max((s.stats["graph_breaks"] for s in steps if s.stats["graph_breaks"] is not None), default=None),
-                "compile_seconds": sum(s.stats["compile_seconds"] for s in steps),
-                "graphs": sum(s.stats["graphs"] for s in steps),
-                "fallback": next((s.stats["fallback"] for s in steps if s.stats["fallback"]), None)}
+        steps = [s.stats for _, s in self._steps.values()] + self._retired
+        return {"compiled": any(s["compiled"] for s in steps),
+                "graph_breaks": max((s["graph_breaks"] for s in steps if s["graph_breaks"] is not None), default=None),
+                "compile_seconds": sum(s["compile_seconds"] for s in steps),
+                "graphs": sum(s["graphs"] for s in steps),
+                "fallback": next((s["fallback"] for s in steps if s["fallback"]), None)}

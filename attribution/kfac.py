@@ -236,6 +236,16 @@ def add_missing(loader: Iterable, digests: dict[int, str], sums: Sums, saver: Sa
         raise ValueError(short.format(missing=sorted(left)[:5]))
 
 
+def corrected_eigenvalues(sums: Sums, layers: list[str]) -> dict[str, np.ndarray]:
+    """{"corrected.<layer>": EK-FAC's eigenvalues [d_in, d_out]} from the correction sums (per sample)."""
+    out = {}
+    for name in layers:
+        lam = sums.sums[f"{name}.L"] / sums.counts.get("samples", 0)
+        check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
+        out[f"corrected.{name}"] = lam.cpu().numpy()
+    return out
+
+
 # ---- merging coverages -----------------------------------------------------------------------------
 def merge_disjoint(chunks: list[Sums], digests: dict[int, str]) -> Sums:
     """Sum the chunks whose coverage agrees with ``digests`` (the completion record's) and does not
@@ -355,12 +365,7 @@ class KroneckerStatistics:
             saver = Saver(self.store, ckpt, _EK_PARTIAL, writer.ensure, {"basis": record.fingerprint})
             self._pass(loader, digests, sums, saver, lambda x, g: correction_sums(blocks, x, g), factors,
                        f"EK-FAC correction ckpt {ckpt}")
-            samples = sums.counts.get("samples", 0)
-            corrected = {}
-            for name in self.layers:
-                lam = sums.sums[f"{name}.L"] / samples
-                check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
-                corrected[f"corrected.{name}"] = lam.cpu().numpy()
+            corrected = corrected_eigenvalues(sums, self.layers)
             self.store.save_derived(ckpt, "ekfac", {**{f"sum.{k}": v for k, v in sums.to_arrays().items()}, **corrected},
                                     record.fingerprint, sums.meta(**meta, basis=record.fingerprint))
             self.store.remove_derived(ckpt, _EK_PARTIAL)

@@ -31,6 +31,7 @@ is part of the whitening (the store's manifest records it): another damping need
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -44,6 +45,7 @@ from grass_ops._hashing import derive_seed, random_mask
 from grass_ops.benchmarking import timed_phase
 
 from .batches import batch_digest, to_device
+from .cache import require_reiterable
 from .collectives import collectively
 from .fim import absolute_damping, check_invertible
 from .kfac import (
@@ -53,7 +55,7 @@ from .kfac import (
     add_missing,
     blocks_from_arrays,
     blocks_to_arrays,
-    check_finite,
+    corrected_eigenvalues,
     correction_sums,
     factor_sums,
     kfac_blocks,
@@ -61,12 +63,13 @@ from .kfac import (
 )
 from .process_group import all_gather_objects, barrier, rank_and_world
 from .store import Store
+from .store.records import WHITENING_DIR
 
 KINDS = {"kfac-whitened": "kfac", "ekfac-whitened": "ekfac"}
 MASKS = ("energy", "random")
-RESULT = "whitening"
-_PARTIAL = "whitening_partial."  # + "rank<r>" (pass one) or "merged" (rank 0's catch-up)
-_EK_PARTIAL = "whitening_ekfac_partial"
+RESULT = WHITENING_DIR
+_PARTIAL = "whitening_partial."  # + "<kfac|ekfac>.rank<r>" (each rank's sums) or ".merged" (rank 0's catch-up)
+_KFAC = "whitening_kfac"  # the K-FAC eigendecompositions between the two sums (EK-FAC's basis)
 
 
 def data_fingerprint(digests: dict[int, str]) -> str:
@@ -86,15 +89,27 @@ class Curvature:
     damping: float | str
     masks: str
 
-    def record(self) -> dict:
-        return {"curvature_fingerprint": self.fingerprint, "batches": self.batches, "samples": self.samples,
-                "damping": self.damping, "masks": self.masks}
-
 
 def _top(energy: Tensor, m: int) -> Tensor:
     """The m indices of the largest entries (ties to the lower index), sorted ascending."""
     order = torch.argsort(-energy, stable=True)[:m]
     return torch.sort(order).values
+
+
+def _learned(base: C.Compressor) -> bool:
+    """Whether ``base`` selects coordinates by a learned mask (meaningless in the eigenbasis)."""
+    masks = [getattr(base, key, None) for key in ("in_mask", "out_mask", "mask")]
+    return isinstance(base, C.SelectiveMask) or any(isinstance(m, C.SelectiveMask) for m in masks)
+
+
+def check_whitenable(base: C.Compressor, name: str) -> None:
+    """Refuse, before any pass, a compressor with no whitened form: a learned mask (it picks raw coordinates) or a
+    factorized compressor other than FactGraSS and LoGra."""
+    if _learned(base):
+        raise ValueError(f"layer {name!r}: a learned mask (mask_dir, SelectiveMask) selects coordinates of the raw gradient; "
+                         "a whitened store chooses its coordinates in the whitened eigenbasis (whitening_masks)")
+    if isinstance(base, C.FactorizedCompressor) and not isinstance(base, (C.FactGraSS, C.LoGra)):
+        raise ValueError(f"layer {name!r}: no whitened form of the factorized compressor {type(base).__name__}")
 
 
 def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str
@@ -106,16 +121,12 @@ def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: floa
     lam = absolute_damping(damping, block.mean_eigenvalue())
     check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
     d_in, d_out = eig.shape
+    check_whitenable(base, name)
     if isinstance(base, C.FactGraSS):
-        if not (isinstance(base.in_mask, C.RandomMask) and isinstance(base.out_mask, C.RandomMask)):
-            raise ValueError(f"layer {name!r}: learned FactGraSS masks (mask_dir) select coordinates of the raw gradient; "
-                             "a whitened store chooses its masks in the whitened eigenbasis (whitening_masks)")
         m_in, m_out, inner, seed = base.k_in, base.k_out, base.projection, base.seed
     elif isinstance(base, C.LoGra):
         m_in, m_out, seed = base.k_in, base.k_out, base.seed
         inner = C.Identity(m_in * m_out)
-    elif isinstance(base, C.FactorizedCompressor):
-        raise ValueError(f"layer {name!r}: no whitened form of the factorized compressor {type(base).__name__}")
     else:
         m_in, m_out, inner, seed = d_in, d_out, base, 0
     share = eig / (eig + lam) if lam > 0 else (eig > 0).double()  # each coordinate's whitened second moment
@@ -182,6 +193,15 @@ class Whitening:
                                "yet; call cache(train_loader) first (pass one computes it)")
         return self._loaded[ckpt][2]
 
+    def signature(self, n_checkpoints: int) -> str:
+        """The fingerprints of every checkpoint's whitening (query features carry them: rows whitened by other
+        factors do not compare)."""
+        parts = []
+        for c in range(n_checkpoints):
+            self.compressors(c)  # read from the store (or a clear error before pass one)
+            parts.append(self._loaded[c][0])
+        return ",".join(parts)
+
     def check_damping(self, ckpt: int, damping) -> None:
         recorded = self.recorded(ckpt)
         if recorded is not None and damping != recorded.damping:
@@ -193,6 +213,7 @@ class Whitening:
     def prepare(self, ckpt: int, loader: Iterable, writer, explicit: bool) -> Curvature:
         """Collective: checkpoint ``ckpt``'s whitening, from the store or computed from ``loader`` (pass one).
         ``explicit``: the caller named this curvature loader, so a store pinned to other data is refused."""
+        what = "curvature_loader" if explicit else "train_loader"
         recorded = collectively(lambda: self.recorded(ckpt))
         if recorded is not None:
             if explicit:
@@ -205,16 +226,32 @@ class Whitening:
         if self.store.shard_meta(ckpt):
             raise ValueError(f"the store holds shards of checkpoint {ckpt} but no whitening: it was not cached with "
                              f"preconditioner={self.preconditioner!r} (or its whitening was deleted); use a new store")
+        require_reiterable(loader, "pass one reads it before the cache" + " (twice for EK-FAC)" * (self.kind == "ekfac"), what)
         with timed_phase(self.stats, "whitening_seconds"):
             rank, world = rank_and_world()
             if world > 1:
                 writer.delegated = rank != 0
                 collectively(writer.ensure)
                 barrier()
-            mine = collectively(lambda: self._rank_sums(ckpt, loader, writer, rank, world))
-            shares = all_gather_objects(mine)
+            shares = all_gather_objects(collectively(lambda: self._rank_sums(ckpt, loader, writer, "kfac", factor_sums, what)))
             digests = {int(i): d for share in shares for i, d in share.items()}
-            collectively(lambda: rank == 0 and self._finish(ckpt, loader, writer, digests))
+            fingerprint = data_fingerprint(digests)
+            collectively(lambda: rank == 0 and self._save_kfac(ckpt, loader, writer, digests, what))
+            barrier()
+            blocks, samples = collectively(lambda: self._kfac_blocks(ckpt, fingerprint))
+            arrays = blocks_to_arrays(blocks)
+            if self.kind == "ekfac":  # the correction pass, split over the ranks like the sums
+                basis = _basis_digest(arrays)
+                collectively(lambda: self._rank_sums(ckpt, loader, writer, "ekfac", lambda x, g: correction_sums(blocks, x, g),
+                                                     what, basis))
+                barrier()
+                arrays.update(collectively(lambda: corrected_eigenvalues(
+                    self._merged(ckpt, loader, writer, "ekfac", digests, lambda x, g: correction_sums(blocks, x, g), what, basis),
+                    self.layers) if rank == 0 else {}))
+            meta = {"preconditioner": self.preconditioner, "layers": self.layers, "damping": self.damping,
+                    "masks": self.masks, "batches": len(digests), "samples": samples,
+                    "normalization": "A: per token, G: per sample", "covered": {str(i): d for i, d in sorted(digests.items())}}
+            collectively(lambda: rank == 0 and self._save_result(ckpt, arrays, fingerprint, meta))
             barrier()
             return collectively(lambda: self.recorded(ckpt))
 
@@ -224,76 +261,88 @@ class Whitening:
             raise ValueError("the curvature loader yielded no batches")
         return digests
 
-    def _batch_factors(self, batch):
-        x, g = self.factors(to_device(batch, self.device))
-        return None, None, x, g
+    def _factors(self, batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return self.factors(to_device(batch, self.device))
 
-    def _rank_sums(self, ckpt: int, loader: Iterable, writer, rank: int, world: int) -> dict[int, str]:
-        """This rank's K-FAC sums of its batches (resumed from its saved partial); returns {index: digest}."""
-        name = f"{_PARTIAL}rank{rank}"
+    def _rank_sums(self, ckpt: int, loader: Iterable, writer, stage: str, batch_sums: Callable, what: str,
+                   basis: str | None = None) -> dict[int, str]:
+        """This rank's sums of ``stage`` ("kfac": A and G; "ekfac": the correction in the eigenbasis ``basis``) over
+        its batches (i % world == rank), resumed from its saved partial; returns {index: digest} of its batches. A
+        partial that disagrees with the loader (other data, or another basis) is dropped and the sums restart."""
+        rank, world = rank_and_world()
+        name = f"{_PARTIAL}{stage}.rank{rank}"
         loaded = self.store.load_derived(ckpt, name, "partial")
-        sums = Sums.from_derived(loaded, self.device) if loaded is not None else Sums()
-        saver = Saver(self.store, ckpt, name, writer.ensure)
-        mine: dict[int, str] = {}
-        bar = tqdm(desc=f"whitening factors ckpt {ckpt}", disable=not self.progress or rank != 0, leave=False)
-        for index, batch in enumerate(loader):
-            if index % world != rank:
-                continue
-            digest = mine[index] = batch_digest(batch)
-            if index in sums.covered:
-                if sums.covered[index] != digest:
-                    raise ValueError(f"batch {index} of the curvature loader differs from the one an interrupted pass one "
-                                     "summed: the loader must yield the same batches in the same order to resume")
-                continue
-            _, _, x, g = self._batch_factors(batch)
-            part = factor_sums(x, g)
-            part.covered = {index: digest}
-            sums.add(part)
-            saver.maybe(sums)
-            bar.update(1)
+        sums = Sums.from_derived(loaded, self.device) if loaded is not None and loaded[1].get("basis") == basis else Sums()
+        saver = Saver(self.store, ckpt, name, writer.ensure, {"basis": basis})
+        bar = tqdm(desc=f"whitening {stage} ckpt {ckpt}", disable=not self.progress or rank != 0, leave=False)
+        restart = True
+        while restart:
+            mine: dict[int, str] = {}
+            restart = False
+            for index, batch in enumerate(loader):
+                if index % world != rank:
+                    continue
+                digest = mine[index] = batch_digest(batch)
+                if sums.covered.get(index) == digest:
+                    continue
+                if index in sums.covered:  # other data than the interrupted pass summed (nothing depends on it yet)
+                    warnings.warn(f"batch {index} of {what} differs from the one an interrupted pass one summed: its "
+                                  "partial sums are dropped and the pass restarts", stacklevel=2)
+                    sums, restart = Sums(), True
+                    break
+                part = batch_sums(*self._factors(batch))
+                part.covered = {index: digest}
+                sums.add(part)
+                saver.maybe(sums)
+                bar.update(1)
         bar.close()
         if not mine and rank == 0:
-            raise ValueError("the curvature loader yielded no batches")
+            raise ValueError(f"{what} yielded no batches")
         saver.final(sums)
         return mine
 
-    def _finish(self, ckpt: int, loader: Iterable, writer, digests: dict[int, str]) -> None:
-        """Rank 0: merge the ranks' sums (any batch no partial covers is summed here), eigendecompose, run
-        EK-FAC's correction pass, save the result and drop the partials."""
+    def _merged(self, ckpt: int, loader: Iterable, writer, stage: str, digests: dict[int, str], batch_sums: Callable,
+                what: str, basis: str | None = None) -> Sums:
+        """Rank 0: the ranks' partial sums of ``stage`` merged; batches no partial covers (another world size) summed here."""
         writer.ensure()
-        fingerprint = data_fingerprint(digests)
-        chunks = [Sums.from_derived(self.store.load_derived(ckpt, n, "partial"), self.device)
-                  for n in self.store.derived_names(ckpt) if n.startswith(_PARTIAL)]
+        chunks = []
+        for name in self.store.derived_names(ckpt):
+            if name.startswith(f"{_PARTIAL}{stage}."):
+                loaded = self.store.load_derived(ckpt, name, "partial")
+                if loaded is not None and loaded[1].get("basis") == basis:
+                    chunks.append(Sums.from_derived(loaded, self.device))
         sums = merge_disjoint(chunks, digests)
-        self._pass(loader, digests, sums, Saver(self.store, ckpt, f"{_PARTIAL}merged", writer.ensure), factor_sums,
-                   f"whitening factors ckpt {ckpt}")
+        add_missing(loader, digests, sums, Saver(self.store, ckpt, f"{_PARTIAL}{stage}.merged", writer.ensure, {"basis": basis}),
+                    batch_sums, self._factors, f"whitening {stage} ckpt {ckpt}", self.progress,
+                    changed=f"of {what} changed during pass one: it must yield the same batches in the same order",
+                    short=f"{what} yielded no batches {{missing}} (it yielded them before)")
+        return sums
+
+    def _save_kfac(self, ckpt: int, loader: Iterable, writer, digests: dict[int, str], what: str) -> None:
+        """Rank 0: the K-FAC eigendecompositions of the merged sums, saved before EK-FAC's pass (whose sums are taken
+        in their eigenbasis) and read back by every rank."""
+        sums = self._merged(ckpt, loader, writer, "kfac", digests, factor_sums, what)
         blocks = kfac_blocks(sums, self.layers, self.store_dtype)
-        arrays = blocks_to_arrays(blocks)
-        if self.kind == "ekfac":
-            loaded = self.store.load_derived(ckpt, _EK_PARTIAL, "partial")
-            ek = Sums()
-            if loaded is not None and loaded[1].get("basis") == fingerprint:
-                ek = merge_disjoint([Sums.from_derived(loaded, self.device)], digests)
-            self._pass(loader, digests, ek, Saver(self.store, ckpt, _EK_PARTIAL, writer.ensure, {"basis": fingerprint}),
-                       lambda x, g: correction_sums(blocks, x, g), f"whitening EK-FAC ckpt {ckpt}")
-            for name in self.layers:
-                lam = ek.sums[f"{name}.L"] / ek.counts["samples"]
-                check_finite(lam, f"the EK-FAC eigenvalues of layer {name!r}")
-                arrays[f"corrected.{name}"] = lam.cpu().numpy()
-        meta = {"preconditioner": self.preconditioner, "layers": self.layers, "damping": self.damping, "masks": self.masks,
-                "batches": len(digests), "samples": int(sums.counts.get("samples", 0)),
-                "normalization": "A: per token, G: per sample", "covered": {str(i): d for i, d in sorted(digests.items())}}
+        self.store.save_derived(ckpt, _KFAC, blocks_to_arrays(blocks), data_fingerprint(digests),
+                                {"samples": int(sums.counts.get("samples", 0))})
+
+    def _kfac_blocks(self, ckpt: int, fingerprint: str) -> tuple[dict[str, KroneckerBlock], int]:
+        arrays, meta = self.store.load_derived(ckpt, _KFAC, fingerprint)
+        return blocks_from_arrays(arrays, self.layers), int(meta["samples"])
+
+    def _save_result(self, ckpt: int, arrays: dict, fingerprint: str, meta: dict) -> None:
         self.store.save_derived(ckpt, RESULT, arrays, fingerprint, meta)
         for name in self.store.derived_names(ckpt):
-            if name.startswith(_PARTIAL) or name == _EK_PARTIAL:
+            if name.startswith(_PARTIAL) or name == _KFAC:
                 self.store.remove_derived(ckpt, name)
 
-    def _pass(self, loader: Iterable, digests: dict[int, str], sums: Sums, saver: Saver, batch_sums: Callable,
-              desc: str) -> None:
-        add_missing(loader, digests, sums, saver, batch_sums, lambda batch: self._batch_factors(batch)[2:], desc,
-                    self.progress, changed="of the curvature loader changed during pass one: the loader must yield the "
-                                           "same batches in the same order",
-                    short="the curvature loader yielded no batches {missing} (it yielded them before)")
+
+def _basis_digest(arrays: dict[str, np.ndarray]) -> str:
+    """The sha256 of the K-FAC eigenbases an EK-FAC correction is summed in."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(key.encode() + np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()[:32]
 
 
-__all__ = ["Curvature", "KINDS", "MASKS", "Whitening", "data_fingerprint", "whitened_compressor"]
+__all__ = ["Curvature", "KINDS", "MASKS", "RESULT", "Whitening", "check_whitenable", "data_fingerprint", "whitened_compressor"]

@@ -92,16 +92,19 @@ def score_legend(meta: dict) -> list[str]:
             "graddot": "the dot product q · g of the answer's and the document's compressed loss gradients",
             "gradcos": "the cosine of the answer's and the document's compressed loss gradients"}.get(
         method, f"the {method} score of the document for the answer")
-    whitened = str(meta.get("preconditioner", "")).removesuffix("-whitened")
-    if method == "if" and whitened in ("kfac", "ekfac"):
+    whitened = meta.get("preconditioner") in ("kfac-whitened", "ekfac-whitened")
+    if method == "if" and whitened:
+        kind = meta["preconditioner"].removesuffix("-whitened").upper()
         what = (f"the influence estimate C(P^-1/2 q) · C(P^-1/2 g), with q the answer's loss gradient, g the document's, "
-                f"P + λI each layer's {whitened.upper()} curvature with the damping λ, applied before the compression C "
+                f"P + λI each layer's {kind} curvature with the damping λ, applied before the compression C "
                 "(both sides whitened)")
     lines = [f"Score: {what}.",
              "Positive = helpful: a training step on the document lowers the loss of this answer (makes it more likely). "
              "Negative = harmful: a step on it raises that loss. The lowest-score list shows harmful documents when "
              "their scores are negative; a positive lowest score only means least helpful."]
-    if normalized and not preconditioned:
+    if normalized and whitened:
+        lines.append("Scale: unit-normalized: the cosine of the two whitened gradients, between -1 and 1.")
+    elif normalized and not preconditioned:
         lines.append("Scale: unit-normalized: the cosine of the two gradients, between -1 and 1.")
     elif normalized:
         lines.append("Scale: unit-normalized (--normalize): divided by both gradients' norms, so a long document with a "

@@ -78,6 +78,10 @@ class Preconditioner:
         with, so a preconditioner may prepare the queries for it while streaming the loader."""
         return QueryFeatures(self.gradients.query_gradients(test_loader), self.setup.signature)
 
+    def features_of(self, grads: list[Tensor]) -> QueryFeatures:
+        """Query features of precomputed compressed query gradients (one [n_test, columns] tensor per checkpoint)."""
+        return QueryFeatures(grads, self.setup.signature)
+
     def precondition(self, ckpt: int, record: Completion, features: QueryFeatures, damping) -> Tensor:
         """[n_test, columns]: checkpoint ``ckpt``'s queries preconditioned for ``damping``, on the device."""
         raise NotImplementedError

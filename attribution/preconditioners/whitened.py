@@ -11,6 +11,7 @@ before the cache (pass one, :meth:`prepare`) and pinned in the store with its da
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -19,8 +20,15 @@ from torch import Tensor
 from ..gradients import check_some_queries
 from ..scoring import QueryFeatures
 from ..store import Completion
-from ..whitening import KINDS, Whitening
+from ..whitening import KINDS, Whitening, check_whitenable
 from .base import Preconditioner, Setup
+
+
+@dataclass
+class WhitenedQueries(QueryFeatures):
+    """Query features compressed by a store's whitened compressors; ``whitening``: their fingerprints."""
+
+    whitening: str = ""
 
 
 class WhitenedPreconditioner(Preconditioner):
@@ -30,6 +38,8 @@ class WhitenedPreconditioner(Preconditioner):
         super().__init__(setup)
         gradients, config = self.gradients, self.config
         bases = {n: gradients.compressors[n] for n in gradients.layer_names}
+        for name, base in bases.items():  # refused before any pass
+            check_whitenable(base, name)
         self.whitening = Whitening(self.name, gradients.layer_names, bases, self.store, self.dtype, self.device,
                                    config.damping, config.whitening_masks, gradients.layer_factors, config.progress,
                                    gradients.stats)
@@ -66,10 +76,18 @@ class WhitenedPreconditioner(Preconditioner):
 
         grads = [torch.cat(parts) for parts in self.gradients.per_checkpoint(test_loader, per_batch)]
         check_some_queries(grads[0])
-        return QueryFeatures(grads, self.setup.signature)
+        return WhitenedQueries(grads, self.setup.signature, whitening=self.whitening.signature(len(grads)))
+
+    def features_of(self, grads: list[Tensor]) -> QueryFeatures:
+        """Precomputed query gradients taken as compressed by this store's whitened compressors (compress_batch's)."""
+        return WhitenedQueries(grads, self.setup.signature, whitening=self.whitening.signature(len(grads)))
 
     def precondition(self, ckpt: int, record: Completion, features: QueryFeatures, damping) -> Tensor:
         self.whitening.check_damping(ckpt, damping)
+        n = len(self.gradients.checkpoints)
+        if not isinstance(features, WhitenedQueries) or features.whitening != self.whitening.signature(n):
+            raise ValueError(f"these query features were not whitened by this store's curvature (preconditioner="
+                             f"{self.name!r}): compute them with this Attributor's query_features")
         return features.grads[ckpt].to(self.device, self.dtype)
 
     def quadratic_form(self, ckpt: int, record: Completion, damping) -> Callable[[Tensor], Tensor]:

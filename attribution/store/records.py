@@ -27,6 +27,7 @@ FORMAT = "grass_ops.attribution.store/3"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _NUMPY_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float64": np.dtype("<f8")}
 GRADS_FILE, META_FILE, COMPLETE_FILE, DONE_FILE = "grads.npy", "meta.json", "complete.json", "done.json"
+WHITENING_DIR = "whitening"  # a whitened store's factors (attribution.whitening): derived before the rows, never recomputed
 MANIFEST_FILE, LOCK_FILE, ATTACHED_FILE = "manifest.json", "lock", "attached.json"
 
 

@@ -11,6 +11,7 @@ from .records import (
     LOCK_FILE,
     MANIFEST_FILE,
     META_FILE,
+    WHITENING_DIR,
     CorruptStoreError,
     StoreError,
     _check_done,
@@ -21,6 +22,9 @@ from .records import (
 
 if TYPE_CHECKING:
     from .disk import DiskStore
+
+# derived data that the rows depend on (tagged with their own data's fingerprint, not the shards')
+PINNED = {WHITENING_DIR: "pinned (every row was whitened by it; deleting it makes the store unusable)"}
 
 
 def verify(store: DiskStore) -> dict:
@@ -77,10 +81,13 @@ def verify(store: DiskStore) -> dict:
                 unrecorded = sorted(p.name for p in folder.iterdir() if p.name != DONE_FILE and not p.name.startswith(".")
                                     and p.name not in done["files"])
                 if unrecorded:
+                    fix = ("the rows depend on it: restore it, or cache into a new store" if folder.name in PINNED
+                           else "delete the folder and cache() recomputes it")
                     raise CorruptStoreError(f"{folder}: files {unrecorded[:3]} are not in its {DONE_FILE} (an edited "
-                                            "record); delete the folder and cache() recomputes it")
+                                            f"record); {fix}")
                 current = done["fingerprint"] == record.fingerprint
-                derived[f"ckpt_{ckpt:03d}/{folder.name}"] = "current" if current else "stale (recomputed by cache())"
+                derived[f"ckpt_{ckpt:03d}/{folder.name}"] = (
+                    PINNED[folder.name] if folder.name in PINNED else "current" if current else "stale (recomputed by cache())")
             except StoreError as err:
                 problems.append(str(err))
     unchecked = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")

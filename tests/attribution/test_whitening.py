@@ -172,11 +172,13 @@ def test_misuse_is_refused_by_name(tmp_path):
             Attributor(model, loss_fn, **{**SMALL, "preconditioner": "kfac-whitened", **extra})
     with pytest.raises(ValueError, match="whitening_masks applies to preconditioner"):
         Attributor(model, loss_fn, **SMALL, whitening_masks="random")
-    learned = C.FactGraSS(24, 4, 16, 8, 4, in_mask=C.SelectiveMask(24, indices=torch.arange(8)))
-    attr = Attributor(model, loss_fn, **{**SMALL, "compressor": {"0": C.FactGraSS(10, 24, 16, 8, 8), "2": learned}},
-                      preconditioner="kfac-whitened")
-    with pytest.raises(ValueError, match="learned FactGraSS masks"):
-        attr.cache(train)
+    learned = [C.FactGraSS(24, 4, 16, 8, 4, in_mask=C.SelectiveMask(24, indices=torch.arange(8))),
+               C.GraSS(96, 16, 32, mask=C.SelectiveMask(96, indices=torch.arange(32))),
+               C.SelectiveMask(96, indices=torch.arange(16))]
+    for comp in learned:  # refused when the Attributor is built, before any pass
+        with pytest.raises(ValueError, match="layer '2': a learned mask"):
+            Attributor(model, loss_fn, **{**SMALL, "compressor": {"0": C.FactGraSS(10, 24, 16, 8, 8), "2": comp}},
+                       preconditioner="kfac-whitened")
     attr = Attributor(model, loss_fn, **SMALL, preconditioner="ekfac-whitened", store=tmp_path / "s", damping="0.1*mean")
     with pytest.raises(RuntimeError, match="holds no whitening for checkpoint 0 yet"):
         attr.compress_batch(test[0])
@@ -312,9 +314,45 @@ def test_each_checkpoint_has_its_own_whitening(tmp_path):
     scores = attr.cache(train).attribute(test)
     expected = Attributor(model, loss_fn, preconditioner="ekfac", **options).cache(train).attribute(test)
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
-    fingerprints = {attr.store.derived_meta(c, whitening.RESULT)[1]["covered"]["0"] for c in range(2)}
-    assert len(fingerprints) == 1  # the same curvature batches ...
+    tags = {attr.store.derived_meta(c, whitening.RESULT)[0] for c in range(2)}
+    assert len(tags) == 1  # the same curvature batches (the tag is their fingerprint) ...
     blocks = [attr.preconditioning.whitening.recorded(c).blocks["0"].g_vals for c in range(2)]
     assert not torch.allclose(blocks[0], blocks[1])  # ... at different weights
     with pytest.raises(ValueError, match="each checkpoint has its own whitening"):
         attr.compress_batch(test[0])
+
+
+def test_query_features_of_a_store_whitened_by_other_data_are_refused(tmp_path):
+    model, train, test = make_problem()
+    options = dict(**SMALL, preconditioner="kfac-whitened", damping="0.1*mean")
+    a = Attributor(model, loss_fn, **options, store=tmp_path / "a").cache(train)
+    b = Attributor(model, loss_fn, **options, store=tmp_path / "b").cache(train, curvature_loader=train[:1])
+    features = a.query_features(test)
+    with pytest.raises(ValueError, match="not whitened by this store's curvature"):
+        b.attribute(features=features)
+    torch.testing.assert_close(a.attribute(features=features), a.attribute(test), rtol=0, atol=0)
+    # precomputed queries (compress_batch's) carry this store's whitening
+    own = a.features_from_gradients(a.compress_batch(test[0])[0])
+    torch.testing.assert_close(a.attribute(features=own), a.attribute(test), rtol=0, atol=0)
+
+
+def test_verify_reports_the_whitening_as_pinned(tmp_path):
+    model, train, _ = make_problem()
+    attr = Attributor(model, loss_fn, **SMALL, preconditioner="ekfac-whitened", store=tmp_path / "s").cache(train[:2])
+    attr.cache(train)  # grown: the shards' fingerprint moves on, the whitening stays
+    report = attr.verify()
+    assert report["ok"] and report["derived"]["ckpt_000/whitening"].startswith("pinned")
+
+
+def test_an_interrupted_pass_one_meeting_other_data_restarts_it(tmp_path, monkeypatch):
+    """Pass one's partial sums are only intermediate (no row depends on them): other data drops them, with a warning."""
+    monkeypatch.setattr(kfac, "SAVE_SECONDS", 0.0)
+    model, train, test = make_problem(n_train=45, batch=8)
+    options = dict(**SMALL, preconditioner="kfac-whitened", damping="0.1*mean")
+    with pytest.raises(Interrupt):
+        Attributor(model, loss_fn, **options, store=tmp_path / "s").cache(Killed(train, 3))
+    other = [(x.flip(0), y.flip(0)) for x, y in train]  # the same samples, other batches' digests
+    with pytest.warns(UserWarning, match="partial sums are dropped and the pass restarts"):
+        scores = Attributor(model, loss_fn, **options, store=tmp_path / "s").cache(other).attribute(test)
+    fresh = Attributor(model, loss_fn, **options, store=tmp_path / "fresh").cache(other).attribute(test)
+    torch.testing.assert_close(scores, fresh, rtol=0, atol=0)

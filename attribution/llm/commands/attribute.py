@@ -19,7 +19,17 @@ from ...whitening import KINDS as WHITENED
 from ..config import DEFAULT_NORMALIZE, CacheConfig
 from ..report import Attribution, write_reports
 from . import flags as f
-from .common import CLIError, attributor, check_out, check_rows, load_model, load_store, main_rank, require_faiss
+from .common import (
+    CLIError,
+    attributor,
+    check_out,
+    check_rows,
+    check_whitened_scoring,
+    load_model,
+    load_store,
+    main_rank,
+    require_faiss,
+)
 
 # What a store of `grass-attribute cache` holds: one model's compressed loss gradients and their FIM (the Attributor's
 # defaults). The methods and preconditioners that need more are refused, with what they need.
@@ -45,10 +55,7 @@ def scoring(args, config: CacheConfig | None = None) -> tuple[str, str, bool]:
         if whitened is None:
             raise CLIError(f"--preconditioner {given} is how a store is cached (`grass-attribute cache --preconditioner "
                            f"{given}` whitens its gradients); this store holds raw ones: use fim, none or mixed")
-        if method != "if" or given not in (None, whitened):
-            shown = f"--method {method}" + (f" --preconditioner {given}" if given else "")
-            raise CLIError(f"the store holds whitened gradients (cached with --preconditioner {whitened}): they serve "
-                           f"--method if with that preconditioner only (--normalize for their cosine), not {shown}")
+        check_whitened_scoring(whitened, method, given)
         normalize = DEFAULT_NORMALIZE if args.normalize is None else args.normalize
         return method, whitened, normalize
     if method not in PRECONDITIONED and given not in (None, "none"):

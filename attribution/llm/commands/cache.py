@@ -55,8 +55,7 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
         return  # a whitened store chooses its masks in the whitened eigenbasis (attribution.whitening)
     folder = store / "masks"
     record = folder / "masks.json"
-    sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
-                    [: config.mask_documents].tolist())
+    sample = seeded_sample(len(docs), config.mask_documents, config.seed)
     wanted = {"documents": [docs[i]["id"] for i in sample], "k": config.k, "options": options}
     layers = llm.resolve_layers(model, config.layer_patterns)
     scales = _normalized_coordinates(model, config, layers)
@@ -75,13 +74,17 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
         atomic_write_json(record, wanted)
 
 
+def seeded_sample(n: int, size: int, seed: int) -> list[int]:
+    """``size`` of the indices 0..n-1 (all of them if fewer), drawn with ``seed``, in ascending order."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
 def curvature_batches(config: CacheConfig, tokenizer, docs: list[dict]) -> list | None:
     """--curvature-documents: the token batches of a seeded sample of ``docs`` (the first cache's documents, so a
     grown store asks for the same ones) that form a whitened store's curvature; None: the training batches."""
     if config.curvature_documents is None:
         return None
-    sample = sorted(torch.randperm(len(docs), generator=torch.Generator().manual_seed(config.seed))
-                    [: config.curvature_documents].tolist())
+    sample = seeded_sample(len(docs), config.curvature_documents, config.seed)
     return llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
                                 config.token_batch_size)[0]
 

@@ -177,6 +177,14 @@ def checkpoint_states(config: CacheConfig) -> list | None:
             for path in config.checkpoint]
 
 
+def check_whitened_scoring(whitened: str, method: str, given: str | None) -> None:
+    """A whitened store (cache --preconditioner ``whitened``) serves --method if with its own preconditioner only."""
+    if method != "if" or given not in (None, whitened):
+        shown = f"--method {method}" + (f" --preconditioner {given}" if given else "")
+        raise CLIError(f"the store holds whitened gradients (cached with --preconditioner {whitened}): they serve --method "
+                       f"if with that preconditioner only (--normalize for their cosine), not {shown}")
+
+
 def attributor(model, config: CacheConfig, store, method="if", compile=False, normalize=False, preconditioner=None,
                task_weight=None):
     """The Attributor of a cache configuration over ``store`` (at its --checkpoint states, checked against the
@@ -185,10 +193,7 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
     another one) is a usage error naming the flag."""
     check_checkpoints(model, config, store)
     if config.preconditioner is not None:  # a whitened store: its rows serve one scoring
-        if method != "if" or preconditioner not in (None, config.preconditioner):
-            given = f"--method {method}" + (f" --preconditioner {preconditioner}" if preconditioner else "")
-            raise CLIError(f"{store} holds whitened gradients (cached with --preconditioner {config.preconditioner}): they "
-                           f"serve --method if with that preconditioner only (--normalize for their cosine), not {given}")
+        check_whitened_scoring(config.preconditioner, method, preconditioner)
         preconditioner = config.preconditioner
     weights = None if config.checkpoint_weight is None else list(config.checkpoint_weight)
     try:
