@@ -129,17 +129,18 @@ def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: floa
         inner = C.Identity(m_in * m_out)
     else:
         m_in, m_out, inner, seed = d_in, d_out, base, 0
-    share = eig / (eig + lam) if lam > 0 else (eig > 0).double()  # each coordinate's whitened second moment
+    # each coordinate's whitened second moment Lambda / (Lambda + lambda) grows with Lambda, which keeps ranking the
+    # coordinates where that ratio saturates at 1 (a small damping): the energy masks rank by Lambda
     if m_in == d_in and m_out == d_out:
         rows, cols = torch.arange(d_in), torch.arange(d_out)
     elif masks == "energy":
-        rows, cols = _top(share.sum(1), m_in), _top(share.sum(0), m_out)
+        rows, cols = _top(eig.sum(1), m_in), _top(eig.sum(0), m_out)
     else:
         rows, cols = random_mask(d_in, m_in, derive_seed(seed, 1)), random_mask(d_out, m_out, derive_seed(seed, 2))
     if isinstance(base, C.FactGraSS) and masks == "energy" and base.out_features < m_in * m_out:
         # in the eigenbasis the coordinates are ranked by what they carry: keep the k largest of the block
         # instead of mixing them all into k by the SJLT (no sketch noise from the weak ones)
-        inner = C.SelectiveMask(m_in * m_out, indices=_top(share[rows][:, cols].flatten(), base.out_features))
+        inner = C.SelectiveMask(m_in * m_out, indices=_top(eig[rows][:, cols].flatten(), base.out_features))
     scale = (eig[rows][:, cols] + lam).rsqrt()
     return C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], scale)
 
