@@ -14,8 +14,10 @@ scaled by S restricted to them, then its SJLT compresses it (grass_ops.compresso
 compressors take the whole rotated, scaled gradient; LoGra keeps m_in x m_out eigenvectors whole.
 
 Masks in the whitened coordinates: a coordinate (i, j) of R carries E[R_ij^2] = Lambda_ij / (Lambda_ij + lambda)
-of second moment (EK-FAC: exactly), so "energy" keeps the m_in rows and m_out columns with the largest
-sums of it (K-FAC: the leading eigenvectors of A and G); "random" a seeded random subset of each.
+of second moment (EK-FAC: exactly), which grows with Lambda, so "energy" keeps the m_in rows and m_out columns
+with the largest sums of Lambda (K-FAC: the leading eigenvectors of A and G), and FactGraSS the k largest
+coordinates of that block; "random" a seeded random subset of each, then FactGraSS's SJLT. :func:`kept_share`
+says how much of the whitened second moment a store keeps (the cache's ``stats["whitening_kept_share"]``).
 
 Two passes, both resumable and under torch.distributed:
 * pass one (:meth:`Whitening.prepare`): the K-FAC sums of the curvature data (the training data, or
@@ -112,14 +114,10 @@ def check_whitenable(base: C.Compressor, name: str) -> None:
         raise ValueError(f"layer {name!r}: no whitened form of the factorized compressor {type(base).__name__}")
 
 
-def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str
-                        ) -> C.Whitened:
-    """``base`` (a layer's compressor as built from the spec) in the whitened eigenbasis of ``block``:
-    FactGraSS keeps its k_in x k_out mask sizes and its SJLT, LoGra its k_in x k_out, a flat compressor
-    takes all d_in x d_out rotated coordinates. ``masks``: "energy" or "random" (see the module docstring)."""
-    eig = block.eigenvalues()
-    lam = absolute_damping(damping, block.mean_eigenvalue())
-    check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
+def _coordinates(base: C.Compressor, eig: Tensor, masks: str, name: str) -> tuple[Tensor, Tensor, C.Compressor]:
+    """The eigen-coordinates that ``base``'s whitened form keeps: (rows [m_in] of A's eigenvectors, cols [m_out]
+    of G's, the inner compressor of the m_in x m_out block). FactGraSS keeps its k_in x k_out mask sizes and its
+    SJLT, LoGra its k_in x k_out, a flat compressor takes all d_in x d_out rotated coordinates."""
     d_in, d_out = eig.shape
     check_whitenable(base, name)
     if isinstance(base, C.FactGraSS):
@@ -141,8 +139,35 @@ def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: floa
         # in the eigenbasis the coordinates are ranked by what they carry: keep the k largest of the block
         # instead of mixing them all into k by the SJLT (no sketch noise from the weak ones)
         inner = C.SelectiveMask(m_in * m_out, indices=_top(eig[rows][:, cols].flatten(), base.out_features))
+    return rows, cols, inner
+
+
+def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str
+                        ) -> C.Whitened:
+    """``base`` (a layer's compressor as built from the spec) in the whitened eigenbasis of ``block``, on the
+    coordinates of :func:`_coordinates`. ``masks``: "energy" or "random" (see the module docstring)."""
+    eig = block.eigenvalues()
+    lam = absolute_damping(damping, block.mean_eigenvalue())
+    check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
+    rows, cols, inner = _coordinates(base, eig, masks, name)
     scale = (eig[rows][:, cols] + lam).rsqrt()
     return C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], scale)
+
+
+def kept_share(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str) -> float:
+    """The share of a layer's whitened second moment that its whitened store reaches: in the eigenbasis a
+    coordinate's whitened second moment is Lambda / (Lambda + lambda) (exact for K-FAC's model, EK-FAC's by
+    construction), summed over the coordinates the masks keep (those an SJLT mixes count whole), over the sum
+    of all of them. 1.0: nothing dropped (a flat compressor, or full masks); a small share means the store
+    sees little of what the whitened inner product sums (a flat spectrum at small k)."""
+    eig = block.eigenvalues()
+    lam = absolute_damping(damping, block.mean_eigenvalue())
+    share = eig / (eig + lam) if lam > 0 else (eig > 0).double()
+    rows, cols, inner = _coordinates(base, eig, masks, name)
+    kept = share[rows][:, cols].flatten()
+    if isinstance(inner, C.SelectiveMask):
+        kept = kept[inner.indices]
+    return float(kept.sum() / share.sum())
 
 
 class Whitening:
@@ -159,7 +184,9 @@ class Whitening:
         self.preconditioner, self.layers, self.bases, self.store = preconditioner, list(layers), bases, store
         self.dtype, self.device, self.damping, self.masks = dtype, device, damping, masks
         self.factors, self.progress = factors, progress
-        self.stats = {} if stats is None else stats  # "whitening_seconds": pass one's wall time, added up
+        # "whitening_seconds": pass one's wall time, added up; "whitening_kept_share": {layer: kept_share} of the
+        # checkpoint loaded last
+        self.stats = {} if stats is None else stats
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._loaded: dict[int, tuple[str, Curvature, dict[str, C.Whitened]]] = {}
 
@@ -185,6 +212,8 @@ class Whitening:
         compressors = {n: whitened_compressor(self.bases[n], blocks[n], curvature.damping, curvature.masks, n).to(self.device)
                        for n in self.layers}
         self._loaded[ckpt] = (fingerprint, curvature, compressors)
+        self.stats["whitening_kept_share"] = {
+            n: kept_share(self.bases[n], blocks[n], curvature.damping, curvature.masks, n) for n in self.layers}
         return curvature
 
     def compressors(self, ckpt: int) -> dict[str, C.Whitened]:

@@ -145,15 +145,19 @@ def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loa
     "ekfac-whitened"): the damping is applied before the compression, so every grid value caches its
     own store (``make_attributor(damping)``; ``curvature_loader``: its pass one's data, default the training
     data). The seconds are summed over the grid; ``whitening_seconds``
-    (pass one) and ``cache_seconds`` (both passes) are also given per store (``*_per_store``)."""
+    (pass one) and ``cache_seconds`` (both passes) are also given per store (``*_per_store``); ``kept_share``:
+    {damping: the layers' mean :func:`attribution.whitening.kept_share`}."""
     seconds: dict[str, float] = {}
     columns = []
+    kept: dict[str, float] = {}  # damping -> the layers' mean whitening.kept_share
 
     def scores_for(damping):
         attr = make_attributor(damping)
         with timed_phase(seconds, "cache_seconds"):
             attr.cache(train_loader, curvature_loader=curvature_loader)
         seconds["whitening_seconds"] = seconds.get("whitening_seconds", 0.0) + attr.stats.get("whitening_seconds", 0.0)
+        shares = attr.stats["whitening_kept_share"]
+        kept[str(damping)] = sum(shares.values()) / len(shares)
         with timed_phase(seconds, "query_seconds"):
             features = attr.query_features(test_loader)
         columns.append(attr.compress.columns)
@@ -162,7 +166,7 @@ def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loa
 
     result = cross_validated_lds(harness, scores_for, n_test, grid=grid, seed=seed, all_dampings=True)
     per_store = {f"{key}_per_store": seconds[key] / len(grid) for key in ("cache_seconds", "whitening_seconds")}
-    return {**result, **seconds, **per_store, "floats_per_sample": columns[0]}
+    return {**result, **seconds, **per_store, "floats_per_sample": columns[0], "kept_share": kept}
 
 
 def timed_lds(attr, harness: LDSHarness, train_loader, test_loader, n_test: int, grid, seed: int = 0) -> dict:

@@ -27,6 +27,7 @@ from torch import nn
 from attribution import Attributor, kfac, whitening
 from attribution.evaluation.metrics import pearson
 from grass_ops import compressors as C
+from grass_ops._hashing import derive_seed, random_mask
 
 EXACT = dict(compressor="identity", k=10**6, dtype=torch.float64, compile=False, progress=False)
 SMALL = dict(compressor="factgrass", k=16, dtype=torch.float64, compile=False, progress=False)
@@ -157,6 +158,34 @@ def test_energy_masks_keep_the_eigenvectors_with_the_most_whitened_second_moment
     assert random.inner is base.projection  # the paper's FactGraSS in the eigenbasis: random masks, then its SJLT
 
 
+def test_kept_share_is_the_whitened_second_moment_the_store_reaches():
+    """kept_share: sum of Lambda/(Lambda+lambda) over the kept eigen-coordinates over the sum of all of them (1 for
+    full masks and flat compressors); the cache records it per layer."""
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(30, 2, 12, generator=gen, dtype=torch.float64), torch.randn(30, 2, 9, generator=gen, dtype=torch.float64)
+    block = kfac.kfac_blocks(kfac.factor_sums({"w": x}, {"w": g}), ["w"], torch.float64)["w"]
+    eig = torch.outer(block.a_vals, block.g_vals)
+    lam = 0.1 * float(eig.mean())
+    share = eig / (eig + lam)
+    base = C.FactGraSS(12, 9, 8, 4, 3, seed=5)
+    energy = whitening.whitened_compressor(base, block, "0.1*mean", "energy", "w")
+    rows = torch.sort(torch.argsort(block.a_vals, descending=True)[:4]).values
+    cols = torch.sort(torch.argsort(block.g_vals, descending=True)[:3]).values
+    expected = share[rows][:, cols].flatten()[energy.inner.indices].sum() / share.sum()
+    assert whitening.kept_share(base, block, "0.1*mean", "energy", "w") == pytest.approx(float(expected), rel=1e-12)
+    # the random masks' SJLT mixes its whole 4 x 3 block: all of it counts
+    rows, cols = random_mask(12, 4, derive_seed(5, 1)), random_mask(9, 3, derive_seed(5, 2))
+    expected = share[rows][:, cols].sum() / share.sum()
+    assert whitening.kept_share(base, block, "0.1*mean", "random", "w") == pytest.approx(float(expected), rel=1e-12)
+    assert whitening.kept_share(C.SJLT(108, 8, seed=0), block, "0.1*mean", "energy", "w") == pytest.approx(1.0)
+    assert whitening.kept_share(C.LoGra(12, 9, 12, 9, seed=0), block, "0.1*mean", "energy", "w") == pytest.approx(1.0)
+
+    model, train, _ = make_problem()
+    attr = Attributor(model, loss_fn, **SMALL, preconditioner="kfac-whitened", damping="0.1*mean").cache(train)
+    shares = attr.stats["whitening_kept_share"]
+    assert list(shares) == attr.block_names and all(0 < v <= 1 for v in shares.values())
+
+
 # ---- misuse --------------------------------------------------------------------------------------
 def test_misuse_is_refused_by_name(tmp_path):
     model, train, test = make_problem()
@@ -273,7 +302,9 @@ torch.save(attr.attribute(test), {str(tmp_path / 'scores.pt')!r})
 
 def test_many_whitened_attributors_in_one_process_stay_apart(tmp_path):
     model, train, test = make_problem()
-    alone = {kind: Attributor(model, loss_fn, **SMALL, preconditioner=kind, damping="0.1*mean").cache(train).attribute(test)
+    # each alone, in a store of its own (a memory store sums its blocks in another order: ~1e-15 apart)
+    alone = {kind: Attributor(model, loss_fn, **SMALL, preconditioner=kind, damping="0.1*mean",
+                              store=tmp_path / "alone" / kind).cache(train).attribute(test)
              for kind in ("kfac-whitened", "ekfac-whitened")}
     together = {kind: Attributor(model, loss_fn, **SMALL, preconditioner=kind, damping="0.1*mean", store=tmp_path / kind)
                 for kind in ("kfac-whitened", "ekfac-whitened")}
