@@ -7,11 +7,14 @@
    completion whose training documents we look for.
 3. The default method's top documents per question are reported (report.md / .html / .json), with
    recall@1, recall@5 and MRR of each fact's source document, beside the other compressors and
-   scorings, a lexical BM25 baseline and the untuned model, and a plot of recall per method.
+   scorings, a lexical BM25 baseline, the untuned model and both checkpoints together, and a plot of recall per
+   method.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -68,6 +71,25 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
 FINETUNE_LR = 2e-4
 
 
+def base_model_folder(out: Path) -> Path:
+    """The untuned embedded model as a Hugging Face folder ``out/base_model`` (the checkpoint that ``--checkpoints
+    base|both`` caches), written once: into a temporary folder, renamed when complete."""
+    folder = out / "base_model"
+    if not (folder / "model.safetensors").is_file():
+        tmp = out / "base_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
+        save_folder(model, tokenizer, tmp)
+        del model
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+CHECKPOINTS = {"tuned": ("model",), "base": ("base",), "both": ("base", "model")}  # --checkpoints: whose gradients
+CHECKPOINT_LABELS = {"base": "the untuned model's gradients", "both": "tuned + untuned checkpoints (TracIn-CP)"}
+
+
 def load_optimizer(out: Path, model):
     """The fine-tuning's AdamW with its state as saved under ``out`` (``optimizer.pt``), on ``model``'s parameters."""
     optimizer = facts.finetune_optimizer(model, FINETUNE_LR)
@@ -111,8 +133,9 @@ COMPARED = {  # name -> (compressor spec, scoring); the default is added by the 
 def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict], k: int, max_length: int,
             token_batch_size: int, default: tuple[str, str]) -> list[dict]:
     """Retrieval metrics of every compared method (one pass over the corpus for all of them), BM25,
-    and, as a control, the default compressor spec (random masks) on the untuned base model's gradients
-    (``base_model``: the model, or a function that loads it, called once the tuned model's features are freed)."""
+    and, as a control, the default compressor spec (random masks) on the untuned base model's gradients, alone and
+    summed with the tuned model's (TracIn-CP over both checkpoints) (``base_model``: the model, or a function that
+    loads it, called once the tuned model's features are freed)."""
     layers = find_layers(model, llm.DEFAULT_LAYERS[:1])
     doc_batches, order = llm.document_batches(tokenizer, docs, None, max_length, token_batch_size)
     ordered = [docs[i] for i in order]
@@ -133,6 +156,7 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
                               scoring=method.scoring))
     rows.append(evaluated("BM25 (question + answer vs document text)", bm25(queries, ordered), ids, targets,
                           compressor=None, scoring="bm25"))
+    tuned = scores(features["default"], methods["default"])  # [n_query, n_doc], kept for the two-checkpoint row
     del features
     release_freed_memory()
     if callable(base_model):  # loaded only now: the tuned model's features are freed first
@@ -140,9 +164,14 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     base_layers = find_layers(base_model, llm.DEFAULT_LAYERS[:1])
     _, base = measure(base_model, llm.sequence_loss, base_layers, doc_batches, query_batches,
                       {"default": methods["default"]}, truth=False)
+    untuned = scores(base["default"], methods["default"])
     rows.append(evaluated(f"control: the untuned base model, {default[0]}, random masks, {SCORINGS[default[1]]}",
-                          scores(base["default"], methods["default"]), ids, targets, compressor=str(default[0]),
-                          scoring=default[1]))
+                          untuned, ids, targets, compressor=str(default[0]), scoring=default[1], row="base"))
+    # TracIn-CP over the two checkpoints with equal weights (what `cache --checkpoint base --checkpoint tuned` scores):
+    # each checkpoint's IF is invariant to its gradients' scale, so the sum weighs both alike
+    rows.append(evaluated(f"both checkpoints (tuned + untuned, TracIn-CP, equal weights), {default[0]}, random masks, "
+                          f"{SCORINGS[default[1]]}", tuned + untuned, ids, targets, compressor=str(default[0]),
+                          scoring=default[1], row="both"))
     for row in rows:
         row["seconds"] = time.perf_counter() - start
     return rows
@@ -297,6 +326,11 @@ def notes(rows: list[dict]) -> list[str]:
                    f"{'better than' if better else 'no better than'} the fine-tuned model (MRR {control['mrr']:.2f} against "
                    f"{default['mrr']:.2f})." + (" Once a fact is learned its loss and gradient shrink, so an earlier "
                                                 "checkpoint can trace it better." if better else ""))
+    both = next((r for r in rows if r.get("row") == "both"), None)
+    if control is not None and both is not None:
+        out.append(f"Both checkpoints together (TracIn-CP: the tuned and the untuned model's scores summed, what "
+                   f"`cache --checkpoint` does with two folders) reach MRR {both['mrr']:.2f}, against {control['mrr']:.2f} "
+                   f"for the untuned model and {default['mrr']:.2f} for the default alone.")
     return out
 
 
@@ -339,6 +373,8 @@ def run(args) -> list[dict]:
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
     args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
     args.optimizer_state = str(out / OPTIMIZER_FILE) if args.use_optimizer_state else None
+    if args.checkpoints != "tuned":  # TracIn-CP over the named states ("model": the fine-tuned --model itself)
+        args.checkpoint = [str(base_model_folder(out)) if c == "base" else c for c in CHECKPOINTS[args.checkpoints]]
     summary = cache.run(args, (model, tokenizer))
     release_freed_memory()
     store, config, docs = load_store(args.store)
@@ -349,7 +385,9 @@ def run(args) -> list[dict]:
     scoring = {True: "IF on unit-normalized gradients", False: "raw IF"}
     lexical = bm25(queries, docs)
     rows = [evaluated(f"default: {config.compressor}, {config.masks} masks, k={config.k}, {scoring[args.normalize]}"
-                      + (", optimizer-normalized" if config.optimizer_state else ""), score_matrix, ids, targets,
+                      + (", optimizer-normalized" if config.optimizer_state else "")
+                      + ("" if args.checkpoints == "tuned" else f", {CHECKPOINT_LABELS[args.checkpoints]}"),
+                      score_matrix, ids, targets,
                       row="default"),
             evaluated(f"the same store, {scoring[not args.normalize]}", other, ids, targets, row="store"),
             evaluated(f"two-stage: BM25's top {TWO_STAGE_CANDIDATES} re-ranked by the default's score",
@@ -387,7 +425,8 @@ def run(args) -> list[dict]:
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
             "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
-            "optimizer_state": config.optimizer_state is not None, "finetune_seconds": tuned["seconds"],
+            "optimizer_state": config.optimizer_state is not None, "checkpoints": args.checkpoints,
+            "finetune_seconds": tuned["seconds"],
             "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
     internal = ("ranks", "ranking", "row")

@@ -1,6 +1,7 @@
 """LLM attribution: HF causal LMs (a tiny random Llama and GPT-2 saved to folders, and the embedded
 SmolLM2 GGUF), the grass-attribute CLI, lm-eval query sets from a local task."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ transformers = pytest.importorskip("transformers", reason="the `llm` extra is no
 
 from attribution import Attributor, llm  # noqa: E402
 from attribution.llm import cli  # noqa: E402
+from attribution.llm.config import recorded_checkpoints  # noqa: E402
 
 
 def test_sequence_loss_masks_padding_and_prompt(tiny_llama):
@@ -85,6 +87,7 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path):
     rows = cli.run(flags)
     names = [r["method"] for r in rows]
     assert names[0].startswith("default") and any("BM25" in n for n in names) and any("untuned" in n for n in names)
+    assert any(n.startswith("both checkpoints") for n in names)
     assert any(n.startswith("two-stage") for n in names)
     retrieval = [r for r in rows if "mrr" in r]
     for r in retrieval:
@@ -106,3 +109,12 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path):
     assert {k: again[k] for k in ("method", "ranks", "mrr")} == {k: rows[0][k] for k in ("method", "ranks", "mrr")}
     assert "tail_patch@5" not in again
     assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
+    # --checkpoints both: the default caches and scores the untuned and the tuned model (TracIn-CP) in a store of its own
+    other = [str(tmp_path / "store_both") if flag == str(tmp_path / "store") else flag for flag in flags]
+    both = cli.run([*other, "--checkpoints", "both", "--no-compare", "--tail-patch", "none"])[0]
+    assert "TracIn-CP" in both["method"] and 0 < both["mrr"] <= 1 and len(both["ranks"]) == 20
+    recorded = recorded_checkpoints(tmp_path / "store_both")
+    assert [Path(c["path"]).name for c in recorded] == ["base_model", "model"]
+    assert json.loads((tmp_path / "facts.json").read_text())["meta"]["checkpoints"] == "both"
+    assert not (tmp_path / "base_model.tmp").exists() and (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
+    assert cli.main([*other, "--no-compare", "--tail-patch", "none"]) == 2  # the tuned model alone: another store

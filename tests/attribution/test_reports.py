@@ -147,6 +147,10 @@ def test_the_notes_read_their_figures_from_the_rows():
     assert "0.95, against 0.90 over all" in text and "better than the fine-tuned model (MRR 0.95 against 0.90)" in text
     text = " ".join(demo.notes([{**default, "mrr_answered": 0.5}, {**bm25, "mrr": 0.97}, {**control, "mrr": 0.1}]))
     assert "Why BM25 wins here" in text and "over all" not in text and "no better than" in text
+    assert "Both checkpoints" not in text
+    both = {"method": "both checkpoints", "row": "both", "mrr": 0.97}
+    text = " ".join(demo.notes([default, bm25, control, both]))
+    assert "reach MRR 0.97, against 0.95 for the untuned model and 0.90 for the default alone" in text
 
 
 ROWS = [{"method": "default: factgrass:blowup=4, energy masks, k=256, raw IF on a rather long label", "recall@1": 0.45,

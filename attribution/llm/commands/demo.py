@@ -33,6 +33,9 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
                                 "second moment (TrackStar; `cache --optimizer-state`; default: off, it traced the facts "
                                 "worse here, BENCHMARKS.md)", default=False, action=argparse.BooleanOptionalAction,
            dest="use_optimizer_state"),
+    f.Flag("--checkpoints", "whose gradients the default caches and scores: the fine-tuned model, the untuned base model "
+                            "(saved once as <out>/base_model), or both (TracIn-CP, equal weights; `cache --checkpoint`); "
+                            "another choice needs another --store", default="tuned", choices=["tuned", "base", "both"]),
     f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
