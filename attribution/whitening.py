@@ -158,16 +158,19 @@ def kept_share(base: C.Compressor, block: KroneckerBlock, damping: float | str, 
     """The share of a layer's whitened second moment that its whitened store reaches: in the eigenbasis a
     coordinate's whitened second moment is Lambda / (Lambda + lambda) (exact for K-FAC's model, EK-FAC's by
     construction), summed over the coordinates the masks keep (those an SJLT mixes count whole), over the sum
-    of all of them. 1.0: nothing dropped (a flat compressor, or full masks); a small share means the store
-    sees little of what the whitened inner product sums (a flat spectrum at small k)."""
+    of all of them. 1.0: nothing dropped (an SJLT over all coordinates, or full masks; also a layer without
+    any second moment); a small share means the store sees little of what the whitened inner product sums (a
+    flat spectrum at small k). Masks (FactGraSS's, LoGra's, a flat random or GraSS mask) count what they keep."""
     eig = block.eigenvalues()
     lam = absolute_damping(damping, block.mean_eigenvalue())
     share = eig / (eig + lam) if lam > 0 else (eig > 0).double()
     rows, cols, inner = _coordinates(base, eig, masks, name)
     kept = share[rows][:, cols].flatten()
-    if isinstance(inner, C.SelectiveMask):
-        kept = kept[inner.indices]
-    return float(kept.sum() / share.sum())
+    mask = inner if isinstance(inner, C._Mask) else getattr(inner, "mask", None)  # GraSS: its mask, then its SJLT
+    if isinstance(mask, C._Mask):  # a mask drops what it does not keep; an SJLT after it mixes the kept ones whole
+        kept = kept[mask.indices]
+    total = float(share.sum())
+    return float(kept.sum()) / total if total > 0 else 1.0  # a layer with no second moment: nothing to lose
 
 
 class Whitening:
@@ -184,8 +187,7 @@ class Whitening:
         self.preconditioner, self.layers, self.bases, self.store = preconditioner, list(layers), bases, store
         self.dtype, self.device, self.damping, self.masks = dtype, device, damping, masks
         self.factors, self.progress = factors, progress
-        # "whitening_seconds": pass one's wall time, added up; "whitening_kept_share": {layer: kept_share} of the
-        # checkpoint loaded last
+        # "whitening_seconds": pass one's wall time, added up; "whitening_kept_share": {checkpoint: {layer: kept_share}}
         self.stats = {} if stats is None else stats
         self.store_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._loaded: dict[int, tuple[str, Curvature, dict[str, C.Whitened]]] = {}
@@ -212,7 +214,7 @@ class Whitening:
         compressors = {n: whitened_compressor(self.bases[n], blocks[n], curvature.damping, curvature.masks, n).to(self.device)
                        for n in self.layers}
         self._loaded[ckpt] = (fingerprint, curvature, compressors)
-        self.stats["whitening_kept_share"] = {
+        self.stats.setdefault("whitening_kept_share", {})[ckpt] = {
             n: kept_share(self.bases[n], blocks[n], curvature.damping, curvature.masks, n) for n in self.layers}
         return curvature
 

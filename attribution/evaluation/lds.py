@@ -156,7 +156,7 @@ def timed_whitened_lds(make_attributor: Callable, harness: LDSHarness, train_loa
         with timed_phase(seconds, "cache_seconds"):
             attr.cache(train_loader, curvature_loader=curvature_loader)
         seconds["whitening_seconds"] = seconds.get("whitening_seconds", 0.0) + attr.stats.get("whitening_seconds", 0.0)
-        shares = attr.stats["whitening_kept_share"]
+        shares = attr.stats["whitening_kept_share"][0]  # one checkpoint
         kept[str(damping)] = sum(shares.values()) / len(shares)
         with timed_phase(seconds, "query_seconds"):
             features = attr.query_features(test_loader)

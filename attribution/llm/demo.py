@@ -73,14 +73,17 @@ FINETUNE_LR = 2e-4
 
 def base_model_folder(out: Path) -> Path:
     """The untuned embedded model as a Hugging Face folder ``out/base_model`` (the checkpoint that ``--checkpoints
-    base|both`` caches), written once: into a temporary folder, renamed when complete."""
-    folder = out / "base_model"
-    if not (folder / "model.safetensors").is_file():
+    base|both`` caches), written once: into a temporary folder, renamed when complete; ``source.json`` names the
+    model it holds, and a folder of another one is replaced."""
+    folder, source = out / "base_model", {"base": llm.DEFAULT_MODEL}
+    record = folder / "source.json"
+    if not (record.is_file() and json.loads(record.read_text()) == source and (folder / "model.safetensors").is_file()):
         tmp = out / "base_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
         save_folder(model, tokenizer, tmp)
         del model
+        write_json_atomic(tmp / "source.json", source)  # which model it holds: another one is saved anew
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return folder
@@ -148,15 +151,17 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     _, features = measure(model, llm.sequence_loss, layers, doc_batches, query_batches,
                           {name: m for name, m in methods.items()}, truth=False)
     rows = []
+    tuned = scores(features["default"], methods["default"])  # [n_query, n_doc], kept for the two-checkpoint row
     for name, method in methods.items():
         spec = str(method.compressor)
-        label = (f"{spec}, random masks (not the store's energy masks), {SCORINGS[method.scoring]}" if name == "default"
-                 else name)
-        rows.append(evaluated(label, scores(features[name], method), ids, targets, compressor=spec,
-                              scoring=method.scoring))
+        if name == "default":  # "tuned": the reference of the untuned and two-checkpoint rows (same masks and damping)
+            rows.append(evaluated(f"{spec}, random masks (not the store's energy masks), {SCORINGS[method.scoring]}",
+                                  tuned, ids, targets, compressor=spec, scoring=method.scoring, row="tuned"))
+        else:
+            rows.append(evaluated(name, scores(features[name], method), ids, targets, compressor=spec,
+                                  scoring=method.scoring))
     rows.append(evaluated("BM25 (question + answer vs document text)", bm25(queries, ordered), ids, targets,
                           compressor=None, scoring="bm25"))
-    tuned = scores(features["default"], methods["default"])  # [n_query, n_doc], kept for the two-checkpoint row
     del features
     release_freed_memory()
     if callable(base_model):  # loaded only now: the tuned model's features are freed first
@@ -167,8 +172,9 @@ def compare(model, tokenizer, base_model, docs: list[dict], queries: list[dict],
     untuned = scores(base["default"], methods["default"])
     rows.append(evaluated(f"control: the untuned base model, {default[0]}, random masks, {SCORINGS[default[1]]}",
                           untuned, ids, targets, compressor=str(default[0]), scoring=default[1], row="base"))
-    # TracIn-CP over the two checkpoints with equal weights (what `cache --checkpoint base --checkpoint tuned` scores):
-    # each checkpoint's IF is invariant to its gradients' scale, so the sum weighs both alike
+    # TracIn-CP over the two checkpoints with equal weights (as `cache --checkpoint base --checkpoint model` sums them);
+    # with this relative damping each checkpoint's IF is invariant to its gradients' scale, so the sum weighs both
+    # alike (the store's absolute --damping does not make it exactly so)
     rows.append(evaluated(f"both checkpoints (tuned + untuned, TracIn-CP, equal weights), {default[0]}, random masks, "
                           f"{SCORINGS[default[1]]}", tuned + untuned, ids, targets, compressor=str(default[0]),
                           scoring=default[1], row="both"))
@@ -320,17 +326,19 @@ def notes(rows: list[dict]) -> list[str]:
                if source is not None else "")
             + " A method whose top documents raise the answer more than the documents that state the fact has found "
             "what the model's answer depends on, not only where the words match.")
+    # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
+    tuned = next((r for r in rows if r.get("row") == "tuned"), default)
     if control is not None:
-        better = control["mrr"] > default["mrr"]
+        better = control["mrr"] > tuned["mrr"]
         out.append(f"The control row attributes with the base model before fine-tuning: it traces the facts "
                    f"{'better than' if better else 'no better than'} the fine-tuned model (MRR {control['mrr']:.2f} against "
-                   f"{default['mrr']:.2f})." + (" Once a fact is learned its loss and gradient shrink, so an earlier "
-                                                "checkpoint can trace it better." if better else ""))
+                   f"{tuned['mrr']:.2f})." + (" Once a fact is learned its loss and gradient shrink, so an earlier "
+                                              "checkpoint can trace it better." if better else ""))
     both = next((r for r in rows if r.get("row") == "both"), None)
     if control is not None and both is not None:
-        out.append(f"Both checkpoints together (TracIn-CP: the tuned and the untuned model's scores summed, what "
-                   f"`cache --checkpoint` does with two folders) reach MRR {both['mrr']:.2f}, against {control['mrr']:.2f} "
-                   f"for the untuned model and {default['mrr']:.2f} for the default alone.")
+        out.append(f"Both checkpoints together (TracIn-CP: the tuned and the untuned model's scores summed, as "
+                   f"`cache --checkpoint` does with two checkpoints) reach MRR {both['mrr']:.2f}, against "
+                   f"{control['mrr']:.2f} for the untuned model and {tuned['mrr']:.2f} for the tuned one alone.")
     return out
 
 

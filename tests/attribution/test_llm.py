@@ -74,7 +74,7 @@ def test_lm_eval_task_queries(local_task):
 
 
 @pytest.mark.slow  # SmolLM2-135M fine-tuned, cached, compared and tail-patched (minutes, GiBs): .ci/run runs it
-def test_embedded_smollm2_fact_tracing_demo(tmp_path):
+def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     """The README's main job, shrunk: 4 Python-docs paragraphs + the 20 planted facts, one fine-tuning
     epoch, a small k. It must run end to end, write every report, and reuse its fine-tuned model."""
     pytest.importorskip("gguf")
@@ -115,6 +115,14 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path):
     assert "TracIn-CP" in both["method"] and 0 < both["mrr"] <= 1 and len(both["ranks"]) == 20
     recorded = recorded_checkpoints(tmp_path / "store_both")
     assert [Path(c["path"]).name for c in recorded] == ["base_model", "model"]
+    assert recorded[0]["fingerprint"] != recorded[1]["fingerprint"]  # the untuned weights, not the tuned ones again
     assert json.loads((tmp_path / "facts.json").read_text())["meta"]["checkpoints"] == "both"
     assert not (tmp_path / "base_model.tmp").exists() and (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
+    capsys.readouterr()
     assert cli.main([*other, "--no-compare", "--tail-patch", "none"]) == 2  # the tuned model alone: another store
+    assert "was cached with other flags (--checkpoint cached" in capsys.readouterr().err
+    base_weights = (tmp_path / "base_model" / "model.safetensors").stat().st_mtime_ns
+    base = cli.run([*[str(tmp_path / "store_base") if f == str(tmp_path / "store") else f for f in flags],
+                    "--checkpoints", "base", "--no-compare", "--tail-patch", "none"])[0]
+    assert "the untuned model's gradients" in base["method"] and 0 < base["mrr"] <= 1
+    assert (tmp_path / "base_model" / "model.safetensors").stat().st_mtime_ns == base_weights  # saved once, reused

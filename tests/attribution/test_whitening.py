@@ -168,22 +168,36 @@ def test_kept_share_is_the_whitened_second_moment_the_store_reaches():
     lam = 0.1 * float(eig.mean())
     share = eig / (eig + lam)
     base = C.FactGraSS(12, 9, 8, 4, 3, seed=5)
-    energy = whitening.whitened_compressor(base, block, "0.1*mean", "energy", "w")
     rows = torch.sort(torch.argsort(block.a_vals, descending=True)[:4]).values
     cols = torch.sort(torch.argsort(block.g_vals, descending=True)[:3]).values
-    expected = share[rows][:, cols].flatten()[energy.inner.indices].sum() / share.sum()
+    strongest = torch.argsort(eig[rows][:, cols].flatten(), descending=True)[:8]  # FactGraSS keeps the 8 largest Lambda
+    expected = share[rows][:, cols].flatten()[strongest].sum() / share.sum()
     assert whitening.kept_share(base, block, "0.1*mean", "energy", "w") == pytest.approx(float(expected), rel=1e-12)
+    # LoGra keeps its 4 x 3 leading eigenvectors whole
+    expected = share[rows][:, cols].sum() / share.sum()
+    assert whitening.kept_share(C.LoGra(12, 9, 4, 3, seed=0), block, "0.1*mean", "energy", "w") == pytest.approx(
+        float(expected), rel=1e-12)
+    # flat masks (row-major coordinates i * 9 + j) count only what they keep; GraSS's SJLT mixes its 16 whole
+    flat = share.flatten()
+    for compressor, kept in ((C.RandomMask(108, 8, seed=3), random_mask(108, 8, 3)),
+                             (C.GraSS(108, 8, 16, seed=4), random_mask(108, 16, derive_seed(4, 1)))):
+        assert whitening.kept_share(compressor, block, "0.1*mean", "energy", "w") == pytest.approx(
+            float(flat[kept].sum() / flat.sum()), rel=1e-12)
+    # damping 0: every positive eigen-coordinate counts 1
+    assert whitening.kept_share(base, block, 0.0, "energy", "w") == pytest.approx(8 / 108)
     # the random masks' SJLT mixes its whole 4 x 3 block: all of it counts
     rows, cols = random_mask(12, 4, derive_seed(5, 1)), random_mask(9, 3, derive_seed(5, 2))
     expected = share[rows][:, cols].sum() / share.sum()
     assert whitening.kept_share(base, block, "0.1*mean", "random", "w") == pytest.approx(float(expected), rel=1e-12)
     assert whitening.kept_share(C.SJLT(108, 8, seed=0), block, "0.1*mean", "energy", "w") == pytest.approx(1.0)
     assert whitening.kept_share(C.LoGra(12, 9, 12, 9, seed=0), block, "0.1*mean", "energy", "w") == pytest.approx(1.0)
+    zero = kfac.kfac_blocks(kfac.factor_sums({"w": 0 * x}, {"w": g}), ["w"], torch.float64)["w"]
+    assert whitening.kept_share(base, zero, 1e-3, "energy", "w") == 1.0  # no second moment: nothing to lose (not nan)
 
     model, train, _ = make_problem()
     attr = Attributor(model, loss_fn, **SMALL, preconditioner="kfac-whitened", damping="0.1*mean").cache(train)
     shares = attr.stats["whitening_kept_share"]
-    assert list(shares) == attr.block_names and all(0 < v <= 1 for v in shares.values())
+    assert list(shares) == [0] and list(shares[0]) == attr.block_names and all(0 < v < 1 for v in shares[0].values())
 
 
 # ---- misuse --------------------------------------------------------------------------------------
@@ -349,6 +363,7 @@ def test_each_checkpoint_has_its_own_whitening(tmp_path):
     assert len(tags) == 1  # the same curvature batches (the tag is their fingerprint) ...
     blocks = [attr.preconditioning.whitening.recorded(c).blocks["0"].g_vals for c in range(2)]
     assert not torch.allclose(blocks[0], blocks[1])  # ... at different weights
+    assert sorted(attr.stats["whitening_kept_share"]) == [0, 1]  # each checkpoint's kept share
     with pytest.raises(ValueError, match="each checkpoint has its own whitening"):
         attr.compress_batch(test[0])
 

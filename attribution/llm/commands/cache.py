@@ -267,8 +267,8 @@ def run(args, loaded=None):
                "compile_seconds": stats["compile_seconds"], "graph_breaks": stats["graph_breaks"],
                "compile_fallback": stats.get("fallback"), "seconds": phases, "process_seconds": process_seconds(),
                "peak_rss_mb": peak_rss_bytes() / 2**20}
-    if config.preconditioner is not None:  # how much of the whitened second moment the store keeps, per layer
-        shares = list(stats["whitening_kept_share"].values())
+    if config.preconditioner is not None:  # how much of the whitened second moment the store keeps: every checkpoint's layers
+        shares = [share for layers in stats["whitening_kept_share"].values() for share in layers.values()]
         summary["whitening_kept_share"] = {"mean": sum(shares) / len(shares), "min": min(shares)}
     if main_rank():
         print(json.dumps(summary))
