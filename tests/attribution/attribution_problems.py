@@ -161,6 +161,25 @@ def kronecker_closed_form(train_factors, test_factors, damping, kind):
     return scores
 
 
+def sequence_loss(model, batch):
+    """[B]: a per-token model's outputs, through sin, summed over the tokens and outputs."""
+    return model(batch).sin().sum(dim=(1, 2))
+
+
+def sequence_problem():
+    """(model, x): a 5-7-3 tanh MLP applied per token (float64) and 9 sequences of 4 tokens (T > 1), seeded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    return model, torch.randn(9, 4, 5, dtype=torch.float64)
+
+
+def sequence_closed_form(model, x, kind, damping="0.5*mean"):
+    """[3, 9]: the closed-form K-FAC / EK-FAC IF scores of x[:3] against x under :func:`sequence_loss`."""
+    layers = [model[0], model[2]]
+    return kronecker_closed_form(dense_factors(model, [x], layers, sequence_loss),
+                                 dense_factors(model, [x[:3]], layers, sequence_loss), damping, kind)
+
+
 def _grow_on_two_ranks(rank, world, init_file, store, result, kwargs):
     import torch.distributed as dist
 

@@ -12,6 +12,9 @@ from attribution_problems import (
     loss_fn,
     make_problem,
     one_thread,  # noqa: F401 - autouse fixture: one torch thread for these tiny problems
+    sequence_closed_form,
+    sequence_loss,
+    sequence_problem,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,19 +89,10 @@ def test_identity_compressor_scores_equal_the_dense_formula(kind, damping):
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_sequences_sum_over_tokens(kind):
     """T > 1: A averages over tokens, G sums over a sample's tokens, EK-FAC uses the per-sample gradients."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    x = torch.randn(9, 4, 5, dtype=torch.float64)
-
-    def seq_loss(m, b):
-        return m(b).sin().sum(dim=(1, 2))
-
-    attr = Attributor(model, seq_loss, method="if", preconditioner=kind, damping="0.5*mean", **EXACT)
+    model, x = sequence_problem()
+    attr = Attributor(model, sequence_loss, method="if", preconditioner=kind, damping="0.5*mean", **EXACT)
     scores = attr.cache([x[:4], x[4:]]).attribute([x[:3]])
-    layers = [model[0], model[2]]
-    expected = kronecker_closed_form(dense_factors(model, [x], layers, seq_loss), dense_factors(model, [x[:3]], layers, seq_loss),
-                                     "0.5*mean", kind)
-    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(scores, sequence_closed_form(model, x, kind), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("compressor", ["factgrass", "logra", "sjlt"])

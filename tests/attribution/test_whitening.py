@@ -18,11 +18,13 @@ from attribution_problems import (
     loss_fn,
     make_problem,
     one_thread,  # noqa: F401 - autouse fixture: one torch thread for these tiny problems
+    sequence_closed_form,
+    sequence_loss,
+    sequence_problem,
     snapshot,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from attribution import Attributor, kfac, whitening
 from attribution.evaluation.metrics import pearson
@@ -91,19 +93,10 @@ def test_identity_compressor_at_full_dimension_equals_the_uncompressed_kronecker
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_sequences_whiten_the_gradient_summed_over_tokens(kind):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    x = torch.randn(9, 4, 5, dtype=torch.float64)
-
-    def seq_loss(m, b):
-        return m(b).sin().sum(dim=(1, 2))
-
-    attr = Attributor(model, seq_loss, preconditioner=f"{kind}-whitened", damping="0.5*mean", **EXACT)
+    model, x = sequence_problem()
+    attr = Attributor(model, sequence_loss, preconditioner=f"{kind}-whitened", damping="0.5*mean", **EXACT)
     scores = attr.cache([x[:4], x[4:7], x[7:]]).attribute([x[:3]])  # batches of 4, 3 and 2
-    layers = [model[0], model[2]]
-    expected = kronecker_closed_form(dense_factors(model, [x], layers, seq_loss),
-                                     dense_factors(model, [x[:3]], layers, seq_loss), "0.5*mean", kind)
-    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(scores, sequence_closed_form(model, x, kind), rtol=1e-9, atol=1e-9)
 
 
 def test_a_flat_compressor_compresses_the_whole_whitened_gradient():
