@@ -94,23 +94,29 @@ def run(argv=None):
 def main(argv=None) -> int:
     """Console entry point: expected errors (bad input, a store that cannot serve the request) are
     printed as one line with exit status 2; anything else keeps its traceback. Under torchrun the
-    process group this call started is destroyed at the end."""
+    process group this call started is destroyed at the end, and a program run (``argv`` None) then exits at
+    once (:func:`process_group.exit_now`): torch's gloo can abort a process in the interpreter's shutdown after
+    a finished run."""
     dist = torch.distributed
     started = dist.is_available() and dist.is_initialized()
+    status, destroyed = 0, False
     try:
         run(argv)
     except CLIError as err:
         print(err, file=sys.stderr)
-        return 2
+        status = 2
     except (*EXPECTED_ERRORS, process_group.RankFailed) as err:
         if isinstance(err, process_group.RankFailed) and not err.is_a(CLIError, *EXPECTED_ERRORS):
             raise
         print(f"grass-attribute: error: {err}", file=sys.stderr)
-        return 2
+        status = 2
     finally:
         if not started and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+            destroyed = True
+    if destroyed and argv is None:
+        process_group.exit_now(status)
+    return status
 
 
 if __name__ == "__main__":

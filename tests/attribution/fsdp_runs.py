@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from attribution.process_group import exit_now  # skips the shutdown where gloo aborts now and then
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from trainer_runs import OPTIONS, QUERIES, collate, examples, tiny_model  # noqa: E402
@@ -68,6 +70,7 @@ def main() -> None:
     if rank == 0:
         torch.save(report, opts.report)
     dist.destroy_process_group()
+    exit_now(0)
 
 
 if __name__ == "__main__":
