@@ -146,12 +146,7 @@ def whitened_compressor(base: C.Compressor, block: KroneckerBlock, damping: floa
                         ) -> C.Whitened:
     """``base`` (a layer's compressor as built from the spec) in the whitened eigenbasis of ``block``, on the
     coordinates of :func:`_coordinates`. ``masks``: "energy" or "random" (see the module docstring)."""
-    eig = block.eigenvalues()
-    lam = absolute_damping(damping, block.mean_eigenvalue())
-    check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
-    rows, cols, inner = _coordinates(base, eig, masks, name)
-    scale = (eig[rows][:, cols] + lam).rsqrt()
-    return C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], scale)
+    return _whitened(base, block, damping, masks, name)[0]
 
 
 def kept_share(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str) -> float:
@@ -161,16 +156,26 @@ def kept_share(base: C.Compressor, block: KroneckerBlock, damping: float | str, 
     of all of them. 1.0: nothing dropped (an SJLT over all coordinates, or full masks; also a layer without
     any second moment); a small share means the store sees little of what the whitened inner product sums (a
     flat spectrum at small k). Masks (FactGraSS's, LoGra's, a flat random or GraSS mask) count what they keep."""
+    return _whitened(base, block, damping, masks, name)[1]
+
+
+def _whitened(base: C.Compressor, block: KroneckerBlock, damping: float | str, masks: str, name: str
+              ) -> tuple[C.Whitened, float]:
+    """(:func:`whitened_compressor`, :func:`kept_share`) from one d_in x d_out eigenvalue block."""
     eig = block.eigenvalues()
     lam = absolute_damping(damping, block.mean_eigenvalue())
-    share = eig / (eig + lam) if lam > 0 else (eig > 0).double()
+    check_invertible(eig, lam, block.a_vecs.dtype, f"the Kronecker-factored curvature of {name!r}")
     rows, cols, inner = _coordinates(base, eig, masks, name)
-    kept = share[rows][:, cols].flatten()
+    kept_eig = eig[rows][:, cols]
+    compressor = C.Whitened(inner, block.a_vecs[:, rows], block.g_vecs[:, cols], (kept_eig + lam).rsqrt())
+    if lam > 0:
+        total, kept = float((eig / (eig + lam)).sum()), (kept_eig / (kept_eig + lam)).flatten()
+    else:  # every coordinate counts 1 (check_invertible leaves only positive eigenvalues)
+        total, kept = float(eig.numel()), torch.ones(kept_eig.numel(), dtype=eig.dtype)
     mask = inner if isinstance(inner, C._Mask) else getattr(inner, "mask", None)  # GraSS: its mask, then its SJLT
     if isinstance(mask, C._Mask):  # a mask drops what it does not keep; an SJLT after it mixes the kept ones whole
         kept = kept[mask.indices]
-    total = float(share.sum())
-    return float(kept.sum()) / total if total > 0 else 1.0  # a layer with no second moment: nothing to lose
+    return compressor, (float(kept.sum()) / total if total > 0 else 1.0)  # no second moment: nothing to lose
 
 
 class Whitening:
@@ -211,11 +216,9 @@ class Whitening:
             for name, block in blocks.items():
                 block.corrected = torch.from_numpy(np.array(arrays[f"corrected.{name}"]))
         curvature = Curvature(blocks, fingerprint, int(info["batches"]), int(info["samples"]), info["damping"], info["masks"])
-        compressors = {n: whitened_compressor(self.bases[n], blocks[n], curvature.damping, curvature.masks, n).to(self.device)
-                       for n in self.layers}
-        self._loaded[ckpt] = (fingerprint, curvature, compressors)
-        self.stats.setdefault("whitening_kept_share", {})[ckpt] = {
-            n: kept_share(self.bases[n], blocks[n], curvature.damping, curvature.masks, n) for n in self.layers}
+        whitened = {n: _whitened(self.bases[n], blocks[n], curvature.damping, curvature.masks, n) for n in self.layers}
+        self._loaded[ckpt] = (fingerprint, curvature, {n: w.to(self.device) for n, (w, _) in whitened.items()})
+        self.stats.setdefault("whitening_kept_share", {})[ckpt] = {n: share for n, (_, share) in whitened.items()}
         return curvature
 
     def compressors(self, ckpt: int) -> dict[str, C.Whitened]:
