@@ -85,7 +85,7 @@ def _dying_worker(rank, world, init_file, root, die_at):
         Attributor(model, loss_fn, store=root / "store", **FAST).cache(loader())
     except Exception as err:  # rank 0 learns that rank 1 is gone at the next collective
         (root / "rank0_error").write_text(f"{type(err).__name__}: {err}")
-    os._exit(0)
+    exit_now(0)
 
 
 def _resume_worker(rank, world, init_file, root):
