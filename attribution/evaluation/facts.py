@@ -9,7 +9,6 @@ recall@5 and the mean reciprocal rank (MRR) of the source document over the twen
 from __future__ import annotations
 
 import contextlib
-import copy as copy_module
 import re
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .. import llm
 from .metrics import mean_and_standard_error
+from .optimizer_step import optimizer_groups, stepped_parameters
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
         order = torch.randperm(len(pool), generator=g).tolist()
         for b in tqdm(range(0, len(order), batch_size), disable=not progress, leave=False, desc="fine-tune"):
             chunk = [pool[i] for i in order[b : b + batch_size]]
-            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            with _autocast(autocast):
                 loss = training_loss(model, tokenizer, chunk, max_length)
             optimizer.zero_grad()
             loss.backward()
@@ -258,66 +258,6 @@ def answer_log_prob(model, tokenizer, query, max_length: int = 128) -> float:
         return -float(llm.sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
 
 
-def _optimizer_groups(optimizer, model, lr: float | None) -> list[tuple[dict, list[tuple[str, Tensor]]]]:
-    """[(hyperparameters, [(name, model parameter)])] per param group of ``optimizer`` (``lr`` instead of the
-    group's when given); every parameter must be one of ``model``'s."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise ValueError("optimizer: LBFGS steps all parameters jointly (a closure, a line search); tail-patch needs an "
-                         "optimizer that steps each parameter from its own state (SGD, Adam, AdamW, Adafactor, ...)")
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = []
-    for group in optimizer.param_groups:
-        missing = [tuple(p.shape) for p in group["params"] if id(p) not in names]
-        if missing:
-            raise ValueError(f"optimizer holds parameters that are not the model's (shapes {missing[:3]}): give the "
-                             "optimizer that trained this model")
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        if lr is not None:
-            hyper["lr"] = lr
-        groups.append((hyper, [(names[id(p)], p) for p in group["params"]]))
-    return groups
-
-
-def _without_momentum(hyper: dict) -> dict:
-    """A param group's hyperparameters with the momentum off: Adam-style betas (0, beta2), SGD / RMSprop momentum 0."""
-    hyper = dict(hyper)
-    if isinstance(hyper.get("betas"), (tuple, list)):
-        hyper["betas"] = (0.0, *tuple(hyper["betas"])[1:])
-    if "momentum" in hyper:
-        hyper["momentum"] = 0.0
-        if "nesterov" in hyper:
-            hyper["nesterov"] = False
-    return hyper
-
-
-def _stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None,
-                        momentum: bool = False, scale: float = 1.0) -> dict[str, Tensor]:
-    """{name: the parameter after one step of ``optimizer`` (its class, hyperparameters and a copy of its state)
-    with ``grads``} without touching the model or the optimizer: each parameter is stepped on its own, from a
-    clone of it and of its state, so the extra memory is the new parameters plus one parameter's state.
-    With ``optimizer=None``: plain SGD at ``lr``. A parameter without a gradient keeps its value (as
-    torch.optim skips it). ``momentum=False``: see :func:`tail_patch`. ``scale``: the gradients are ``grads`` times
-    it, formed one parameter at a time (no scaled copy of the whole gradient)."""
-    if optimizer is None:
-        return {n: (p.detach() - lr * (grads[n] * scale)) if n in grads else p.detach() for n, p in model.named_parameters()}
-    stepped = {}
-    for hyper, params in _optimizer_groups(optimizer, model, lr):
-        hyper = hyper if momentum else _without_momentum(hyper)
-        for name, p in params:
-            if name not in grads:
-                continue
-            clone = p.detach().clone().requires_grad_(True)
-            clone.grad = grads[name] * scale if scale != 1.0 else grads[name]
-            single = type(optimizer)([{**hyper, "params": [clone]}])
-            state = optimizer.state.get(p)
-            if state:
-                single.state[clone] = {k: v.clone() if torch.is_tensor(v) else copy_module.deepcopy(v)
-                                       for k, v in state.items()}
-            single.step()
-            stepped[name] = clone.detach()
-    return stepped
-
-
 @contextlib.contextmanager
 def _parameters_swapped(model, values: dict[str, Tensor]):
     """``model`` with ``values`` as its parameters' data (no copy) inside the block; the originals after it."""
@@ -364,7 +304,7 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer is not None:
-        _optimizer_groups(optimizer, model, lr)  # refuse a foreign optimizer before the costly backward
+        optimizer_groups(optimizer, model, lr)  # refuse a foreign optimizer before the costly backward
     with _evaluation_mode(model):
         if before is None:
             before = answer_log_prob(model, tokenizer, query, max_length)
@@ -382,11 +322,16 @@ def _evaluation_mode(model):
         model.train(was_training)
 
 
+def _autocast(dtype: torch.dtype | None):
+    """CPU autocast to ``dtype`` (None: none)."""
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocast, mean: bool) -> dict[str, Tensor]:
     """{parameter name: gradient} of :func:`training_loss` on one batch of ``docs`` (``mean=False``: of the
     summed token losses instead of their mean); the model's ``.grad`` are not touched."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+    with _autocast(autocast):
         loss = training_loss(model, tokenizer, docs, max_length, mean=mean)
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {n: g for (n, _), g in zip(named, grads) if g is not None}
@@ -396,7 +341,7 @@ def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query
                 momentum: bool, scale: float = 1.0) -> float:
     """The answer's log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model is
     not changed)."""
-    stepped = _stepped_parameters(model, optimizer, grads, lr, momentum, scale)
+    stepped = stepped_parameters(model, optimizer, grads, lr, momentum, scale)
     with _parameters_swapped(model, stepped):
         return answer_log_prob(model, tokenizer, query, max_length)
 
@@ -412,41 +357,92 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
                        autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float]:
     """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
     (document ids of ``corpus``, best first, at least max(ks) of them) of one query."""
+    return tail_patch_rankings(model, optimizer, corpus, query, {"ranked": ranked}, tokenizer=tokenizer, ks=ks, lr=lr,
+                               max_length=max_length, autocast=autocast, momentum=momentum)["ranked"]
+
+
+def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: dict[str, list[str]], *, tokenizer,
+                        ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
+                        autocast: torch.dtype | None = None, momentum: bool = False) -> dict[str, dict[int, float]]:
+    """{name: {k: tail_patch on the first k documents of rankings[name]}} for several rankings of one query (each a
+    list of document ids of ``corpus``, best first, at least max(k) long). ``ks``: the ks of every ranking, or a
+    dict {name: its ks}. A set of documents is stepped on once: a prefix with the same documents as one already
+    measured (two-stage re-ranking BM25's top 10 has BM25's top-10 set; BM25's top 1 is often the source) reuses
+    its number, and a ranking's documents past its last new prefix get no backward."""
+    if not isinstance(rankings, dict) or not rankings:
+        raise ValueError(f"rankings must be a non-empty dict {{name: ranked document ids}}, got {rankings!r:.80}")
+    per_name = {name: _checked_ks(ks[name] if isinstance(ks, dict) else ks, name) for name in rankings}
+    by_id = {str(d["id"]): d for d in corpus}
+    for name, ranked in rankings.items():
+        unknown = [r for r in ranked if str(r) not in by_id]
+        if unknown:
+            raise ValueError(f"ranked holds ids that are not in the corpus: {unknown[:5]}")
+        if len(ranked) < per_name[name][-1]:
+            raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {per_name[name][-1]}")
+    query = _patch_query(query)
+    if optimizer is not None:
+        optimizer_groups(optimizer, model, lr)
+    measured: dict[frozenset, float] = {}
+    out = {}
+    with _evaluation_mode(model):
+        before = answer_log_prob(model, tokenizer, query, max_length)
+        for name, ranked in rankings.items():
+            docs = [by_id[str(r)] for r in ranked[: per_name[name][-1]]]
+            out[name] = _prefix_tail_patches(model, optimizer, docs, query, per_name[name], measured, before=before,
+                                             tokenizer=tokenizer, lr=lr, max_length=max_length, autocast=autocast,
+                                             momentum=momentum)
+    return out
+
+
+def _checked_ks(ks, name: str) -> list[int]:
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive numbers of documents, got {ks!r} (k = 0 documents: no step to take)")
-    by_id = {str(d["id"]): d for d in corpus}
-    unknown = [r for r in ranked if str(r) not in by_id]
-    if unknown:
-        raise ValueError(f"ranked holds ids that are not in the corpus: {unknown[:5]}")
-    if len(ranked) < ks[-1]:
-        raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {ks[-1]}")
-    return _prefix_tail_patches(model, optimizer, [by_id[str(r)] for r in ranked[: ks[-1]]], query, ks, tokenizer=tokenizer,
-                                lr=lr, max_length=max_length, autocast=autocast, momentum=momentum)
+        raise ValueError(f"ks must be positive numbers of documents, got {ks!r} for {name!r} (k = 0 documents: no "
+                         "step to take)")
+    return ks
 
 
-def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], *, tokenizer, lr, max_length: int,
-                         autocast, momentum: bool) -> dict[int, float]:
+def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], measured: dict[frozenset, float], *,
+                         before: float, tokenizer, lr, max_length: int, autocast, momentum: bool) -> dict[int, float]:
     """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
     per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
     gradients over its count of target tokens (padding to the right changes no real token's loss), so the
     gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; one
-    batch each) are accumulated in rank order and a step is taken at each k. Equal to :func:`tail_patch` on
-    each prefix up to float rounding."""
-    docs, query = _patch_documents(docs), _patch_query(query)
-    if optimizer is not None:
-        _optimizer_groups(optimizer, model, lr)
-    out, total, tokens, start = {}, {}, 0, 0
-    with _evaluation_mode(model):
-        before = answer_log_prob(model, tokenizer, query, max_length)
-        for k in ks:
-            segment = docs[start:k]
-            for name, g in _loss_gradients(model, tokenizer, segment, max_length, autocast, mean=False).items():
-                total[name] = total[name].add_(g) if name in total else g
-            tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
-            out[k] = _after_step(model, optimizer, total, lr, tokenizer, query, max_length, momentum,
-                                 scale=1.0 / tokens) - before
-    return out
+    batch each) are accumulated in rank order, in place, and a step is taken at each k. Equal to
+    :func:`tail_patch` on each prefix up to float rounding. ``measured``: {set of document ids: tail-patch} of the
+    query so far, read (a prefix already there is not stepped again) and updated."""
+    sets = {k: frozenset(d["id"] for d in docs[:k]) for k in ks}
+    new = [k for k in ks if sets[k] not in measured]
+    if new:
+        tokens, start = 0, 0
+        with _accumulated_gradients(model) as accumulated:
+            for k in (k for k in ks if k <= new[-1]):
+                segment = docs[start:k]
+                with _autocast(autocast):
+                    loss = training_loss(model, tokenizer, segment, max_length, mean=False)
+                loss.backward()
+                del loss
+                tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
+                if sets[k] not in measured:
+                    measured[sets[k]] = _after_step(model, optimizer, accumulated(), lr, tokenizer, query, max_length,
+                                                    momentum, scale=1.0 / tokens) - before
+    return {k: measured[sets[k]] for k in ks}
+
+
+@contextlib.contextmanager
+def _accumulated_gradients(model):
+    """Inside the block, backward passes add up in place in the ``.grad`` of ``model``'s trainable parameters (from
+    none: the caller's ``.grad`` are set aside and put back after); yields a function that returns {name: the sum
+    so far} (the ``.grad`` tensors themselves). In place, the sum costs no second copy of the gradients."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kept = [p.grad for _, p in named]
+    try:
+        for _, p in named:
+            p.grad = None
+        yield lambda: {n: p.grad for n, p in named if p.grad is not None}
+    finally:
+        for (_, p), grad in zip(named, kept):
+            p.grad = grad
 
 
 def tail_patch_references(model, optimizer, corpus: list[dict], query, source: str, *, tokenizer, ks=TAIL_PATCH_KS,
@@ -458,10 +454,16 @@ def tail_patch_references(model, optimizer, corpus: list[dict], query, source: s
     ids = [str(d["id"]) for d in corpus]
     if str(source) not in ids:
         raise ValueError(f"source {source!r} is not a document id of the corpus")
-    options = {"tokenizer": tokenizer, "lr": lr, "max_length": max_length, "autocast": autocast, "momentum": momentum}
-    return {"random": tail_patch_ranking(model, optimizer, corpus, query, random_ranking(ids, seed, query_index),
-                                         ks=ks, **options),
-            "source": tail_patch(model, optimizer, [corpus[ids.index(str(source))]], query, **options)}
+    patches = tail_patch_rankings(model, optimizer, corpus, query, reference_rankings(ids, source, seed, query_index),
+                                  ks={"random": ks, "source": (1,)}, tokenizer=tokenizer, lr=lr, max_length=max_length,
+                                  autocast=autocast, momentum=momentum)
+    return {"random": patches["random"], "source": patches["source"][1]}
+
+
+def reference_rankings(ids: list[str], source: str, seed: int, query_index: int) -> dict[str, list[str]]:
+    """{"random": :func:`random_ranking`, "source": [source]}: the rankings of a query's two tail-patch references
+    (the source alone is stepped on at k = 1 only)."""
+    return {"random": random_ranking(ids, seed, query_index), "source": [str(source)]}
 
 
 def tail_patch_summary(per_query: list[dict[int, float]]) -> dict[int, dict]:

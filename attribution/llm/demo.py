@@ -93,10 +93,14 @@ CHECKPOINTS = {"tuned": ("model",), "base": ("base",), "both": ("base", "model")
 CHECKPOINT_LABELS = {"base": "the untuned model's gradients", "both": "tuned + untuned checkpoints (TracIn-CP)"}
 
 
-def load_optimizer(out: Path, model):
-    """The fine-tuning's AdamW with its state as saved under ``out`` (``optimizer.pt``), on ``model``'s parameters."""
+def load_optimizer(out: Path, model, first_moment: bool = True):
+    """The fine-tuning's AdamW with its state as saved under ``out`` (``optimizer.pt``), on ``model``'s parameters;
+    ``first_moment=False`` drops Adam's ``exp_avg`` (a copy of the parameters' size), which a tail-patch step
+    without momentum (the demo's) does not read."""
     optimizer = facts.finetune_optimizer(model, FINETUNE_LR)
     optimizer.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
+    for state in optimizer.state.values() if not first_moment else ():
+        del state["exp_avg"]
     return optimizer
 
 
@@ -225,14 +229,18 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     patched = [r for r in rows if r.get("ranking")]
     per_row = {id(r): [] for r in [*patched, random_row]}
     source = []
-    options = {"tokenizer": tokenizer, "max_length": max_length, "autocast": autocast}
+    ids = [str(d["id"]) for d in corpus]
     for i, query in enumerate(tqdm(queries, disable=not progress, leave=False, desc="tail-patch")):
-        for row in patched:
-            per_row[id(row)].append(facts.tail_patch_ranking(model, optimizer, corpus, query, row["ranking"][i], **options))
-        references = facts.tail_patch_references(model, optimizer, corpus, query, query["target"], seed=seed,
-                                                 query_index=i, **options)
-        per_row[id(random_row)].append(references["random"])
-        source.append({1: references["source"]})
+        # every ranking of the question in one call: a set of documents that two rankings share is stepped on once
+        rankings = {f"row {j}": row["ranking"][i] for j, row in enumerate(patched)}
+        rankings.update(facts.reference_rankings(ids, query["target"], seed, i))
+        ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
+        patches = facts.tail_patch_rankings(model, optimizer, corpus, query, rankings, tokenizer=tokenizer, ks=ks,
+                                            max_length=max_length, autocast=autocast)
+        for j, row in enumerate(patched):
+            per_row[id(row)].append(patches[f"row {j}"])
+        per_row[id(random_row)].append(patches["random"])
+        source.append(patches["source"])
         release_freed_memory()  # each question's gradients and stepped copies, freed, leave the resident set
     for row in [*patched, random_row]:
         for k, summary in facts.tail_patch_summary(per_row[id(row)]).items():
@@ -422,7 +430,8 @@ def run(args) -> list[dict]:
                                if any(correct) else None)
     tail_start = time.perf_counter()
     if args.tail_patch != "none":
-        optimizer = load_optimizer(out, model)  # read back only now: its moments are not held through cache and comparison
+        # read back only now (not held through cache and comparison), without the first moment the step does not read
+        optimizer = load_optimizer(out, model, first_moment=False)
         by_id = {d["id"]: d for d in docs}
         rows += tail_patch_rows(model, optimizer, tokenizer, [by_id[i] for i in ids], queries, rows, seed=args.seed,
                                 max_length=config.max_length, autocast=finetune_autocast())

@@ -191,3 +191,40 @@ def test_a_ranking_accumulates_its_prefixes_and_equals_a_step_on_each_batch(tiny
     for k in (1, 2, 5):
         want = facts.tail_patch(model, optimizer, [by_id[r] for r in ranked[:k]], QUERY, tokenizer=tok)
         assert got[k] == pytest.approx(want, rel=1e-6, abs=1e-9), (k, got[k], want)
+
+
+def test_rankings_of_one_query_step_on_each_set_of_documents_once(tiny):
+    """Several rankings in one call equal each ranking alone; a prefix whose documents another ranking already
+    stepped on (the same set in another order) reuses that number, and a ranking with no new prefix runs no
+    forward; the caller's .grad are put back."""
+    model, tok = tiny
+    optimizer = _trained_adamw(model, tok)
+    rankings = {"a": ["answer", "d4", "other", "d2", "d3"], "b": ["answer", "other", "d4", "d3", "d2"],
+                "c": ["d2", "d3", "answer", "other", "d4"]}
+    alone = {name: facts.tail_patch_ranking(model, optimizer, CORPUS, QUERY, r, tokenizer=tok, ks=(1, 5))
+             for name, r in rankings.items()}
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    marker = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, m in zip(model.parameters(), marker):
+        p.grad = m
+    try:
+        together = facts.tail_patch_rankings(model, optimizer, CORPUS, QUERY, rankings, tokenizer=tok, ks=(1, 5))
+    finally:
+        hook.remove()
+    assert all(p.grad is m for p, m in zip(model.parameters(), marker))
+    for p in model.parameters():
+        p.grad = None
+    assert together.keys() == alone.keys()
+    for name in rankings:
+        assert together[name][1] == pytest.approx(alone[name][1], rel=1e-6, abs=1e-9)
+        assert together[name][5] == pytest.approx(alone[name][5], rel=1e-6, abs=1e-9)
+    # one shared top-1 and one shared top-5 set: b adds nothing, c its top 1 and then its top 5 reused
+    assert together["b"] == together["a"] and together["c"][5] == together["a"][5]
+    # forwards: the answer before, a: 2 backward segments + 2 evaluations; b: none; c: 1 segment + 1 evaluation
+    assert len(forwards) == 1 + 4 + 2
+    with pytest.raises(ValueError, match="ks must be positive"):
+        facts.tail_patch_rankings(model, None, CORPUS, QUERY, rankings, tokenizer=tok, ks={"a": (1,), "b": (0,), "c": (1,)},
+                                  lr=0.1)
+    with pytest.raises(ValueError, match="rankings must be a non-empty dict"):
+        facts.tail_patch_rankings(model, None, CORPUS, QUERY, {}, tokenizer=tok, lr=0.1)
