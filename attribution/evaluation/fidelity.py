@@ -10,6 +10,7 @@ forward and backward pass per batch serves the truth and every method.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 import grass_ops
 
-from ..capture import FactorCapture
+from ..batches import batch_size
+from ..capture import FactorCapture, tokens_view
 from ..compression import build_compressors, compress_layer
 from ..fim import FIMAccumulator
 from ..layers import LayerInfo
@@ -89,7 +91,8 @@ def measure(model, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches:
             autocast: torch.dtype | None = None) -> tuple[Truth | None, dict[str, Features]]:
     """One pass over ``doc_batches``: the exact truth (unless truth=False) and every method's
     compressed features (from factors computed under torch.autocast(autocast) when given: measure the
-    truth without it)."""
+    truth without it). The truth needs every query's factors beside each document batch's; truth=False forms
+    the features inside the backward instead, one layer at a time (a working set of the model's activations)."""
     model.eval()
     capture = FactorCapture(model, layers)
     # methods that differ only in their scoring share one compressor and its features (one flat SJLT's hash
@@ -99,30 +102,24 @@ def measure(model, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches:
     shared = {key: name for name, key in reversed(keys.items())}  # the first method of each key computes it
     compressors = {name: build_compressors(methods[name].compressor, layers, methods[name].k, methods[name].seed)
                    for name in shared.values()}
-    if truth:  # the exact inner products need every query's factors beside each document batch's
-        q_factors = _stack_factors(capture, loss_fn, query_batches, autocast)
-        n_query = next(iter(q_factors.values()))[0].shape[0]
-        q_norm2 = torch.zeros(n_query, dtype=torch.float64)
-        for x, g in q_factors.values():
-            q_norm2 += grass_ops.factorized_inner(x, g, x, g).diagonal().double()
-        q_feats = {name: torch.cat([compress_layer(comps[n], *q_factors[n]) for n in layers], 1)
-                   for name, comps in compressors.items()}
-    else:  # features only: each query batch compressed and its factors dropped (a smaller working set)
-        q_feats = {name: [] for name in compressors}
-        for batch in query_batches:
-            x, g, _ = _factors(capture, loss_fn, batch, autocast)
-            for name, comps in compressors.items():
-                q_feats[name].append(torch.cat([compress_layer(comps[n], x[n], g[n]) for n in layers], 1))
-            del x, g
-        q_feats = {name: torch.cat(parts) for name, parts in q_feats.items()}
-        n_query = next(iter(q_feats.values())).shape[0]
+    if not truth:  # features only, compressed inside the backward: no layer's factors outlive its backward
+        return None, _compressed_features(capture, loss_fn, layers, doc_batches, query_batches, compressors,
+                                          {name: shared[keys[name]] for name in methods}, progress, autocast)
+    # the exact inner products need every query's factors beside each document batch's
+    q_factors = _stack_factors(capture, loss_fn, query_batches, autocast)
+    n_query = next(iter(q_factors.values()))[0].shape[0]
+    q_norm2 = torch.zeros(n_query, dtype=torch.float64)
+    for x, g in q_factors.values():
+        q_norm2 += grass_ops.factorized_inner(x, g, x, g).diagonal().double()
+    q_feats = {name: torch.cat([compress_layer(comps[n], *q_factors[n]) for n in layers], 1)
+               for name, comps in compressors.items()}
     inner, d_norm2, d_feats, seconds = [], [], {name: [] for name in compressors}, {name: 0.0 for name in compressors}
     for batch in tqdm(doc_batches, desc="fidelity", disable=not progress, leave=False):
         x, g, _ = _factors(capture, loss_fn, batch, autocast)
         rows = next(iter(x.values())).shape[0]
         ip = torch.zeros(n_query, rows, dtype=torch.float64)
         norm2 = torch.zeros(rows, dtype=torch.float64)
-        for n in layers if truth else []:
+        for n in layers:
             ip += grass_ops.factorized_inner(*q_factors[n], x[n], g[n]).double()
             norm2 += torch.bmm(x[n].transpose(1, 2), g[n]).double().square().sum((1, 2))
         inner.append(ip)
@@ -132,11 +129,91 @@ def measure(model, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches:
             d_feats[name].append(torch.cat([compress_layer(comps[n], x[n], g[n]) for n in layers], 1))
             seconds[name] += time.perf_counter() - start
         del x, g  # this batch's factors, before the next batch's are captured
-    exact = Truth(torch.cat(inner, 1), q_norm2.sqrt(), torch.cat(d_norm2).sqrt()) if truth else None
+    exact = Truth(torch.cat(inner, 1), q_norm2.sqrt(), torch.cat(d_norm2).sqrt())
     computed = {name: Features(q_feats[name], torch.cat(d_feats[name]), [compressors[name][n].out_features for n in layers],
                                seconds[name]) for name in compressors}
     features = {name: computed[shared[keys[name]]] for name in methods}
     return exact, features
+
+
+class _CompressedInBackward(torch.autograd.Function):
+    """Identity on a layer output y [B, ..., d_out]; the gradient w.r.t. its zero z [B, sum of k] is every compressor's
+    compression of the layer's per-sample gradient, side by side: :func:`compress_layer` on the input x [B, ..., d_in]
+    (saved from the forward) and the output gradient (in the backward), what the factors' path computes from the
+    same two tensors. ``timed``: {compressor index: seconds}, added to."""
+
+    @staticmethod
+    def forward(y, x, z, comps, timed):
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.comps, ctx.timed, ctx.dtype = inputs[3], inputs[4], inputs[2].dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        x, g3 = (_float(tokens_view(t.detach())) for t in (x, g))
+        parts = []
+        for i, comp in enumerate(ctx.comps):
+            start = time.perf_counter()
+            parts.append(compress_layer(comp, x, g3).to(ctx.dtype))
+            ctx.timed[i] += time.perf_counter() - start
+        return g, None, torch.cat(parts, 1), None, None
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t`` in float32 when autocast gave it a lower precision (as :func:`_factors` upcasts the factors)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _compressed_features(capture: FactorCapture, loss_fn: Callable, layers: dict[str, LayerInfo], doc_batches: list,
+                         query_batches: list, compressors: dict[str, dict], owner: dict[str, str], progress: bool,
+                         autocast: torch.dtype | None) -> dict[str, Features]:
+    """Every compressor's features of the queries and the documents, formed inside the backward of each batch (one
+    forward and backward per batch for all of them; :class:`_CompressedInBackward`); {method: Features}, methods
+    sharing a compressor (``owner``: method -> the one that computes it) sharing the object."""
+    names = list(compressors)
+    timed = [0.0] * len(names)
+    taps = {n: functools.partial(_tap, tuple(compressors[name][n] for name in names), timed) for n in layers}
+    widths = {n: [compressors[name][n].out_features for name in names] for n in layers}
+    forward = loss_fn if autocast is None else _autocast_forward(loss_fn, autocast)
+    first = next(capture.model.parameters())
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32  # the factors' dtype after _float
+
+    def features(batches, desc):
+        out = {name: [] for name in names}
+        for batch in tqdm(batches, desc=desc, disable=not progress or desc is None, leave=False):
+            rows = batch_size(batch)
+            zeros = {n: torch.zeros(rows, sum(widths[n]), dtype=dtype, device=first.device) for n in layers}
+            with capture.hooks():
+                sketches, _ = capture.sketches(forward, batch, taps, zeros)
+            split = {n: sketches[n].split(widths[n], dim=1) for n in layers}
+            for i, name in enumerate(names):
+                out[name].append(torch.cat([split[n][i] for n in layers], 1))
+        return {name: torch.cat(parts) for name, parts in out.items()}
+
+    queries = features(query_batches, None)
+    timed[:] = [0.0] * len(names)  # the seconds over the corpus only, as the factors' path counts them
+    docs = features(doc_batches, "fidelity")
+    computed = {name: Features(queries[name], docs[name], [compressors[name][n].out_features for n in layers], timed[i])
+                for i, name in enumerate(names)}
+    return {method: computed[owner[method]] for method in owner}
+
+
+def _tap(comps: tuple, timed: list, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+    return _CompressedInBackward.apply(y, x, z, comps, timed)
+
+
+def _autocast_forward(loss_fn: Callable, dtype: torch.dtype) -> Callable:
+    """loss_fn with its forward under CPU autocast to ``dtype`` (the backward outside it)."""
+
+    def forward(model, batch):
+        with torch.autocast("cpu", dtype=dtype):
+            return loss_fn(model, batch)
+
+    return forward
 
 
 def scores(features: Features, method: Method) -> Tensor:

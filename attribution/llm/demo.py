@@ -210,7 +210,7 @@ def two_stage(score_matrix, lexical, candidates: int):
     return out.scatter(1, top, score_matrix.gather(1, top))
 
 
-COMPARE_TOKEN_BATCH = 256  # tokens per batch of the comparison pass (every layer's factors of a batch are held)
+COMPARE_TOKEN_BATCH = 512  # tokens per batch of the comparison pass (compressed inside the backward, as the cache)
 TAIL_PATCH_ROWS = ("default", "store", "bm25", "two-stage")  # `--tail-patch main`: the rows that get tail-patch
 TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 
@@ -230,13 +230,14 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     per_row = {id(r): [] for r in [*patched, random_row]}
     source = []
     ids = [str(d["id"]) for d in corpus]
+    buffers = facts.TailPatchBuffers()  # one set of gradient sums and stepped parameters for the whole run
     for i, query in enumerate(tqdm(queries, disable=not progress, leave=False, desc="tail-patch")):
         # every ranking of the question in one call: a set of documents that two rankings share is stepped on once
         rankings = {f"row {j}": row["ranking"][i] for j, row in enumerate(patched)}
         rankings.update(facts.reference_rankings(ids, query["target"], seed, i))
         ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
         patches = facts.tail_patch_rankings(model, optimizer, corpus, query, rankings, tokenizer=tokenizer, ks=ks,
-                                            max_length=max_length, autocast=autocast)
+                                            max_length=max_length, autocast=autocast, buffers=buffers)
         for j, row in enumerate(patched):
             per_row[id(row)].append(patches[f"row {j}"])
         per_row[id(random_row)].append(patches["random"])

@@ -228,3 +228,42 @@ def test_rankings_of_one_query_step_on_each_set_of_documents_once(tiny):
                                   lr=0.1)
     with pytest.raises(ValueError, match="rankings must be a non-empty dict"):
         facts.tail_patch_rankings(model, None, CORPUS, QUERY, {}, tokenizer=tok, lr=0.1)
+
+
+def test_the_demo_reads_the_optimizer_back_without_the_first_moment_and_steps_alike(tiny, tmp_path):
+    from attribution.llm import demo
+
+    model, tok = tiny
+    optimizer = facts.finetune_optimizer(model, demo.FINETUNE_LR)
+    for docs in ([CORPUS[2]], [CORPUS[3]]):
+        optimizer.zero_grad()
+        facts.training_loss(model, tok, docs, 16).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.save(optimizer.state_dict(), tmp_path / demo.OPTIMIZER_FILE)
+    light, full = demo.load_optimizer(tmp_path, model, first_moment=False), demo.load_optimizer(tmp_path, model)
+    assert light.state and all("exp_avg" not in s and "exp_avg_sq" in s for s in light.state.values())
+    assert all("exp_avg" in s for s in full.state.values())
+    docs = [ANSWER_DOC, OTHER_DOC]
+    assert facts.tail_patch(model, light, docs, QUERY, tokenizer=tok) == facts.tail_patch(model, full, docs, QUERY,
+                                                                                          tokenizer=tok)
+
+
+def test_the_reused_gradient_sums_leave_out_a_parameter_without_gradient_and_restart_from_zero():
+    """What tail-patch steps on: the sums of the backward passes inside the block, from zero each time (the held
+    tensors are reused, not summed into), without a parameter the loss does not reach (torch.optim skips it)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[1].weight.requires_grad_(True)
+    spare = torch.nn.Parameter(torch.ones(4))
+    model.register_parameter("spare", spare)  # in the model, not in the loss
+    held = {}
+    x = torch.randn(5, 3)
+    want = torch.autograd.grad(model(x).sum() * 2, [model[0].weight])[0]
+    for _ in range(2):
+        with facts._accumulated_gradients(model, held) as accumulated:
+            model(x).sum().backward()
+            model(x).sum().backward()
+            sums = accumulated()
+        assert "spare" not in sums and set(sums) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+        torch.testing.assert_close(sums["0.weight"], want)
+        assert sums["0.weight"] is held["0.weight"] and spare.grad is None and model[0].weight.grad is None
