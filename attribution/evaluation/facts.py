@@ -337,10 +337,10 @@ def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocas
 
 
 def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
-                momentum: bool, scale: float = 1.0, out: dict[str, Tensor] | None = None) -> float:
+                momentum: bool, scale: float = 1.0) -> float:
     """The answer's log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model is
-    not changed; ``out``: buffers for the stepped parameters, :func:`stepped_parameters`)."""
-    stepped = stepped_parameters(model, optimizer, grads, lr, momentum, scale, out)
+    not changed)."""
+    stepped = stepped_parameters(model, optimizer, grads, lr, momentum, scale)
     with _parameters_swapped(model, stepped):
         return answer_log_prob(model, tokenizer, query, max_length)
 
@@ -360,27 +360,14 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
                                max_length=max_length, autocast=autocast, momentum=momentum)["ranked"]
 
 
-class TailPatchBuffers:
-    """A model's worth of gradient sums and one of stepped parameters that tail-patch writes into from step to step
-    and, passed to every :func:`tail_patch_rankings` call of a run, from query to query: allocated once, so that a
-    long run neither allocates 2 x the model per step nor fragments the heap (the demo's resident set grew by 1.5
-    GiB over its 20 questions before)."""
-
-    def __init__(self):
-        self.grads: dict[str, Tensor] = {}
-        self.stepped: dict[str, Tensor] = {}
-
-
 def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: dict[str, list[str]], *, tokenizer,
                         ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
-                        autocast: torch.dtype | None = None, momentum: bool = False,
-                        buffers: TailPatchBuffers | None = None) -> dict[str, dict[int, float]]:
+                        autocast: torch.dtype | None = None, momentum: bool = False) -> dict[str, dict[int, float]]:
     """{name: {k: tail_patch on the first k documents of rankings[name]}} for several rankings of one query (each a
     list of document ids of ``corpus``, best first, at least max(k) long). ``ks``: the ks of every ranking, or a
     dict {name: its ks}. A set of documents is stepped on once: a prefix with the same documents as one already
     measured (two-stage re-ranking BM25's top 10 has BM25's top-10 set; BM25's top 1 is often the source) reuses
-    its number, and a ranking's documents past its last new prefix get no backward. ``buffers``: reused tensors
-    (:class:`TailPatchBuffers`; a new set per call without it)."""
+    its number, and a ranking's documents past its last new prefix get no backward."""
     if not isinstance(rankings, dict) or not rankings:
         raise ValueError(f"rankings must be a non-empty dict {{name: ranked document ids}}, got {rankings!r:.80}")
     per_name = {name: _checked_ks(ks[name] if isinstance(ks, dict) else ks, name) for name in rankings}
@@ -396,14 +383,13 @@ def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: d
         optimizer_groups(optimizer, model, lr)
     measured: dict[frozenset, float] = {}
     out = {}
-    buffers = TailPatchBuffers() if buffers is None else buffers
     with _evaluation_mode(model):
         before = answer_log_prob(model, tokenizer, query, max_length)
         for name, ranked in rankings.items():
             docs = [by_id[str(r)] for r in ranked[: per_name[name][-1]]]
-            out[name] = _prefix_tail_patches(model, optimizer, docs, query, per_name[name], measured, buffers,
-                                             before=before, tokenizer=tokenizer, lr=lr, max_length=max_length,
-                                             autocast=autocast, momentum=momentum)
+            out[name] = _prefix_tail_patches(model, optimizer, docs, query, per_name[name], measured, before=before,
+                                             tokenizer=tokenizer, lr=lr, max_length=max_length, autocast=autocast,
+                                             momentum=momentum)
     return out
 
 
@@ -415,9 +401,8 @@ def _checked_ks(ks, name: str) -> list[int]:
     return ks
 
 
-def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], measured: dict[frozenset, float],
-                         buffers: TailPatchBuffers, *, before: float, tokenizer, lr, max_length: int, autocast,
-                         momentum: bool) -> dict[int, float]:
+def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], measured: dict[frozenset, float], *,
+                         before: float, tokenizer, lr, max_length: int, autocast, momentum: bool) -> dict[int, float]:
     """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
     per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
     gradients over its count of target tokens (padding to the right changes no real token's loss), so the
@@ -429,7 +414,7 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
     new = [k for k in ks if sets[k] not in measured]
     if new:
         tokens, start = 0, 0
-        with _accumulated_gradients(model, buffers.grads) as accumulated:
+        with _accumulated_gradients(model) as accumulated:
             for k in (k for k in ks if k <= new[-1]):
                 segment = docs[start:k]
                 with _autocast(autocast):
@@ -439,30 +424,22 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
                 tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
                 if sets[k] not in measured:
                     measured[sets[k]] = _after_step(model, optimizer, accumulated(), lr, tokenizer, query, max_length,
-                                                    momentum, 1.0 / tokens, buffers.stepped) - before
+                                                    momentum, scale=1.0 / tokens) - before
     return {k: measured[sets[k]] for k in ks}
 
 
 @contextlib.contextmanager
-def _accumulated_gradients(model, held: dict[str, Tensor]):
-    """Inside the block, backward passes add up in place in the ``.grad`` of ``model``'s trainable parameters, which
-    are ``held``'s tensors zeroed (allocated there on first use; the caller's ``.grad`` are set aside and put back
-    after); yields a function that returns {name: the sum so far} of the parameters that received a gradient (one
-    that received none is left out, as torch.optim skips it)."""
+def _accumulated_gradients(model):
+    """Inside the block, backward passes add up in place in the ``.grad`` of ``model``'s trainable parameters (from
+    none: the caller's ``.grad`` are set aside and put back after); yields a function that returns {name: the sum
+    so far} (the ``.grad`` tensors themselves). In place, the sum costs no second copy of the gradients."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     kept = [p.grad for _, p in named]
-    received: set[str] = set()
-    hooks = [p.register_post_accumulate_grad_hook(lambda _, name=n: received.add(name)) for n, p in named]
     try:
-        for name, p in named:
-            buffer = held.get(name)
-            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                buffer = held[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            p.grad = buffer.zero_()
-        yield lambda: {n: p.grad for n, p in named if n in received}
+        for _, p in named:
+            p.grad = None
+        yield lambda: {n: p.grad for n, p in named if p.grad is not None}
     finally:
-        for hook in hooks:
-            hook.remove()
         for (_, p), grad in zip(named, kept):
             p.grad = grad
 

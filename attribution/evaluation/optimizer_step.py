@@ -52,15 +52,13 @@ def without_momentum(hyper: dict) -> dict:
 
 
 def stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | None, momentum: bool = False,
-                       scale: float = 1.0, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                       scale: float = 1.0) -> dict[str, Tensor]:
     """{name: the parameter after one step of ``optimizer`` (its class, hyperparameters and state) with ``grads``
     times ``scale``}, new tensors: the model and the optimizer are not touched. Extra memory: the new parameters
     plus one parameter's state at a time (none with the direct Adam form). With ``optimizer=None``: plain SGD at
     ``lr``. A parameter without a gradient keeps its value (torch.optim skips it). ``momentum=False``: the step
     without the optimizer's momentum (:func:`without_momentum`). ``scale`` is applied one parameter at a time (no
-    scaled copy of the whole gradient). ``out``: {name: tensor} written into and returned instead of new tensors
-    where a parameter has one of its shape and dtype, and filled with new ones where not (buffers that a caller
-    reuses from step to step, so that a long run allocates them once)."""
+    scaled copy of the whole gradient)."""
     if optimizer is None:
         return {n: (p.detach() - lr * (grads[n] * scale)) if n in grads else p.detach() for n, p in model.named_parameters()}
     stepped = {}
@@ -71,27 +69,15 @@ def stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | N
             if name not in grads:
                 continue
             state = optimizer.state.get(p)
-            target = _buffer(out, name, p)
             if direct and _adam_state(state, p, hyper):
-                stepped[name] = _adam_step(p.detach(), grads[name], state, hyper, scale, target)
+                stepped[name] = _adam_step(p.detach(), grads[name], state, hyper, scale)
             else:
                 if state and "exp_avg_sq" in state and "exp_avg" not in state:
                     raise ValueError(f"optimizer: the state of parameter {name!r} has no 'exp_avg' (Adam's first "
                                      "moment, dropped to save memory): only a step without momentum (momentum=False) "
                                      "by torch's own single-tensor Adam or AdamW does without it")
-                stepped[name] = target.copy_(_copied_step(optimizer, hyper, p, grads[name], state, scale))
+                stepped[name] = _copied_step(optimizer, hyper, p, grads[name], state, scale)
     return stepped
-
-
-def _buffer(out: dict[str, Tensor] | None, name: str, p: Tensor) -> Tensor:
-    """out[name] when it has ``p``'s shape, dtype and device (else a new tensor, kept in ``out``); a new tensor
-    without ``out``."""
-    if out is None:
-        return torch.empty_like(p, memory_format=torch.contiguous_format)
-    held = out.get(name)
-    if held is None or held.shape != p.shape or held.dtype != p.dtype or held.device != p.device:
-        held = out[name] = torch.empty_like(p, memory_format=torch.contiguous_format)
-    return held
 
 
 def _copied_step(optimizer, hyper: dict, p: Tensor, grad: Tensor, state: dict | None, scale: float) -> Tensor:
@@ -122,16 +108,17 @@ def _adam_state(state: dict | None, p: Tensor, hyper: dict) -> bool:
             and state["exp_avg_sq"].shape == p.shape and p.is_floating_point() and not p.is_complex())
 
 
-def _adam_step(p: Tensor, grad: Tensor, state: dict, hyper: dict, scale: float, out: Tensor) -> Tensor:
+def _adam_step(p: Tensor, grad: Tensor, state: dict, hyper: dict, scale: float) -> Tensor:
     """``p`` after torch's single-tensor Adam / AdamW step (``hyper``: lr, betas, eps, weight_decay,
     decoupled_weight_decay) from ``state`` with ``grad * scale``: the operations of torch.optim.adam's
-    ``_single_tensor_adam`` in their order, on slices of :data:`CHUNK` elements, into ``out`` (contiguous, ``p``'s
-    shape); the state is read, never written."""
+    ``_single_tensor_adam`` in their order, on slices of :data:`CHUNK` elements, into a new tensor; the state
+    is read, never written."""
     lr, (beta1, beta2), eps, decay = hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"]
     decoupled = hyper.get("decoupled_weight_decay", False)
     step = float(state["step"]) + 1
     step_size = lr / (1 - beta1 ** step)
     correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    out = torch.empty_like(p, memory_format=torch.contiguous_format)  # reshape(-1) must be a view of it
     flat = [t.reshape(-1) for t in (p, grad, state.get("exp_avg", grad), state["exp_avg_sq"], out)]
     for start in range(0, p.numel(), CHUNK):
         param, g, exp_avg, exp_avg_sq, new = (t[start:start + CHUNK] for t in flat)
