@@ -90,3 +90,31 @@ def test_features_alone_equal_the_truth_pass_and_scorings_share_a_compressor(tin
         torch.testing.assert_close(alone[name].docs, with_truth[name].docs)
     assert alone["cos"] is alone["if"] and alone["fg"] is not alone["if"]
     assert not torch.equal(alone["fg"].docs, alone["if"].docs)
+
+
+@pytest.mark.parametrize("case", ["float64", "bfloat16 autocast"])
+def test_features_formed_in_the_backward_equal_the_factors_path_in_float64_and_under_autocast(tiny_llama, case):
+    """truth=False forms the features inside the backward, one layer at a time: in a float64 model they stay float64,
+    and under bfloat16 autocast they equal the factors' path (factors upcast to float32), query and document
+    batches of odd sizes (the last of one)."""
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double() if case == "float64" else model
+    autocast = torch.bfloat16 if case != "float64" else None
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)]
+    queries = [{"id": "q0", "prompt": "a for", "completion": " loop list"}, {"id": "q1", "prompt": "the", "completion": " data"},
+               {"id": "q2", "prompt": "lambda", "completion": " expression creates"}]
+    doc_batches, _ = llm.document_batches(tok, docs, 2, 8)  # 7 documents: batches of 2, 2, 2 and 1
+    query_batches = llm.query_batches(tok, queries, 2, 8)
+    layers = find_layers(model, ["model.layers.*"])
+    methods = {"fg": Method("factgrass", 16), "sjlt": Method("sjlt", 16, "if"), "logra": Method("logra", 16)}
+    _, factors = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, methods, progress=False,
+                         autocast=autocast)
+    _, in_backward = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, methods, progress=False,
+                             truth=False, autocast=autocast)
+    for name in methods:
+        want, got = factors[name], in_backward[name]
+        assert got.docs.dtype == want.docs.dtype == (torch.float64 if case == "float64" else torch.float32)
+        assert got.docs.shape == (len(docs), want.docs.shape[1]) and got.queries.shape[0] == len(queries)
+        torch.testing.assert_close(got.docs, want.docs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.queries, want.queries, rtol=1e-5, atol=1e-6)
+        assert got.widths == want.widths and got.docs.abs().sum() > 0

@@ -99,6 +99,14 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     source = next(r for r in rows if r.get("scoring") == "source")
     assert np.isfinite(source["tail_patch@1"]) and source.get("tail_patch@5") is None
     assert (tmp_path / "optimizer.pt").stat().st_size > 0  # the fine-tuning's AdamW state, kept for tail-patch
+    # the untuned model, saved as a folder before the fine-tuning (the control row loads it instead of the GGUF)
+    untuned, _ = llm.load_model(llm.DEFAULT_MODEL)
+    saved, _ = llm.load_model(str(tmp_path / "base_model"))
+    tuned_model, _ = llm.load_model(str(tmp_path / "model"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights = [dict(m.named_parameters())[name] for m in (untuned, saved, tuned_model)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    del untuned, saved, tuned_model, weights
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["queries"]) == 20 and report["evaluation"][0]["method"] == names[0]
     assert (tmp_path / "recall.png").stat().st_size > 5_000 and "recall.png" in (tmp_path / "report.html").read_text()
