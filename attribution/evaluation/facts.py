@@ -298,17 +298,22 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
     tensors, swapped in for the evaluation only), and dropout is off (eval mode), so the result is
     deterministic. Extra memory: one gradient and one stepped copy of the parameters."""
     docs, query = _patch_documents(docs), _patch_query(query)
-    if optimizer is None and (lr is None or not lr > 0):
-        raise ValueError(f"lr must be a positive learning rate when optimizer is None (plain SGD), got {lr!r}")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if optimizer is not None:
-        optimizer_groups(optimizer, model, lr)  # refuse a foreign optimizer before the costly backward
+    _check_step(model, optimizer, lr)
     with _evaluation_mode(model):
         if before is None:
             before = answer_log_prob(model, tokenizer, query, max_length)
         grads = _loss_gradients(model, tokenizer, docs, max_length, autocast, mean=True)
         return _after_step(model, optimizer, grads, lr, tokenizer, query, max_length, momentum) - before
+
+
+def _check_step(model, optimizer, lr) -> None:
+    """Refuse a step that cannot be taken (no positive learning rate, a foreign optimizer) before any backward."""
+    if optimizer is None and (lr is None or not lr > 0):
+        raise ValueError(f"lr must be a positive learning rate when optimizer is None (plain SGD), got {lr!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if optimizer is not None:
+        optimizer_groups(optimizer, model, lr)
 
 
 @contextlib.contextmanager
@@ -379,8 +384,7 @@ def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: d
         if len(ranked) < per_name[name][-1]:
             raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {per_name[name][-1]}")
     query = _patch_query(query)
-    if optimizer is not None:
-        optimizer_groups(optimizer, model, lr)
+    _check_step(model, optimizer, lr)
     measured: dict[frozenset, float] = {}
     out = {}
     with _evaluation_mode(model):

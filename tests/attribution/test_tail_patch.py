@@ -226,6 +226,8 @@ def test_rankings_of_one_query_step_on_each_set_of_documents_once(tiny):
     with pytest.raises(ValueError, match="ks must be positive"):
         facts.tail_patch_rankings(model, None, CORPUS, QUERY, rankings, tokenizer=tok, ks={"a": (1,), "b": (0,), "c": (1,)},
                                   lr=0.1)
+    with pytest.raises(ValueError, match="lr must be a positive learning rate when optimizer is None"):
+        facts.tail_patch_rankings(model, None, CORPUS, QUERY, rankings, tokenizer=tok, ks=(1,))
     with pytest.raises(ValueError, match="rankings must be a non-empty dict"):
         facts.tail_patch_rankings(model, None, CORPUS, QUERY, {}, tokenizer=tok, lr=0.1)
 
