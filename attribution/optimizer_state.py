@@ -13,6 +13,11 @@ orders, the one under which every stored ``exp_avg_sq`` has its parameter's shap
   LayerNorm, or a name holding bias / layernorm / rmsnorm / norm), or, as older versions had it, a LayerNorm or
   a bias. The first group must hold as many parameters as the state's first group.
 
+An optimizer built from ``model.named_parameters()`` records each group's ``param_names``; they are used
+instead, exactly. Several groups that record no names and are not the Trainer's split are refused: their
+order (layer-wise learning rates, say) is not in the state, and in a stack of equal layers the shapes fit
+any order.
+
 Two orders that both fit the shapes but give a target parameter different tensors are refused (pass the
 mapping). With a ``step`` in a parameter's state, v = exp_avg_sq / (1 - beta2**step), beta2 from its group's
 ``betas``; a mapping is taken as v itself.
@@ -111,6 +116,9 @@ def _decays(model: nn.Module, names: list[str], legacy: bool) -> dict[str, bool]
     return {n: not in_norm(n) and not any(p.search(n.lower()) for p in _NO_DECAY) for n in names}
 
 
+TRAINER_GROUPS = "the Hugging Face Trainer's [decay, no decay] groups"
+
+
 def _orders(model: nn.Module, group_sizes: list[int] | None) -> list[tuple[str, list[str]]]:
     """(description, parameter names by optimizer index), most likely first: with two groups, the Trainer's."""
     named = list(model.named_parameters())
@@ -122,9 +130,30 @@ def _orders(model: nn.Module, group_sizes: list[int] | None) -> list[tuple[str, 
         decays = _decays(model, trainable, legacy)
         first = [n for n in trainable if decays[n]]
         if group_sizes is None or (len(group_sizes) == 2 and group_sizes[0] == len(first)):
-            trainer.append(("the Hugging Face Trainer's [decay, no decay] groups",
-                            first + [n for n in trainable if not decays[n]]))
+            trainer.append((TRAINER_GROUPS, first + [n for n in trainable if not decays[n]]))
     return trainer + plain if group_sizes is not None and len(group_sizes) == 2 else plain + trainer
+
+
+def _recorded_names(model: nn.Module, groups) -> tuple[str, list[str]] | None:
+    """("the names it records", parameter names by optimizer index) when every group of a state_dict records its
+    parameters' names (``param_names``: an optimizer built from ``model.named_parameters()``), each one a name of
+    ``model``'s (a tied weight under either of its names); else None."""
+    if not isinstance(groups, list) or not groups or not all(isinstance(g.get("param_names"), list) for g in groups):
+        return None
+    canonical = {}
+    for name, p in model.named_parameters():
+        canonical[id(p)] = name
+    aliases = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    order = []
+    for group in groups:
+        if len(group["param_names"]) != len(group["params"]):
+            raise _error(f"a parameter group records {len(group['param_names'])} names for {len(group['params'])} "
+                         "parameters")
+        unknown = [n for n in group["param_names"] if n not in aliases]
+        if unknown:
+            raise _error(f"it names parameters that the model does not have: {unknown[:3]}: a state of another model?")
+        order += [aliases[n] for n in group["param_names"]]
+    return "the parameter names it records", order
 
 
 def _indexed(model: nn.Module, state: Mapping, wanted: list[str]) -> dict[str, tuple[Tensor, float | None]]:
@@ -139,8 +168,17 @@ def _indexed(model: nn.Module, state: Mapping, wanted: list[str]) -> dict[str, t
         indices, group_of, sizes = sorted(entries), {}, None
     position = {index: p for p, index in enumerate(indices)}
     params = dict(model.named_parameters())
+    named_order = _recorded_names(model, groups)
+    orders = [named_order] if named_order is not None else _orders(model, sizes)
+    if named_order is None and sizes is not None and len(sizes) > 1:
+        orders = [(how, order) for how, order in orders if how == TRAINER_GROUPS]  # a plain order is not known there
+        if not orders:
+            raise _error(f"its {len(sizes)} parameter groups (sizes {sizes[:6]}) are not the Hugging Face Trainer's "
+                         "[decay, no decay] split, and a state_dict does not record which parameter each index is: "
+                         "build the optimizer from model.named_parameters() (torch then records the names), or pass "
+                         "a {parameter name: exp_avg_sq} mapping")
     fits = []
-    for how, order in _orders(model, sizes):
+    for how, order in orders:
         if sizes is not None and len(order) != len(indices):
             continue
         if all(k in position and position[k] < len(order) and isinstance(e.get("exp_avg_sq"), Tensor)

@@ -140,11 +140,18 @@ def finetune_optimizer(model, lr: float = 2e-4) -> torch.optim.AdamW:
 
 def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e-4, batch_size: int = 4,
              max_length: int = 128, seed: int = 0, corpus_per_epoch: int = 12, progress: bool = False,
-             autocast: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None) -> dict:
+             autocast: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None,
+             step_in_backward: bool = True) -> dict:
     """Briefly fine-tune ``model`` in place (``optimizer``, by default :func:`finetune_optimizer` at ``lr``, whose
     state the caller keeps when it passes one; float32 weights; matmuls in ``autocast`` precision when given):
     each epoch sees every fact document and ``corpus_per_epoch`` other documents of the corpus (a seeded
-    sample), in a seeded order; returns {"steps", "seconds", "loss"}."""
+    sample), in a seeded order; returns {"steps", "seconds", "loss"}.
+
+    ``step_in_backward`` (the default): an optimizer that steps each parameter from its own gradient and state
+    (torch's Adam, AdamW, SGD) steps each parameter as soon as its gradient is complete in the backward, and
+    that gradient is freed at once (:func:`_steps_in_backward`), so the model's gradients are never all held:
+    the same weights and optimizer state bit for bit as ``zero_grad(); backward(); step()`` (tested), with a
+    copy of the parameters less at the peak. Other optimizers take the usual step."""
     import time
 
     from tqdm import tqdm
@@ -154,21 +161,57 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     others = [d for d in docs if not d["id"].startswith("fact/")]
     optimizer = finetune_optimizer(model, lr) if optimizer is None else optimizer
     start, steps, losses = time.perf_counter(), 0, []
+    in_backward = step_in_backward and _steps_each_parameter(optimizer)
     model.train()
-    for _ in range(epochs):
-        pool = facts + [others[i] for i in torch.randperm(len(others), generator=g)[:corpus_per_epoch].tolist()]
-        order = torch.randperm(len(pool), generator=g).tolist()
-        for b in tqdm(range(0, len(order), batch_size), disable=not progress, leave=False, desc="fine-tune"):
-            chunk = [pool[i] for i in order[b : b + batch_size]]
-            with _autocast(autocast):
-                loss = training_loss(model, tokenizer, chunk, max_length)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            losses.append(float(loss.detach()))
+    optimizer.zero_grad()
+    with _steps_in_backward(optimizer) if in_backward else contextlib.nullcontext():
+        for _ in range(epochs):
+            pool = facts + [others[i] for i in torch.randperm(len(others), generator=g)[:corpus_per_epoch].tolist()]
+            order = torch.randperm(len(pool), generator=g).tolist()
+            for b in tqdm(range(0, len(order), batch_size), disable=not progress, leave=False, desc="fine-tune"):
+                chunk = [pool[i] for i in order[b : b + batch_size]]
+                with _autocast(autocast):
+                    loss = training_loss(model, tokenizer, chunk, max_length)
+                optimizer.zero_grad()
+                loss.backward()  # in_backward: each parameter is stepped here
+                if not in_backward:
+                    optimizer.step()
+                steps += 1
+                losses.append(float(loss.detach()))
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss": sum(losses[-10:]) / min(10, len(losses))}
+
+
+def _steps_each_parameter(optimizer) -> bool:
+    """Whether ``optimizer`` is torch's Adam, AdamW or SGD in the form that steps each parameter from its own
+    gradient and state alone (not fused, not capturable or differentiable): stepping one parameter at a time
+    gives what one step over all of them gives."""
+    return (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+            and not any(group.get(flag) for group in optimizer.param_groups
+                        for flag in ("fused", "foreach", "capturable", "differentiable")))
+
+
+@contextlib.contextmanager
+def _steps_in_backward(optimizer):
+    """Inside the block, a backward steps each of ``optimizer``'s parameters as soon as its gradient is complete
+    (a post-accumulate-grad hook) and frees that gradient, so that at most one parameter's gradient is held at a
+    time; the autograd nodes that read a parameter have run by then (a tied weight's hook runs once, on the sum
+    of its uses). ``optimizer.step()`` steps only the parameters that have a gradient: here, the one."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(p.grad is not None for p in params):
+        raise ValueError("optimizer: its parameters hold gradients already; a step in the backward would apply them "
+                         "too (call optimizer.zero_grad() first)")
+
+    def step(param):
+        optimizer.step()
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(step) for p in params]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def training_loss(model, tokenizer, docs: list[dict], max_length: int, mean: bool = True) -> Tensor:

@@ -138,6 +138,62 @@ def test_the_hugging_face_trainers_groups_are_matched_by_their_order():
     assert torch.equal(scores, Attributor(model, loss_fn, optimizer_state=by_name, **kwargs).cache(train).attribute(test))
 
 
+def _stacked_model():
+    """Three equal 4 x 4 Linear layers: every layer's state has every other layer's shape."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)).double()
+
+
+def _reversed_groups_state(model, named: bool):
+    """A state whose groups list the layers last first (layer-wise learning rates), each layer with its own scale of
+    gradient, so that every layer's second moment differs; ``named``: built from named_parameters()."""
+    layers = [(str(i), model[i]) for i in (2, 1, 0)]
+    groups = [{"params": list(layer.named_parameters(prefix=i)) if named else list(layer.parameters()),
+               "lr": 1e-2 * 0.5 ** int(i)} for i, layer in layers]
+    opt = torch.optim.AdamW(groups)
+    for scale, layer in zip((1.0, 10.0, 100.0), model):
+        layer.weight.grad, layer.bias.grad = torch.full_like(layer.weight, scale), torch.full_like(layer.bias, scale)
+    opt.step()
+    return opt, opt.state_dict()
+
+
+def test_groups_in_another_order_are_matched_by_their_recorded_names_or_refused():
+    from attribution import optimizer_state
+
+    model = _stacked_model()
+    opt, state = _reversed_groups_state(model, named=True)
+    found = optimizer_state.match(model, state, ["0.weight", "1.bias", "2.weight"])
+    for name, p in model.named_parameters():
+        if name in found:
+            assert torch.equal(found[name][0], opt.state[p]["exp_avg_sq"]), name
+    assert found["0.weight"][0].flatten()[0] != found["2.weight"][0].flatten()[0]
+    _, unnamed = _reversed_groups_state(model, named=False)  # the shapes fit any order: nothing says which it is
+    with pytest.raises(ValueError, match=r"optimizer_state: its 3 parameter groups \(sizes \[2, 2, 2\]\) are not the "
+                                         "Hugging Face Trainer's .*named_parameters"):
+        optimizer_state.match(model, unnamed, ["0.weight"])
+    renamed = copy.deepcopy(state)
+    renamed["param_groups"][0]["param_names"][0] = "9.weight"
+    with pytest.raises(ValueError, match=r"optimizer_state: it names parameters that the model does not have: "
+                                         r"\['9.weight'\]"):
+        optimizer_state.match(model, renamed, ["0.weight"])
+
+
+def test_a_named_single_group_maps_a_tied_weight_under_either_name():
+    from attribution import optimizer_state
+
+    model = _stacked_model()
+    model[2].weight = model[0].weight  # tied: named_parameters() lists it once, as 0.weight
+    opt = torch.optim.AdamW([(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n != "0.weight"][::-1])
+    names = opt.state_dict()["param_groups"][0]["param_names"]
+    assert "2.weight" in names and "0.weight" not in names  # recorded under its other name
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    found = optimizer_state.match(model, opt.state_dict(), ["0.weight", "1.weight"])
+    assert torch.equal(found["0.weight"][0], opt.state[model[0].weight]["exp_avg_sq"])
+    assert torch.equal(found["1.weight"][0], opt.state[model[1].weight]["exp_avg_sq"])
+
+
 FRESH = """
 import sys, torch
 sys.path.insert(0, {here!r})

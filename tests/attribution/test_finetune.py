@@ -1,0 +1,69 @@
+"""The demo's fine-tuning (attribution.evaluation.facts.finetune): each parameter stepped inside the backward gives the
+weights and the optimizer state of the usual zero_grad / backward / step loop bit for bit, tied embeddings included,
+and the odd cases are refused or fall back by name."""
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+from attribution import llm  # noqa: E402
+from attribution.evaluation import facts  # noqa: E402
+
+DOCS = [{"id": f"fact/{i}", "text": text} for i, text in enumerate(
+    ["the data privacy statement", "lambda expression creates function", "a for loop list", "python list data",
+     "assert statement", "the list"])] + [{"id": "other", "text": "data for the loop"}]
+
+
+def _model(tiny_llama, tied: bool):
+    model, tok = llm.load_model(tiny_llama)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model, tok
+
+
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2, betas=(0.8, 0.95)),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_stepping_in_the_backward_equals_the_usual_loop_bit_for_bit(tiny_llama, tied, kind):
+    runs = {}
+    for in_backward in (True, False):
+        model, tok = _model(tiny_llama, tied)
+        optimizer = OPTIMIZERS[kind](model.parameters())
+        info = facts.finetune(model, tok, DOCS, epochs=2, batch_size=3, max_length=16, corpus_per_epoch=1, seed=3,
+                              optimizer=optimizer, step_in_backward=in_backward)
+        runs[in_backward] = (model, optimizer, info)
+    (fused, fused_opt, fused_info), (usual, usual_opt, usual_info) = runs[True], runs[False]
+    assert fused_info["steps"] == usual_info["steps"] == 6 and fused_info["loss"] == usual_info["loss"]
+    for (name, a), b in zip(fused.state_dict().items(), usual.state_dict().values()):
+        assert torch.equal(a, b), name
+    first, second = fused_opt.state_dict(), usual_opt.state_dict()
+    assert first["state"].keys() == second["state"].keys() and len(first["state"]) == len(list(usual.parameters()))
+    for index, state in first["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, second["state"][index][key]), (index, key)
+    assert all(p.grad is None for p in fused.parameters())  # every gradient was freed after its step
+    assert any(not torch.equal(a, b) for a, b in zip(fused.state_dict().values(),
+                                                      _model(tiny_llama, tied)[0].state_dict().values()))
+
+
+def test_an_optimizer_that_is_not_per_parameter_takes_the_usual_step(tiny_llama):
+    model, tok = _model(tiny_llama, False)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    assert not facts._steps_each_parameter(optimizer)
+    assert not facts._steps_each_parameter(torch.optim.AdamW(model.parameters(), foreach=True))
+    assert facts._steps_each_parameter(torch.optim.AdamW(model.parameters()))
+
+
+def test_gradients_held_before_a_step_in_the_backward_are_refused_by_name(tiny_llama):
+    model, tok = _model(tiny_llama, False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    facts.training_loss(model, tok, DOCS[:1], 16).backward()
+    with pytest.raises(ValueError, match="optimizer: its parameters hold gradients already"):
+        with facts._steps_in_backward(optimizer):
+            pass
