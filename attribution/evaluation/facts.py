@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import llm
 from .metrics import mean_and_standard_error
-from .optimizer_step import optimizer_groups, stepped_parameters
+from .optimizer_step import check_stepped_result, optimizer_groups, stepped_in_forward
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def training_loss(model, tokenizer, docs: list[dict], max_length: int, mean: boo
     (batch,), _ = llm.document_batches(tokenizer, docs, len(docs), max_length, pad_multiple=1)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    total = llm.sequence_loss(model, batch).sum()
+    total = llm.chunked_sequence_loss(model, batch).sum()  # the vocabulary-wide logits 128 positions at a time
     return total / batch["loss_mask"][:, 1:].sum() if mean else total
 
 
@@ -297,21 +297,7 @@ def answer_log_prob(model, tokenizer, query, max_length: int = 128) -> float:
     (batch,) = llm.query_batches(tokenizer, [query], 1, max_length, pad_multiple=1)
     device = next(model.parameters()).device
     with torch.no_grad():
-        return -float(llm.sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
-
-
-@contextlib.contextmanager
-def _parameters_swapped(model, values: dict[str, Tensor]):
-    """``model`` with ``values`` as its parameters' data (no copy) inside the block; the originals after it."""
-    params = dict(model.named_parameters())
-    originals = {name: params[name].data for name in values}
-    try:
-        for name, value in values.items():
-            params[name].data = value
-        yield model
-    finally:
-        for name, value in originals.items():
-            params[name].data = value
+        return -float(llm.chunked_sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
 
 
 def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,
@@ -387,10 +373,10 @@ def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocas
 def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
                 momentum: bool, scale: float = 1.0) -> float:
     """The answer's log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model is
-    not changed)."""
-    stepped = stepped_parameters(model, optimizer, grads, lr, momentum, scale)
-    with _parameters_swapped(model, stepped):
-        return answer_log_prob(model, tokenizer, query, max_length)
+    not changed): each module's parameters are stepped in its own forward (:func:`stepped_in_forward`), so the
+    evaluation holds one module's stepped parameters, not a stepped copy of the model."""
+    with stepped_in_forward(model, optimizer, grads, lr, momentum, scale):
+        return check_stepped_result(answer_log_prob(model, tokenizer, query, max_length))
 
 
 def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]:

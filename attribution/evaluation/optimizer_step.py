@@ -11,6 +11,7 @@ Adam's first moment is not read at all). On SmolLM2-135M a step took a median 0.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -61,7 +62,17 @@ def stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | N
     scaled copy of the whole gradient)."""
     if optimizer is None:
         return {n: (p.detach() - lr * (grads[n] * scale)) if n in grads else p.detach() for n, p in model.named_parameters()}
-    stepped = {}
+    return {name: step() for name, step in _parameter_steps(model, optimizer, grads, lr, momentum, scale).items()}
+
+
+def _parameter_steps(model, optimizer, grads: dict[str, Tensor], lr: float | None, momentum: bool,
+                     scale: float) -> dict:
+    """{name: a function that returns that parameter after the step}, for the parameters with a gradient (checked
+    first, so that a state that cannot step is refused before any step is taken)."""
+    if optimizer is None:
+        params = dict(model.named_parameters())
+        return {n: (lambda n=n: params[n].detach() - lr * (grads[n] * scale)) for n in grads if n in params}
+    steps = {}
     for hyper, params in optimizer_groups(optimizer, model, lr):
         hyper = hyper if momentum else without_momentum(hyper)
         direct = _direct_adam(optimizer, hyper)
@@ -70,14 +81,121 @@ def stepped_parameters(model, optimizer, grads: dict[str, Tensor], lr: float | N
                 continue
             state = optimizer.state.get(p)
             if direct and _adam_state(state, p, hyper):
-                stepped[name] = _adam_step(p.detach(), grads[name], state, hyper, scale)
+                steps[name] = lambda p=p, g=grads[name], state=state, hyper=hyper: _adam_step(p.detach(), g, state,
+                                                                                               hyper, scale)
             else:
                 if state and "exp_avg_sq" in state and "exp_avg" not in state:
                     raise ValueError(f"optimizer: the state of parameter {name!r} has no 'exp_avg' (Adam's first "
                                      "moment, dropped to save memory): only a step without momentum (momentum=False) "
                                      "by torch's own single-tensor Adam or AdamW does without it")
-                stepped[name] = _copied_step(optimizer, hyper, p, grads[name], state, scale)
-    return stepped
+                steps[name] = lambda p=p, g=grads[name], state=state, hyper=hyper: _copied_step(optimizer, hyper, p, g,
+                                                                                                 state, scale)
+    return steps
+
+
+@contextlib.contextmanager
+def stepped_in_forward(model, optimizer, grads: dict[str, Tensor], lr: float | None, momentum: bool = False,
+                       scale: float = 1.0):
+    """Inside the block, ``model`` computes as if it had taken the step of :func:`stepped_parameters`, while holding
+    the stepped values of one module's parameters at a time: each module that owns a parameter with a gradient
+    steps it in a forward pre-hook and drops it after its forward (a weight two modules share, as tied embeddings,
+    is stepped for each). A parameter read outside its own module's forward would get the unstepped value, so such
+    a read raises a RuntimeError (a torch-function mode watches every torch call for the parameters; their shape,
+    dtype and device may be read anywhere), and between forwards the parameters hold NaN (a stride-0 tensor: no
+    memory). The parameters are restored after the block. For evaluations without a gradient."""
+    steps = _parameter_steps(model, optimizer, grads, lr, momentum, scale)
+    params = dict(model.named_parameters())
+    stepped_ids = {id(params[name]): name for name in steps}
+    originals = {name: params[name].data for name in steps}
+    guard = _ReadsOutsideTheirModule(stepped_ids)
+    swapped: dict[int, list] = {}
+
+    def own(module):
+        return [p for p in module._parameters.values() if p is not None and id(p) in stepped_ids]
+
+    def before(module, args):
+        with guard.paused():
+            held = own(module)
+            swapped.setdefault(id(module), []).append([p.data for p in held])
+            for p in held:
+                p.data = originals[stepped_ids[id(p)]]  # the step reads the parameter's own value
+                p.data = steps[stepped_ids[id(p)]]()
+                guard.active[id(p)] = guard.active.get(id(p), 0) + 1
+
+    def after(module, args, output):
+        with guard.paused():
+            for p, data in zip(own(module), swapped[id(module)].pop()):
+                p.data = data
+                guard.active[id(p)] -= 1
+
+    owners = [m for m in model.modules() if own(m)]
+    handles = []
+    try:
+        for name in steps:
+            params[name].data = _nan_placeholder(originals[name])
+        for module in owners:
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+        with guard:
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, data in originals.items():
+            params[name].data = data
+
+
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_leaf", "layout", "is_cuda", "is_meta",
+                       "is_sparse", "is_quantized", "grad_fn", "names", "is_nested", "size", "dim", "numel",
+                       "is_floating_point", "is_complex", "element_size", "get_device"})
+
+
+class _ReadsOutsideTheirModule(torch.overrides.TorchFunctionMode):
+    """Raises when a torch call reads one of the watched parameters (``ids``: {id: name}) while none of the modules
+    that own it is in its forward (``active``: {id: depth}); metadata (:data:`_METADATA`) is free to read."""
+
+    def __init__(self, ids: dict[int, str]):
+        super().__init__()
+        self.ids, self.active, self.watching = ids, {}, True
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.watching = False
+        try:
+            yield
+        finally:
+            self.watching = True
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watching:
+            name = getattr(func, "__name__", None)
+            if name == "__get__":
+                name = getattr(getattr(func, "__self__", None), "__name__", None)
+            if name not in _METADATA:
+                for value in (*args, *kwargs.values()):
+                    for item in value if isinstance(value, (list, tuple)) else (value,):
+                        if id(item) in self.ids and not self.active.get(id(item)):
+                            raise RuntimeError(
+                                f"stepped_in_forward: the model read parameter {self.ids[id(item)]!r} outside its own "
+                                f"module's forward ({name or func}), where it cannot be stepped: evaluate with the "
+                                "whole stepped copy, stepped_parameters(...), instead")
+        return func(*args, **kwargs)
+
+
+def _nan_placeholder(like: Tensor) -> Tensor:
+    """A tensor of ``like``'s shape and dtype, all NaN, that takes no memory (one element, stride 0)."""
+    return torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+
+
+def check_stepped_result(value: float) -> float:
+    """``value`` (a result computed inside :func:`stepped_in_forward`) when it is a number; a NaN means that the step
+    gave NaN, or that the model read a stepped parameter's NaN placeholder past the watch."""
+    if value != value:
+        raise RuntimeError("stepped_in_forward: the result is NaN: the step gave NaN, or the model read a parameter "
+                           "outside its own module's forward; evaluate with the whole stepped copy, "
+                           "stepped_parameters(...), to tell which")
+    return value
 
 
 def _copied_step(optimizer, hyper: dict, p: Tensor, grad: Tensor, state: dict | None, scale: float) -> Tensor:

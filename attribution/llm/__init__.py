@@ -45,6 +45,7 @@ from .models import (
     smollm2_location,
 )
 from .tokens import (
+    chunked_sequence_loss,
     document_batches,
     document_tokens,
     encoded_batches,
@@ -57,7 +58,7 @@ from .tokens import (
 )
 
 __all__ = ["DEFAULT_LAYERS", "DEFAULT_MODEL", "DEFAULT_PROMPTS", "DTYPES", "SMOLLM2_GGUF", "UsageError",
-           "apply_adapter", "chat_document", "check_adapter_folder", "complete", "document_batches",
+           "apply_adapter", "chat_document", "check_adapter_folder", "chunked_sequence_loss", "complete", "document_batches",
            "document_tokens", "encoded_batches", "fast_bfloat16", "length_batches", "lm_eval_queries",
            "load_documents", "load_model", "load_state", "pad_batch", "per_token_queries", "python_docs_corpus",
            "query_batches", "query_tokens", "read_corpus", "read_dataset", "read_jsonl", "read_text",

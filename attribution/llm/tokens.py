@@ -142,3 +142,50 @@ def sequence_loss(model: nn.Module, batch: dict) -> Tensor:
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # half precisions: in float32
     token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (token_loss * batch["loss_mask"][:, 1:].to(token_loss.dtype)).sum(1)
+
+
+LOSS_CHUNK_TOKENS = 128  # target positions whose vocabulary-wide logits a chunked loss forms at once
+# causal LMs whose forward is exactly lm_head(decoder(...)) (no logit scaling or soft-capping), checked by class name
+_PLAIN_HEADS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def chunked_sequence_loss(model: nn.Module, batch: dict, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Tensor:
+    """:func:`sequence_loss` [B] with the output layer applied to ``chunk_tokens`` target positions at a time, only
+    where ``loss_mask`` counts them: the [B, T, vocabulary] logits (and their float32 copy, log-softmax and gradient)
+    are never formed whole. Under autograd each chunk's logits are formed again in the backward (activation
+    checkpointing: ``chunk_tokens`` rows of logits held, for one more output-layer matmul). Models whose forward is
+    not exactly ``lm_head(decoder(...))`` (:data:`_PLAIN_HEADS`, by class) take :func:`sequence_loss` itself. Equal
+    to it up to float rounding (the output layer's weight gradient sums the rows in chunks)."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of positions, got {chunk_tokens!r}")
+    if type(model).__name__ not in _PLAIN_HEADS:
+        return sequence_loss(model, batch)
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    counted = batch["loss_mask"][:, 1:] != 0
+    rows = hidden[:, :-1][counted]  # [N, H]: the positions whose next token is a target
+    targets = batch["input_ids"][:, 1:][counted]
+    sample = torch.arange(counted.shape[0], device=counted.device)[:, None].expand_as(counted)[counted]
+    weights = batch["loss_mask"][:, 1:][counted]
+    losses = []
+    for start in range(0, rows.shape[0], chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            losses.append(checkpoint(_rows_loss, head, rows[piece], targets[piece], use_reentrant=False))
+        else:
+            losses.append(_rows_loss(head, rows[piece], targets[piece]))
+    token_loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    token_loss = token_loss * weights.to(token_loss.dtype)
+    return token_loss.new_zeros(counted.shape[0]).index_add(0, sample, token_loss)
+
+
+def _rows_loss(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
+    """Next-token cross-entropy [N] of ``rows`` [N, H] of final hidden states against ``targets`` [N] (half-precision
+    logits in float32, as :func:`sequence_loss` takes them)."""
+    logits = head(rows)
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return nn.functional.cross_entropy(logits, targets, reduction="none")
+

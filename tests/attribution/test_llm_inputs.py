@@ -155,3 +155,44 @@ def test_messages_and_prompt_completion_fields_exclude_each_other(tiny_llama, tm
         assert cli.main(argv) == 2
         assert "--messages-field excludes --prompt-field and --completion-field" in capsys.readouterr().err.splitlines()[-1]
         assert not store.exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 128])
+def test_the_chunked_loss_equals_the_whole_logits_loss_with_its_gradients(tiny_llama, chunk):
+    model, tok = llm.load_model(tiny_llama)
+    model = model.double()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    docs = [{"id": "a", "text": "the data privacy statement"}, {"id": "b", "text": "a for loop"},
+            {"id": "q", "prompt": "lambda expression", "completion": " creates function"}]  # padded; a completion only
+    (batch,), _ = llm.document_batches(tok, docs, 3, 16, pad_multiple=1)
+    assert (batch["loss_mask"] == 0).any()
+    params = list(model.parameters())
+    want = llm.sequence_loss(model, batch)
+    got = llm.chunked_sequence_loss(model, batch, chunk)
+    assert got.shape == want.shape == (3,) and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), params), torch.autograd.grad((want * weights).sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(llm.chunked_sequence_loss(model, batch, chunk), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_chunked_loss_refuses_a_bad_chunk_and_falls_back_for_other_heads(tiny_llama):
+    model, tok = llm.load_model(tiny_llama)
+    (batch,), _ = llm.document_batches(tok, [{"id": "a", "text": "the data privacy statement"}], 1, 16, pad_multiple=1)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_tokens must be a positive number of positions"):
+            llm.chunked_sequence_loss(model, batch, bad)
+
+    class Scaled(torch.nn.Module):  # a head the chunked form does not know: the whole-logits loss
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    scaled = Scaled(model)
+    assert torch.equal(llm.chunked_sequence_loss(scaled, batch, 2), llm.sequence_loss(scaled, batch))

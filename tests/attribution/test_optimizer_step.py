@@ -137,3 +137,63 @@ def test_without_momentum_adam_needs_no_first_moment_and_with_it_a_missing_one_i
     assert all(torch.equal(got[n], want[n]) for n in want)
     with pytest.raises(ValueError, match=r"the state of parameter '0.weight' has no 'exp_avg'.*momentum=False"):
         optimizer_step.stepped_parameters(model, optimizer, grads, None, momentum=True)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd", None])
+def test_stepping_each_module_in_its_forward_equals_the_whole_stepped_copy(tiny_llama, kind):
+    pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+    from attribution import llm
+    from attribution.evaluation import facts
+
+    model, tok = llm.load_model(tiny_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's: two modules share one weight
+    optimizer = None
+    if kind is not None:
+        optimizer = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind](model.parameters(), lr=1e-2,
+                                                                              **({"momentum": 0.9} if kind == "sgd" else {}))
+        for text in ("a for loop list", "python list data"):
+            optimizer.zero_grad()
+            facts.training_loss(model, tok, [{"text": text}], 16).backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    check = _unchanged(model, optimizer) if optimizer is not None else (lambda: None)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: g for n, g in zip([n for n, _ in model.named_parameters()], torch.autograd.grad(
+        facts.training_loss(model, tok, [{"text": "the data privacy statement"}], 16),
+        list(model.parameters())))}
+    query = {"prompt": "the data privacy", "completion": " statement"}
+    whole = optimizer_step.stepped_parameters(model, optimizer, grads, 0.5 if optimizer is None else None, False, 0.7)
+    params = dict(model.named_parameters())
+    kept = {n: params[n].data for n in whole}
+    for n, value in whole.items():
+        params[n].data = value
+    want = facts.answer_log_prob(model, tok, query)
+    for n, value in kept.items():
+        params[n].data = value
+    with optimizer_step.stepped_in_forward(model, optimizer, grads, 0.5 if optimizer is None else None, False, 0.7):
+        got = optimizer_step.check_stepped_result(facts.answer_log_prob(model, tok, query))
+    assert got == want and got != facts.answer_log_prob(model, tok, query)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # restored
+    check()
+
+
+def test_a_parameter_read_outside_its_module_gives_an_error_not_the_unstepped_value():
+    class ReadsAWeightDirectly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.inner(x) + x @ self.inner.weight  # the second read is outside inner's forward
+
+    torch.manual_seed(0)
+    model = ReadsAWeightDirectly()
+    grads = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"stepped_in_forward: the model read parameter 'inner.weight' outside its "
+                                           r"own module's forward \(matmul\)"):
+        with optimizer_step.stepped_in_forward(model, None, grads, 0.1):
+            model(torch.ones(1, 3))
+    with pytest.raises(RuntimeError, match="stepped_in_forward: the result is NaN"):
+        optimizer_step.check_stepped_result(float("nan"))
+    with torch.no_grad():
+        assert torch.isfinite(model.inner.weight).all() and torch.isfinite(model(torch.ones(1, 3))).all()  # restored

@@ -204,7 +204,7 @@ def test_rankings_of_one_query_step_on_each_set_of_documents_once(tiny):
     alone = {name: facts.tail_patch_ranking(model, optimizer, CORPUS, QUERY, r, tokenizer=tok, ks=(1, 5))
              for name, r in rankings.items()}
     forwards = []
-    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    hook = model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
     marker = [torch.full_like(p, 7.0) for p in model.parameters()]
     for p, m in zip(model.parameters(), marker):
         p.grad = m
