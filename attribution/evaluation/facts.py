@@ -450,15 +450,35 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
         with _accumulated_gradients(model) as accumulated:
             for k in (k for k in ks if k <= new[-1]):
                 segment = docs[start:k]
-                with _autocast(autocast):
-                    loss = training_loss(model, tokenizer, segment, max_length, mean=False)
-                loss.backward()
-                del loss
+                for part in _backward_parts(tokenizer, segment, max_length):
+                    with _autocast(autocast):
+                        loss = training_loss(model, tokenizer, part, max_length, mean=False)
+                    loss.backward()
+                    del loss
                 tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
                 if sets[k] not in measured:
                     measured[sets[k]] = _after_step(model, optimizer, accumulated(), lr, tokenizer, query, max_length,
                                                     momentum, scale=1.0 / tokens) - before
     return {k: measured[sets[k]] for k in ks}
+
+
+BACKWARD_TOKENS = 256  # tail-patch's backward passes: at most this many tokens each (one document if longer)
+
+
+def _backward_parts(tokenizer, docs: list[dict], max_length: int) -> list[list[dict]]:
+    """``docs`` cut, in order, into runs of at most :data:`BACKWARD_TOKENS` tokens (each cut at ``max_length``), one
+    backward each: the summed loss's gradient is the sum of its parts' (up to float rounding), and a backward holds
+    one part's activations instead of the whole segment's."""
+    parts, size = [], 0
+    for doc in docs:
+        n = min(len(tokenizer(doc["text"])["input_ids"]), max_length)
+        if parts and size + n <= BACKWARD_TOKENS:
+            parts[-1].append(doc)
+            size += n
+        else:
+            parts.append([doc])
+            size = n
+    return parts
 
 
 @contextlib.contextmanager

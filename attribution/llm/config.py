@@ -56,7 +56,9 @@ class CacheConfig:
     dtype: str = "float32"
     autocast: str = DEFAULT_AUTOCAST
     storage_dtype: str = "float32"
-    damping: float = 1e-3
+    # relative: the old absolute 1e-3 was a median 0.005 x each block's mean eigenvalue on the main job, and with
+    # --optimizer-state (gradients 1e3-1e5 x larger) it left the FIM almost undamped (BENCHMARKS.md, issue 19)
+    damping: float | str = "0.005*mean"
     seed: int = 0
     masks: str = "energy"
     mask_documents: int = 32

@@ -62,9 +62,11 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
     info = facts.finetune(model, tokenizer, corpus, epochs=epochs, lr=config["lr"], seed=seed,
                           corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast,
                           optimizer=optimizer)
-    save_folder(model, tokenizer, folder)
     with atomic_writer(state) as handle:
         torch.save(optimizer.state_dict(), handle)
+    del optimizer  # its moments (1 GB) are freed before the weights are serialized
+    release_freed_memory()
+    save_folder(model, tokenizer, folder)
     write_json_atomic(record, {"config": config, "info": info}, indent=1)  # last: it marks the folder complete
     return model, tokenizer, info
 
@@ -100,7 +102,8 @@ def load_optimizer(out: Path, model, first_moment: bool = True):
     ``first_moment=False`` drops Adam's ``exp_avg`` (a copy of the parameters' size), which a tail-patch step
     without momentum (the demo's) does not read."""
     optimizer = facts.finetune_optimizer(model, FINETUNE_LR)
-    optimizer.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True))
+    # memory-mapped: a moment the step does not read is never read from the file
+    optimizer.load_state_dict(torch.load(out / OPTIMIZER_FILE, weights_only=True, mmap=True))
     for state in optimizer.state.values() if not first_moment else ():
         del state["exp_avg"]
     return optimizer

@@ -250,3 +250,15 @@ def test_the_demo_reads_the_optimizer_back_without_the_first_moment_and_steps_al
     assert facts.tail_patch(model, light, docs, QUERY, tokenizer=tok) == facts.tail_patch(model, full, docs, QUERY,
                                                                                           tokenizer=tok)
 
+
+
+def test_a_segment_cut_into_one_backward_per_document_steps_alike(tiny, monkeypatch):
+    model, tok = tiny
+    optimizer = _trained_adamw(model, tok)
+    ranked = ["answer", "d4", "other", "d2", "d3"]
+    whole = facts.tail_patch_ranking(model, optimizer, CORPUS, QUERY, ranked, tokenizer=tok, ks=(1, 5))
+    assert [len(p) for p in facts._backward_parts(tok, [facts._patch_documents([d])[0] for d in CORPUS], 16)] == [5]
+    monkeypatch.setattr(facts, "BACKWARD_TOKENS", 1)  # every document its own backward
+    assert [len(p) for p in facts._backward_parts(tok, CORPUS, 16)] == [1] * 5
+    parts = facts.tail_patch_ranking(model, optimizer, CORPUS, QUERY, ranked, tokenizer=tok, ks=(1, 5))
+    assert parts[1] == whole[1] and parts[5] == pytest.approx(whole[5], rel=1e-9, abs=1e-12)

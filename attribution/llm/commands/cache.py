@@ -313,8 +313,10 @@ CONFIG_FLAGS = [
     f.Flag("--autocast", "matmuls of the gradient passes under torch.autocast (float32 weights, factors compressed in "
                          "float32); auto: bfloat16 where the hardware runs it natively, else none (recorded resolved)",
            default=DEFAULT_AUTOCAST, choices=["none", "bfloat16", "float16", "auto"]),
-    f.Flag("--damping", "added to the FIM's eigenvalues before inverting it (larger: closer to a plain dot product)",
-           default=DEFAULTS.damping, type=f.nonnegative_float),
+    f.Flag("--damping", "added to the FIM's eigenvalues before inverting it (larger: closer to a plain dot product): "
+           "'<factor>*mean' is factor times each layer block's mean eigenvalue, so the same whatever the gradients' "
+           "scale (the optimizer-normalized ones are 1e3-1e5 times larger); a number is absolute",
+           default=DEFAULTS.damping, type=f.damping),
     f.Flag("--seed", "seed of the random projections and masks", default=DEFAULTS.seed, type=int),
     f.Flag("--optimizer-state", "an Adam/AdamW optimizer state (torch.save of optimizer.state_dict(), e.g. a Hugging "
                                 "Face Trainer checkpoint's optimizer.pt): every gradient is divided by sqrt(v) + 1e-8, "

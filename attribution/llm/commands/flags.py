@@ -148,6 +148,17 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and v != float("inf"), "a number >= 0", "a finite number >= 0")
 
 
+def damping(text: str) -> float | str:
+    """``--damping``: a number >= 0 (absolute) or '<factor>*mean' (relative to each block's mean eigenvalue)."""
+    from ...fim import check_damping
+
+    try:
+        return check_damping(text if "*" in text else float(text), "the damping")
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or '<factor>*mean' (e.g. 0.005*mean), got {text!r}"
+                                         f"{'' if 'could not convert' in str(err) else f' ({err})'}") from None
+
+
 def task_weight(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)", "in [0, 1)")
 
