@@ -20,3 +20,23 @@ def test_release_freed_memory_runs_malloc_trim_under_glibc():
     blocks = [torch.ones(2**18) for _ in range(64)]  # 1 MiB each
     del blocks
     assert release_freed_memory() is True
+
+
+def test_release_freed_memory_frees_what_only_a_reference_cycle_holds():
+    import gc
+    import weakref
+
+    class Holder:
+        pass
+
+    gc.disable()  # no automatic collection in between: only release_freed_memory's own
+    try:
+        holder = Holder()
+        holder.me, holder.weights = holder, torch.ones(1024)  # a cycle, as a Hugging Face model is
+        alive = weakref.ref(holder)
+        del holder
+        assert alive() is not None  # reference counting alone does not free a cycle
+        release_freed_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
