@@ -105,8 +105,6 @@ class SJLT(Compressor):
         super().__init__()
         idx, sign = sjlt_hash(p, k, s, seed)  # validates p, k, s and seed
         self.in_features, self.out_features, self.s, self.seed = int(p), int(k), int(s), int(seed)
-        if k <= torch.iinfo(torch.int32).max:  # the ops take int32 buckets: 5 bytes a coordinate instead of 9
-            idx = idx.to(torch.int32)
         self.register_buffer("idx", idx, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
 

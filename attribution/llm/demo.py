@@ -58,6 +58,7 @@ def finetuned_model(out: Path, epochs: int, seed: int, corpus: list[dict], progr
     torch.manual_seed(seed)
     model, tokenizer = llm.load_model(llm.DEFAULT_MODEL)
     base_model_folder(out, (model, tokenizer))  # the untuned weights, saved before they change (no second GGUF load)
+    release_freed_memory()  # the GGUF load's dequantized copies and the save's buffers, before the moments come
     optimizer = facts.finetune_optimizer(model, config["lr"])
     info = facts.finetune(model, tokenizer, corpus, epochs=epochs, lr=config["lr"], seed=seed,
                           corpus_per_epoch=config["corpus_per_epoch"], progress=progress, autocast=autocast,
