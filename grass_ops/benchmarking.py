@@ -118,6 +118,22 @@ def release_freed_memory() -> bool:
     return True
 
 
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def limit_primitive_cache(capacity: int = 64) -> str:
+    """Cap oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1024) at ``capacity`` primitives
+    unless the variable is set already; returns the value in force. oneDNN keeps a primitive per matmul shape
+    it has seen, and a job whose batches vary in length (fine-tuning, tail-patch) fills the cache: on the demo's
+    tail-patch the resident set grew about 100 MB a question at 1024 and half that at 64, at the same speed (at 0,
+    2.5x slower). oneDNN reads the variable when it makes its first primitive: call this before any CPU matmul."""
+    import os
+
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+    return os.environ.setdefault(ONEDNN_CACHE_VARIABLE, str(capacity))
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (ru_maxrss, kilobytes on Linux, bytes on macOS)."""
     import resource

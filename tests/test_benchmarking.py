@@ -40,3 +40,15 @@ def test_release_freed_memory_frees_what_only_a_reference_cycle_holds():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_the_primitive_cache_limit_is_set_once_and_leaves_a_users_value(monkeypatch):
+    from grass_ops.benchmarking import ONEDNN_CACHE_VARIABLE, limit_primitive_cache
+
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    assert limit_primitive_cache(32) == "32" and limit_primitive_cache(8) == "32"  # the first value stays
+    monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "500")
+    assert limit_primitive_cache() == "500"
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+            limit_primitive_cache(bad)
