@@ -79,14 +79,19 @@ def check_argument(state, eps) -> float:
 
 
 def load(state) -> Mapping:
-    """The state of a path (``torch.load(weights_only=True)`` on the CPU), or ``state`` itself, checked to be an
-    optimizer state_dict (a "state" mapping of exp_avg_sq) or a {name: tensor} mapping."""
+    """The state of a path (``torch.load(weights_only=True)`` on the CPU, memory-mapped where the file allows it, so
+    that Adam's first moment, half of the file, is never read), or ``state`` itself, checked to be an optimizer
+    state_dict (a "state" mapping of exp_avg_sq) or a {name: tensor} mapping."""
     if isinstance(state, (str, Path)):
+        path = state
         try:
-            state = torch.load(state, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle, zip and weights_only errors have no common type
-            raise _error(f"{state} is not a file torch.load(weights_only=True) reads ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip file torch.save wrote (mmap needs one): read it whole
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # pickle, zip and weights_only errors have no common type
+                raise _error(f"{path} is not a file torch.load(weights_only=True) reads ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(state, Mapping):
         raise _error(f"expected an optimizer state_dict() or a {{parameter name: exp_avg_sq}} mapping, got "
                      f"{type(state).__name__}")

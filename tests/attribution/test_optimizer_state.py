@@ -328,3 +328,17 @@ def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_p
         assert cli.main(argv) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("grass-attribute: error: ") and re.search(message, last), last
+
+
+def test_a_state_file_is_read_memory_mapped_or_whole_in_the_legacy_format(tmp_path):
+    from attribution import optimizer_state
+
+    model, train, _ = make_problem()
+    state = trained_state(model, train)
+    modern, legacy = tmp_path / "modern.pt", tmp_path / "legacy.pt"
+    torch.save(state, modern)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # mmap cannot read it: read whole
+    for path in (modern, legacy):
+        found = optimizer_state.match(model, optimizer_state.load(path), ["0.weight", "2.weight"])
+        assert torch.equal(found["0.weight"][0], state["state"][0]["exp_avg_sq"])
+        assert torch.equal(found["2.weight"][0], state["state"][2]["exp_avg_sq"])
