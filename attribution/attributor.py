@@ -68,7 +68,9 @@ class Attributor:
     {parameter name: exp_avg_sq} mapping or the path of a file holding one (a Hugging Face Trainer's
     optimizer.pt): every per-sample gradient is divided by sqrt(v) + optimizer_eps before it is compressed, v
     the bias-corrected second moment (factorized compressors: Adafactor's rank-1 factors of v on x_in and
-    g_out); see attribution.optimizer_state. The store records its fingerprint.
+    g_out); see attribution.optimizer_state. The store records its fingerprint. Give it a relative damping
+    ("<factor>*mean"): the division scales the gradients by 1e3-1e5, which an absolute damping does not follow
+    (a UserWarning says so).
     config: an AttributorConfig instead of the keyword arguments (give one or the other).
     """
 

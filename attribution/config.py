@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -121,6 +122,12 @@ class AttributorConfig:
         if self.optimizer_state is not None and preconditioner_class(self.preconditioner).needs_factors:
             raise ValueError(f"optimizer_state is not supported with preconditioner={self.preconditioner!r} (its "
                              "curvature comes from the unnormalized factors); use preconditioner 'fim' or 'none'")
+        if (self.optimizer_state is not None and self.method in ("if", "trak") and isinstance(self.damping, float)
+                and self.damping > 0 and self.preconditioner != "none"):
+            warnings.warn(f"damping={self.damping!r} is absolute, and optimizer_state scales the gradients by "
+                          "1 / (sqrt(v) + eps), often 1e3-1e5, so it hardly damps the preconditioner then (on the "
+                          "main job MRR 0.19 against 0.61 at '0.005*mean'): give a relative damping '<f>*mean'",
+                          UserWarning, stacklevel=3)
 
     def _check_whitening(self) -> None:
         whitened = preconditioner_class(self.preconditioner).whitened

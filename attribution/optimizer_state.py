@@ -154,11 +154,26 @@ def _recorded_names(model: nn.Module, groups) -> tuple[str, list[str]] | None:
         if len(group["param_names"]) != len(group["params"]):
             raise _error(f"a parameter group records {len(group['param_names'])} names for {len(group['params'])} "
                          "parameters")
-        unknown = [n for n in group["param_names"] if n not in aliases]
-        if unknown:
-            raise _error(f"it names parameters that the model does not have: {unknown[:3]}: a state of another model?")
-        order += [aliases[n] for n in group["param_names"]]
-    return "the parameter names it records", order
+        order += [_unwrapped(str(n), aliases) for n in group["param_names"]]
+    unknown = [n for n in order if n not in aliases]
+    if unknown:
+        raise _error(f"it names parameters that the model does not have: {unknown[:3]} (also without a wrapper's "
+                     f"prefix {list(_WRAPPER_PREFIXES)}): a state of another model?")
+    return "the parameter names it records", [aliases[n] for n in order]
+
+
+# what wrappers put before a parameter's name: DistributedDataParallel, torch.compile, PEFT
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+
+
+def _unwrapped(name: str, aliases: dict) -> str:
+    """``name`` without the wrappers' prefixes it does not have in the model (as recorded when it has none)."""
+    while name not in aliases:
+        prefix = next((p for p in _WRAPPER_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            return name
+        name = name[len(prefix):]
+    return name
 
 
 def _indexed(model: nn.Module, state: Mapping, wanted: list[str]) -> dict[str, tuple[Tensor, float | None]]:

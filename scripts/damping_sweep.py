@@ -44,10 +44,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from attribution import llm
     from attribution.evaluation import facts
-    from attribution.fim import check_damping
     from attribution.llm.commands.common import attributor, load_store
+    from attribution.llm.commands.flags import damping as parse_damping
 
-    dampings = [check_damping(d if "*" in d else float(d), "--dampings") for d in args.dampings]
+    dampings = [parse_damping(d) for d in args.dampings]  # cache --damping's parser: a number or '<f>*mean'
+
     queries = json.loads((args.demo / "facts.json").read_text())["queries"]
     store, config, docs = load_store(str(args.store or args.demo / "store"))
     model, tokenizer = llm.load_model(str(args.demo / "model"))

@@ -45,7 +45,8 @@ def test_release_freed_memory_frees_what_only_a_reference_cycle_holds():
 def test_the_primitive_cache_limit_is_set_once_and_leaves_a_users_value(monkeypatch):
     from grass_ops.benchmarking import ONEDNN_CACHE_VARIABLE, limit_primitive_cache
 
-    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "0")  # recorded first, so that teardown restores the real value
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE)
     assert limit_primitive_cache(32) == "32" and limit_primitive_cache(8) == "32"  # the first value stays
     monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "500")
     assert limit_primitive_cache() == "500"

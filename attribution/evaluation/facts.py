@@ -164,7 +164,7 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     in_backward = step_in_backward and _steps_each_parameter(optimizer)
     model.train()
     optimizer.zero_grad()
-    with _steps_in_backward(optimizer) if in_backward else contextlib.nullcontext():
+    with _steps_in_backward(optimizer) if in_backward else contextlib.nullcontext(lambda: None) as new_backward:
         for _ in range(epochs):
             pool = facts + [others[i] for i in torch.randperm(len(others), generator=g)[:corpus_per_epoch].tolist()]
             order = torch.randperm(len(pool), generator=g).tolist()
@@ -173,7 +173,8 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
                 with _autocast(autocast):
                     loss = training_loss(model, tokenizer, chunk, max_length)
                 optimizer.zero_grad()
-                loss.backward()  # in_backward: each parameter is stepped here
+                new_backward()
+                loss.backward()  # in_backward: each parameter is stepped here (one backward per step: no accumulation)
                 if not in_backward:
                     optimizer.step()
                 steps += 1
@@ -196,19 +197,26 @@ def _steps_in_backward(optimizer):
     """Inside the block, a backward steps each of ``optimizer``'s parameters as soon as its gradient is complete
     (a post-accumulate-grad hook) and frees that gradient, so that at most one parameter's gradient is held at a
     time; the autograd nodes that read a parameter have run by then (a tied weight's hook runs once, on the sum
-    of its uses). ``optimizer.step()`` steps only the parameters that have a gradient: here, the one."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    of its uses). ``optimizer.step()`` steps only the parameters that have a gradient: here, the one. Yields a
+    function to call before each backward: a parameter completed twice within one backward is refused."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if any(p.grad is not None for p in params):
         raise ValueError("optimizer: its parameters hold gradients already; a step in the backward would apply them "
                          "too (call optimizer.zero_grad() first)")
+    stepped: set[int] = set()
 
     def step(param):
+        if id(param) in stepped:  # e.g. reentrant checkpointing: a partial gradient each time
+            raise RuntimeError("a parameter's gradient was completed twice in one backward, so stepping it in the "
+                               "backward would take two steps on partial gradients: fine-tune with "
+                               "step_in_backward=False")
+        stepped.add(id(param))
         optimizer.step()
         param.grad = None
 
     handles = [p.register_post_accumulate_grad_hook(step) for p in params]
     try:
-        yield
+        yield stepped.clear  # call it before each backward
     finally:
         for handle in handles:
             handle.remove()
@@ -323,9 +331,10 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
     steps' direction (beta1 = 0.9), the same for every set of documents, and on the main job k random
     documents then moved the answer as much as its true source (BENCHMARKS.md, "Fact tracing").
 
-    The caller's model, its gradients and its optimizer are not changed (the stepped parameters are new
-    tensors, swapped in for the evaluation only), and dropout is off (eval mode), so the result is
-    deterministic. Extra memory: one gradient and one stepped copy of the parameters."""
+    The caller's model, its gradients and its optimizer are not changed (each module's stepped parameters are new
+    tensors, swapped in for that module's forward in the evaluation only: :func:`stepped_in_forward`), and dropout
+    is off (eval mode), so the result is deterministic. Extra memory: one gradient, and one module's stepped
+    parameters at a time."""
     docs, query = _patch_documents(docs), _patch_query(query)
     _check_step(model, optimizer, lr)
     with _evaluation_mode(model):
@@ -439,8 +448,9 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
     """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
     per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
     gradients over its count of target tokens (padding to the right changes no real token's loss), so the
-    gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; one
-    batch each) are accumulated in rank order, in place, and a step is taken at each k. Equal to
+    gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; each in
+    backward parts of at most :data:`BACKWARD_TOKENS` tokens) are accumulated in rank order, in place, and a step is
+    taken at each k. Equal to
     :func:`tail_patch` on each prefix up to float rounding. ``measured``: {set of document ids: tail-patch} of the
     query so far, read (a prefix already there is not stepped again) and updated."""
     sets = {k: frozenset(d["id"] for d in docs[:k]) for k in ks}
@@ -470,8 +480,8 @@ def _backward_parts(tokenizer, docs: list[dict], max_length: int) -> list[list[d
     backward each: the summed loss's gradient is the sum of its parts' (up to float rounding), and a backward holds
     one part's activations instead of the whole segment's."""
     parts, size = [], 0
-    for doc in docs:
-        n = min(len(tokenizer(doc["text"])["input_ids"]), max_length)
+    for doc, (ids, _) in zip(docs, llm.document_tokens(tokenizer, docs, max_length)):
+        n = len(ids)
         if parts and size + n <= BACKWARD_TOKENS:
             parts[-1].append(doc)
             size += n

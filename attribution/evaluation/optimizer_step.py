@@ -114,6 +114,8 @@ def stepped_in_forward(model, optimizer, grads: dict[str, Tensor], lr: float | N
         return [p for p in module._parameters.values() if p is not None and id(p) in stepped_ids]
 
     def before(module, args):
+        if torch.is_grad_enabled():  # a backward would read the swapped tensors' later values
+            raise RuntimeError("stepped_in_forward evaluates without a gradient: run the forward under torch.no_grad()")
         with guard.paused():
             held = own(module)
             swapped.setdefault(id(module), []).append([p.data for p in held])
@@ -135,7 +137,7 @@ def stepped_in_forward(model, optimizer, grads: dict[str, Tensor], lr: float | N
             params[name].data = _nan_placeholder(originals[name])
         for module in owners:
             handles.append(module.register_forward_pre_hook(before))
-            handles.append(module.register_forward_hook(after))
+            handles.append(module.register_forward_hook(after, always_call=True))
         with guard:
             yield model
     finally:

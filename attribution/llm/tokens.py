@@ -168,7 +168,6 @@ def chunked_sequence_loss(model: nn.Module, batch: dict, chunk_tokens: int = LOS
     counted = batch["loss_mask"][:, 1:] != 0
     rows = hidden[:, :-1][counted]  # [N, H]: the positions whose next token is a target
     targets = batch["input_ids"][:, 1:][counted]
-    sample = torch.arange(counted.shape[0], device=counted.device)[:, None].expand_as(counted)[counted]
     weights = batch["loss_mask"][:, 1:][counted]
     losses = []
     for start in range(0, rows.shape[0], chunk_tokens):
@@ -177,9 +176,11 @@ def chunked_sequence_loss(model: nn.Module, batch: dict, chunk_tokens: int = LOS
             losses.append(checkpoint(_rows_loss, head, rows[piece], targets[piece], use_reentrant=False))
         else:
             losses.append(_rows_loss(head, rows[piece], targets[piece]))
-    token_loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-    token_loss = token_loss * weights.to(token_loss.dtype)
-    return token_loss.new_zeros(counted.shape[0]).index_add(0, sample, token_loss)
+    dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.float64) else torch.float32
+    token_loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=dtype)
+    dense = token_loss.new_zeros(counted.shape)  # [B, T-1]: summed as sequence_loss sums, in its order
+    dense = dense.index_put((counted.nonzero(as_tuple=True)), token_loss * weights.to(token_loss.dtype))
+    return dense.sum(1)
 
 
 def _rows_loss(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:

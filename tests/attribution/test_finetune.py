@@ -67,3 +67,27 @@ def test_gradients_held_before_a_step_in_the_backward_are_refused_by_name(tiny_l
     with pytest.raises(ValueError, match="optimizer: its parameters hold gradients already"):
         with facts._steps_in_backward(optimizer):
             pass
+
+
+def test_frozen_parameters_are_left_to_the_usual_step(tiny_llama):
+    model, tok = _model(tiny_llama, False)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    frozen = model.model.embed_tokens.weight.clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    info = facts.finetune(model, tok, DOCS, epochs=1, batch_size=4, max_length=16, corpus_per_epoch=1,
+                          optimizer=optimizer)
+    assert info["steps"] == 2 and torch.equal(model.model.embed_tokens.weight, frozen)
+    assert model.model.embed_tokens.weight not in optimizer.state and len(optimizer.state) > 0
+
+
+def test_a_gradient_completed_twice_in_one_backward_is_refused(tiny_llama):
+    from torch.utils.checkpoint import checkpoint
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    x = torch.ones(3, requires_grad=True)  # reentrant checkpointing differentiates only through inputs that need it
+    with facts._steps_in_backward(optimizer) as new_backward:
+        new_backward()
+        inner = checkpoint(lambda t: t * weight, x, use_reentrant=True)  # reentrant: its own backward for weight
+        with pytest.raises(RuntimeError, match="completed twice in one backward"):
+            (inner * weight).sum().backward()

@@ -196,3 +196,12 @@ def test_the_chunked_loss_refuses_a_bad_chunk_and_falls_back_for_other_heads(tin
 
     scaled = Scaled(model)
     assert torch.equal(llm.chunked_sequence_loss(scaled, batch, 2), llm.sequence_loss(scaled, batch))
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append("whole model"))
+    try:
+        llm.chunked_sequence_loss(model, batch, 2)  # a Llama: decoder and head, never the whole model's forward
+        assert calls == []
+        llm.chunked_sequence_loss(scaled, batch, 2)  # any other class: its own forward
+        assert calls == ["whole model"]
+    finally:
+        hook.remove()

@@ -342,3 +342,29 @@ def test_a_state_file_is_read_memory_mapped_or_whole_in_the_legacy_format(tmp_pa
         found = optimizer_state.match(model, optimizer_state.load(path), ["0.weight", "2.weight"])
         assert torch.equal(found["0.weight"][0], state["state"][0]["exp_avg_sq"])
         assert torch.equal(found["2.weight"][0], state["state"][2]["exp_avg_sq"])
+
+
+def test_an_absolute_damping_with_an_optimizer_state_is_warned_about(recwarn):
+    model, train, _ = make_problem()
+    ones = {"0.weight": torch.ones(24, 10), "2.weight": torch.ones(4, 24)}
+    kwargs = {"compressor": "sjlt", "k": 16, **QUIET}
+    with pytest.warns(UserWarning, match=r"damping=0.001 is absolute, and optimizer_state scales the gradients"):
+        Attributor(model, loss_fn, method="if", optimizer_state=ones, damping=1e-3, **kwargs)
+    recwarn.clear()
+    Attributor(model, loss_fn, method="if", optimizer_state=ones, damping="0.01*mean", **kwargs)
+    Attributor(model, loss_fn, method="graddot", optimizer_state=ones, damping=1e-3, **kwargs)  # no preconditioner
+    Attributor(model, loss_fn, method="if", damping=1e-3, **kwargs)  # no optimizer state
+    assert not [w for w in recwarn if "is absolute" in str(w.message)]
+
+
+def test_recorded_names_under_a_wrappers_prefix_are_matched():
+    from attribution import optimizer_state
+
+    model = _stacked_model()
+    opt, state = _reversed_groups_state(model, named=True)
+    wrapped = copy.deepcopy(state)
+    for group in wrapped["param_groups"]:  # as DistributedDataParallel or torch.compile names them
+        group["param_names"] = [f"module._orig_mod.{n}" for n in group["param_names"]]
+    found = optimizer_state.match(model, wrapped, ["0.weight", "2.weight"])
+    assert torch.equal(found["0.weight"][0], opt.state[model[0].weight]["exp_avg_sq"])
+    assert torch.equal(found["2.weight"][0], opt.state[model[2].weight]["exp_avg_sq"])

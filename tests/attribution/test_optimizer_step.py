@@ -191,7 +191,7 @@ def test_a_parameter_read_outside_its_module_gives_an_error_not_the_unstepped_va
     grads = {n: torch.ones_like(p) for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match=r"stepped_in_forward: the model read parameter 'inner.weight' outside its "
                                            r"own module's forward \(matmul\)"):
-        with optimizer_step.stepped_in_forward(model, None, grads, 0.1):
+        with optimizer_step.stepped_in_forward(model, None, grads, 0.1), torch.no_grad():
             model(torch.ones(1, 3))
     with pytest.raises(RuntimeError, match="stepped_in_forward: the result is NaN"):
         optimizer_step.check_stepped_result(float("nan"))

@@ -262,3 +262,23 @@ def test_a_segment_cut_into_one_backward_per_document_steps_alike(tiny, monkeypa
     assert [len(p) for p in facts._backward_parts(tok, CORPUS, 16)] == [1] * 5
     parts = facts.tail_patch_ranking(model, optimizer, CORPUS, QUERY, ranked, tokenizer=tok, ks=(1, 5))
     assert parts[1] == whole[1] and parts[5] == pytest.approx(whole[5], rel=1e-9, abs=1e-12)
+
+
+def test_prompt_completion_documents_are_cut_into_parts_and_stepped_on(tiny):
+    model, tok = tiny
+    corpus = [{"id": "a", "prompt": "lambda expression", "completion": " creates function"}, ANSWER_DOC]
+    patches = facts.tail_patch_ranking(model, None, corpus, QUERY, ["a", "answer"], tokenizer=tok, ks=(1, 2), lr=0.1)
+    assert set(patches) == {1, 2} and all(v == v for v in patches.values())
+    assert [len(p) for p in facts._backward_parts(tok, corpus, 16)] == [2]
+
+
+def test_a_stepped_evaluation_with_a_gradient_is_refused(tiny):
+    from attribution.evaluation import optimizer_step
+
+    model, tok = tiny
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    (batch,) = facts.llm.query_batches(tok, [QUERY], 1, 16, pad_multiple=1)
+    with pytest.raises(RuntimeError, match="stepped_in_forward evaluates without a gradient"):
+        with optimizer_step.stepped_in_forward(model, None, grads, 0.1):
+            facts.llm.sequence_loss(model, batch)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # restored
