@@ -21,6 +21,7 @@ from attribution.llm import (  # noqa: E402
     sequence_loss,
 )
 from attribution.llm.commands.common import CLIError  # noqa: E402
+from attribution.llm.config import CacheConfig  # noqa: E402
 
 DOCS = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement",
         "python list data"]  # batches of 2: the last holds one document
@@ -143,7 +144,7 @@ def test_cli_cache_with_an_adapter_is_read_back_by_a_fresh_attribute_and_equals_
     model, tokenizer = _adapted(tiny_llama)
     docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(DOCS)]
     train, order = document_batches(tokenizer, docs, 2, 8, None)
-    attr = Attributor(model, sequence_loss, compressor="factgrass:blowup=4", k=16, damping=1e-3, compile=False,
+    attr = Attributor(model, sequence_loss, compressor="factgrass:blowup=4", k=16, damping=CacheConfig().damping, compile=False,
                       progress=False).cache(train)
     scores = attr.attribute(query_batches(tokenizer, QUERIES, 1, 8))
     for row, query in zip(scores, report):
