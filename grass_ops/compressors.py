@@ -105,6 +105,8 @@ class SJLT(Compressor):
         super().__init__()
         idx, sign = sjlt_hash(p, k, s, seed)  # validates p, k, s and seed
         self.in_features, self.out_features, self.s, self.seed = int(p), int(k), int(s), int(seed)
+        if k <= torch.iinfo(torch.int32).max:  # 5 bytes a coordinate with the signs, not 9 (the op's scatter indices
+            idx = idx.to(torch.int32)          # are int64 buckets, built once per hash and cached)
         self.register_buffer("idx", idx, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
 

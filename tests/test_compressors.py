@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import grass_ops
 from grass_ops import compressors as C
 
 FLAT = [
@@ -270,3 +271,17 @@ def test_whitened_records_a_digest_of_its_bases_and_refuses_to_rebuild_without_t
 def test_whitened_arguments_are_checked(args, match):
     with pytest.raises(ValueError, match=match):
         C.Whitened(*args)
+
+
+def test_an_sjlt_keeps_int32_indices_and_projects_as_with_int64_ones():
+    from grass_ops._hashing import sjlt_hash
+    from grass_ops.ops.sjlt import signed_buckets
+
+    comp = C.SJLT(1000, 17, 2, seed=3)
+    idx, sign = sjlt_hash(1000, 17, 2, 3)
+    assert comp.idx.dtype == torch.int32 and torch.equal(comp.idx.long(), idx) and torch.equal(comp.sign, sign)
+    x = torch.randn(5, 1000, dtype=torch.float64)
+    assert torch.equal(comp(x), grass_ops.sjlt(x, idx, sign, 17))  # bit for bit
+    assert signed_buckets(comp.idx, comp.sign, 17).dtype == torch.int64  # the scatter's indices stay int64: fast
+    z = torch.randn(5, 17, dtype=torch.float64)
+    assert torch.equal(comp.adjoint(z), grass_ops.sjlt_transpose(z, idx, sign))

@@ -472,7 +472,7 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
     return {k: measured[sets[k]] for k in ks}
 
 
-BACKWARD_TOKENS = 256  # tail-patch's backward passes: at most this many tokens each (one document if longer)
+BACKWARD_TOKENS = 128  # tail-patch's backward passes: at most this many tokens each (one document if longer)
 
 
 def _backward_parts(tokenizer, docs: list[dict], max_length: int) -> list[list[dict]]:
