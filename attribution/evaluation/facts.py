@@ -445,7 +445,7 @@ def _checked_ks(ks, name: str) -> list[int]:
 
 def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], measured: dict[frozenset, float], *,
                          before: float, tokenizer, lr, max_length: int, autocast, momentum: bool) -> dict[int, float]:
-    """{k: tail_patch(docs[:k])} for ascending ``ks``, with one forward and backward per document instead of one
+    """{k: tail_patch(docs[:k])} for ascending ``ks``, with each document in one forward and backward instead of one
     per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
     gradients over its count of target tokens (padding to the right changes no real token's loss), so the
     gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; each in

@@ -189,4 +189,3 @@ def _rows_loss(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
     logits = head(rows)
     logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return nn.functional.cross_entropy(logits, targets, reduction="none")
-
