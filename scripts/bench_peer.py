@@ -20,7 +20,10 @@ Ours runs `grass-attribute cache` with its defaults plus the job's shape (``--pr
 ``--autocast none``, bf16 adds ``--dtype bfloat16 --autocast none``; "default" leaves both at their
 defaults); Bergson runs `bergson build` with ``--precision`` (fp32 for "default"). Wall time and peak
 RSS are the child process's (os.wait4). Steady state: tokens of the larger corpus minus the smaller,
-over the difference of the two wall times (load, compile and fixed costs cancel).
+over the difference of the two wall times (load, compile and fixed costs cancel). ``--compile on`` compiles
+our cache step in both runs, so its steady state is the compiled step's. ``--tools model`` adds the
+reference floor: a process that runs only the model's forward and its backward to the input embeddings
+over our batches, eagerly, at the same precision (what any tool's backward has to reach).
 """
 from __future__ import annotations
 
@@ -97,8 +100,10 @@ def corpus(path: Path, model_folder: Path, documents: int, max_length: int, join
     return total
 
 
-def ours(folder: Path, data: Path, documents: int, max_length: int, precision: str, work: Path) -> dict:
+def ours(folder: Path, data: Path, documents: int, max_length: int, precision: str, work: Path,
+         compile: str = "auto") -> dict:
     flags = {"fp32": ["--autocast", "none"], "bf16": ["--dtype", "bfloat16", "--autocast", "none"], "default": []}[precision]
+    flags += ["--compile", compile]
     store = work / "ours_store"
     shutil.rmtree(store, ignore_errors=True)
     run = run_measured([sys.executable, "-m", "attribution.llm.cli", "cache", "--store", str(store), "--model", str(folder),
@@ -124,8 +129,46 @@ def bergson(folder: Path, data: Path, max_length: int, precision: str, work: Pat
     return {"seconds": run["seconds"], "peak_rss_mb": run["peak_rss_bytes"] / 2**20}
 
 
+def model_only(folder: Path, data: Path, max_length: int, precision: str) -> dict:
+    """The reference floor: a process that loads the model and runs only its forward and input-gradient
+    backward over our batches of the corpus (no hook, no compression, no store), eagerly."""
+    run = run_measured([sys.executable, str(Path(__file__).resolve()), "--model-only", str(folder), str(data),
+                        str(max_length), precision], env={**os.environ, "PYTHONPATH": str(REPO)})
+    if run["status"] != 0:
+        raise RuntimeError(f"the model-only run failed: {run['stderr_tail']}")
+    return {"seconds": run["seconds"], "peak_rss_mb": run["peak_rss_bytes"] / 2**20,
+            "loop_seconds": json.loads(run["stdout"].strip().splitlines()[-1])["loop_seconds"]}
+
+
+def _model_only_child(folder: str, data: str, max_length: str, precision: str) -> None:
+    """--model-only: forward + backward to the input embeddings' output (what every tool's backward must
+    reach), the weights frozen; precision as ours takes it (default: float32 weights, bfloat16 autocast)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attribution import llm
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    docs = [doc for _, doc in llm.read_jsonl(Path(data), "corpus")]
+    batches, _ = llm.document_batches(tokenizer, docs, 4, int(max_length))
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embedded.append(out.detach().requires_grad_()) or embedded[-1])
+    autocast = precision == "default" and llm.fast_bfloat16("cpu")
+    start = time.perf_counter()
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = llm.sequence_loss(model, batch).sum()
+        torch.autograd.grad(loss, embedded.pop())
+    print(json.dumps({"loop_seconds": time.perf_counter() - start}))
+
+
 def compare(folder: Path, documents: int, max_length: int, precision: str, repeats: int, join: bool, work: Path,
-            steady: bool = True, tools: tuple[str, ...] = ("ours", "bergson")) -> dict:
+            steady: bool = True, tools: tuple[str, ...] = ("ours", "bergson"), compile: str = "auto") -> dict:
     """A B A B on ``documents`` and (``steady``) on twice as many, for the steady state."""
     sizes = {}
     for n in (documents, 2 * documents) if steady else (documents,):
@@ -134,7 +177,8 @@ def compare(folder: Path, documents: int, max_length: int, precision: str, repea
         runs = {tool: [] for tool in tools}
         for _ in range(repeats):
             for tool in tools:
-                runs[tool].append(ours(folder, data, n, max_length, precision, work) if tool == "ours"
+                runs[tool].append(ours(folder, data, n, max_length, precision, work, compile) if tool == "ours"
+                                  else model_only(folder, data, max_length, precision) if tool == "model"
                                   else bergson(folder, data, max_length, precision, work))
         sizes[n] = {"tokens": tokens, **{tool: {"seconds": statistics.median(r["seconds"] for r in rs),
                                                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
@@ -147,7 +191,9 @@ def compare(folder: Path, documents: int, max_length: int, precision: str, repea
             large = sizes[2 * documents]
             extra = large[tool]["seconds"] - small[tool]["seconds"]
             out[f"{tool}_steady_tokens_per_s"] = (large["tokens"] - small["tokens"]) / extra if extra > 0 else None
-    if set(tools) == {"ours", "bergson"}:
+    if {"ours", "model"} <= set(tools) and steady and out["ours_steady_tokens_per_s"] and out["model_steady_tokens_per_s"]:
+        out["steady_ratio_ours_over_model"] = out["ours_steady_tokens_per_s"] / out["model_steady_tokens_per_s"]
+    if {"ours", "bergson"} <= set(tools):
         out["wall_ratio_ours_over_bergson"] = small["ours"]["seconds"] / small["bergson"]["seconds"]
         out["rss_ratio_ours_over_bergson"] = small["ours"]["peak_rss_mb"] / small["bergson"]["peak_rss_mb"]
         if steady and out["ours_steady_tokens_per_s"] and out["bergson_steady_tokens_per_s"]:
@@ -164,7 +210,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tool per corpus size, in turns")
     parser.add_argument("--steady", action=argparse.BooleanOptionalAction, default=True,
                         help="also run twice the documents, for the steady-state tokens/s")
-    parser.add_argument("--tools", nargs="+", choices=["ours", "bergson"], default=["ours", "bergson"])
+    parser.add_argument("--tools", nargs="+", choices=["ours", "bergson", "model"], default=["ours", "bergson"],
+                        help="model: the reference floor, the model's own forward and input-gradient backward only")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="ours: grass-attribute cache --compile (on: the steady state excludes the compile)")
     parser.add_argument("--bergson-layers", type=int, nargs="*", default=None,
                         help="llama-1b: the layer counts Bergson also runs (default: all of --layers)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "grass_bench_peer"),
@@ -173,22 +222,28 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    report = {"job": args.job, "precision": args.precision, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+    report = {"job": args.job, "precision": args.precision, "compile": args.compile, "repeats": args.repeats,
+              "cpu_count": os.cpu_count(),
               "bergson": str(BERGSON), "results": {}}
     with tempfile.TemporaryDirectory(prefix="grass_peer_") as tmp:
         work = Path(tmp)
         if args.job == "main":
             report["results"]["smollm2"] = compare(smollm2_folder(cache), args.documents or 96, 128, args.precision,
-                                                   args.repeats, False, work, args.steady, tuple(args.tools))
+                                                   args.repeats, False, work, args.steady, tuple(args.tools),
+                                                   args.compile)
         else:
             for layers in args.layers:
-                tools = tuple(t for t in args.tools if t == "ours" or args.bergson_layers is None or layers in args.bergson_layers)
+                tools = tuple(t for t in args.tools if t != "bergson" or args.bergson_layers is None or layers in args.bergson_layers)
                 report["results"][f"layers_{layers}"] = compare(llama_folder(cache, layers), args.documents or 32, 512,
-                                                                args.precision, args.repeats, True, work, args.steady, tools)
+                                                                args.precision, args.repeats, True, work, args.steady, tools,
+                                                                args.compile)
                 emit_json_report({**report, "partial": True}, args.out, quiet=True)
     emit_json_report(report, args.out)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--model-only"]:
+        _model_only_child(*sys.argv[2:])
+    else:
+        main()
