@@ -241,7 +241,11 @@ class IdentityCache:
     """Results derived from tensors (validation, index tables), reused while the very same tensors
     are unmodified (same object, same ``_version``). Holds weak references to the key tensors.
 
-    Compressors pass the same hash and mask tensors at every step; this skips re-reading them.
+    Compressors pass the same hash and mask tensors at every step; this skips re-reading them. Bounded
+    by entries (``capacity``: a model's every layer has a few, so a large model's step must fit) and by
+    the bytes of the tensors the results hold (``max_bytes``: an int64 bucket table per flat SJLT would
+    otherwise double its hash's memory); the oldest entries go first, and a result larger than
+    ``max_bytes`` is not kept.
     Not cached: results for inference tensors (made under ``torch.inference_mode``: they have no version
     counter, so they are recomputed at every call) and anything computed during CUDA-graph capture.
     Unsupported: in-place edits that bypass the version counter (through ``.data``, a numpy view or
@@ -250,12 +254,14 @@ class IdentityCache:
     :func:`grass_ops.clear_caches` after such an edit.
     """
 
-    def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self.entries: dict[tuple, tuple] = {}
+    def __init__(self, capacity: int = 8192, max_bytes: int = 256 << 20):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.entries: dict[tuple, tuple] = {}  # key -> (weak refs, value, bytes)
+        self.bytes = 0
 
     def clear(self) -> None:
         self.entries.clear()
+        self.bytes = 0
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra, compute: Callable):
         if any(t.is_inference() for t in tensors):
@@ -267,10 +273,28 @@ class IdentityCache:
         value = compute()
         if stream_capturing(*tensors):  # a check skipped or a table allocated in the graph's pool: never reuse it
             return value
-        if len(self.entries) >= self.capacity:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
+        size = _held_bytes(value)
+        if size > self.max_bytes:
+            return value
+        if hit is not None:  # a dead key tensor's entry, its id reused
+            self._drop(key)
+        while self.entries and (len(self.entries) >= self.capacity or self.bytes + size > self.max_bytes):
+            self._drop(next(iter(self.entries)))
+        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value, size)
+        self.bytes += size
         return value
+
+    def _drop(self, key) -> None:
+        self.bytes -= self.entries.pop(key)[2]
+
+
+def _held_bytes(value) -> int:
+    """Bytes of the tensors a cached result holds (a tensor, or a tuple / list of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_held_bytes(v) for v in value)
+    return 0
 
 
 validation_cache = IdentityCache()

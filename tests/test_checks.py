@@ -90,3 +90,33 @@ def test_check_int(value, error, match):
     else:
         with pytest.raises(error, match=match):
             _checks.check_int("n", value)
+
+
+def test_validation_cache_holds_every_layer_of_a_large_model():
+    """A step over 600 layers' hashes validates each once: FIFO eviction under a too-small bound would
+    recompute every entry at every step."""
+    cache = _checks.IdentityCache()
+    hashes = [grass_ops.sjlt_hash(16, 4, 1, seed) for seed in range(600)]
+    calls = []
+    for _ in range(2):
+        for idx, sign in hashes:
+            cache.get((idx, sign), 4, lambda: calls.append(1))
+    assert len(calls) == 600
+
+
+def test_validation_cache_is_bounded_by_the_bytes_its_results_hold():
+    cache = _checks.IdentityCache(capacity=100, max_bytes=1000)
+    keys = [torch.zeros(1) for _ in range(4)]
+    for key in keys[:3]:
+        cache.get((key,), "table", lambda: torch.zeros(100, dtype=torch.int16))  # 200 bytes each
+    assert cache.bytes == 600 and len(cache.entries) == 3
+    cache.get((keys[3],), "table", lambda: (torch.zeros(60), torch.zeros(65)))  # 500 bytes: the oldest goes
+    assert cache.bytes == 900 and len(cache.entries) == 3
+    calls = []
+    cache.get((keys[0],), "table", lambda: calls.append(1) or torch.zeros(100, dtype=torch.int16))
+    assert calls == [1] and cache.bytes == 900  # keys[0] was evicted: recomputed; keys[1] made room for it
+    big = torch.zeros(1)
+    assert cache.get((big,), "table", lambda: torch.zeros(1000)).numel() == 1000  # over the budget: not kept
+    assert cache.bytes == 900 and len(cache.entries) == 3
+    cache.clear()
+    assert cache.bytes == 0 and not cache.entries
