@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from grass_ops import _compat
 
-from . import experts
+from . import experts, sharding
 from .batches import batch_size, batch_tensors, slice_rows
 from .layers import LayerInfo
 
@@ -80,6 +80,9 @@ class FactorCapture:
         self.inputs: dict[str, list[Tensor]] = {}
         self.shapes: Shapes = {}
         self._hook_depth = 0
+        # eager steps run with the parameters frozen (see frozen_parameters); not a sharded model's, whose
+        # FSDP2 hooks are registered per parameter that requires a gradient
+        self.freeze = not sharding.is_sharded(model)
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
@@ -185,7 +188,8 @@ class FactorCapture:
             return values.sum(), values
 
         self.called = []
-        grads, values = probe_gradients(summed_loss, zeros)
+        with self.frozen_parameters():
+            grads, values = probe_gradients(summed_loss, zeros)
         missing = [n for n in self.layers if n not in self.called]
         if missing:
             raise ValueError(f"layers {missing} were not called by the forward pass of loss_fn (a module whose weight "
@@ -208,13 +212,33 @@ class FactorCapture:
             _check_values(values)
             return values.sum(), (values, inputs)
 
-        grads, (values, inputs) = probe_gradients(summed_loss, probes)
+        with self.frozen_parameters():
+            grads, (values, inputs) = probe_gradients(summed_loss, probes)
         short = [n for n in self.layers if len(inputs.get(n, [])) != len(probes[n])]
         if short:
             raise CaptureError(f"layers {short} ran fewer times than when their output shapes were taken")
         x = {n: _concat_calls([c.detach() for c in inputs[n]]) for n in self.layers}
         g = {n: _concat_calls(grads[n]) for n in self.layers}
         return x, g, values.detach()
+
+    @contextlib.contextmanager
+    def frozen_parameters(self):
+        """The model's parameters with ``requires_grad`` off while an eager step runs (each one's flag restored
+        after, also on an error). The gradient is taken w.r.t. the probes only, so no weight gradient is formed
+        either way, but a parameter that requires one makes autograd save its layer's input for it: the whole
+        x_in of every linear layer, held until the backward reaches it. Traced steps (torch.func.grad under
+        no_grad) track no parameter already."""
+        if not self.freeze or torch.compiler.is_compiling():
+            yield
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def capture(self, loss_fn: Callable, batch, device=None):
         """Eager shapes + probes + factors of one batch: (inputs, output grads, values)."""

@@ -85,3 +85,47 @@ def test_a_layer_the_forward_pass_skips_is_named():
     in_backward, _ = _both(model, "identity", k=16)
     with pytest.raises(ValueError, match=r"layers \['unused'\] were not called"):
         in_backward((torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])), loss_fn)
+
+
+def _saved_bytes(step) -> int:
+    """Bytes of the tensors autograd saves for the backward while ``step()`` runs."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total[0]
+
+
+def test_the_eager_step_saves_no_layer_input_for_a_weight_gradient(padded_llama):
+    """Parameters are frozen while the eager step runs: the same gradients, less saved for the backward, and every
+    parameter's requires_grad flag restored after (also a frozen one's, and after an error in the loss)."""
+    model, batches = padded_llama
+    model.lm_head.weight.requires_grad_(False)  # a frozen parameter (as with an adapter) stays frozen
+    try:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        in_backward, _ = _both(model, "factgrass", k=64, dtype=torch.float32)
+        batch = batches[0]
+        frozen = _saved_bytes(lambda: in_backward(batch, llm.sequence_loss))
+        grads = in_backward(batch, llm.sequence_loss)[0]
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        in_backward.capture.freeze = False
+        unfrozen = _saved_bytes(lambda: in_backward(batch, llm.sequence_loss))
+        torch.testing.assert_close(in_backward(batch, llm.sequence_loss)[0], grads, rtol=0, atol=0)
+        assert frozen < 0.8 * unfrozen
+        in_backward.capture.freeze = True
+
+        def failing(model, batch):
+            if not torch.is_grad_enabled():  # the shape pass (no_grad, one sample)
+                return llm.sequence_loss(model, batch)
+            assert not any(p.requires_grad for p in model.parameters())  # frozen inside the step
+            raise RuntimeError("the loss failed")
+
+        with pytest.raises(RuntimeError, match="the loss failed"):
+            in_backward(batch, failing)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    finally:
+        model.lm_head.weight.requires_grad_(True)
