@@ -35,3 +35,10 @@ def test_the_floor_child_takes_one_gradient_per_batch(tiny_llama, tmp_path, caps
     script._model_only_child(tiny_llama, str(data), "8", "bf16")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loop_seconds"] > 0
     assert len(calls) == 2 and all(s[-1] == 32 for s in calls)  # 5 documents in batches of 4; hidden size 32
+
+
+def test_the_steady_state_leaves_our_compile_time_out():
+    script = load_script("bench_peer")
+    ours = {"seconds": 130.0, "runs": [{"summary": {"compile_seconds": 100.0}}, {"summary": {"compile_seconds": 110.0}}]}
+    assert script._steady_seconds(ours) == 25.0  # the median wall time less the median compile
+    assert script._steady_seconds({"seconds": 30.0, "runs": [{"seconds": 30.0}]}) == 30.0  # Bergson, the floor
