@@ -221,30 +221,38 @@ class FactorCapture:
         g = {n: _concat_calls(grads[n]) for n in self.layers}
         return x, g, values.detach()
 
-    @contextlib.contextmanager
     def frozen_parameters(self):
-        """The model's parameters with ``requires_grad`` off while an eager step runs (each one's flag restored
-        after, also on an error). The gradient is taken w.r.t. the probes only, so no weight gradient is formed
-        either way, but a parameter that requires one makes autograd save its layer's input for it: the whole
-        x_in of every linear layer, held until the backward reaches it. Traced steps (torch.func.grad under
-        no_grad) track no parameter already."""
-        if not self.freeze or torch.compiler.is_compiling():
-            yield
-            return
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+        """:func:`frozen_parameters` of the model, unless it is sharded (``freeze`` False)."""
+        return frozen_parameters(self.model) if self.freeze else contextlib.nullcontext()
 
     def capture(self, loss_fn: Callable, batch, device=None):
         """Eager shapes + probes + factors of one batch: (inputs, output grads, values)."""
         probes = self.zero_probes(self.output_shapes(loss_fn, batch), batch_size(batch), device)
         with self.hooks():
             return self.factors(loss_fn, batch, probes)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """The model's parameters with ``requires_grad`` off while an eager step runs (each one's flag restored
+    after, also on an error). The gradient is taken w.r.t. probes only, so no weight gradient is formed either
+    way, but a parameter that requires one makes autograd save its layer's input for it: the whole x_in of every
+    linear layer, held until the backward reaches it. Traced steps (torch.func.grad under no_grad) track no
+    parameter already, so nothing changes while torch.compile traces. Leaves only (a parameter swapped for a
+    computed tensor keeps its flag), and not inference tensors (their flag cannot be set back outside
+    inference mode). Under autocast a frozen weight's low-precision copy is not cached: a layer called n
+    times in one forward saves n copies instead of one (layers called once, the usual case, are unaffected)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    params = [p for p in model.parameters() if p.requires_grad and p.is_leaf and not p.is_inference()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _check_values(values) -> None:

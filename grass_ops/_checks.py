@@ -241,11 +241,13 @@ class IdentityCache:
     """Results derived from tensors (validation, index tables), reused while the very same tensors
     are unmodified (same object, same ``_version``). Holds weak references to the key tensors.
 
-    Compressors pass the same hash and mask tensors at every step; this skips re-reading them. Bounded
-    by entries (``capacity``: a model's every layer has a few, so a large model's step must fit) and by
-    the bytes of the tensors the results hold (``max_bytes``: an int64 bucket table per flat SJLT would
-    otherwise double its hash's memory); the oldest entries go first, and a result larger than
-    ``max_bytes`` is not kept.
+    Compressors pass the same hash and mask tensors at every step; this skips re-reading them.
+    * An entry goes when one of its key tensors is freed (its tables with it: a dropped compressor's int64
+      bucket tables do not outlive it).
+    * Bounded by entries (``capacity``; a model's every layer has a few, so a large model's step must fit;
+      beyond it the oldest entry goes) and by the bytes of the tensors the results hold (``max_bytes``; beyond
+      it a new table is computed and not kept, so a cyclic step over more tables than fit still reuses
+      those kept, and validation results, which hold no bytes, are never pushed out by tables).
     Not cached: results for inference tensors (made under ``torch.inference_mode``: they have no version
     counter, so they are recomputed at every call) and anything computed during CUDA-graph capture.
     Unsupported: in-place edits that bypass the version counter (through ``.data``, a numpy view or
@@ -254,38 +256,50 @@ class IdentityCache:
     :func:`grass_ops.clear_caches` after such an edit.
     """
 
-    def __init__(self, capacity: int = 8192, max_bytes: int = 256 << 20):
+    def __init__(self, capacity: int = 8192, max_bytes: int = 1 << 30):
         self.capacity, self.max_bytes = capacity, max_bytes
-        self.entries: dict[tuple, tuple] = {}  # key -> (weak refs, value, bytes)
+        self.entries: dict[tuple, tuple] = {}  # key -> (weak refs to the key tensors, value, bytes held)
         self.bytes = 0
+        self._freed: list[tuple] = []  # keys of entries whose key tensor was freed (weakref callbacks)
 
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
+        self._freed.clear()
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra, compute: Callable):
         if any(t.is_inference() for t in tensors):
             return compute()
+        self._drop_freed()
         key = (tuple((id(t), t._version) for t in tensors), extra)
         hit = self.entries.get(key)
         if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
             return hit[1]
-        value = compute()
+        value = compute()  # may itself use the cache (a CSR table built from the bucket table)
         if stream_capturing(*tensors):  # a check skipped or a table allocated in the graph's pool: never reuse it
             return value
+        self._drop(key)  # an entry of freed tensors at the same addresses, or one that compute() added
         size = _held_bytes(value)
-        if size > self.max_bytes:
+        if self.bytes + size > self.max_bytes:
             return value
-        if hit is not None:  # a dead key tensor's entry, its id reused
-            self._drop(key)
-        while self.entries and (len(self.entries) >= self.capacity or self.bytes + size > self.max_bytes):
+        while len(self.entries) >= self.capacity:
             self._drop(next(iter(self.entries)))
-        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value, size)
+        refs = tuple(weakref.ref(t, lambda _, key=key: self._freed.append(key)) for t in tensors)
+        self.entries[key] = (refs, value, size)
         self.bytes += size
         return value
 
     def _drop(self, key) -> None:
-        self.bytes -= self.entries.pop(key)[2]
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
+
+    def _drop_freed(self) -> None:
+        while self._freed:
+            key = self._freed.pop()
+            entry = self.entries.get(key)
+            if entry is not None and any(ref() is None for ref in entry[0]):  # not a live entry added since
+                self._drop(key)
 
 
 def _held_bytes(value) -> int:

@@ -104,19 +104,51 @@ def test_validation_cache_holds_every_layer_of_a_large_model():
     assert len(calls) == 600
 
 
-def test_validation_cache_is_bounded_by_the_bytes_its_results_hold():
+def _consistent(cache) -> bool:
+    return cache.bytes == sum(entry[2] for entry in cache.entries.values())
+
+
+def test_validation_cache_keeps_what_fits_its_byte_budget():
+    """Tables beyond the byte budget are computed and not kept (a cyclic step keeps reusing those that fit);
+    validation results, which hold no bytes, are kept whatever the tables hold."""
     cache = _checks.IdentityCache(capacity=100, max_bytes=1000)
-    keys = [torch.zeros(1) for _ in range(4)]
-    for key in keys[:3]:
-        cache.get((key,), "table", lambda: torch.zeros(100, dtype=torch.int16))  # 200 bytes each
-    assert cache.bytes == 600 and len(cache.entries) == 3
-    cache.get((keys[3],), "table", lambda: (torch.zeros(60), torch.zeros(65)))  # 500 bytes: the oldest goes
-    assert cache.bytes == 900 and len(cache.entries) == 3
+    keys = [torch.zeros(1) for _ in range(6)]
+    table = lambda: torch.zeros(100, dtype=torch.int16)  # noqa: E731  (200 bytes)
+    for key in keys[:5]:
+        cache.get((key,), "table", table)
+    assert cache.bytes == 1000 and len(cache.entries) == 5
     calls = []
-    cache.get((keys[0],), "table", lambda: calls.append(1) or torch.zeros(100, dtype=torch.int16))
-    assert calls == [1] and cache.bytes == 900  # keys[0] was evicted: recomputed; keys[1] made room for it
-    big = torch.zeros(1)
-    assert cache.get((big,), "table", lambda: torch.zeros(1000)).numel() == 1000  # over the budget: not kept
-    assert cache.bytes == 900 and len(cache.entries) == 3
+    for _ in range(2):  # over the budget: computed at every call, never kept
+        assert cache.get((keys[5],), "table", lambda: calls.append(1) or table()).numel() == 100
+    assert calls == [1, 1] and cache.bytes == 1000 and len(cache.entries) == 5
+    cache.get((keys[0],), "table", lambda: calls.append(2))  # a kept table is still reused
+    cache.get((keys[5],), "check", lambda: calls.append(3))  # a validation is kept with the budget full
+    cache.get((keys[5],), "check", lambda: calls.append(4))
+    assert calls == [1, 1, 3] and len(cache.entries) == 6 and _consistent(cache)
     cache.clear()
     assert cache.bytes == 0 and not cache.entries
+
+
+def test_validation_cache_forgets_freed_tensors_and_their_tables():
+    cache = _checks.IdentityCache(max_bytes=1000)
+    key, other = torch.zeros(1), torch.zeros(1)
+    cache.get((key, other), "table", lambda: torch.zeros(200))  # 800 bytes
+    assert cache.bytes == 800
+    del key  # the entry goes (its table with it) at the next use of the cache
+    cache.get((other,), "table", lambda: torch.zeros(100))
+    assert len(cache.entries) == 1 and cache.bytes == 400 and _consistent(cache)
+
+
+def test_validation_cache_survives_a_compute_that_uses_it():
+    """A result built from another cached result (the CUDA CSR table from the bucket table), and a compute that
+    fills the same key, leave one entry and consistent byte counts."""
+    cache = _checks.IdentityCache(capacity=2)
+    key = torch.zeros(1)
+    inner = lambda: torch.zeros(10)  # noqa: E731
+    value = cache.get((key,), "outer", lambda: cache.get((key,), "inner", inner) * 2)
+    assert value.shape == (10,) and set(e[1] for e in cache.entries) == {"outer", "inner"} and _consistent(cache)
+    again = cache.get((torch.zeros(1),), "same", lambda: cache.get((key,), "outer", inner))
+    assert again.shape == (10,) and len(cache.entries) <= 2 and _consistent(cache)
+    same = torch.zeros(1)
+    cache.get((same,), "x", lambda: cache.get((same,), "x", inner))  # compute fills its own key first
+    assert sum(1 for k in cache.entries if k[1] == "x") == 1 and _consistent(cache)

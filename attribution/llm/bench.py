@@ -17,7 +17,7 @@ from grass_ops.benchmarking import median_seconds
 
 from .. import llm
 from ..attributor import Attributor
-from ..capture import probe_gradients
+from ..capture import frozen_parameters, probe_gradients
 from ..compression import compress_layer
 from ..store.manifest import model_fingerprint
 
@@ -87,7 +87,8 @@ def activation_backward(model, loss_fn, batch) -> Tensor:
             handle.remove()
 
     probe = torch.zeros(*ids.shape, embeddings.embedding_dim, dtype=dtype, device=ids.device)
-    return probe_gradients(summed, probe)[0]  # the pipeline's own gradient routine (eager: torch.autograd.grad)
+    with frozen_parameters(model):  # as the pipeline's eager step
+        return probe_gradients(summed, probe)[0]  # the pipeline's own gradient routine (eager: torch.autograd.grad)
 
 
 def compress_seconds(compressors: dict, infos: dict, rows: int, tokens: int, dtype, device, repeats: int) -> float:

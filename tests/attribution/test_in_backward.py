@@ -118,14 +118,37 @@ def test_the_eager_step_saves_no_layer_input_for_a_weight_gradient(padded_llama)
         assert frozen < 0.8 * unfrozen
         in_backward.capture.freeze = True
 
+        seen = []
+
         def failing(model, batch):
             if not torch.is_grad_enabled():  # the shape pass (no_grad, one sample)
                 return llm.sequence_loss(model, batch)
-            assert not any(p.requires_grad for p in model.parameters())  # frozen inside the step
+            seen.append(any(p.requires_grad for p in model.parameters()))
             raise RuntimeError("the loss failed")
 
         with pytest.raises(RuntimeError, match="the loss failed"):
             in_backward(batch, failing)
+        assert seen == [False]  # frozen inside the step
         assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     finally:
         model.lm_head.weight.requires_grad_(True)
+
+
+def test_frozen_parameters_leaves_non_leaf_and_inference_tensors_alone():
+    from attribution.capture import frozen_parameters
+
+    model = torch.nn.Linear(3, 2)
+    base = torch.randn(2, 3, requires_grad=True)
+    model._parameters["weight"] = base * 2  # a computed tensor in a parameter's place (a functional swap)
+    with torch.inference_mode():
+        made = torch.nn.Parameter(torch.zeros(2))
+    model._parameters["bias"] = made
+    with frozen_parameters(model):
+        assert model.weight.requires_grad  # a non-leaf's flag cannot be set: kept as it is
+    assert model.weight.requires_grad and model.bias.requires_grad == made.requires_grad
+    plain = torch.nn.Linear(3, 2)
+    inside = []
+    with pytest.raises(ValueError, match="inside"), frozen_parameters(plain):
+        inside.extend(p.requires_grad for p in plain.parameters())
+        raise ValueError("inside")
+    assert inside == [False, False] and all(p.requires_grad for p in plain.parameters())

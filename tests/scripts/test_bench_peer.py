@@ -42,3 +42,17 @@ def test_the_steady_state_leaves_our_compile_time_out():
     ours = {"seconds": 130.0, "runs": [{"summary": {"compile_seconds": 100.0}}, {"summary": {"compile_seconds": 110.0}}]}
     assert script._steady_seconds(ours) == 25.0  # the median wall time less the median compile
     assert script._steady_seconds({"seconds": 30.0, "runs": [{"seconds": 30.0}]}) == 30.0  # Bergson, the floor
+
+
+def test_no_steady_state_when_one_size_compiled_and_the_other_did_not(tmp_path, monkeypatch):
+    script = load_script("bench_peer")
+    monkeypatch.setattr(script, "corpus", lambda path, folder, n, max_length, join: 100 * n)
+    runs = iter([False, True])  # --compile auto: the larger corpus crossed the threshold
+
+    def fake_ours(folder, data, n, max_length, precision, work, compile):
+        return {"seconds": float(n), "peak_rss_mb": 1.0,
+                "summary": {"compiled": next(runs), "compile_seconds": 0.0}}
+
+    monkeypatch.setattr(script, "ours", fake_ours)
+    out = script.compare(tmp_path, 2, 16, "fp32", 1, False, tmp_path, steady=True, tools=("ours",), compile="auto")
+    assert out["ours_steady_tokens_per_s"] is None and "compiled" in out["ours_steady_note"]
