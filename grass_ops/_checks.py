@@ -256,7 +256,7 @@ class IdentityCache:
     :func:`grass_ops.clear_caches` after such an edit.
     """
 
-    def __init__(self, capacity: int = 8192, max_bytes: int = 1 << 30):
+    def __init__(self, capacity: int = 8192, max_bytes: int = 64 << 20):
         self.capacity, self.max_bytes = capacity, max_bytes
         self.entries: dict[tuple, tuple] = {}  # key -> (weak refs to the key tensors, value, bytes held)
         self.bytes = 0
