@@ -30,6 +30,8 @@ from tqdm import tqdm
 import grass_ops
 from grass_ops.compressors import SelectiveMask
 
+from .batches import batch_tensors
+
 
 @dataclass
 class MaskTrainingConfig:
@@ -262,8 +264,8 @@ def train_masks(model, loss_fn, heldout_loader, out_dir, k: int, form: str = "fa
 
 def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float = 2.0, layers=None,
                  k_in: int | None = None, k_out: int | None = None, progress: bool = False,
-                 scales: dict[str, tuple[Tensor, Tensor]] | None = None, save: bool = True
-                 ) -> dict[str, tuple[Tensor, Tensor]]:
+                 scales: dict[str, tuple[Tensor, Tensor]] | None = None, save: bool = True,
+                 autocast: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Data-aware factorized masks, cheaper than Selective Mask training: for every target layer, keep
     the k_in' input coordinates and k_out' output-gradient coordinates with the largest second moment
     (sum over held-out samples and tokens of x_i^2, resp. g_j^2). An LLM layer's activations carry most
@@ -276,7 +278,8 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     all compute them, rank 0 writes). ``scales``: {layer: (x_in scale [d_in], g_out scale [d_out])} that the
     compressor applies to the factors before its masks (the optimizer normalization's Adafactor factors): the
     coordinates are then ranked by the second moments of the scaled factors (moment * scale**2), so the masks keep
-    the energy of what is compressed."""
+    the energy of what is compressed. ``autocast``: the forward passes under ``torch.autocast`` to that dtype
+    (bfloat16 or float16), as the cache's own pass runs; the moments are summed in float64 either way."""
     from .gradients import factor_moments
     from .layers import find_layers
 
@@ -284,7 +287,7 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
     moments = {n: [torch.zeros(i.d_in, dtype=torch.float64), torch.zeros(i.d_out, dtype=torch.float64)] for n, i in infos.items()}
     digests, samples = [], 0
     batches = tqdm(heldout_loader, desc="energy masks", disable=not progress, leave=False)
-    for digest, sums, rows in factor_moments(model, loss_fn, batches, infos):
+    for digest, sums, rows in factor_moments(model, _autocast_forward(loss_fn, autocast), batches, infos):
         digests.append(digest)
         samples += rows
         for n, (x_sum, g_sum) in sums.items():
@@ -315,3 +318,18 @@ def energy_masks(model, loss_fn, heldout_loader, out_dir, k: int, blowup: float 
                                n_heldout=samples)
         out[n] = (chosen[0], chosen[1])
     return out
+
+
+def _autocast_forward(loss_fn, dtype: torch.dtype | None):
+    """``loss_fn`` with its forward under ``torch.autocast(dtype)`` on the batch's device (the backward then runs
+    each op in the dtype its forward ran in); ``loss_fn`` itself when ``dtype`` is None."""
+    if dtype is None:
+        return loss_fn
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {dtype}")
+
+    def forward(model, batch):
+        with torch.autocast(batch_tensors(batch)[0].device.type, dtype=dtype):
+            return loss_fn(model, batch)
+
+    return forward

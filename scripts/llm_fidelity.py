@@ -91,12 +91,18 @@ def main(argv=None):
     query_batches = llm.query_batches(tokenizer, queries, None, args.max_length, args.token_batch_size)
 
     t0 = time.perf_counter()
-    mask_dirs = {}
+    mask_dirs, kept = {}, {}
     for blowup in (2.0, 4.0):
         mask_dirs[blowup] = str(out / f"energy_masks_b{blowup:g}_k{args.k}")
-        energy_masks(model, llm.sequence_loss, heldout_batches, mask_dirs[blowup], args.k, blowup=blowup,
-                     layers=layer_patterns)
+        kept[blowup] = energy_masks(model, llm.sequence_loss, heldout_batches, mask_dirs[blowup], args.k, blowup=blowup,
+                                    layers=layer_patterns)
     mask_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the CLI's pass: blow-up 4 under the cache's bfloat16 autocast
+    mask_dirs["4-bf16"] = str(out / f"energy_masks_b4_k{args.k}_bf16")
+    kept_bf16 = energy_masks(model, llm.sequence_loss, heldout_batches, mask_dirs["4-bf16"], args.k, blowup=4.0,
+                             layers=layer_patterns, autocast=torch.bfloat16)
+    mask_bf16_seconds = time.perf_counter() - t0
+    mask_agreement = _kept_in_common(kept[4.0], kept_bf16)
 
     methods = method_table(args.k, mask_dirs, args.quick)
     t0 = time.perf_counter()
@@ -104,6 +110,9 @@ def main(argv=None):
     pass_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     mixed = {f"{name}, bfloat16 autocast": methods[name] for name in methods if "energy" in name and "blow-up 4" in name}
+    if mixed:  # the CLI default: the masks' pass under the same autocast as the cache's
+        mixed["FactGraSS, blow-up 4, energy masks from a bfloat16 pass, bfloat16 autocast (the CLI default)"] = Method(
+            f"factgrass:blowup=4,mask_dir={mask_dirs['4-bf16']}", args.k)
     _, mixed_features = measure(model, llm.sequence_loss, layers, doc_batches, query_batches, mixed, truth=False,
                                 autocast=torch.bfloat16) if mixed else (None, {})
     features.update(mixed_features)
@@ -126,7 +135,8 @@ def main(argv=None):
         "model": "SmolLM2-135M-Instruct (embedded GGUF)", "layers": len(layers), "documents": len(docs),
         "real_tokens": sum(int(b["attention_mask"].sum()) for b in doc_batches), "queries": queries,
         "k_per_layer": args.k, "truth": "exact per-document gradient over the target layers (cosine and inner product)",
-        "mask_seconds": mask_seconds, "pass_seconds": pass_seconds, "autocast_pass_seconds": autocast_seconds,
+        "mask_seconds": mask_seconds, "mask_bfloat16_seconds": mask_bf16_seconds,
+        "mask_kept_in_common": mask_agreement, "pass_seconds": pass_seconds, "autocast_pass_seconds": autocast_seconds,
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick, "methods": rows,
     }
@@ -139,6 +149,16 @@ def main(argv=None):
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
     emit_json_report({k: v for k, v in report.items() if k != "queries"})
     return report
+
+
+def _kept_in_common(first: dict, second: dict) -> dict[str, float]:
+    """The share of the kept input / output coordinates that two sets of masks ({layer: (in, out)}) have in common,
+    over every layer, and the smallest share of one layer."""
+    def shares(side):
+        return [len(set(first[n][side].tolist()) & set(second[n][side].tolist())) / len(first[n][side]) for n in first]
+
+    x, g = shares(0), shares(1)
+    return {"inputs": sum(x) / len(x), "outputs": sum(g) / len(g), "smallest_layer": min(x + g)}
 
 
 if __name__ == "__main__":

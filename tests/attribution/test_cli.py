@@ -375,6 +375,24 @@ def test_a_grown_store_keeps_its_energy_masks_and_resumes_an_interrupted_grow(ti
                         "--out", str(tmp_path / "r")])[0].helpful) == 6
 
 
+def test_the_mask_pass_runs_under_the_cache_autocast_and_older_mask_records_stay(tiny_llama, tmp_path, corpus):
+    """The energy-mask pass runs under --autocast and its record says so; a record from before (no "autocast": a
+    float32 pass) is the same masks, so an older store resumes and grows with them rather than recomputing them."""
+    from attribution.llm.commands.cache import _same_masks
+
+    store = tmp_path / "store"
+    cli.run(_cache_args(store, tiny_llama, corpus, "--autocast", "bfloat16", "--limit", "2", "--mask-documents", "2"))
+    record = json.loads((store / "masks" / "masks.json").read_text())
+    assert record["autocast"] == "bfloat16"
+    older = {key: value for key, value in record.items() if key != "autocast"}
+    assert _same_masks(older, record) and _same_masks(record, record)
+    assert not _same_masks({**record, "autocast": "float16"}, record)
+    assert not _same_masks(older, {**record, "k": record["k"] + 1})
+    plain = tmp_path / "plain"
+    cli.run(_cache_args(plain, tiny_llama, corpus, "--autocast", "none", "--limit", "2", "--mask-documents", "2"))
+    assert "autocast" not in json.loads((plain / "masks" / "masks.json").read_text())  # as before the change
+
+
 def test_index_without_faiss_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails as if it were not installed
     assert cli.main(["index", "--store", str(tmp_path / "store")]) == 2

@@ -71,6 +71,28 @@ def test_energy_masks_rank_the_scaled_coordinates(tiny_llama, tmp_path):
     assert int(g_kept[0]) not in g_new.tolist() and len(x_new) == len(x_kept)
 
 
+def test_energy_masks_run_their_forward_under_the_given_autocast(tiny_llama, tmp_path):
+    """autocast=: every forward of the mask pass runs under torch.autocast to that dtype (as the cache's own pass);
+    without it, none does. Other dtypes are refused, naming the argument."""
+    model, tok = llm.load_model(tiny_llama)
+    batches, _ = llm.document_batches(tok, [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)], 4, 8)
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return llm.sequence_loss(model, batch)
+
+    name = "model.layers.0.mlp.down_proj"
+    mixed = energy_masks(model, loss_fn, batches, tmp_path / "mixed", k=4, layers=[name], autocast=torch.bfloat16)
+    assert seen == [torch.bfloat16] * len(batches)
+    seen.clear()
+    plain = energy_masks(model, loss_fn, batches, tmp_path / "plain", k=4, layers=[name])
+    assert seen == [None] * len(batches)
+    assert [len(t) for t in mixed[name]] == [len(t) for t in plain[name]]
+    with pytest.raises(ValueError, match="autocast must be torch.bfloat16, torch.float16 or None"):
+        energy_masks(model, loss_fn, batches, tmp_path / "bad", k=4, layers=[name], autocast=torch.float64)
+
+
 def test_features_alone_equal_the_truth_pass_and_scorings_share_a_compressor(tiny_llama):
     """truth=False compresses each query batch as it comes (its factors dropped): the same features as the
     truth pass, which stacks every query's factors; methods differing only in scoring share one compressor."""

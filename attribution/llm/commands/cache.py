@@ -16,6 +16,7 @@ from grass_ops.benchmarking import peak_rss_bytes, process_seconds, timed_phase
 from ... import llm
 from ...collectives import collectively, require_agreement
 from ...compression import parse_spec
+from ...config import AUTOCAST_DTYPES
 from ...layers import coverage
 from ...store import atomic_write_json, read_json
 from ...whitening import KINDS as WHITENED
@@ -61,7 +62,9 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
     scales = _normalized_coordinates(model, config, layers)
     if scales is not None:  # masks chosen in the normalized coordinates: redone for another optimizer state
         wanted["optimizer_state"] = scales[1]
-    if record.is_file() and read_json(record, "mask record") == wanted:
+    if config.autocast != "none":  # the pass runs under the cache's autocast
+        wanted["autocast"] = config.autocast
+    if record.is_file() and _same_masks(read_json(record, "mask record"), wanted):
         return
     batches, _ = llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
                                       config.token_batch_size)
@@ -69,9 +72,17 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
 
     energy_masks(model, llm.sequence_loss, batches, folder, config.k, blowup=float(options.get("blowup", 2.0)),
                  layers=layers, k_in=options.get("k_in"), k_out=options.get("k_out"), progress=True,
-                 scales=None if scales is None else scales[0], save=save)
+                 scales=None if scales is None else scales[0], save=save, autocast=AUTOCAST_DTYPES.get(config.autocast))
     if save:
         atomic_write_json(record, wanted)
+
+
+def _same_masks(record: dict, wanted: dict) -> bool:
+    """Whether a store's mask record is the one ``wanted``. A record without "autocast" was written before the
+    mask pass ran under the cache's autocast (float32): its masks stay, so a store resumes or grows with them."""
+    if "autocast" not in record:
+        wanted = {key: value for key, value in wanted.items() if key != "autocast"}
+    return record == wanted
 
 
 def seeded_sample(n: int, size: int, seed: int) -> list[int]:
