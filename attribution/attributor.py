@@ -78,7 +78,7 @@ class Attributor:
                  k: int = 4096, damping: float = 1e-3, store=None, layers=None, seed: int = 0, device=None,
                  dtype: torch.dtype = torch.float32, *, checkpoints: list | None = None,
                  checkpoint_weights: list[float] | None = None, output_fn: Callable | None = None,
-                 fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool = True,
+                 fisher: str = "empirical", logits_fn: Callable | None = None, compile: bool | str = True,
                  storage_dtype: str | None = None, memory_budget: int = 1 << 30, progress: bool = True,
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
                  preconditioner: str | None = None, task_weight: float | None = None, autocast: torch.dtype | str | None = None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from typing import Callable
 
 import torch
@@ -67,14 +68,16 @@ class FactorCapture:
         modules = dict(model.named_modules(remove_duplicate=False))
         self.modules = {name: list({id(modules[m]): modules[m] for m in info.modules}.values())  # one hook per module
                         for name, info in layers.items()}
-        self._hook_fns = {name: self._make_hook(name) for name in layers}  # stable objects: stable compile guards
         # fused experts modules compute through their per-expert views while hooked (attribution.experts)
         self.experts = experts.owners(model, [m for info in layers.values() for m in info.modules])
         # layers of an MoE block that it calls on the flattened tokens [B * T, d] (a shared expert, its gate)
         self.flattened = experts.flattened_layers(model, layers)
+        # one hook for every module, reading its layer from the module's slot: a compiled block (attribution.regional)
+        # then traces the same hook code with no per-layer Python constant, so one graph serves every block
+        self._slots = {id(m): _Slot(name, name in self.flattened) for name in layers for m in self.modules[name]}
+        self._slot_key = f"_grass_capture_slot_{next(_captures)}"  # this capture's entry in a hooked module's __dict__
+        self._hook = self._make_hook()
         self.probes: dict[str, list[Tensor]] | None = None
-        self.taps: dict[str, tuple[Callable, Tensor]] | None = None  # sketch mode: {layer: (tap, z)}
-        self.calls: dict[str, int] = {}
         self.called: list[str] = []  # the layers the last sketch pass called
         self.rows: int | None = None
         self.inputs: dict[str, list[Tensor]] = {}
@@ -84,26 +87,32 @@ class FactorCapture:
         # FSDP2 hooks are registered per parameter that requires a gradient
         self.freeze = not sharding.is_sharded(model)
 
-    def _make_hook(self, name: str):
+    def _make_hook(self):
+        key = self._slot_key
+
         def hook(module, args, output):
-            if self.rows is None:  # neither a shape pass nor a capture (e.g. params= gradients): inert
+            slot = module.__dict__.get(key)
+            if slot is None or (slot.tap is None and self.rows is None):  # not a capture (e.g. params= gradients): inert
                 return None
+            name = slot.name
             if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
                 raise LayoutError(f"layer {name} must be called with a tensor and return one")
             x = args[0]
-            if name in self.flattened:  # called on an MoE block's flattened tokens [B * T, d]: seen as [B, T, d]
-                unflattened = self._unflattened(name, x, output)
+            # in-backward compression: the samples are z's rows (no Python int: a compiled block does not specialize on B)
+            rows = slot.tap[1].shape[0] if slot.tap is not None else self.rows
+            if slot.flattened:  # called on an MoE block's flattened tokens [B * T, d]: seen as [B, T, d]
+                unflattened = self._unflattened(x, output, rows)
                 if unflattened is not None:
                     out = hook(module, (unflattened[0],), unflattened[1])
                     return None if out is None else out.reshape(output.shape)
-            if x.dim() < 2 or output.dim() < 2 or x.shape[0] != self.rows or output.shape[0] != self.rows:
+            if x.dim() < 2 or output.dim() < 2 or x.shape[0] != rows or output.shape[0] != rows:
                 raise LayoutError(f"layer {name} was called with input {tuple(x.shape)} and output {tuple(output.shape)}, "
-                                  f"but the batch has {self.rows} samples: every target layer must keep the samples along "
+                                  f"but the batch has {rows} samples: every target layer must keep the samples along "
                                   "dim 0 ([B, ..., d]); exclude sequence-first layers ([T, B, d]) and layers applied to "
                                   "tensors without a batch dimension")
-            if self.taps is not None:  # in-backward compression
-                self.calls[name] = self.calls.get(name, 0) + 1
-                tap, z = self.taps[name]
+            if slot.tap is not None:  # in-backward compression
+                slot.calls += 1
+                tap, z = slot.tap
                 return tap(output, x, z)
             if self.probes is None:  # shape pass
                 self.shapes.setdefault(name, []).append((tuple(output.shape[1:]), output.dtype))
@@ -123,12 +132,13 @@ class FactorCapture:
 
         return hook
 
-    def _unflattened(self, name: str, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor] | None:
+    @staticmethod
+    def _unflattened(x: Tensor, output: Tensor, rows: int) -> tuple[Tensor, Tensor] | None:
         """(x [B, T, d_in], output [B, T, d_out]) of a layer an MoE block calls on its flattened tokens [B * T, d]
         (sample by sample, as transformers' MoE blocks flatten them), or None when it was not so called."""
-        if x.dim() != 2 or output.dim() != 2 or x.shape[0] != output.shape[0] or x.shape[0] % self.rows:
+        if x.dim() != 2 or output.dim() != 2 or x.shape[0] != output.shape[0] or x.shape[0] % rows:
             return None
-        return x.reshape(self.rows, -1, x.shape[-1]), output.reshape(self.rows, -1, output.shape[-1])
+        return x.reshape(rows, -1, x.shape[-1]), output.reshape(rows, -1, output.shape[-1])
 
     @contextlib.contextmanager
     def hooks(self):
@@ -140,15 +150,21 @@ class FactorCapture:
             finally:
                 self._hook_depth -= 1
             return
-        handles = [m.register_forward_hook(self._hook_fns[name]) for name in self.layers for m in self.modules[name]]
+        modules = [m for name in self.layers for m in self.modules[name]]
+        handles = []
         self._hook_depth = 1
         try:
+            for m in modules:
+                m.__dict__[self._slot_key] = self._slots[id(m)]
+                handles.append(m.register_forward_hook(self._hook))
             with experts.capturing(self.experts, lambda: self.rows):
                 yield
         finally:
             self._hook_depth = 0
             for handle in handles:
                 handle.remove()
+            for m in modules:
+                m.__dict__.pop(self._slot_key, None)
 
     def output_shapes(self, loss_fn: Callable, batch) -> Shapes:
         """One no-grad forward of the batch's first sample: each layer's output shape (without the
@@ -178,12 +194,20 @@ class FactorCapture:
         rows = batch_tensors(batch)[0].shape[0]
 
         def summed_loss(zs):
-            self.taps, self.calls, self.rows = {n: (taps[n], zs[n]) for n in self.layers}, {}, rows
+            slots = self._slots.values()
+            if not torch.compiler.is_compiling():  # a compiled block reads z from the slot: its batch dim stays symbolic
+                for z in zs.values():
+                    _compat.maybe_mark_dynamic(z, 0)
+            for slot in slots:
+                slot.tap, slot.calls = (taps[slot.name], zs[slot.name]), 0
+            self.rows = rows
             try:
                 values = loss_fn(self.model, batch)
-                self.called = sorted(self.calls)  # read after the step (torch.compile replays this side effect)
+                self.called = sorted({s.name for s in slots if s.calls})  # read after the step (torch.compile replays it)
             finally:
-                self.taps, self.calls, self.rows = None, {}, None
+                for slot in slots:
+                    slot.tap, slot.calls = None, 0
+                self.rows = None
             _check_values(values)
             return values.sum(), values
 
@@ -253,6 +277,19 @@ def frozen_parameters(model: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+_captures = itertools.count()
+
+
+class _Slot:
+    """One hooked module's layer (``name``; ``flattened``: an MoE block calls it on flattened tokens) and, during
+    :meth:`FactorCapture.sketches`, its ``tap`` (tap, z) and the ``calls`` made so far."""
+
+    def __init__(self, name: str, flattened: bool):
+        self.name, self.flattened = name, flattened
+        self.tap: tuple[Callable, Tensor] | None = None
+        self.calls = 0
 
 
 def _check_values(values) -> None:

@@ -34,7 +34,7 @@ def own_code_copy(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _variable_dims(t: torch.Tensor) -> range:
+def variable_dims(t: torch.Tensor) -> range:
     """The dims of a batch tensor that may differ between batches, marked dynamic up front so that
     they do not recompile: every dim of an integer tensor (token ids and masks [B, T]), every dim but
     the last (features) of a floating one (probes [B, T, d], inputs [B, d]). A hint: a dim the model
@@ -64,7 +64,7 @@ class CompiledStep:
     def _run(self, batch):
         args = self.prepare(batch)
         for t in batch_tensors((batch, args)):
-            for dim in _variable_dims(t):
+            for dim in variable_dims(t):
                 _compat.maybe_mark_dynamic(t, dim)
         before, graphs = _compat.compile_seconds(), _compat.compiled_graphs()
         try:

@@ -12,8 +12,10 @@ side in one row: columns offsets[j]:offsets[j + 1] belong to block j.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +30,7 @@ from .capture import FactorCapture, tokens_view
 from .compiled import CompiledStep
 from .layers import LayerInfo
 from .param_grads import loss_module, per_sample_grads
+from .regional import MIN_BLOCKS, RegionalCompile, repeated_blocks
 
 # name -> builder(layer, k, seed, options) -> Compressor
 _BUILDERS: dict[str, Callable] = {}
@@ -243,21 +246,25 @@ def layer_tap(comp: C.Compressor, layer: LayerInfo, scale: tuple | None = None) 
     ("exact", [d_in * d_out]) for a flat one, the weight gradient divided elementwise (the adjoint weight
     scaled: its gradient is then the scaled x_in^T dL/dy)."""
 
-    def tap(y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
-        with torch.autocast(y.device.type, enabled=False):
-            x3, y3 = tokens_view(x_in.detach()), tokens_view(y)
-            if isinstance(comp, C.FactorizedCompressor):
-                if scale is None:
-                    out = comp.sketch_output(y3, x3, z)
-                else:
-                    out = comp.sketch_output(y3, x3.to(z.dtype) * scale[1], z, out_scale=scale[2])
-            else:  # the adjoint as a per-sample weight [B, d_in, d_out]: its gradient is x_in^T dL/dy
-                adjoint = comp.adjoint(z) if scale is None else comp.adjoint(z) * scale[1]
-                weight = adjoint.view(-1, layer.d_in, layer.d_out)
-                out = y3 + torch.bmm(x3.to(z.dtype), weight).to(y3.dtype)
-        return out.reshape(y.shape)
+    # a partial of one module-level function: the taps of every layer share its code, and what differs (the compressor,
+    # the shapes, the scale) is data, so a compiled block (attribution.regional) traces no per-layer Python constant
+    return functools.partial(_tap, comp, layer.d_in, layer.d_out, scale)
 
-    return tap
+
+def _tap(comp: C.Compressor, d_in: int, d_out: int, scale: tuple | None, y: Tensor, x_in: Tensor, z: Tensor) -> Tensor:
+    """:func:`layer_tap`'s tap(y, x_in, z) of one layer."""
+    with torch.autocast(y.device.type, enabled=False):
+        x3, y3 = tokens_view(x_in.detach()), tokens_view(y)
+        if isinstance(comp, C.FactorizedCompressor):
+            if scale is None:
+                out = comp.sketch_output(y3, x3, z)
+            else:
+                out = comp.sketch_output(y3, x3.to(z.dtype) * scale[1], z, out_scale=scale[2])
+        else:  # the adjoint as a per-sample weight [B, d_in, d_out]: its gradient is x_in^T dL/dy
+            adjoint = comp.adjoint(z) if scale is None else comp.adjoint(z) * scale[1]
+            weight = adjoint.view(-1, d_in, d_out)
+            out = y3 + torch.bmm(x3.to(z.dtype), weight).to(y3.dtype)
+    return out.reshape(y.shape)
 
 
 def check_scales(blocks: dict[str, C.Compressor], scales: dict[str, tuple]) -> None:
@@ -308,7 +315,7 @@ class BatchCompressor:
                  sharded: bool = False):
         self.model, self.layers, self.params, self.blocks = model, layers, list(params), blocks
         self.sharded = sharded  # FSDP2: every forward is collective, so the shape pass runs for every batch
-        self.dtype, self.device, self.compile, self.param_chunk = dtype, device, compile, int(param_chunk)
+        self.dtype, self.device, self.param_chunk = dtype, device, int(param_chunk)
         self.return_factors, self.autocast = bool(return_factors), autocast
         self.capture = FactorCapture(model, layers)
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -320,6 +327,8 @@ class BatchCompressor:
                              "statistics) does not support it")
         check_scales(blocks, self.scales)
         self.taps = {n: layer_tap(blocks[n], layers[n], self.scales.get(n)) for n in layers}
+        self.regional = self._regional(compile)
+        self.compile = bool(compile) and self.regional is None  # the whole step under torch.compile
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
         for width in self.widths:
@@ -333,6 +342,22 @@ class BatchCompressor:
     @property
     def columns(self) -> int:
         return self.offsets[-1]
+
+    def _regional(self, compile) -> RegionalCompile | None:
+        """compile="regional": the repeated blocks compiled (attribution.regional), where the step allows it: target
+        layers only, in-backward compression, not sharded. Elsewhere the whole step is compiled, with a warning."""
+        if compile != "regional":
+            return None
+        blocks = repeated_blocks(self.model, self.layers) if self.layers else []
+        why = ("other-parameter blocks (params=) are taken with torch.func" if self.params else
+               "the factors' path (K-FAC statistics)" if self.return_factors else
+               "a sharded model" if self.sharded else
+               "a mixture-of-experts model" if self.capture.experts else
+               f"no {MIN_BLOCKS} repeated blocks hold target layers" if not blocks else None)
+        if why is not None:
+            warnings.warn(f"compile='regional' is not available here ({why}): the whole step is compiled", stacklevel=4)
+            return None
+        return RegionalCompile(self.model, blocks)
 
     def block(self, reason: str) -> None:
         """Refuse to compress (a RuntimeError giving ``reason``) until :meth:`install` sets the compressors."""
@@ -419,7 +444,10 @@ class BatchCompressor:
     def step(self, fn: Callable, name: str) -> CompiledStep:
         key = _fn_key(fn)
         if key not in self._steps:
-            compiled = CompiledStep(lambda batch, probes: self.raw(fn, batch, probes),
+            def run(batch, probes):
+                return self.raw(fn, batch, probes)
+
+            compiled = CompiledStep(run if self.regional is None else self.regional.wrap(run),
                                     lambda batch: (self.probes(fn, batch),), compile=self.compile, name=name)
             self._steps[key] = (fn, compiled)
         return self._steps[key][1]
@@ -469,6 +497,8 @@ class BatchCompressor:
     def stats(self) -> dict:
         """Compile statistics summed over this compressor's steps."""
         steps = [s.stats for _, s in self._steps.values()] + self._retired
+        if self.regional is not None:
+            steps.append(self.regional.stats)
         return {"compiled": any(s["compiled"] for s in steps),
                 "graph_breaks": max((s["graph_breaks"] for s in steps if s["graph_breaks"] is not None), default=None),
                 "compile_seconds": sum(s["compile_seconds"] for s in steps),

@@ -55,7 +55,7 @@ class AttributorConfig:
     output_fn: Callable | None = None
     fisher: str = "empirical"
     logits_fn: Callable | None = None
-    compile: bool = True
+    compile: bool | str = True
     storage_dtype: str | None = None
     memory_budget: int = 1 << 30
     progress: bool = True
@@ -116,7 +116,10 @@ class AttributorConfig:
             raise TypeError(f"store must be None or a directory path, got {self.store!r}")
         if self.store is not None and Path(self.store).exists() and not Path(self.store).is_dir():
             raise ValueError(f"store {self.store} exists and is not a directory")
-        self.progress, self.compile = bool(self.progress), bool(self.compile)
+        if self.compile not in (True, False, "regional"):
+            raise ValueError(f"compile must be True (the whole step), 'regional' (the repeated blocks) or False, got "
+                             f"{self.compile!r}")
+        self.progress = bool(self.progress)
         self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps)
         self._check_whitening()
         if self.optimizer_state is not None and preconditioner_class(self.preconditioner).needs_factors:

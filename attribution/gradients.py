@@ -54,6 +54,17 @@ def captured_factors(model: nn.Module, loss_fn: Callable, loader: Iterable, info
             yield batch_digest(batch), inputs, grads, values
 
 
+def _square_sums(t: Tensor) -> Tensor:
+    """[B, ..., d] -> [B, d] float64: per sample, the sum over tokens of t**2. Squared and summed in float32 (float64
+    for a float64 t), without a float64 copy of t: three times faster on a CPU, and the energy masks only rank
+    these sums (every batch's are added up in float64)."""
+    t = tokens_view(t)
+    if t.dtype == torch.float64:
+        return t.square().sum(1)
+    squared = t.square() if t.dtype == torch.float32 else t.float().square_()  # t.float() is t for float32
+    return squared.sum(1).double()
+
+
 class _SecondMoments(torch.autograd.Function):
     """Identity on a layer output y; the gradient w.r.t. its zero z [B, d_in + d_out] (float64) is, per
     sample, the sum over tokens of x_in**2 (computed in the forward, [B, d_in]) beside that of the output
@@ -70,11 +81,11 @@ class _SecondMoments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x_moments,) = ctx.saved_tensors
-        return g, None, torch.cat([x_moments, tokens_view(g).double().square().sum(1)], dim=1)
+        return g, None, torch.cat([x_moments, _square_sums(g)], dim=1)
 
 
 def _moments_tap(y: Tensor, x: Tensor, z: Tensor) -> Tensor:
-    return _SecondMoments.apply(y, tokens_view(x.detach()).double().square().sum(1), z)
+    return _SecondMoments.apply(y, _square_sums(x.detach()), z)
 
 
 def factor_moments(model: nn.Module, loss_fn: Callable, loader: Iterable, infos: dict[str, LayerInfo]
@@ -161,7 +172,7 @@ class ModelGradients:
         if self.sharded:
             check_supported(config)
         self.compress = BatchCompressor(model, self.layer_infos, self.param_names, self.compressors, self.dtype,
-                                        self.device, compile=config.compile and not self.sharded and not expert_layers,
+                                        self.device, compile=False if self.sharded or expert_layers else config.compile,
                                         sharded=self.sharded, param_chunk=config.param_chunk,
                                         return_factors=factors, autocast=config.autocast,
                                         normalization=self.normalization)

@@ -35,6 +35,16 @@ def maybe_mark_dynamic(t: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
+def dynamic_module_attributes():
+    """A context in which Dynamo gives tensors held as attributes of nn.Modules symbolic shapes, as it gives
+    inputs (by default it makes them static, like buffers). attribution.regional reads each layer's sketch z
+    [B, k] from its module; a static B would recompile the block for every batch size. No public switch."""
+    config = torch._dynamo.config
+    if not hasattr(config, "force_nn_module_property_static_shapes"):
+        return config.patch()
+    return config.patch(force_nn_module_property_static_shapes=False)
+
+
 def compile_seconds() -> float:
     """Seconds Dynamo has spent compiling in this process (for stats; no public counter)."""
     metrics = torch._dynamo.utils.compilation_time_metrics

@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
                         help="also run twice the documents, for the steady-state tokens/s")
     parser.add_argument("--tools", nargs="+", choices=["ours", "bergson", "model"], default=["ours", "bergson"],
                         help="model: the reference floor, the model's own forward and input-gradient backward only")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--compile", choices=["auto", "on", "off", "regional"], default="auto",
                         help="ours: grass-attribute cache --compile (in every mode our compile time is left out of "
                              "the steady state)")
     parser.add_argument("--bergson-layers", type=int, nargs="*", default=None,

@@ -70,6 +70,26 @@ def test_cache_compiles_when_asked_and_reports_it(tiny_llama, tmp_path, corpus):
     assert summary["peak_rss_mb"] > 100 and summary["process_seconds"] > phases["gradients"]
 
 
+def test_cache_compiles_the_repeated_blocks_when_asked(tiny_llama, tmp_path, corpus):
+    """--compile regional: the store ranks as an eager store does, a second cache of it computes nothing, and the
+    summary reports the compile."""
+    eager = tmp_path / "eager"
+    cli.run(_cache_args(eager, tiny_llama, corpus, "--autocast", "none"))
+    store = tmp_path / "store"
+    args = [*_cache_args(store, tiny_llama, corpus, "--autocast", "none")[:-1], "--compile", "regional"]
+    summary = cli.run(args)
+    assert summary["compile"] == "regional" and summary["compiled"] is True and summary["compile_fallback"] is None
+    assert summary["compile_seconds"] > 0 and summary["seconds"]["compile"] == summary["compile_seconds"]
+    assert cli.run(args)["added_documents"] == 0
+    assert cli.compile_decision("regional", 1) == "regional"
+    attribute = ["attribute", "--prompt", "a for", "--generate", "2", "--top-k", "6"]
+    ours = cli.run([*attribute, "--store", str(store), "--out", str(tmp_path / "r1")])[0]
+    theirs = cli.run([*attribute, "--store", str(eager), "--out", str(tmp_path / "r2")])[0]
+    assert [d["id"] for d, _ in ours.helpful] == [d["id"] for d, _ in theirs.helpful]
+    for (_, a), (_, b) in zip(ours.helpful, theirs.helpful):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
+
+
 def test_compile_auto_compiles_large_corpora_only(tiny_llama, tmp_path, corpus):
     summary = cli.run(_cache_args(tmp_path / "store", tiny_llama, corpus)[:-1])  # the default: --compile auto
     assert summary["compile"] == "auto" and summary["compiled"] is False  # a few tokens: eager

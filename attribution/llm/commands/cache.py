@@ -39,11 +39,14 @@ from .common import (
 DEFAULTS = CacheConfig()
 
 
-def compile_decision(flag: str, real_tokens: int, autocast: str = "none") -> bool:
-    """--compile auto|on|off -> whether to torch.compile the cache step: "auto" compiles when the tokens
-    to compute reach COMPILE_MIN_TOKENS[autocast] (the measured break-even of one compile)."""
-    if flag not in ("auto", "on", "off"):
-        raise CLIError(f"--compile must be auto, on or off, got {flag!r}")
+def compile_decision(flag: str, real_tokens: int, autocast: str = "none") -> bool | str:
+    """--compile auto|on|off|regional -> the Attributor's ``compile``: True (the whole step), "regional" (the
+    repeated blocks) or False. "auto" compiles the whole step when the tokens to compute reach
+    COMPILE_MIN_TOKENS[autocast] (the measured break-even of one compile)."""
+    if flag not in ("auto", "on", "off", "regional"):
+        raise CLIError(f"--compile must be auto, on, off or regional, got {flag!r}")
+    if flag == "regional":
+        return "regional"
     return flag == "on" or (flag == "auto" and real_tokens >= COMPILE_MIN_TOKENS[autocast])
 
 

@@ -200,8 +200,10 @@ FSDP = Flag("--fsdp", "under torchrun: shard the model across the ranks with FSD
 COMPILE = [
     Flag("--compile", "torch.compile the cache step: auto (default) compiles when the corpus has at least "
                       f"{COMPILE_MIN_TOKENS['bfloat16']:,} real tokens to compute under bfloat16 autocast, "
-                      f"{COMPILE_MIN_TOKENS['none']:,} in float32, where one compile pays for itself; --compile forces it",
-         default="auto", nargs="?", const="on", choices=["auto", "on", "off"]),
+                      f"{COMPILE_MIN_TOKENS['none']:,} in float32, where one compile pays for itself; --compile (= on) "
+                      "forces it; regional: compile one decoder block, shared by every block, and run the rest eagerly "
+                      "(seconds to compile instead of minutes)",
+         default="auto", nargs="?", const="on", choices=["auto", "on", "off", "regional"]),
     Flag("--no-compile", "run the cache step eagerly (--compile off; default: auto)", dest="compile", action="store_const",
          const="off"),
 ]
