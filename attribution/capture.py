@@ -194,20 +194,12 @@ class FactorCapture:
         rows = batch_tensors(batch)[0].shape[0]
 
         def summed_loss(zs):
-            slots = self._slots.values()
-            if not torch.compiler.is_compiling():  # a compiled block reads z from the slot: its batch dim stays symbolic
-                for z in zs.values():
-                    _compat.maybe_mark_dynamic(z, 0)
-            for slot in slots:
-                slot.tap, slot.calls = (taps[slot.name], zs[slot.name]), 0
-            self.rows = rows
+            self.arm(taps, zs, rows)
             try:
                 values = loss_fn(self.model, batch)
-                self.called = sorted({s.name for s in slots if s.calls})  # read after the step (torch.compile replays it)
+                self.called = self.called_layers()  # read after the step (torch.compile replays this side effect)
             finally:
-                for slot in slots:
-                    slot.tap, slot.calls = None, 0
-                self.rows = None
+                self.disarm()
             _check_values(values)
             return values.sum(), values
 
@@ -220,6 +212,31 @@ class FactorCapture:
                              "the model uses directly, like nn.MultiheadAttention's out_proj, cannot be captured: "
                              "exclude it with layers=...)")
         return grads, values.detach()
+
+    def arm(self, taps: dict[str, Callable], zs: dict[str, Tensor], rows: int) -> None:
+        """Put ``taps[name](y, x_in, z)`` with ``zs[name]`` [rows, k] on every target layer, for the forwards until
+        :meth:`disarm` (inside :meth:`hooks`): :meth:`sketches`, or a training forward (the Trainer callback's
+        fused recording)."""
+        if not torch.compiler.is_compiling():  # a compiled block reads z from the slot: its batch dim stays symbolic
+            for z in zs.values():
+                _compat.maybe_mark_dynamic(z, 0)
+        for slot in self._slots.values():
+            slot.tap, slot.calls = (taps[slot.name], zs[slot.name]), 0
+        self.rows = rows
+
+    def called_layers(self) -> list[str]:
+        """The target layers called since :meth:`arm`."""
+        return sorted({slot.name for slot in self._slots.values() if slot.calls})
+
+    @property
+    def armed(self) -> bool:
+        return any(slot.tap is not None for slot in self._slots.values())
+
+    def disarm(self) -> None:
+        """Take the taps off (idempotent)."""
+        for slot in self._slots.values():
+            slot.tap, slot.calls = None, 0
+        self.rows = None
 
     def factors(self, loss_fn: Callable, batch, probes: dict[str, list[Tensor]]):
         """-> (inputs {name: [B, T, d_in]}, output grads {name: [B, T, d_out]}, values [B]).

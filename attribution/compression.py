@@ -328,7 +328,8 @@ class BatchCompressor:
         check_scales(blocks, self.scales)
         self.taps = {n: layer_tap(blocks[n], layers[n], self.scales.get(n)) for n in layers}
         self.regional = self._regional(compile)
-        self.compile = bool(compile) and self.regional is None  # the whole step under torch.compile
+        # the whole step under torch.compile; never for a sharded or MoE model (their forwards must run eagerly)
+        self.compile = bool(compile) and self.regional is None and not (sharded or self.capture.experts)
         self.widths = [blocks[n].out_features for n in blocks]
         self.offsets = [0]
         for width in self.widths:
@@ -349,10 +350,10 @@ class BatchCompressor:
         if compile != "regional":
             return None
         blocks = repeated_blocks(self.model, self.layers) if self.layers else []
+        if self.sharded or self.capture.experts:
+            return None  # eager (the whole step is not compiled either)
         why = ("other-parameter blocks (params=) are taken with torch.func" if self.params else
                "the factors' path (K-FAC statistics)" if self.return_factors else
-               "a sharded model" if self.sharded else
-               "a mixture-of-experts model" if self.capture.experts else
                f"no {MIN_BLOCKS} repeated blocks hold target layers" if not blocks else None)
         if why is not None:
             warnings.warn(f"compile='regional' is not available here ({why}): the whole step is compiled", stacklevel=4)
@@ -376,6 +377,9 @@ class BatchCompressor:
         self.taps.update({n: layer_tap(c, self.layers[n]) for n, c in compressors.items()})
         self._retired.extend(dict(step.stats) for _, step in self._steps.values())  # their compile time still counts
         self._steps.clear()
+        if self.regional is not None:  # a fresh copy of the blocks' code: its own recompile budget
+            self._retired.append(dict(self.regional.stats))
+            self.regional = RegionalCompile(self.model, self.regional.blocks)
         self.blocked = None
 
     def probes(self, fn: Callable, batch) -> dict:

@@ -119,6 +119,8 @@ class AttributorConfig:
         if self.compile not in (True, False, "regional"):
             raise ValueError(f"compile must be True (the whole step), 'regional' (the repeated blocks) or False, got "
                              f"{self.compile!r}")
+        if self.compile != "regional":
+            self.compile = bool(self.compile)
         self.progress = bool(self.progress)
         self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps)
         self._check_whitening()

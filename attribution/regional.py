@@ -73,7 +73,8 @@ class RegionalCompile:
         if len(blocks) < MIN_BLOCKS:
             raise ValueError(f"regional compilation needs at least {MIN_BLOCKS} repeated blocks, got {len(blocks)}")
         self.model, self.blocks, self.name = model, list(blocks), name
-        self.compiled: Callable | None = torch.compile(own_code_copy(_call_block), dynamic=True)
+        # fullgraph: a block that cannot be one graph runs eagerly (with a warning), so "compiled" means compiled
+        self.compiled: Callable | None = torch.compile(own_code_copy(_call_block), dynamic=True, fullgraph=True)
         self.stats = {"compiled": False, "graph_breaks": None, "compile_seconds": 0.0, "graphs": 0, "fallback": None,
                       "blocks": len(self.blocks)}
 
@@ -86,7 +87,7 @@ class RegionalCompile:
             for dim in variable_dims(t):
                 _compat.maybe_mark_dynamic(t, dim)
         try:
-            with _compat.dynamic_module_attributes():
+            with _compat.regional_compile_config():
                 out = self.compiled(block, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a compiler failure: eager decides whether it is the caller's
             out = block._call_impl(*args, **kwargs)  # raises the caller's own errors eagerly

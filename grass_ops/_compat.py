@@ -35,14 +35,15 @@ def maybe_mark_dynamic(t: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def dynamic_module_attributes():
-    """A context in which Dynamo gives tensors held as attributes of nn.Modules symbolic shapes, as it gives
-    inputs (by default it makes them static, like buffers). attribution.regional reads each layer's sketch z
-    [B, k] from its module; a static B would recompile the block for every batch size. No public switch."""
+def regional_compile_config():
+    """A context in which Dynamo (1) gives tensors held as attributes of nn.Modules symbolic shapes, as it gives
+    inputs (by default it makes them static, like buffers): attribution.regional reads each layer's sketch z [B, k]
+    from its module, and a static B would recompile the block for every batch size; (2) raises when a function hits
+    its recompile limit, instead of running it eagerly with only a log line, so the caller can say so. No public
+    switch for either."""
     config = torch._dynamo.config
-    if not hasattr(config, "force_nn_module_property_static_shapes"):
-        return config.patch()
-    return config.patch(force_nn_module_property_static_shapes=False)
+    wanted = {"force_nn_module_property_static_shapes": False, "fail_on_recompile_limit_hit": True}
+    return config.patch(**{key: value for key, value in wanted.items() if hasattr(config, key)})
 
 
 def compile_seconds() -> float:

@@ -77,20 +77,19 @@ class FusedRecorder:
               for n in c.layers}
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.capture.hooks())
-        self.capture.taps = {n: (c.taps[n], zs[n]) for n in c.layers}
-        self.capture.calls, self.capture.rows = {}, rows
+        self.capture.arm(c.taps, zs, rows)
         return FusedMicroBatch(zs, rows, torch.is_autocast_enabled(c.device.type))
 
     def end_interrupted(self) -> None:
         """Remove the taps of a forward that raised."""
-        self.capture.taps, self.capture.calls, self.capture.rows = None, {}, None
+        self.capture.disarm()
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
 
     def end(self, entry: FusedMicroBatch, batch: dict, kwargs: dict, output) -> None:
         """Called after that forward: removes the taps, checks the model's loss, and hooks its gradient."""
-        called = set(self.capture.calls)
+        called = set(self.capture.called_layers())
         self.end_interrupted()
         missing = [n for n in self.compress.layers if n not in called]
         loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")

@@ -246,7 +246,7 @@ class GradientCacheCallback(TrainerCallback):
         """Remove the model hooks and any taps left on (idempotent)."""
         self._remove_hooks()
         self._open, self._pending, self._active = None, [], False
-        if self._recorder is not None and self._recorder.capture.taps is not None:
+        if self._recorder is not None and self._recorder.capture.armed:
             self._recorder.end_interrupted()
 
     @contextlib.contextmanager

@@ -161,3 +161,18 @@ def test_second_moments_of_a_padded_llm_batch_equal_the_sums_over_the_factors(ti
     for n in infos:
         for got, want in zip(moments[n], reference[n]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_square_sums_match_float64_and_leave_their_input_alone(dtype):
+    """The energy moments' per-sample sums over tokens of t**2 ([B, T, d] -> [B, d] float64), computed without a
+    float64 copy for float32 / bfloat16 t: within float32 rounding of the float64 sums; t itself unchanged."""
+    from attribution.gradients import _square_sums
+    torch.manual_seed(0)
+    t = (torch.randn(3, 37, 11) * torch.logspace(-3, 3, 11)).to(dtype)
+    before = t.clone()
+    sums = _square_sums(t)
+    assert sums.dtype == torch.float64 and sums.shape == (3, 11)
+    torch.testing.assert_close(sums, t.double().square().sum(1), rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+    assert torch.equal(t, before)
+    torch.testing.assert_close(_square_sums(t[:, 0]), t[:, 0].double().square(), rtol=1e-6, atol=0)  # [B, d]: T = 1

@@ -76,7 +76,8 @@ def test_cache_compiles_the_repeated_blocks_when_asked(tiny_llama, tmp_path, cor
     eager = tmp_path / "eager"
     cli.run(_cache_args(eager, tiny_llama, corpus, "--autocast", "none"))
     store = tmp_path / "store"
-    args = [*_cache_args(store, tiny_llama, corpus, "--autocast", "none")[:-1], "--compile", "regional"]
+    args = [a for a in _cache_args(store, tiny_llama, corpus, "--autocast", "none") if a != "--no-compile"]
+    args += ["--compile", "regional"]
     summary = cli.run(args)
     assert summary["compile"] == "regional" and summary["compiled"] is True and summary["compile_fallback"] is None
     assert summary["compile_seconds"] > 0 and summary["seconds"]["compile"] == summary["compile_seconds"]
@@ -214,7 +215,7 @@ def test_flag_values_are_checked_on_the_command_line_and_in_config_files(tiny_ll
         assert not store.exists() or not (store / "cli.json").exists()  # refused before anything is written
     config = tmp_path / "config.json"
     minimal = ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus)]
-    for values, match in (({"compile": "sometimes"}, r"compile must be one of \['auto', 'on', 'off'\]"),
+    for values, match in (({"compile": "sometimes"}, r"compile must be one of \['auto', 'on', 'off', 'regional'\]"),
                           ({"limit": 1.5}, None),
                           ({"layers": [1]}, r"--layers patterns \['1'\] match no module"),
                           ({"batch_size": [2]}, "batch_size must be a single value"), ({"bogus": 1}, "unknown keys")):
@@ -410,7 +411,7 @@ def test_the_mask_pass_runs_under_the_cache_autocast_and_older_mask_records_stay
     assert not _same_masks(older, {**record, "k": record["k"] + 1})
     plain = tmp_path / "plain"
     cli.run(_cache_args(plain, tiny_llama, corpus, "--autocast", "none", "--limit", "2", "--mask-documents", "2"))
-    assert "autocast" not in json.loads((plain / "masks" / "masks.json").read_text())  # as before the change
+    assert json.loads((plain / "masks" / "masks.json").read_text())["autocast"] == "none"
 
 
 def test_index_without_faiss_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):

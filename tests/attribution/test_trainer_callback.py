@@ -164,7 +164,7 @@ def test_a_training_forward_that_raises_takes_the_taps_off_and_leaves_the_store_
     with pytest.raises(RuntimeError, match="simulated"):
         train(str(tmp_path / "o1"), [first, Arm()], max_steps=3, model=model)
     handle.remove()
-    assert first.attributor.gradients.compress.capture.taps is None
+    assert not first.attributor.gradients.compress.capture.armed
     assert not any(m._forward_hooks for m in model.model.layers.modules())  # the capture's layer hooks are gone
     again = GradientCacheCallback(tmp_path / "store", **OPTIONS)  # the store is not locked
     train(str(tmp_path / "o2"), [again], max_steps=1, model=tiny_model())  # step 1 again: shard 0 read back

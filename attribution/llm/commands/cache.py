@@ -65,8 +65,7 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
     scales = _normalized_coordinates(model, config, layers)
     if scales is not None:  # masks chosen in the normalized coordinates: redone for another optimizer state
         wanted["optimizer_state"] = scales[1]
-    if config.autocast != "none":  # the pass runs under the cache's autocast
-        wanted["autocast"] = config.autocast
+    wanted["autocast"] = config.autocast  # the pass runs under the cache's autocast
     if record.is_file() and _same_masks(read_json(record, "mask record"), wanted):
         return
     batches, _ = llm.document_batches(tokenizer, [docs[i] for i in sample], config.batch_size, config.max_length,
@@ -82,7 +81,8 @@ def _masks(config: CacheConfig, store: Path, model, tokenizer, docs: list[dict],
 
 def _same_masks(record: dict, wanted: dict) -> bool:
     """Whether a store's mask record is the one ``wanted``. A record without "autocast" was written before the
-    mask pass ran under the cache's autocast (float32): its masks stay, so a store resumes or grows with them."""
+    mask pass ran under the cache's autocast (in float32, whatever --autocast was): its masks stay, so an older store
+    resumes or grows with them. Newer records always name it ("none" too)."""
     if "autocast" not in record:
         wanted = {key: value for key, value in wanted.items() if key != "autocast"}
     return record == wanted
@@ -242,7 +242,8 @@ def run(args, loaded=None):
     with timed_phase(phases, "attributor"):  # the weights' fingerprint included
         attr = collectively(lambda: attributor(model, config, store, compile=compile))  # validates the configuration
     if compile and (added or config_before is None) and main_rank():  # new documents to compute
-        print("grass-attribute: the first batch compiles the cache step (once; minutes on a CPU)", file=sys.stderr)
+        what = "the decoder block (once; seconds to a minute" if compile == "regional" else "the cache step (once; minutes"
+        print(f"grass-attribute: the first batch compiles {what} on a CPU)", file=sys.stderr)
     grows = config_before is not None and (bool(added) or config_before != config)
 
     def record():  # rank 0 writes; the others wait for it
