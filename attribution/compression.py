@@ -346,12 +346,11 @@ class BatchCompressor:
 
     def _regional(self, compile) -> RegionalCompile | None:
         """compile="regional": the repeated blocks compiled (attribution.regional), where the step allows it: target
-        layers only, in-backward compression, not sharded. Elsewhere the whole step is compiled, with a warning."""
-        if compile != "regional":
-            return None
+        layers only, in-backward compression. A sharded or MoE model runs eagerly; elsewhere the whole step is
+        compiled, with a warning."""
+        if compile != "regional" or self.sharded or self.capture.experts:
+            return None  # (a sharded or MoE model: eager, the whole step is not compiled either)
         blocks = repeated_blocks(self.model, self.layers) if self.layers else []
-        if self.sharded or self.capture.experts:
-            return None  # eager (the whole step is not compiled either)
         why = ("other-parameter blocks (params=) are taken with torch.func" if self.params else
                "the factors' path (K-FAC statistics)" if self.return_factors else
                f"no {MIN_BLOCKS} repeated blocks hold target layers" if not blocks else None)
