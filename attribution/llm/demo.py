@@ -3,8 +3,9 @@
 1. Twenty invented facts are planted in the Python-docs corpus (attribution.evaluation.facts), and the model is
    briefly fine-tuned on that corpus (seeded, CPU; the weights are kept in ``out/model`` and reused).
 2. The corpus is cached with the CLI's default configuration (the real pipeline: store, resume,
-   checksums), and each fact is asked with a paraphrased question; the model's own answer is the
-   completion whose training documents we look for.
+   checksums) at two checkpoints, the untuned and the fine-tuned model (TracIn-CP), and each fact is asked
+   with a paraphrased question; the model's own answer is the completion whose training documents we look
+   for, scored with a curvature that mixes the questions' FIM into the training one (TrackStar).
 3. The default method's top documents per question are reported (report.md / .html / .json), with
    recall@1, recall@5 and MRR of each fact's source document, beside the other compressors and
    scorings, a lexical BM25 baseline, the untuned model and both checkpoints together, and a plot of recall per
@@ -29,7 +30,7 @@ from ..evaluation.fidelity import Method, measure, scores
 from ..layers import find_layers
 from .commands import cache
 from .commands.attribute import attribute_queries
-from .commands.common import check_out, load_store
+from .commands.common import CLIError, check_out, load_store
 from .report import write_reports
 
 
@@ -384,6 +385,9 @@ def run(args) -> list[dict]:
     question, and measure whether attribution finds each answer's source document. ``args``: the demo's
     parsed flags. Returns the evaluation rows (the default method first)."""
     check_out(args)
+    if args.per_token and args.task_weight > 0:
+        raise CLIError("--per-token adds each answer token's row to the questions whose curvature --task-weight "
+                       f"{args.task_weight:g} mixes in: give --task-weight 0 (the training FIM alone) with --per-token")
     limit_primitive_cache()  # before the first matmul: one oneDNN primitive per batch shape no longer piles up
     start = time.perf_counter()
     out = Path(args.out)
@@ -401,18 +405,25 @@ def run(args) -> list[dict]:
     summary = cache.run(args, (model, tokenizer))
     release_freed_memory()
     store, config, docs = load_store(args.store)
+    mixed = {"preconditioner": "mixed", "task_weight": args.task_weight} if args.task_weight > 0 else {}
     results, score_matrix = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, args.per_token,
-                                              normalize=args.normalize)
-    _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=not args.normalize)
-    ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
+                                              normalize=args.normalize, **mixed)
     scoring = {True: "IF on unit-normalized gradients", False: "raw IF"}
+    if mixed:  # the same store and scoring with the training FIM alone: what the questions' curvature adds
+        _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=args.normalize)
+        other_label = f"the same store, {scoring[args.normalize]}, the training FIM alone (task weight 0)"
+    else:
+        _, other = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, normalize=not args.normalize)
+        other_label = f"the same store, {scoring[not args.normalize]}"
+    ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
     lexical = bm25(queries, docs)
     rows = [evaluated(f"default: {config.compressor}, {config.masks} masks, k={config.k}, {scoring[args.normalize]}"
                       + (", optimizer-normalized" if config.optimizer_state else "")
-                      + ("" if args.checkpoints == "tuned" else f", {CHECKPOINT_LABELS[args.checkpoints]}"),
+                      + ("" if args.checkpoints == "tuned" else f", {CHECKPOINT_LABELS[args.checkpoints]}")
+                      + (f", mixed curvature (task weight {args.task_weight:g})" if mixed else ""),
                       score_matrix, ids, targets,
                       row="default"),
-            evaluated(f"the same store, {scoring[not args.normalize]}", other, ids, targets, row="store"),
+            evaluated(other_label, other, ids, targets, row="store"),
             evaluated(f"two-stage: BM25's top {TWO_STAGE_CANDIDATES} re-ranked by the default's score",
                       two_stage(score_matrix, lexical, TWO_STAGE_CANDIDATES), ids, targets, row="two-stage")]
     for result, rank in zip(results, rows[0]["ranks"]):
@@ -450,6 +461,7 @@ def run(args) -> list[dict]:
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
             "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
             "optimizer_state": config.optimizer_state is not None, "checkpoints": args.checkpoints,
+            "preconditioner": "mixed" if mixed else "fim", "task_weight": args.task_weight,
             "finetune_seconds": tuned["seconds"],
             "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}

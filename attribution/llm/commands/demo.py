@@ -6,6 +6,8 @@ import argparse
 from . import flags as f
 from .cache import CONFIG_FLAGS, DEFAULTS
 
+DEMO_TASK_WEIGHT = 0.5  # equal shares of the training and the questions' curvature: chosen before measuring, not fitted
+
 # the cache flags the demo takes; its model and corpus are its own (the fine-tuned model, the facts' corpus)
 CACHED = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping",
           "seed", "layers", "limit", "masks", "mask_documents"}
@@ -35,7 +37,12 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
            dest="use_optimizer_state"),
     f.Flag("--checkpoints", "whose gradients the default caches and scores: the fine-tuned model, the untuned base model "
                             "(saved once as <out>/base_model), or both (TracIn-CP, equal weights; `cache --checkpoint`); "
-                            "another choice needs another --store", default="tuned", choices=["tuned", "base", "both"]),
+                            "another choice needs another --store (default: both: the untuned model keeps large gradients on "
+                            "the facts that the tuned one has learned; BENCHMARKS.md)", default="both", choices=["tuned", "base", "both"]),
+    f.Flag("--task-weight", "the default's curvature: (1 - w) F_train + w F_questions per block, the questions' share w in "
+                            "[0, 1), so directions every question shares (the question template) weigh less (TrackStar's "
+                            "mixed Hessian; `attribute --preconditioner mixed --task-weight W`); 0: the training FIM alone "
+                            "(default: 0.5, equal shares)", default=DEMO_TASK_WEIGHT, type=f.task_weight),
     f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
