@@ -227,8 +227,10 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     """TrackStar's tail-patch for each row with a "ranking" (top documents per query), and its two reference
     rows: k documents drawn at random (seeded by ``seed`` and the question's index) and the true source alone
     (k = 1). Each row gains tail_patch@k (mean over the questions, nats) and tail_patch@k_se for
-    k in facts.TAIL_PATCH_KS; returns the two reference rows. One step from the fine-tuned ``model`` with
-    ``optimizer``'s class, state and learning rate, on the question's own completion (the answer attributed)."""
+    k in facts.TAIL_PATCH_KS, the same over the questions answered right (tail_patch@k_answered, _answered_se) and
+    the per-question values (tail_patch_per_query: {str(k): [nats per question]}); returns the two reference rows.
+    One step from the fine-tuned ``model`` with ``optimizer``'s class, state and learning rate, on the question's own
+    completion (the answer attributed)."""
     from tqdm import tqdm
 
     random_row = {"method": f"reference: k documents at random (seeded, seed {seed})", "scoring": "random"}
@@ -249,11 +251,17 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
         per_row[id(random_row)].append(patches["random"])
         source.append(patches["source"])
         release_freed_memory()  # each question's gradients and stepped copies, freed, leave the resident set
-    for row in [*patched, random_row]:
-        for k, summary in facts.tail_patch_summary(per_row[id(row)]).items():
+    per_row[id(source_row)] = source
+    answered = [i for i, q in enumerate(queries) if q.get("correct")]
+    for row in [*patched, random_row, source_row]:
+        per_query = per_row[id(row)]
+        for k, summary in facts.tail_patch_summary(per_query).items():
             row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
-    summary = facts.tail_patch_summary(source)[1]
-    source_row["tail_patch@1"], source_row["tail_patch@1_se"] = summary["mean"], summary["se"]
+        # over the questions the model answers right: where the answer is the planted fact, so the documents that
+        # state it should raise it (a wrong answer's true source can push it down by nats and sway the mean)
+        for k, summary in (facts.tail_patch_summary([per_query[i] for i in answered]).items() if answered else ()):
+            row[f"tail_patch@{k}_answered"], row[f"tail_patch@{k}_answered_se"] = summary["mean"], summary["se"]
+        row["tail_patch_per_query"] = {str(k): [values[k] for values in per_query] for k in per_query[0]}
     return [random_row, source_row]
 
 
@@ -339,6 +347,12 @@ def notes(rows: list[dict]) -> list[str]:
             f"standard error. At k = 5: {listed}."
             + (f" The true source alone (k = 1) gives {source['tail_patch@1']:+.2f} ± {source['tail_patch@1_se']:.2f}."
                if source is not None else "")
+            + (" Over the questions answered right alone, at k = 5: " + "; ".join(
+                f"{r['method']}: {r['tail_patch@5_answered']:+.2f} ± {r['tail_patch@5_answered_se']:.2f}" for r in patched
+                if r.get("tail_patch@5_answered") is not None) + ". A wrong answer's true source can push that answer "
+               "down by nats (training on the fact makes the wrong answer less likely), so a method that finds the "
+               "source of a wrongly answered question loses tail-patch there while it gains MRR."
+               if default.get("tail_patch@5_answered") is not None else "")
             + " A method whose top documents raise the answer more than the documents that state the fact has found "
             "what the model's answer depends on, not only where the words match.")
     # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
@@ -465,7 +479,7 @@ def run(args) -> list[dict]:
             "finetune_seconds": tuned["seconds"],
             "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
-    internal = ("ranks", "ranking", "row")
+    internal = ("ranks", "ranking", "row", "tail_patch_per_query")  # kept in facts.json, not in the reports' table
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}
                                                                for r in rows], plot=figure, notes=notes(rows))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))

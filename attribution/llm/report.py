@@ -30,6 +30,10 @@ METRICS = (
                                              f"on the method's top {k} document{'s' if k > 1 else ''}, at the fine-tuning's "
                                              "learning rate and optimizer state; ± its standard error")
       for k in (1, 5, 10)),
+    *((f"tail_patch@{k}_answered", f"tail-patch@{k} (answered right)", f"tail-patch@{k} over only the questions the "
+                                                                      "model answered correctly (a wrong answer's true "
+                                                                      "source can push that answer down by nats)")
+      for k in (5, 10)),
 )
 
 # Readable labels of the report's configuration (meta) keys; other keys keep their name.

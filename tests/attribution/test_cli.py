@@ -467,3 +467,18 @@ def test_the_damping_flag_takes_a_number_or_a_factor_of_the_mean_and_records_it(
     with pytest.raises(SystemExit):
         cli.run(_cache_args(store, tiny_llama, corpus, "--damping", "0.1*median"))
     assert "--damping: must be a number >= 0 or '<factor>*mean'" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_per_token_rows_in_its_mixed_curvature_and_a_task_weight_outside_0_1(tmp_path, capsys):
+    """Refused before anything is loaded: --per-token would join the questions whose curvature the default mixes in,
+    and a task weight of 1 (or more) would drop the training curvature."""
+    out = ["demo", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
+    assert cli.build_parser().parse_args(["demo"]).task_weight == 0.5
+    assert cli.build_parser().parse_args(["demo"]).checkpoints == "both"
+    assert cli.main([*out, "--per-token"]) == 2
+    assert "--per-token adds each answer token's row" in capsys.readouterr().err
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            cli.main([*out, "--task-weight", bad])
+        assert "--task-weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()

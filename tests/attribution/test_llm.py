@@ -117,18 +117,28 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     assert {k: again[k] for k in ("method", "ranks", "mrr")} == {k: rows[0][k] for k in ("method", "ranks", "mrr")}
     assert "tail_patch@5" not in again
     assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
-    # --checkpoints both: the default caches and scores the untuned and the tuned model (TracIn-CP) in a store of its own
-    other = [str(tmp_path / "store_both") if flag == str(tmp_path / "store") else flag for flag in flags]
-    both = cli.run([*other, "--checkpoints", "both", "--no-compare", "--tail-patch", "none"])[0]
-    assert "TracIn-CP" in both["method"] and 0 < both["mrr"] <= 1 and len(both["ranks"]) == 20
-    recorded = recorded_checkpoints(tmp_path / "store_both")
+    # the default (--checkpoints both): the untuned and the tuned model cached (TracIn-CP), scored with the mixed curvature
+    assert "TracIn-CP" in names[0] and "mixed curvature (task weight 0.5)" in names[0]
+    assert "the training FIM alone" in names[1]
+    recorded = recorded_checkpoints(tmp_path / "store")
     assert [Path(c["path"]).name for c in recorded] == ["base_model", "model"]
     assert recorded[0]["fingerprint"] != recorded[1]["fingerprint"]  # the untuned weights, not the tuned ones again
-    assert json.loads((tmp_path / "facts.json").read_text())["meta"]["checkpoints"] == "both"
-    assert not (tmp_path / "base_model.tmp").exists() and (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
+    meta = facts_record["meta"]
+    assert (meta["checkpoints"], meta["preconditioner"], meta["task_weight"]) == ("both", "mixed", 0.5)
+    assert not (tmp_path / "base_model.tmp").exists()
+    # --checkpoints tuned --task-weight 0: the tuned model alone with the training FIM, in a store of its own
+    other = [str(tmp_path / "store_tuned") if flag == str(tmp_path / "store") else flag for flag in flags]
+    tuned = cli.run([*other, "--checkpoints", "tuned", "--task-weight", "0", "--no-compare", "--tail-patch", "none"])
+    assert "TracIn-CP" not in tuned[0]["method"] and "mixed" not in tuned[0]["method"] and 0 < tuned[0]["mrr"] <= 1
+    assert tuned[1]["method"].startswith("the same store, IF on unit-normalized")  # task weight 0: the other scoring
+    meta = json.loads((tmp_path / "facts.json").read_text())["meta"]
+    assert (meta["checkpoints"], meta["preconditioner"], meta["task_weight"]) == ("tuned", "fim", 0.0)
+    assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
     capsys.readouterr()
-    assert cli.main([*other, "--no-compare", "--tail-patch", "none"]) == 2  # the tuned model alone: another store
+    assert cli.main([*other, "--no-compare", "--tail-patch", "none"]) == 2  # both checkpoints: another store
     assert "was cached with other flags (--checkpoint cached" in capsys.readouterr().err
+    assert cli.main([*flags, "--per-token", "--no-compare", "--tail-patch", "none"]) == 2
+    assert "--per-token adds each answer token's row" in capsys.readouterr().err
     base_weights = (tmp_path / "base_model" / "model.safetensors").stat().st_mtime_ns
     base = cli.run([*[str(tmp_path / "store_base") if f == str(tmp_path / "store") else f for f in flags],
                     "--checkpoints", "base", "--no-compare", "--tail-patch", "none"])[0]

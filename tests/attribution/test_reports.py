@@ -199,3 +199,15 @@ def test_the_console_table_keeps_whole_method_names():
     for row in ROWS:
         assert row["method"] in table
     assert len({len(line) for line in table.splitlines()[1:]}) == 1  # aligned columns
+
+
+def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_them():
+    patch = {"tail_patch@5": -1.5, "tail_patch@5_se": 1.9}
+    default = {"method": "default", "mrr": 0.8, **patch}
+    bm25 = {"method": "BM25", "scoring": "bm25", "mrr": 0.97, **patch}
+    text = " ".join(demo.notes([default, bm25]))
+    assert "At k = 5: default: -1.50 ± 1.90; BM25: -1.50 ± 1.90." in text and "answered right alone" not in text
+    answered = {"tail_patch@5_answered": 0.24, "tail_patch@5_answered_se": 0.06}
+    text = " ".join(demo.notes([{**default, **answered}, {**bm25, "tail_patch@5_answered": 0.06,
+                                                          "tail_patch@5_answered_se": 0.04}]))
+    assert "Over the questions answered right alone, at k = 5: default: +0.24 ± 0.06; BM25: +0.06 ± 0.04." in text

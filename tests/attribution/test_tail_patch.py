@@ -282,3 +282,35 @@ def test_a_stepped_evaluation_with_a_gradient_is_refused(tiny):
         with optimizer_step.stepped_in_forward(model, None, grads, 0.1):
             facts.llm.sequence_loss(model, batch)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # restored
+
+
+def test_the_demo_rows_summarize_all_questions_the_answered_ones_and_keep_each_value(tiny, monkeypatch):
+    """demo.tail_patch_rows: every row's mean and standard error over all questions and over those answered right, and
+    its per-question values, each equal to facts.tail_patch_summary of the values the step returned for them."""
+    from attribution.llm import demo
+
+    model, tok = tiny
+    queries = [{**QUERY, "id": f"q{i}", "target": "answer", "correct": i % 2 == 0} for i in range(5)]
+    value = {"row 0": 0.5, "random": -0.25, "source": -3.0}
+
+    def stepped(model, optimizer, corpus, query, rankings, *, ks, **kwargs):  # a known value per (ranking, question, k)
+        i = int(query["id"][1:])
+        return {name: {k: value[name] * (i + 1) ** 2 + k for k in ks[name]} for name in rankings}
+
+    monkeypatch.setattr(facts, "tail_patch_rankings", stepped)
+    row = {"method": "m", "ranking": [["answer", "other"]] * 5}
+    random_row, source_row = demo.tail_patch_rows(model, None, tok, CORPUS, queries, [row], seed=0, max_length=16,
+                                                  progress=False)
+    for got, name, ks in ((row, "row 0", facts.TAIL_PATCH_KS), (random_row, "random", facts.TAIL_PATCH_KS),
+                          (source_row, "source", (1,))):
+        per_query = [{k: value[name] * (i + 1) ** 2 + k for k in ks} for i in range(5)]
+        every, answered = facts.tail_patch_summary(per_query), facts.tail_patch_summary(per_query[::2])
+        for k in ks:
+            assert (got[f"tail_patch@{k}"], got[f"tail_patch@{k}_se"]) == (every[k]["mean"], every[k]["se"])
+            assert got[f"tail_patch@{k}_answered"] == answered[k]["mean"] != every[k]["mean"]
+            assert got[f"tail_patch@{k}_answered_se"] == answered[k]["se"]
+            assert got["tail_patch_per_query"][str(k)] == [v[k] for v in per_query]
+    none_right = [{**q, "correct": False} for q in queries]
+    row = {"method": "m", "ranking": [["answer", "other"]] * 5}
+    demo.tail_patch_rows(model, None, tok, CORPUS, none_right, [row], seed=0, max_length=16, progress=False)
+    assert "tail_patch@5" in row and "tail_patch@5_answered" not in row  # no question answered right: no such mean
