@@ -99,6 +99,22 @@ CHECKPOINTS = {"tuned": ("model",), "base": ("base",), "both": ("base", "model")
 CHECKPOINT_LABELS = {"base": "the untuned model's gradients", "both": "tuned + untuned checkpoints (TracIn-CP)"}
 
 
+def check_store_checkpoints(store: Path, choice: str) -> None:
+    """A usage error, before anything is loaded, where ``store`` was cached by the demo for another --checkpoints
+    choice (the default changed from tuned to both: an older store names the flags that reuse it)."""
+    record = store / "cli.json"
+    if not record.is_file():
+        return
+    cached = json.loads(record.read_text()).get("flags", {}).get("checkpoint")
+    names = ("model",) if cached is None else tuple("model" if c == "model" else "base" if Path(c).name == "base_model"
+                                                    else c for c in cached)
+    cached_choice = next((name for name, checkpoints in CHECKPOINTS.items() if checkpoints == names), None)
+    if cached_choice is not None and cached_choice != choice:
+        raise CLIError(f"--store {store} was cached with --checkpoints {cached_choice} (the default is now both): give "
+                       f"--checkpoints {cached_choice}" + (" --task-weight 0 for the old default's scoring" if
+                                                            cached_choice == "tuned" else "") + ", or another --store")
+
+
 def load_optimizer(out: Path, model, first_moment: bool = True):
     """The fine-tuning's AdamW with its state as saved under ``out`` (``optimizer.pt``), on ``model``'s parameters;
     ``first_moment=False`` drops Adam's ``exp_avg`` (a copy of the parameters' size), which a tail-patch step
@@ -227,7 +243,7 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     """TrackStar's tail-patch for each row with a "ranking" (top documents per query), and its two reference
     rows: k documents drawn at random (seeded by ``seed`` and the question's index) and the true source alone
     (k = 1). Each row gains tail_patch@k (mean over the questions, nats) and tail_patch@k_se for
-    k in facts.TAIL_PATCH_KS, the same over the questions answered right (tail_patch@k_answered, _answered_se) and
+    k in facts.TAIL_PATCH_KS, the same over the questions answered right where there are two or more (tail_patch@k_answered, _answered_se), and
     the per-question values (tail_patch_per_query: {str(k): [nats per question]}); returns the two reference rows.
     One step from the fine-tuned ``model`` with ``optimizer``'s class, state and learning rate, on the question's own
     completion (the answer attributed)."""
@@ -259,7 +275,8 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
             row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
         # over the questions the model answers right: where the answer is the planted fact, so the documents that
         # state it should raise it (a wrong answer's true source can push it down by nats and sway the mean)
-        for k, summary in (facts.tail_patch_summary([per_query[i] for i in answered]).items() if answered else ()):
+        for k, summary in (facts.tail_patch_summary([per_query[i] for i in answered]).items() if len(answered) > 1
+                           else ()):  # a mean with a standard error: two questions at least
             row[f"tail_patch@{k}_answered"], row[f"tail_patch@{k}_answered_se"] = summary["mean"], summary["se"]
         row["tail_patch_per_query"] = {str(k): [values[k] for values in per_query] for k in per_query[0]}
     return [random_row, source_row]
@@ -402,6 +419,7 @@ def run(args) -> list[dict]:
     if args.per_token and args.task_weight > 0:
         raise CLIError("--per-token adds each answer token's row to the questions whose curvature --task-weight "
                        f"{args.task_weight:g} mixes in: give --task-weight 0 (the training FIM alone) with --per-token")
+    check_store_checkpoints(Path(args.store), args.checkpoints)
     limit_primitive_cache()  # before the first matmul: one oneDNN primitive per batch shape no longer piles up
     start = time.perf_counter()
     out = Path(args.out)

@@ -33,7 +33,7 @@ METRICS = (
     *((f"tail_patch@{k}_answered", f"tail-patch@{k} (answered right)", f"tail-patch@{k} over only the questions the "
                                                                       "model answered correctly (a wrong answer's true "
                                                                       "source can push that answer down by nats)")
-      for k in (5, 10)),
+      for k in (1, 5, 10)),
 )
 
 # Readable labels of the report's configuration (meta) keys; other keys keep their name.

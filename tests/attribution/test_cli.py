@@ -482,3 +482,18 @@ def test_the_demo_refuses_per_token_rows_in_its_mixed_curvature_and_a_task_weigh
             cli.main([*out, "--task-weight", bad])
         assert "--task-weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def test_the_demo_names_the_checkpoints_choice_that_an_older_store_was_cached_with(tmp_path, capsys):
+    """A store of the old default (the tuned model alone: no --checkpoint recorded) or of another choice is refused
+    before anything is loaded, naming the --checkpoints that reuses it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for cached, choice, given in ((None, "tuned", []), ([str(tmp_path / "out" / "base_model")], "base", []),
+                                  ([str(tmp_path / "out" / "base_model"), "model"], "both", ["--checkpoints", "tuned"])):
+        (store / "cli.json").write_text(json.dumps({"flags": {"checkpoint": cached}, "corpus": {}}))
+        assert cli.main(["demo", "--out", str(tmp_path / "out"), "--store", str(store), *given]) == 2
+        err = capsys.readouterr().err
+        assert f"was cached with --checkpoints {choice} (the default is now both): give --checkpoints {choice}" in err
+        assert ("--task-weight 0" in err) == (choice == "tuned")
+    assert not (tmp_path / "out").exists()

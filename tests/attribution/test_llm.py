@@ -92,7 +92,7 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     retrieval = [r for r in rows if "mrr" in r]
     for r in retrieval:
         assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 < r["mrr"] <= 1 and len(r["ranks"]) == 20
-    # tail-patch (--tail-patch main): the store's two scorings, BM25, two-stage and the references, mean and s.e.
+    # tail-patch (--tail-patch main): the store's two rows, BM25, two-stage and the references, mean and s.e.
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
     assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 5
     assert all(np.isfinite(r[f"tail_patch@{k}"]) and r[f"tail_patch@{k}_se"] >= 0 for r in patched for k in (1, 5, 10))
@@ -111,6 +111,9 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     assert len(report["queries"]) == 20 and report["evaluation"][0]["method"] == names[0]
     assert (tmp_path / "recall.png").stat().st_size > 5_000 and "recall.png" in (tmp_path / "report.html").read_text()
     facts_record = json.loads((tmp_path / "facts.json").read_text())
+    kept = [r for r in facts_record["methods"] if r.get("tail_patch@5") is not None]  # each question's value kept
+    assert kept and all(len(r["tail_patch_per_query"]["5"]) == 20 for r in kept)
+    assert all("tail_patch_per_query" not in r for r in report["evaluation"])  # not in the reports' table
     assert len(facts_record["queries"]) == 20 and all(q["completion"].strip() for q in facts_record["queries"])
     mtime = (tmp_path / "model" / "config.json").stat().st_mtime_ns
     again = cli.run([*flags, "--tail-patch", "none"])[0]  # reuses the fine-tuned model and the store: the same figures
@@ -136,7 +139,8 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
     capsys.readouterr()
     assert cli.main([*other, "--no-compare", "--tail-patch", "none"]) == 2  # both checkpoints: another store
-    assert "was cached with other flags (--checkpoint cached" in capsys.readouterr().err
+    assert "was cached with --checkpoints tuned (the default is now both): give --checkpoints tuned --task-weight 0" in (
+        capsys.readouterr().err)
     assert cli.main([*flags, "--per-token", "--no-compare", "--tail-patch", "none"]) == 2
     assert "--per-token adds each answer token's row" in capsys.readouterr().err
     base_weights = (tmp_path / "base_model" / "model.safetensors").stat().st_mtime_ns

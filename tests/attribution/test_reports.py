@@ -211,3 +211,17 @@ def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_th
     text = " ".join(demo.notes([{**default, **answered}, {**bm25, "tail_patch@5_answered": 0.06,
                                                           "tail_patch@5_answered_se": 0.04}]))
     assert "Over the questions answered right alone, at k = 5: default: +0.24 ± 0.06; BM25: +0.06 ± 0.04." in text
+
+
+def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_them(tmp_path):
+    patched = {**EVALUATION[0], "tail_patch@5": -1.72, "tail_patch@5_se": 1.93, "tail_patch@5_answered": 0.24,
+               "tail_patch@5_answered_se": 0.06}
+    md = write_reports(tmp_path, _results(), _meta(documents=10), evaluation=[patched, EVALUATION[1]])["md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "tail-patch@5 (answered right)" in header and "tail-patch@10 (answered right)" not in header
+    row = next(line for line in md.splitlines() if line.startswith("| default"))
+    assert "-1.72 ± 1.93" in row and "0.24 ± 0.06" in row
+    bm25 = next(line for line in md.splitlines() if line.startswith("| BM25"))
+    assert bm25.count("–") == 3  # MRR answered, tail-patch@5 and its answered column: none for this row
+    plain = write_reports(tmp_path / "plain", _results(), _meta(documents=10), evaluation=EVALUATION)["md"].read_text()
+    assert "answered right)" not in plain.replace("MRR (answered right)", "")

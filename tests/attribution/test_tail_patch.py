@@ -310,7 +310,8 @@ def test_the_demo_rows_summarize_all_questions_the_answered_ones_and_keep_each_v
             assert got[f"tail_patch@{k}_answered"] == answered[k]["mean"] != every[k]["mean"]
             assert got[f"tail_patch@{k}_answered_se"] == answered[k]["se"]
             assert got["tail_patch_per_query"][str(k)] == [v[k] for v in per_query]
-    none_right = [{**q, "correct": False} for q in queries]
-    row = {"method": "m", "ranking": [["answer", "other"]] * 5}
-    demo.tail_patch_rows(model, None, tok, CORPUS, none_right, [row], seed=0, max_length=16, progress=False)
-    assert "tail_patch@5" in row and "tail_patch@5_answered" not in row  # no question answered right: no such mean
+    for right in (0, 1):  # a mean with its standard error needs two questions answered right
+        few = [{**q, "correct": i < right} for i, q in enumerate(queries)]
+        row = {"method": "m", "ranking": [["answer", "other"]] * 5}
+        demo.tail_patch_rows(model, None, tok, CORPUS, few, [row], seed=0, max_length=16, progress=False)
+        assert "tail_patch@5" in row and "tail_patch@5_answered" not in row

@@ -30,7 +30,8 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
     f.Flag("--out", "folder of the fine-tuned model, the reports and recall.png", default="out/llm"),
     f.Flag("--finetune-epochs", "epochs of the short fine-tune", default=6, type=f.positive_int),
     f.Flag("--top-k", "documents listed per question, top and bottom", default=5, type=f.positive_int),
-    f.Flag("--per-token", "also list each answer token's top documents", default=False, action="store_true"),
+    f.Flag("--per-token", "also list each answer token's top documents (with --task-weight 0: the token rows would "
+                            "join the questions' curvature)", default=False, action="store_true"),
     f.Flag("--optimizer-state", "divide every cached and query gradient by sqrt(v) + eps, v the fine-tuning's AdamW "
                                 "second moment (TrackStar; `cache --optimizer-state`; default: off, it traced the facts "
                                 "worse here, BENCHMARKS.md)", default=False, action=argparse.BooleanOptionalAction,
@@ -47,7 +48,7 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
     f.Flag("--tail-patch", "TrackStar's influence metric (one training step on each method's top 1, 5 and 10 documents): "
-                           "main (the default, the store's two scorings, BM25 and two-stage, with the random and "
+                           "main (the default, the store's other row, BM25 and two-stage, with the random and "
                            "true-source references), all (every row) or none", default="main",
            choices=["main", "all", "none"]),
     f.NORMALIZE,
