@@ -243,8 +243,9 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     """TrackStar's tail-patch for each row with a "ranking" (top documents per query), and its two reference
     rows: k documents drawn at random (seeded by ``seed`` and the question's index) and the true source alone
     (k = 1). Each row gains tail_patch@k (mean over the questions, nats) and tail_patch@k_se for
-    k in facts.TAIL_PATCH_KS, the same over the questions answered right where there are two or more (tail_patch@k_answered, _answered_se), and
-    the per-question values (tail_patch_per_query: {str(k): [nats per question]}); returns the two reference rows.
+    k in facts.TAIL_PATCH_KS, the same over the questions answered right where there are two or more
+    (tail_patch@k_answered, _answered_se), and the per-question values (tail_patch_per_query: {str(k): [nats per
+    question]}); returns the two reference rows.
     One step from the fine-tuned ``model`` with ``optimizer``'s class, state and learning rate, on the question's own
     completion (the answer attributed)."""
     from tqdm import tqdm
