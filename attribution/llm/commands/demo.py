@@ -30,8 +30,8 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
     f.Flag("--out", "folder of the fine-tuned model, the reports and recall.png", default="out/llm"),
     f.Flag("--finetune-epochs", "epochs of the short fine-tune", default=6, type=f.positive_int),
     f.Flag("--top-k", "documents listed per question, top and bottom", default=5, type=f.positive_int),
-    f.Flag("--per-token", "also list each answer token's top documents (with --task-weight 0: the token rows would "
-                            "join the questions' curvature)", default=False, action="store_true"),
+    f.Flag("--per-token", "also list each answer token's top documents (needs --task-weight 0: otherwise the token "
+                            "rows would join the questions' curvature)", default=False, action="store_true"),
     f.Flag("--optimizer-state", "divide every cached and query gradient by sqrt(v) + eps, v the fine-tuning's AdamW "
                                 "second moment (TrackStar; `cache --optimizer-state`; default: off, it traced the facts "
                                 "worse here, BENCHMARKS.md)", default=False, action=argparse.BooleanOptionalAction,
