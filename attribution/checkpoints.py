@@ -74,18 +74,64 @@ class Checkpoints:
         weights loaded; restores the model's own weights and training mode afterwards."""
         was_training = self.model.training
         swapped = any(s is not None for s in self.states)
-        original = {n: t.detach().clone() for n, t in self.model.state_dict().items()} if swapped else None
+        swap = (WeightSwap(self.model) if WeightSwap.fits(self.model) else WeightCopy(self.model)) if swapped else None
         self.model.eval()
 
         def indices():
             for c, state in enumerate(self.states):
-                if swapped:
-                    self.model.load_state_dict(original if state is None else self.state(c))
+                if swap is not None:
+                    swap.load(None if state is None else self.state(c))
                 yield c
 
         try:
             yield indices()
         finally:
-            if original is not None:
-                self.model.load_state_dict(original)
+            if swap is not None:
+                swap.restore()
             self.model.train(was_training)
+
+
+class WeightSwap:
+    """Checkpoints swapped into ``model`` by reference: each parameter's ``.data`` points at the checkpoint's
+    tensor (converted only where its dtype or device differs), the model's own parameter tensors are kept aside
+    untouched and put back at the end, bit for bit. No copy of the weights is made, so a checkpoint costs its own
+    tensors only (a copy-in kept the model's weights, a copy of them and the checkpoint being read: 3x the
+    weights). Buffers (small) are copied in and restored from a copy. For plain-tensor parameters that the state
+    dict names (``fits``); others (FSDP2's DTensors, custom state-dict hooks) use :class:`WeightCopy`."""
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        keys = set(model.state_dict())
+        return all(type(p.data) is Tensor and name in keys for name, p in model.named_parameters(remove_duplicate=False))
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = list(model.named_parameters(remove_duplicate=False))
+        self.own = [p.data for _, p in self.params]
+        names = {name for name, _ in self.params}
+        self.buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in names}
+
+    def load(self, state: dict | None) -> None:
+        """``state`` (checked by check_state) swapped in; None: the model's own weights."""
+        for (name, p), own in zip(self.params, self.own):
+            p.data = own if state is None else state[name].detach().to(device=own.device, dtype=own.dtype)
+        if self.buffers:
+            self.model.load_state_dict(self.buffers if state is None else {k: state[k] for k in self.buffers},
+                                       strict=False)
+
+    def restore(self) -> None:
+        self.load(None)
+
+
+class WeightCopy:
+    """Checkpoints copied into ``model`` (``load_state_dict``), its own weights kept as a copy and copied back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.original = {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+    def load(self, state: dict | None) -> None:
+        self.model.load_state_dict(self.original if state is None else state)
+
+    def restore(self) -> None:
+        self.load(None)

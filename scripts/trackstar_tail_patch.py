@@ -104,17 +104,19 @@ def main(argv=None) -> dict:
     row = demo.evaluated("Bergson trackstar (optimizer state, unit-normalized, mixed Hessian, 16x16 per module)",
                          scores, ids, targets, scoring="trackstar")
     optimizer = demo.load_optimizer(args.demo, model, first_moment=False)
-    patches = [facts.tail_patch_ranking(model, optimizer, corpus, q, ranking, tokenizer=tokenizer,
-                                        max_length=args.max_length, autocast=demo.finetune_autocast())
+    # each step evaluated on the model's answer and on the planted fact's true one, as the demo's rows are
+    patches = [facts.tail_patch_ranking(model, optimizer, corpus, [q, facts.true_answer(q)], ranking,
+                                        tokenizer=tokenizer, max_length=args.max_length,
+                                        autocast=demo.finetune_autocast())
                for q, ranking in zip(queries, row["ranking"])]
-    for k, summary in facts.tail_patch_summary(patches).items():
-        row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
-    keys = ("method", "recall@1", "recall@5", "mrr", "tail_patch@1", "tail_patch@1_se", "tail_patch@5",
-            "tail_patch@5_se", "tail_patch@10", "tail_patch@10_se")
+    demo.summarize_tail_patches(row, patches, queries)
+    keys = ("method", "recall@1", "recall@5", "mrr", *(f"tail_patch@{k}{suffix}{se}" for k in facts.TAIL_PATCH_KS
+                                                       for suffix in ("", "_answered", "_true") for se in ("", "_se")))
     ours = json.loads((args.demo / "facts.json").read_text())["methods"]
     out = {"trackstar": {k: row.get(k) for k in keys}, "trackstar_run": trackstar,
            "demo_rows": [{k: r.get(k) for k in keys} for r in ours if r.get("tail_patch@5") is not None],
-           "per_query_tail_patch": patches}
+           "per_query_tail_patch": row["tail_patch_per_query"],
+           "per_query_tail_patch_true": row["tail_patch_true_per_query"]}
     emit_json_report(out, args.json)
     return out
 

@@ -141,7 +141,7 @@ def finetune_optimizer(model, lr: float = 2e-4) -> torch.optim.AdamW:
 def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e-4, batch_size: int = 4,
              max_length: int = 128, seed: int = 0, corpus_per_epoch: int = 12, progress: bool = False,
              autocast: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None,
-             step_in_backward: bool = True) -> dict:
+             step_in_backward: bool = True, recompute_activations: bool = True) -> dict:
     """Briefly fine-tune ``model`` in place (``optimizer``, by default :func:`finetune_optimizer` at ``lr``, whose
     state the caller keeps when it passes one; float32 weights; matmuls in ``autocast`` precision when given):
     each epoch sees every fact document and ``corpus_per_epoch`` other documents of the corpus (a seeded
@@ -151,7 +151,13 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     (torch's Adam, AdamW, SGD) steps each parameter as soon as its gradient is complete in the backward, and
     that gradient is freed at once (:func:`_steps_in_backward`), so the model's gradients are never all held:
     the same weights and optimizer state bit for bit as ``zero_grad(); backward(); step()`` (tested), with a
-    copy of the parameters less at the peak. Other optimizers take the usual step."""
+    copy of the parameters less at the peak. Other optimizers take the usual step.
+
+    ``recompute_activations`` (the default), for a Hugging Face model that supports it: gradient checkpointing for
+    the training only (non-reentrant; turned off again after, unless it was on): each decoder layer's activations
+    are recomputed in the backward instead of held, the same weights bit for bit (tested) for one more forward. On
+    the main job (SmolLM2-135M, 4 documents of 128 tokens a step) the fine-tuning's peak RSS falls from 3.16 to
+    2.82 GiB for 11% more time (BENCHMARKS.md)."""
     import time
 
     from tqdm import tqdm
@@ -164,7 +170,8 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     in_backward = step_in_backward and _steps_each_parameter(optimizer)
     model.train()
     optimizer.zero_grad()
-    with _steps_in_backward(optimizer) if in_backward else contextlib.nullcontext(lambda: None) as new_backward:
+    with _steps_in_backward(optimizer) if in_backward else contextlib.nullcontext(lambda: None) as new_backward, \
+            _recomputed_activations(model, recompute_activations):
         for _ in range(epochs):
             pool = facts + [others[i] for i in torch.randperm(len(others), generator=g)[:corpus_per_epoch].tolist()]
             order = torch.randperm(len(pool), generator=g).tolist()
@@ -181,6 +188,24 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
                 losses.append(float(loss.detach()))
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - start, "loss": sum(losses[-10:]) / min(10, len(losses))}
+
+
+@contextlib.contextmanager
+def _recomputed_activations(model, on: bool):
+    """Inside the block, the Hugging Face ``model``'s gradient checkpointing (non-reentrant) is on when ``on`` and
+    the model supports it; its own setting is restored after. transformers 5 names it activation checkpointing."""
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    prefix = "activation" if renamed else "gradient"
+    supported = on and getattr(model, "supports_gradient_checkpointing", False) and hasattr(
+        model, f"{prefix}_checkpointing_enable")
+    was_on = bool(getattr(model, f"is_{prefix}_checkpointing", False))
+    if supported and not was_on:
+        getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    try:
+        yield
+    finally:
+        if supported and not was_on:
+            getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def _steps_each_parameter(optimizer) -> bool:
@@ -301,11 +326,29 @@ def _patch_query(query) -> dict:
 def answer_log_prob(model, tokenizer, query, max_length: int = 128) -> float:
     """log p(completion | prompt) of ``query`` under ``model`` (nats; the sum over the completion's tokens),
     without a gradient; the model's training mode is left as it is."""
-    query = _patch_query(query)
-    (batch,) = llm.query_batches(tokenizer, [query], 1, max_length, pad_multiple=1)
+    return answer_log_probs(model, tokenizer, [query], max_length)[0]
+
+
+def answer_log_probs(model, tokenizer, queries: list, max_length: int = 128) -> list[float]:
+    """:func:`answer_log_prob` of each of ``queries`` in one forward (one batch, padded to the right: each value
+    equals its own forward's up to float rounding), without a gradient."""
+    queries = [_patch_query(q) for q in queries]
+    (batch,) = llm.query_batches(tokenizer, queries, len(queries), max_length, pad_multiple=1)
     device = next(model.parameters()).device
     with torch.no_grad():
-        return -float(llm.chunked_sequence_loss(model, {key: value.to(device) for key, value in batch.items()})[0].double())
+        losses = llm.chunked_sequence_loss(model, {key: value.to(device) for key, value in batch.items()})
+    return [-float(loss) for loss in losses.double()]
+
+
+def true_answer(query: dict) -> dict:
+    """The demo's ``query`` (a fact's question, its "target" the fact's id) with the planted fact's own answer as
+    its completion (" " + Fact.answer), whatever the model answered: tail-patch on it is TrackStar's definition
+    (does a step on the documents raise the true answer), beside the model's own answer (what is attributed)."""
+    fact = next((f for f in FACTS if f.id == query.get("target")), None)
+    if fact is None:
+        raise ValueError(f"query {query.get('id')!r}: its target {query.get('target')!r} is not a planted fact's id")
+    return {"id": query.get("id", fact.id), "prompt": query["prompt"], "completion": " " + fact.answer,
+            "target": fact.id}
 
 
 def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,
@@ -341,7 +384,7 @@ def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = N
         if before is None:
             before = answer_log_prob(model, tokenizer, query, max_length)
         grads = _loss_gradients(model, tokenizer, docs, max_length, autocast, mean=True)
-        return _after_step(model, optimizer, grads, lr, tokenizer, query, max_length, momentum) - before
+        return _after_step(model, optimizer, grads, lr, tokenizer, [query], max_length, momentum)[0] - before
 
 
 def _check_step(model, optimizer, lr) -> None:
@@ -379,13 +422,14 @@ def _loss_gradients(model, tokenizer, docs: list[dict], max_length: int, autocas
     return {n: g for (n, _), g in zip(named, grads) if g is not None}
 
 
-def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, query, max_length: int,
-                momentum: bool, scale: float = 1.0) -> float:
-    """The answer's log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model is
-    not changed): each module's parameters are stepped in its own forward (:func:`stepped_in_forward`), so the
-    evaluation holds one module's stepped parameters, not a stepped copy of the model."""
+def _after_step(model, optimizer, grads: dict[str, Tensor], lr, tokenizer, queries: list[dict], max_length: int,
+                momentum: bool, scale: float = 1.0) -> list[float]:
+    """Each query's answer log-probability after one step of ``optimizer`` with ``grads`` times ``scale`` (the model
+    is not changed), in one forward: each module's parameters are stepped in its own forward
+    (:func:`stepped_in_forward`), so the evaluation holds one module's stepped parameters, not a stepped copy of
+    the model."""
     with stepped_in_forward(model, optimizer, grads, lr, momentum, scale):
-        return check_stepped_result(answer_log_prob(model, tokenizer, query, max_length))
+        return [check_stepped_result(v) for v in answer_log_probs(model, tokenizer, queries, max_length)]
 
 
 def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]:
@@ -398,7 +442,8 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
                        ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
                        autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float]:
     """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
-    (document ids of ``corpus``, best first, at least max(ks) of them) of one query."""
+    (document ids of ``corpus``, best first, at least max(ks) of them) of one query (a list of queries: each
+    value a list, one per query, as :func:`tail_patch_rankings`)."""
     return tail_patch_rankings(model, optimizer, corpus, query, {"ranked": ranked}, tokenizer=tokenizer, ks=ks, lr=lr,
                                max_length=max_length, autocast=autocast, momentum=momentum)["ranked"]
 
@@ -410,7 +455,10 @@ def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: d
     list of document ids of ``corpus``, best first, at least max(k) long). ``ks``: the ks of every ranking, or a
     dict {name: its ks}. A set of documents is stepped on once: a prefix with the same documents as one already
     measured (two-stage re-ranking BM25's top 10 has BM25's top-10 set; BM25's top 1 is often the source) reuses
-    its number, and a ranking's documents past its last new prefix get no backward."""
+    its number, and a ranking's documents past its last new prefix get no backward.
+
+    ``query`` may be a list of queries (e.g. the model's answer and the true one, :func:`true_answer`): each step is
+    then evaluated on all of them in one forward, and each value is a list, one per query in their order."""
     if not isinstance(rankings, dict) or not rankings:
         raise ValueError(f"rankings must be a non-empty dict {{name: ranked document ids}}, got {rankings!r:.80}")
     per_name = {name: _checked_ks(ks[name] if isinstance(ks, dict) else ks, name) for name in rankings}
@@ -421,17 +469,21 @@ def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: d
             raise ValueError(f"ranked holds ids that are not in the corpus: {unknown[:5]}")
         if len(ranked) < per_name[name][-1]:
             raise ValueError(f"ranked lists {len(ranked)} documents, fewer than k = {per_name[name][-1]}")
-    query = _patch_query(query)
+    several = isinstance(query, (list, tuple))
+    if several and not query:
+        raise ValueError("query: an empty list; give a query, or a list of queries evaluated after the same steps")
+    queries = [_patch_query(q) for q in (query if several else [query])]
     _check_step(model, optimizer, lr)
-    measured: dict[frozenset, float] = {}
+    measured: dict[frozenset, list[float]] = {}
     out = {}
     with _evaluation_mode(model):
-        before = answer_log_prob(model, tokenizer, query, max_length)
+        before = answer_log_probs(model, tokenizer, queries, max_length)
         for name, ranked in rankings.items():
             docs = [by_id[str(r)] for r in ranked[: per_name[name][-1]]]
-            out[name] = _prefix_tail_patches(model, optimizer, docs, query, per_name[name], measured, before=before,
-                                             tokenizer=tokenizer, lr=lr, max_length=max_length, autocast=autocast,
-                                             momentum=momentum)
+            patches = _prefix_tail_patches(model, optimizer, docs, queries, per_name[name], measured, before=before,
+                                           tokenizer=tokenizer, lr=lr, max_length=max_length, autocast=autocast,
+                                           momentum=momentum)
+            out[name] = patches if several else {k: values[0] for k, values in patches.items()}
     return out
 
 
@@ -443,16 +495,18 @@ def _checked_ks(ks, name: str) -> list[int]:
     return ks
 
 
-def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int], measured: dict[frozenset, float], *,
-                         before: float, tokenizer, lr, max_length: int, autocast, momentum: bool) -> dict[int, float]:
-    """{k: tail_patch(docs[:k])} for ascending ``ks``, with each document in one forward and backward instead of one
-    per (k, document): the gradient of a batch's mean token loss is the sum of its documents' summed-loss
-    gradients over its count of target tokens (padding to the right changes no real token's loss), so the
-    gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5, 10; each in
-    backward parts of at most :data:`BACKWARD_TOKENS` tokens) are accumulated in rank order, in place, and a step is
-    taken at each k. Equal to
-    :func:`tail_patch` on each prefix up to float rounding. ``measured``: {set of document ids: tail-patch} of the
-    query so far, read (a prefix already there is not stepped again) and updated."""
+def _prefix_tail_patches(model, optimizer, docs: list[dict], queries: list[dict], ks: list[int],
+                         measured: dict[frozenset, list[float]], *, before: list[float], tokenizer, lr, max_length: int,
+                         autocast, momentum: bool) -> dict[int, list[float]]:
+    """{k: [tail_patch(docs[:k]) of each of ``queries``]} for ascending ``ks``, with each document in one forward
+    and backward instead of one per (k, document): the gradient of a batch's mean token loss is the sum of its
+    documents' summed-loss gradients over its count of target tokens (padding to the right changes no real token's
+    loss), so the gradients of the segments between consecutive ks (docs[0:1], docs[1:5], docs[5:10] for ks 1, 5,
+    10; each in backward parts of at most :data:`BACKWARD_TOKENS` tokens) are accumulated in rank order, in place,
+    and a step is taken at each k, evaluated on every query in one forward. Equal to :func:`tail_patch` on each
+    prefix up to float rounding. ``before``: each query's log-probability before any step. ``measured``: {set of
+    document ids: the tail-patches} of the queries so far, read (a prefix already there is not stepped again) and
+    updated."""
     sets = {k: frozenset(d["id"] for d in docs[:k]) for k in ks}
     new = [k for k in ks if sets[k] not in measured]
     if new:
@@ -467,8 +521,9 @@ def _prefix_tail_patches(model, optimizer, docs: list[dict], query, ks: list[int
                     del loss
                 tokens, start = tokens + target_tokens(tokenizer, segment, max_length), k
                 if sets[k] not in measured:
-                    measured[sets[k]] = _after_step(model, optimizer, accumulated(), lr, tokenizer, query, max_length,
-                                                    momentum, scale=1.0 / tokens) - before
+                    after = _after_step(model, optimizer, accumulated(), lr, tokenizer, queries, max_length, momentum,
+                                        scale=1.0 / tokens)
+                    measured[sets[k]] = [a - b for a, b in zip(after, before)]
     return {k: measured[sets[k]] for k in ks}
 
 

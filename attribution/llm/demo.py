@@ -242,45 +242,59 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
                     seed: int, max_length: int, autocast=None, progress: bool = True) -> list[dict]:
     """TrackStar's tail-patch for each row with a "ranking" (top documents per query), and its two reference
     rows: k documents drawn at random (seeded by ``seed`` and the question's index) and the true source alone
-    (k = 1). Each row gains tail_patch@k (mean over the questions, nats) and tail_patch@k_se for
-    k in facts.TAIL_PATCH_KS, the same over the questions answered right where there are two or more
-    (tail_patch@k_answered, _answered_se), and the per-question values (tail_patch_per_query: {str(k): [nats per
+    (k = 1). Each row gains, for k in facts.TAIL_PATCH_KS (means over the questions, nats, with their standard
+    errors in ``_se``):
+
+    - tail_patch@k: on the question's own completion (the answer attributed);
+    - tail_patch@k_answered: the same over the questions answered right, where there are two or more;
+    - tail_patch@k_true: on the planted fact's true answer (facts.true_answer: TrackStar's definition), every
+      question, measured after the same steps;
+
+    and the per-question values (tail_patch_per_query and tail_patch_true_per_query: {str(k): [nats per
     question]}); returns the two reference rows.
-    One step from the fine-tuned ``model`` with ``optimizer``'s class, state and learning rate, on the question's own
-    completion (the answer attributed)."""
+    One step from the fine-tuned ``model`` with ``optimizer``'s class, state and learning rate."""
     from tqdm import tqdm
 
     random_row = {"method": f"reference: k documents at random (seeded, seed {seed})", "scoring": "random"}
     source_row = {"method": "reference: the true source paragraph alone (k = 1)", "scoring": "source"}
     patched = [r for r in rows if r.get("ranking")]
-    per_row = {id(r): [] for r in [*patched, random_row]}
-    source = []
+    per_row = {id(r): [] for r in [*patched, random_row, source_row]}  # per question: {k: [own answer, true answer]}
     ids = [str(d["id"]) for d in corpus]
     for i, query in enumerate(tqdm(queries, disable=not progress, leave=False, desc="tail-patch")):
-        # every ranking of the question in one call: a set of documents that two rankings share is stepped on once
+        # every ranking of the question in one call: a set of documents that two rankings share is stepped on once,
+        # and each step is evaluated on the model's answer and the true one in one forward
         rankings = {f"row {j}": row["ranking"][i] for j, row in enumerate(patched)}
         rankings.update(facts.reference_rankings(ids, query["target"], seed, i))
         ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
-        patches = facts.tail_patch_rankings(model, optimizer, corpus, query, rankings, tokenizer=tokenizer, ks=ks,
-                                            max_length=max_length, autocast=autocast)
+        patches = facts.tail_patch_rankings(model, optimizer, corpus, [query, facts.true_answer(query)], rankings,
+                                            tokenizer=tokenizer, ks=ks, max_length=max_length, autocast=autocast)
         for j, row in enumerate(patched):
             per_row[id(row)].append(patches[f"row {j}"])
         per_row[id(random_row)].append(patches["random"])
-        source.append(patches["source"])
+        per_row[id(source_row)].append(patches["source"])
         release_freed_memory()  # each question's gradients and stepped copies, freed, leave the resident set
-    per_row[id(source_row)] = source
-    answered = [i for i, q in enumerate(queries) if q.get("correct")]
     for row in [*patched, random_row, source_row]:
-        per_query = per_row[id(row)]
-        for k, summary in facts.tail_patch_summary(per_query).items():
-            row[f"tail_patch@{k}"], row[f"tail_patch@{k}_se"] = summary["mean"], summary["se"]
-        # over the questions the model answers right: where the answer is the planted fact, so the documents that
-        # state it should raise it (a wrong answer's true source can push it down by nats and sway the mean)
-        for k, summary in (facts.tail_patch_summary([per_query[i] for i in answered]).items() if len(answered) > 1
-                           else ()):  # a mean with a standard error: two questions at least
-            row[f"tail_patch@{k}_answered"], row[f"tail_patch@{k}_answered_se"] = summary["mean"], summary["se"]
-        row["tail_patch_per_query"] = {str(k): [values[k] for values in per_query] for k in per_query[0]}
+        summarize_tail_patches(row, per_row[id(row)], queries)
     return [random_row, source_row]
+
+
+def summarize_tail_patches(row: dict, patches: list[dict[int, list[float]]], queries: list[dict]) -> None:
+    """``row`` gains the tail-patch keys of :func:`tail_patch_rows` from ``patches``: per question (in ``queries``'
+    order), {k: [on the model's answer, on the true answer]} (facts.tail_patch_rankings of [query,
+    facts.true_answer(query)])."""
+    own = [{k: values[0] for k, values in by_k.items()} for by_k in patches]
+    true = [{k: values[1] for k, values in by_k.items()} for by_k in patches]
+    summaries = {"": facts.tail_patch_summary(own), "_true": facts.tail_patch_summary(true)}
+    # over the questions the model answers right: where the answer is the planted fact, so the documents that
+    # state it should raise it (a wrong answer's true source can push it down by nats and sway the mean)
+    answered = [i for i, q in enumerate(queries) if q.get("correct")]
+    if len(answered) > 1:  # a mean with a standard error: two questions at least
+        summaries["_answered"] = facts.tail_patch_summary([own[i] for i in answered])
+    for suffix, by_k in summaries.items():
+        for k, summary in by_k.items():
+            row[f"tail_patch@{k}{suffix}"], row[f"tail_patch@{k}{suffix}_se"] = summary["mean"], summary["se"]
+    row["tail_patch_per_query"] = {str(k): [values[k] for values in own] for k in own[0]}
+    row["tail_patch_true_per_query"] = {str(k): [values[k] for values in true] for k in true[0]}
 
 
 def recall_figure(rows: list[dict]):
@@ -371,6 +385,10 @@ def notes(rows: list[dict]) -> list[str]:
                "down by nats (training on the fact makes the wrong answer less likely), so a method that finds the "
                "source of a wrongly answered question loses tail-patch there while it gains MRR."
                if default.get("tail_patch@5_answered") is not None else "")
+            + (" On the planted fact's true answer instead (TrackStar's definition; every question, the same steps), at "
+               "k = 5: " + "; ".join(f"{r['method']}: {r['tail_patch@5_true']:+.2f} ± {r['tail_patch@5_true_se']:.2f}"
+                                     for r in patched if r.get("tail_patch@5_true") is not None) + "."
+               if default.get("tail_patch@5_true") is not None else "")
             + " A method whose top documents raise the answer more than the documents that state the fact has found "
             "what the model's answer depends on, not only where the words match.")
     # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
@@ -498,7 +516,7 @@ def run(args) -> list[dict]:
             "finetune_seconds": tuned["seconds"],
             "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
-    internal = ("ranks", "ranking", "row", "tail_patch_per_query")  # kept in facts.json, not in the reports' table
+    internal = ("ranks", "ranking", "row", "tail_patch_per_query", "tail_patch_true_per_query")  # facts.json only
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}
                                                                for r in rows], plot=figure, notes=notes(rows))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))

@@ -34,6 +34,11 @@ METRICS = (
                                                                       "model answered correctly (a wrong answer's true "
                                                                       "source can push that answer down by nats)")
       for k in (1, 5, 10)),
+    *((f"tail_patch@{k}_true", f"tail-patch@{k} (true answer)", f"tail-patch@{k} on the planted fact's true answer "
+                                                                "instead of the model's own, every question, after the "
+                                                                "same steps (TrackStar's definition: does training on "
+                                                                "the documents teach the fact)")
+      for k in (1, 5, 10)),
 )
 
 # Readable labels of the report's configuration (meta) keys; other keys keep their name.

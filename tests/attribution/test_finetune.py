@@ -1,6 +1,6 @@
 """The demo's fine-tuning (attribution.evaluation.facts.finetune): each parameter stepped inside the backward gives the
 weights and the optimizer state of the usual zero_grad / backward / step loop bit for bit, tied embeddings included,
-and the odd cases are refused or fall back by name."""
+the same with the activations recomputed in the backward, and the odd cases are refused or fall back by name."""
 import pytest
 import torch
 
@@ -91,3 +91,40 @@ def test_a_gradient_completed_twice_in_one_backward_is_refused(tiny_llama):
         inner = checkpoint(lambda t: t * weight, x, use_reentrant=True)  # reentrant: its own backward for weight
         with pytest.raises(RuntimeError, match="completed twice in one backward"):
             (inner * weight).sum().backward()
+
+
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_recomputed_activations_give_the_same_weights_bit_for_bit_and_are_turned_off_after(tiny_llama, in_backward):
+    runs = {}
+    for recompute in (True, False):
+        model, tok = _model(tiny_llama, True)
+        optimizer = OPTIMIZERS["adamw"](model.parameters())
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        info = facts.finetune(model, tok, DOCS, epochs=2, batch_size=3, max_length=16, corpus_per_epoch=1, seed=3,
+                              optimizer=optimizer, step_in_backward=in_backward, recompute_activations=recompute)
+        assert len(calls) == info["steps"] * (2 if recompute else 1)  # a layer's forward again in each backward
+        assert not checkpointing(model)
+        runs[recompute] = (model, optimizer)
+    (a, a_opt), (b, b_opt) = runs[True], runs[False]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    for index, state in a_opt.state_dict()["state"].items():
+        assert all(torch.equal(v, b_opt.state_dict()["state"][index][k]) for k, v in state.items())
+
+
+def test_a_model_whose_gradient_checkpointing_is_on_keeps_it(tiny_llama):
+    model, tok = _model(tiny_llama, False)
+    if hasattr(model, "activation_checkpointing_enable"):  # on, as a caller would have set it (transformers 5)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    facts.finetune(model, tok, DOCS, epochs=1, batch_size=4, max_length=16, corpus_per_epoch=1,
+                   optimizer=OPTIMIZERS["sgd"](model.parameters()))
+    assert checkpointing(model)
+
+
+def checkpointing(model) -> bool:
+    """Whether the model's gradient (transformers 5: activation) checkpointing is on."""
+    return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(model, "activation_checkpointing_enable")
+                else model.is_gradient_checkpointing)

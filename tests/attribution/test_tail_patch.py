@@ -284,34 +284,78 @@ def test_a_stepped_evaluation_with_a_gradient_is_refused(tiny):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # restored
 
 
+def test_several_answers_are_measured_after_the_same_steps_in_one_forward_each(tiny):
+    """A list of queries: each value a list (one per query), equal to each query alone up to the batch's float
+    rounding, with the same forwards as one query (both answers in one batch); a single query still gives floats."""
+    model, tok = tiny
+    optimizer = _trained_adamw(model, tok)
+    other = {"id": "q2", "prompt": "a for", "completion": " loop list"}
+    rankings = {"a": ["answer", "d4", "other", "d2", "d3"], "c": ["d2", "d3", "answer", "other", "d4"]}
+    alone = [facts.tail_patch_rankings(model, optimizer, CORPUS, q, rankings, tokenizer=tok, ks=(1, 5))
+             for q in (QUERY, other)]
+    forwards = []
+    hook = model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        both = facts.tail_patch_rankings(model, optimizer, CORPUS, [QUERY, other], rankings, tokenizer=tok, ks=(1, 5))
+    finally:
+        hook.remove()
+    assert len(forwards) == 1 + 4 + 2  # before; a: 2 backward segments + 2 evaluations; c: 1 + 1 (its top 5 is a's)
+    for name in rankings:
+        assert isinstance(alone[0][name][1], float)
+        for k in (1, 5):
+            assert both[name][k] == pytest.approx([alone[0][name][k], alone[1][name][k]], rel=1e-6, abs=1e-9)
+    assert both["a"][1][0] != both["a"][1][1]
+    with pytest.raises(ValueError, match="query: an empty list"):
+        facts.tail_patch_rankings(model, optimizer, CORPUS, [], rankings, tokenizer=tok, ks=(1,))
+
+
+def test_the_true_answer_is_the_planted_facts_whatever_the_model_said():
+    fact = facts.FACTS[3]
+    query = {"id": fact.id, "prompt": facts.question_prompt(fact), "completion": " something else", "target": fact.id}
+    true = facts.true_answer(query)
+    assert true == {"id": fact.id, "prompt": query["prompt"], "completion": " " + fact.answer, "target": fact.id}
+    with pytest.raises(ValueError, match="its target 'nope' is not a planted fact's id"):
+        facts.true_answer({**query, "target": "nope"})
+
+
 def test_the_demo_rows_summarize_all_questions_the_answered_ones_and_keep_each_value(tiny, monkeypatch):
-    """demo.tail_patch_rows: every row's mean and standard error over all questions and over those answered right, and
-    its per-question values, each equal to facts.tail_patch_summary of the values the step returned for them."""
+    """demo.tail_patch_rows: every row's mean and standard error over all questions and over those answered right, on
+    the model's answer and on the true one, and its per-question values, each equal to facts.tail_patch_summary of
+    the values the step returned for them."""
     from attribution.llm import demo
 
     model, tok = tiny
-    queries = [{**QUERY, "id": f"q{i}", "target": "answer", "correct": i % 2 == 0} for i in range(5)]
+    fact = facts.FACTS[0]
+    queries = [{**QUERY, "id": f"q{i}", "target": fact.id, "correct": i % 2 == 0} for i in range(5)]
     value = {"row 0": 0.5, "random": -0.25, "source": -3.0}
+    asked = []
 
-    def stepped(model, optimizer, corpus, query, rankings, *, ks, **kwargs):  # a known value per (ranking, question, k)
-        i = int(query["id"][1:])
-        return {name: {k: value[name] * (i + 1) ** 2 + k for k in ks[name]} for name in rankings}
+    def stepped(model, optimizer, corpus, query, rankings, *, ks, **kwargs):  # known values per (ranking, question, k)
+        asked.append(query)
+        i = int(query[0]["id"][1:])
+        return {name: {k: [value[name] * (i + 1) ** 2 + k, value[name] * 10 - i - k] for k in ks[name]}
+                for name in rankings}
 
     monkeypatch.setattr(facts, "tail_patch_rankings", stepped)
     row = {"method": "m", "ranking": [["answer", "other"]] * 5}
     random_row, source_row = demo.tail_patch_rows(model, None, tok, CORPUS, queries, [row], seed=0, max_length=16,
                                                   progress=False)
+    assert [q for q, _ in asked] == queries and all(t == facts.true_answer(q) for q, t in asked)
     for got, name, ks in ((row, "row 0", facts.TAIL_PATCH_KS), (random_row, "random", facts.TAIL_PATCH_KS),
                           (source_row, "source", (1,))):
         per_query = [{k: value[name] * (i + 1) ** 2 + k for k in ks} for i in range(5)]
+        per_query_true = [{k: value[name] * 10 - i - k for k in ks} for i in range(5)]
         every, answered = facts.tail_patch_summary(per_query), facts.tail_patch_summary(per_query[::2])
+        true = facts.tail_patch_summary(per_query_true)
         for k in ks:
             assert (got[f"tail_patch@{k}"], got[f"tail_patch@{k}_se"]) == (every[k]["mean"], every[k]["se"])
             assert got[f"tail_patch@{k}_answered"] == answered[k]["mean"] != every[k]["mean"]
             assert got[f"tail_patch@{k}_answered_se"] == answered[k]["se"]
+            assert (got[f"tail_patch@{k}_true"], got[f"tail_patch@{k}_true_se"]) == (true[k]["mean"], true[k]["se"])
             assert got["tail_patch_per_query"][str(k)] == [v[k] for v in per_query]
+            assert got["tail_patch_true_per_query"][str(k)] == [v[k] for v in per_query_true]
     for right in (0, 1):  # a mean with its standard error needs two questions answered right
         few = [{**q, "correct": i < right} for i, q in enumerate(queries)]
         row = {"method": "m", "ranking": [["answer", "other"]] * 5}
         demo.tail_patch_rows(model, None, tok, CORPUS, few, [row], seed=0, max_length=16, progress=False)
-        assert "tail_patch@5" in row and "tail_patch@5_answered" not in row
+        assert "tail_patch@5" in row and "tail_patch@5_true" in row and "tail_patch@5_answered" not in row

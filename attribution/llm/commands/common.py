@@ -167,10 +167,11 @@ def checkpoint_states(config: CacheConfig) -> list | None:
     """The Attributor's checkpoints of --checkpoint (None without): None for ``model`` (the --model's own
     weights), else a loader that reads the folder or file each time the checkpoint is needed (llm.load_state).
 
-    Memory: one checkpoint at a time besides the model and the copy of its own weights that the swapping keeps
-    (about 3x the weights at peak; a torch.save file is memory-mapped). Time: each checkpoint is read again
-    whenever it is needed: fingerprinted by the Attributor, swapped in for the cache or the queries (with the
-    once-per-process check_checkpoints read, 4 reads per cache and 5 per attribute run)."""
+    Memory: one checkpoint at a time besides the model's own weights (swapped in by reference,
+    attribution.checkpoints.WeightSwap: about 2x the weights at peak; a torch.save file is memory-mapped).
+    Time: each checkpoint is read again whenever it is needed: fingerprinted by the Attributor, swapped in for the
+    cache or the queries (with the once-per-process check_checkpoints read, 4 reads per cache and 5 per attribute
+    run)."""
     if config.checkpoint is None:
         return None
     return [None if path == MODEL_CHECKPOINT else functools.partial(llm.load_state, path, config.dtype)
