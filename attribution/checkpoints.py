@@ -2,7 +2,8 @@
 dicts (TracIn's and TRAK's checkpoints) with their weights, swapped in one at a time.
 
 A checkpoint's tensors that share memory with the model (e.g. ``model.state_dict()`` itself) would
-change when another checkpoint is loaded, so they are copied when the Attributor is built. ``None``
+change with the model (trained further, or another checkpoint copied in), so they are copied when the Attributor
+is built: a checkpoint is the state it had then. ``None``
 in the list means the model's own weights as they were when the swapping started. A callable
 (no arguments -> state dict) is a lazy checkpoint: it is called, and its state checked, each time the
 checkpoint is needed (swapped in or fingerprinted), so only one such checkpoint is in memory at a time."""
@@ -13,6 +14,7 @@ import math
 import numbers
 import warnings
 
+import torch
 from torch import Tensor, nn
 
 
@@ -80,6 +82,8 @@ class Checkpoints:
         def indices():
             for c, state in enumerate(self.states):
                 if swap is not None:
+                    if callable(state):  # the previous checkpoint's tensors let go before this one is read
+                        swap.load(None)
                     swap.load(None if state is None else self.state(c))
                 yield c
 
@@ -93,16 +97,28 @@ class Checkpoints:
 
 class WeightSwap:
     """Checkpoints swapped into ``model`` by reference: each parameter's ``.data`` points at the checkpoint's
-    tensor (converted only where its dtype or device differs), the model's own parameter tensors are kept aside
-    untouched and put back at the end, bit for bit. No copy of the weights is made, so a checkpoint costs its own
-    tensors only (a copy-in kept the model's weights, a copy of them and the checkpoint being read: 3x the
-    weights). Buffers (small) are copied in and restored from a copy. For plain-tensor parameters that the state
-    dict names (``fits``); others (FSDP2's DTensors, custom state-dict hooks) use :class:`WeightCopy`."""
+    tensor (a copy only where its dtype, device or strides differ from the parameter's, or where it is an
+    inference-mode tensor, which autograd cannot save), the model's own parameter tensors are kept aside untouched
+    and put back at the end, bit for bit. No copy of the weights is made: besides the model's own weights, one
+    checkpoint's tensors (a copy-in kept the model's weights, a copy of them and the checkpoint being read: 3x the
+    weights). Buffers (small) are copied in and restored from a copy. Nothing writes into the checkpoint's tensors.
+
+    For a model whose state dict is its plain parameters and buffers under their own names, loaded by torch's
+    default (``fits``); others use :class:`WeightCopy`: FSDP2's DTensors and other parameter subclasses, state
+    dicts with other keys (quantization states, renaming hooks), modules with load hooks or their own
+    ``_load_from_state_dict``."""
 
     @staticmethod
     def fits(model: nn.Module) -> bool:
+        params = list(model.named_parameters(remove_duplicate=False))
+        if any(type(p) is not nn.Parameter or type(p.data) is not Tensor for _, p in params):
+            return False
+        for module in model.modules():
+            if module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks or not _loads_plainly(module):
+                return False
+        names = {name for name, _ in params} | {name for name, _ in model.named_buffers(remove_duplicate=False)}
         keys = set(model.state_dict())
-        return all(type(p.data) is Tensor and name in keys for name, p in model.named_parameters(remove_duplicate=False))
+        return keys <= names and all(name in keys for name, _ in params)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -114,13 +130,29 @@ class WeightSwap:
     def load(self, state: dict | None) -> None:
         """``state`` (checked by check_state) swapped in; None: the model's own weights."""
         for (name, p), own in zip(self.params, self.own):
-            p.data = own if state is None else state[name].detach().to(device=own.device, dtype=own.dtype)
+            p.data = own if state is None else _as_parameter_data(state[name], own)
         if self.buffers:
             self.model.load_state_dict(self.buffers if state is None else {k: state[k] for k in self.buffers},
                                        strict=False)
 
     def restore(self) -> None:
         self.load(None)
+
+
+def _loads_plainly(module: nn.Module) -> bool:
+    """Whether ``module``'s ``_load_from_state_dict`` is torch's own (nn.Module's, or a torch.nn module's such as
+    batch norm's, which only upgrades an old buffer), not a library's or a user's."""
+    owner = next(c for c in type(module).__mro__ if "_load_from_state_dict" in vars(c))
+    return owner is nn.Module or owner.__module__.startswith("torch.nn.modules.")
+
+
+def _as_parameter_data(tensor: Tensor, own: Tensor) -> Tensor:
+    """``tensor`` itself where it can stand in for the parameter whose own data is ``own`` (same dtype, device and
+    strides: compiled graphs guard on strides; not an inference tensor), else a copy laid out as ``own``."""
+    tensor = tensor.detach()
+    if (tensor.dtype, tensor.device, tensor.stride()) == (own.dtype, own.device, own.stride()) and not tensor.is_inference():
+        return tensor
+    return torch.empty_like(own).copy_(tensor)
 
 
 class WeightCopy:

@@ -193,12 +193,16 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
 @contextlib.contextmanager
 def _recomputed_activations(model, on: bool):
     """Inside the block, the Hugging Face ``model``'s gradient checkpointing (non-reentrant) is on when ``on`` and
-    the model supports it; its own setting is restored after. transformers 5 names it activation checkpointing."""
+    the model supports it; its own setting is restored after, with the hook that enabling it puts on the input
+    embeddings (their output made to require a gradient; transformers leaves it after disabling, and a
+    ``requires_grad_`` in every later forward breaks torch.func transforms). transformers 5 names it activation
+    checkpointing."""
     renamed = hasattr(model, "activation_checkpointing_enable")
     prefix = "activation" if renamed else "gradient"
     supported = on and getattr(model, "supports_gradient_checkpointing", False) and hasattr(
         model, f"{prefix}_checkpointing_enable")
     was_on = bool(getattr(model, f"is_{prefix}_checkpointing", False))
+    had_hook = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
     if supported and not was_on:
         getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
     try:
@@ -206,6 +210,9 @@ def _recomputed_activations(model, on: bool):
     finally:
         if supported and not was_on:
             getattr(model, f"{prefix}_checkpointing_disable")()
+            hooked = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+            if hooked and not had_hook:
+                model.disable_input_require_grads()
 
 
 def _steps_each_parameter(optimizer) -> bool:
@@ -347,7 +354,7 @@ def true_answer(query: dict) -> dict:
     fact = next((f for f in FACTS if f.id == query.get("target")), None)
     if fact is None:
         raise ValueError(f"query {query.get('id')!r}: its target {query.get('target')!r} is not a planted fact's id")
-    return {"id": query.get("id", fact.id), "prompt": query["prompt"], "completion": " " + fact.answer,
+    return {"id": query.get("id", fact.id), "prompt": query["prompt"], "completion": _patch_query(fact)["completion"],
             "target": fact.id}
 
 
@@ -440,7 +447,7 @@ def random_ranking(ids: list[str], seed: int, query_index: int = 0) -> list[str]
 
 def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list[str], *, tokenizer,
                        ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
-                       autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float]:
+                       autocast: torch.dtype | None = None, momentum: bool = False) -> dict[int, float | list[float]]:
     """{k: tail_patch on the first k documents of ``ranked``} for each k of ``ks``: a method's ranking
     (document ids of ``corpus``, best first, at least max(ks) of them) of one query (a list of queries: each
     value a list, one per query, as :func:`tail_patch_rankings`)."""
@@ -450,7 +457,8 @@ def tail_patch_ranking(model, optimizer, corpus: list[dict], query, ranked: list
 
 def tail_patch_rankings(model, optimizer, corpus: list[dict], query, rankings: dict[str, list[str]], *, tokenizer,
                         ks=TAIL_PATCH_KS, lr: float | None = None, max_length: int = 128,
-                        autocast: torch.dtype | None = None, momentum: bool = False) -> dict[str, dict[int, float]]:
+                        autocast: torch.dtype | None = None,
+                        momentum: bool = False) -> dict[str, dict[int, float | list[float]]]:
     """{name: {k: tail_patch on the first k documents of rankings[name]}} for several rankings of one query (each a
     list of document ids of ``corpus``, best first, at least max(k) long). ``ks``: the ks of every ranking, or a
     dict {name: its ks}. A set of documents is stepped on once: a prefix with the same documents as one already

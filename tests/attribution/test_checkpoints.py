@@ -122,10 +122,80 @@ def test_an_error_inside_the_swapping_still_gives_the_model_its_own_weights_back
     assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
 
 
-def test_compiled_and_eager_scores_agree_across_swapped_checkpoints():
+def test_compiled_and_eager_scores_agree_across_swapped_checkpoints(monkeypatch):
     model, train, test = make_problem(torch.float32)
     states = [scaled(model.state_dict(), 0.5), None, scaled(model.state_dict(), 1.5)]
+    kept = [None if s is None else {k: v.clone() for k, v in s.items()} for s in states]
     kwargs = dict(method="tracin", compressor="sjlt", k=16, progress=False, checkpoints=states)
     eager = Attributor(model, loss_fn, compile=False, **kwargs).cache(train).attribute(test)
-    compiled = Attributor(model, loss_fn, compile=True, **kwargs).cache(train).attribute(test)
+    attr = Attributor(model, loss_fn, compile=True, **kwargs).cache(train)
+    compiled = attr.attribute(test)
+    assert attr.gradients.stats["compiled"]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(WeightSwap, "fits", staticmethod(lambda model: False))  # the copying path, as before
+    copied = Attributor(model, loss_fn, compile=False, **kwargs).cache(train).attribute(test)
+    assert torch.equal(copied, eager)
+    assert all(s is None or all(torch.equal(v, k[n]) for n, v in s.items()) for s, k in zip(states, kept))
+
+
+def test_a_lazy_checkpoint_is_read_while_the_model_holds_its_own_weights_alone():
+    """Two lazy checkpoints in a row: the first one's tensors are let go before the second is read (the model's
+    own weights and one checkpoint at a time)."""
+    model, _, _ = make_problem()
+    own = pointers(model)
+    seen = []
+
+    def loader(factor):
+        def read():
+            seen.append(pointers(model) == own)
+            return scaled(dict(model.named_parameters()), factor)
+        return read
+
+    with Checkpoints(model, [loader(2.0), loader(3.0)], None, "tracin").each() as indices:
+        for c in indices:
+            assert pointers(model) != own
+    assert seen and all(seen)
+
+
+class Subclassed(nn.Parameter):
+    pass
+
+
+class LoadsItsOwnWay(nn.Linear):
+    def _load_from_state_dict(self, *args, **kwargs):
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def _with_extra_key():
+    model = nn.Linear(3, 2)
+    model.register_buffer("scale", torch.ones(2))
+    model._register_state_dict_hook(lambda module, state, prefix, meta: state.update({prefix + "quant": torch.zeros(1)}))
+    return model
+
+
+@pytest.mark.parametrize("odd", ["subclass", "pre-hook", "own load", "extra key"])
+def test_models_that_state_dicts_do_not_describe_plainly_are_copied_into(odd):
+    model = {"subclass": lambda: nn.Linear(3, 2), "pre-hook": lambda: nn.Linear(3, 2),
+             "own load": lambda: LoadsItsOwnWay(3, 2), "extra key": _with_extra_key}[odd]()
+    if odd == "subclass":
+        model.weight = Subclassed(model.weight.detach().clone())
+    if odd == "pre-hook":
+        model._register_load_state_dict_pre_hook(lambda *args: None)
+    assert WeightSwap.fits(nn.Linear(3, 2)) and not WeightSwap.fits(model)
+
+
+def test_inference_and_strided_checkpoint_tensors_are_laid_out_as_the_parameters():
+    model, train, test = make_problem()
+    with torch.inference_mode():
+        inference = scaled(model.state_dict(), 0.5)
+    transposed = {k: v.t().contiguous().t() if v.dim() == 2 else v.clone() for k, v in scaled(model.state_dict(), 0.5).items()}
+    strides = [p.stride() for p in model.parameters()]
+    kwargs = dict(method="tracin", compressor="sjlt", k=8, progress=False, compile=False, dtype=torch.float64)
+    want = Attributor(model, loss_fn, checkpoints=[scaled(model.state_dict(), 0.5)], **kwargs).cache(train).attribute(test)
+    for state in (inference, transposed):
+        with Checkpoints(model, [state], None, "tracin").each() as indices:
+            for _ in indices:
+                assert [p.stride() for p in model.parameters()] == strides
+                assert not any(p.is_inference() for p in model.parameters())
+        got = Attributor(model, loss_fn, checkpoints=[state], **kwargs).cache(train).attribute(test)
+        assert torch.equal(got, want)

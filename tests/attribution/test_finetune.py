@@ -105,6 +105,7 @@ def test_recomputed_activations_give_the_same_weights_bit_for_bit_and_are_turned
                               optimizer=optimizer, step_in_backward=in_backward, recompute_activations=recompute)
         assert len(calls) == info["steps"] * (2 if recompute else 1)  # a layer's forward again in each backward
         assert not checkpointing(model)
+        assert not model.get_input_embeddings()._forward_hooks  # no hook left behind by turning it on
         runs[recompute] = (model, optimizer)
     (a, a_opt), (b, b_opt) = runs[True], runs[False]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
@@ -121,8 +122,7 @@ def test_a_model_whose_gradient_checkpointing_is_on_keeps_it(tiny_llama):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     facts.finetune(model, tok, DOCS, epochs=1, batch_size=4, max_length=16, corpus_per_epoch=1,
                    optimizer=OPTIMIZERS["sgd"](model.parameters()))
-    assert checkpointing(model)
-
+    assert checkpointing(model) and model.get_input_embeddings()._forward_hooks  # the caller's, with its hook
 
 def checkpointing(model) -> bool:
     """Whether the model's gradient (transformers 5: activation) checkpointing is on."""

@@ -287,9 +287,14 @@ def test_a_stepped_evaluation_with_a_gradient_is_refused(tiny):
 def test_several_answers_are_measured_after_the_same_steps_in_one_forward_each(tiny):
     """A list of queries: each value a list (one per query), equal to each query alone up to the batch's float
     rounding, with the same forwards as one query (both answers in one batch); a single query still gives floats."""
+    from attribution.llm.tokens import query_tokens
+
     model, tok = tiny
     optimizer = _trained_adamw(model, tok)
-    other = {"id": "q2", "prompt": "a for", "completion": " loop list"}
+    other = {"id": "q2", "prompt": "a for loop", "completion": " list data python"}  # longer: padded in the batch
+    assert [len(ids) for ids, _ in (query_tokens(tok, q, 16) for q in (QUERY, other))] == [4, 6]
+    assert facts.answer_log_probs(model, tok, [QUERY, other]) == pytest.approx(
+        [facts.answer_log_prob(model, tok, QUERY), facts.answer_log_prob(model, tok, other)], rel=1e-9)
     rankings = {"a": ["answer", "d4", "other", "d2", "d3"], "c": ["d2", "d3", "answer", "other", "d4"]}
     alone = [facts.tail_patch_rankings(model, optimizer, CORPUS, q, rankings, tokenizer=tok, ks=(1, 5))
              for q in (QUERY, other)]
