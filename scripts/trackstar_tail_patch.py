@@ -14,6 +14,11 @@ AdamW state (its second moments normalize the gradients), unit-normalized gradie
 Hessian (its default) and a 16 x 16 projection per module (256 floats for each of the 210 block linear layers,
 the demo default's k), in float32, batches of at most 4 documents. A run folder whose scores exist is reused
 (``--rerun`` starts anew).
+
+Each step is evaluated on the model's answer and on the planted fact's true answer, as the demo's rows are
+(``tail_patch@k``, ``_answered`` over the questions answered right, ``_true``). The per-question values are
+``per_query_tail_patch`` and ``per_query_tail_patch_true``, each {k: [nats per question]}; files written before
+run d12 hold ``per_query_tail_patch`` as a list of {k: nats}, one per question.
 """
 from __future__ import annotations
 
