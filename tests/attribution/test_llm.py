@@ -113,7 +113,9 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     facts_record = json.loads((tmp_path / "facts.json").read_text())
     kept = [r for r in facts_record["methods"] if r.get("tail_patch@5") is not None]  # each question's value kept
     assert kept and all(len(r["tail_patch_per_query"]["5"]) == 20 for r in kept)
-    assert all("tail_patch_per_query" not in r for r in report["evaluation"])  # not in the reports' table
+    assert all(len(r["tail_patch_true_per_query"]["5"]) == 20 and np.isfinite(r["tail_patch@5_true"]) for r in kept)
+    assert all("tail_patch_per_query" not in r and "tail_patch_true_per_query" not in r
+               for r in report["evaluation"])  # not in the reports' table
     assert len(facts_record["queries"]) == 20 and all(q["completion"].strip() for q in facts_record["queries"])
     mtime = (tmp_path / "model" / "config.json").stat().st_mtime_ns
     again = cli.run([*flags, "--tail-patch", "none"])[0]  # reuses the fine-tuned model and the store: the same figures

@@ -211,6 +211,10 @@ def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_th
     text = " ".join(demo.notes([{**default, **answered}, {**bm25, "tail_patch@5_answered": 0.06,
                                                           "tail_patch@5_answered_se": 0.04}]))
     assert "Over the questions answered right alone, at k = 5: default: +0.24 ± 0.06; BM25: +0.06 ± 0.04." in text
+    assert "true answer" not in text
+    true = {"tail_patch@5_true": 0.04, "tail_patch@5_true_se": 0.09}
+    text = " ".join(demo.notes([{**default, **true}, {**bm25, "tail_patch@5_true": -0.01, "tail_patch@5_true_se": 0.04}]))
+    assert "On the planted fact's true answer instead" in text and "default: +0.04 ± 0.09; BM25: -0.01 ± 0.04." in text
 
 
 def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_them(tmp_path):
@@ -225,3 +229,8 @@ def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_th
     assert bm25.count("–") == 3  # MRR answered, tail-patch@5 and its answered column: none for this row
     plain = write_reports(tmp_path / "plain", _results(), _meta(documents=10), evaluation=EVALUATION)["md"].read_text()
     assert "answered right)" not in plain.replace("MRR (answered right)", "")
+    true = {**patched, "tail_patch@10_true": 0.07, "tail_patch@10_true_se": 0.05}
+    md = write_reports(tmp_path / "true", _results(), _meta(documents=10), evaluation=[true, EVALUATION[1]])["md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "tail-patch@10 (true answer)" in header and "tail-patch@5 (true answer)" not in header
+    assert "0.07 ± 0.05" in next(line for line in md.splitlines() if line.startswith("| default"))
