@@ -156,8 +156,8 @@ def finetune(model, tokenizer, docs: list[dict], epochs: int = 6, lr: float = 2e
     ``recompute_activations`` (the default), for a Hugging Face model that supports it: gradient checkpointing for
     the training only (non-reentrant; turned off again after, unless it was on): each decoder layer's activations
     are recomputed in the backward instead of held, the same weights bit for bit (tested) for one more forward. On
-    the main job (SmolLM2-135M, 4 documents of 128 tokens a step) the fine-tuning's peak RSS falls from 3.16 to
-    2.82 GiB for 11% more time (BENCHMARKS.md)."""
+    the main job (SmolLM2-135M, 4 documents of 128 tokens a step) one epoch's peak RSS falls from 3.16 to 2.82 GiB
+    for 4% more time (BENCHMARKS.md, run d12)."""
     import time
 
     from tqdm import tqdm
@@ -202,7 +202,7 @@ def _recomputed_activations(model, on: bool):
     supported = on and getattr(model, "supports_gradient_checkpointing", False) and hasattr(
         model, f"{prefix}_checkpointing_enable")
     was_on = bool(getattr(model, f"is_{prefix}_checkpointing", False))
-    had_hook = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+    had_hook = _has_input_grad_hook(model)
     if supported and not was_on:
         getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
     try:
@@ -210,9 +210,13 @@ def _recomputed_activations(model, on: bool):
     finally:
         if supported and not was_on:
             getattr(model, f"{prefix}_checkpointing_disable")()
-            hooked = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
-            if hooked and not had_hook:
+            if _has_input_grad_hook(model) and not had_hook:
                 model.disable_input_require_grads()
+
+
+def _has_input_grad_hook(model) -> bool:
+    """Whether the Hugging Face ``model`` holds the hook of ``enable_input_require_grads``."""
+    return bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
 
 
 def _steps_each_parameter(optimizer) -> bool:
