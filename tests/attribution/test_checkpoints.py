@@ -40,11 +40,11 @@ def test_checkpoints_are_swapped_in_by_reference_and_the_models_own_tensors_come
 
 def test_a_checkpoint_of_another_dtype_is_converted_and_the_model_keeps_its_dtype():
     model, _, _ = make_problem()
-    half = {k: v.float() * 3 for k, v in model.state_dict().items()}
-    with Checkpoints(model, [half], None, "tracin").each() as indices:
+    single = {k: v.float() * 3 for k, v in model.state_dict().items()}  # float32 into a float64 model
+    with Checkpoints(model, [single], None, "tracin").each() as indices:
         for _ in indices:
             assert all(p.dtype == torch.float64 for p in model.parameters())
-            assert all(torch.equal(model.state_dict()[k], v.double()) for k, v in half.items())
+            assert all(torch.equal(model.state_dict()[k], v.double()) for k, v in single.items())
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 
