@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
                          scores, ids, targets, scoring="trackstar")
     optimizer = demo.load_optimizer(args.demo, model, first_moment=False)
     # each step evaluated on the model's answer and on the planted fact's true one, as the demo's rows are
-    patches = [facts.tail_patch_ranking(model, optimizer, corpus, [q, facts.true_answer(q)], ranking,
+    patches = [facts.tail_patch_ranking(model, optimizer, corpus, [facts.model_answer(q), facts.true_answer(q)], ranking,
                                         tokenizer=tokenizer, max_length=args.max_length,
                                         autocast=demo.finetune_autocast())
                for q, ranking in zip(queries, row["ranking"])]

@@ -362,6 +362,14 @@ def true_answer(query: dict) -> dict:
             "target": fact.id}
 
 
+def model_answer(query: dict) -> dict:
+    """The demo's ``query`` with the model's own answer as its completion: its "model_answer" where the attributed
+    completion is another one (``demo --answer true`` attributes the planted fact's answer), else ``query`` itself."""
+    if "model_answer" not in query:
+        return query
+    return {**query, "completion": query["model_answer"]}
+
+
 def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,
                autocast: torch.dtype | None = None, before: float | None = None, momentum: bool = False) -> float:
     """TrackStar's tail-patch score (Chang et al. 2024) of a method's top documents for a query: the

@@ -4,7 +4,8 @@
    briefly fine-tuned on that corpus (seeded, CPU; the weights are kept in ``out/model`` and reused).
 2. The corpus is cached with the CLI's default configuration (the real pipeline: store, resume,
    checksums) at two checkpoints, the untuned and the fine-tuned model (TracIn-CP), and each fact is asked
-   with a paraphrased question; the model's own answer is the completion whose training documents we look
+   with a paraphrased question; the model's own answer (``--answer own``, the default) or the planted fact's
+   true answer (``--answer true``, TrackStar's fact tracing) is the completion whose training documents we look
    for, scored with a curvature that mixes the questions' FIM into the training one (TrackStar).
 3. The default method's top documents per question are reported (report.md / .html / .json), with
    recall@1, recall@5 and MRR of each fact's source document, beside the other compressors and
@@ -141,12 +142,26 @@ def save_folder(model, tokenizer, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"))
 
 
-def answer_queries(model, tokenizer, max_new_tokens: int = 16) -> list[dict]:
-    """Each fact's paraphrased question, completed by the model (its first line)."""
+ANSWERS = ("own", "true")  # `demo --answer`: the completion attributed to the corpus
+
+
+def answer_queries(model, tokenizer, max_new_tokens: int = 16, answer: str = "own") -> list[dict]:
+    """Each fact's paraphrased question, completed by the model (its first line: "model_answer", and "correct"
+    whether it states the fact). The attributed "completion" is, by ``answer``, the model's own answer ("own"; the
+    fact's answer when the model's is empty) or the planted fact's true answer ("true", facts.true_answer)."""
+    if answer not in ANSWERS:
+        raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
     prompts = [facts.question_prompt(f) for f in facts.FACTS]
     answers = [a.split("\n")[0] for a in llm.complete(model, tokenizer, prompts, max_new_tokens)]
-    return [{"id": f.id, "prompt": p, "completion": a if a.strip() else " " + f.answer, "target": f.id,
-             "correct": facts.answered(f, a)} for f, p, a in zip(facts.FACTS, prompts, answers)]
+    queries = []
+    for fact, prompt, said in zip(facts.FACTS, prompts, answers):
+        query = {"id": fact.id, "prompt": prompt, "completion": said if said.strip() else " " + fact.answer,
+                 "target": fact.id, "correct": facts.answered(fact, said)}
+        query["model_answer"] = query["completion"]
+        if answer == "true":
+            query["completion"] = facts.true_answer(query)["completion"]
+        queries.append(query)
+    return queries
 
 
 SCORINGS = {"if": "raw IF", "if-unit": "IF on unit-normalized gradients", "cosine": "cosine (no FIM)", "bm25": "BM25"}
@@ -245,7 +260,8 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
     (k = 1). Each row gains, for k in facts.TAIL_PATCH_KS (means over the questions, nats, with their standard
     errors in ``_se``):
 
-    - tail_patch@k: on the question's own completion (the answer attributed);
+    - tail_patch@k: on the model's own answer (facts.model_answer: the answer attributed unless ``demo --answer
+      true``);
     - tail_patch@k_answered: the same over the questions answered right, where there are two or more;
     - tail_patch@k_true: on the planted fact's true answer (facts.true_answer: TrackStar's definition), every
       question, measured after the same steps;
@@ -266,8 +282,9 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
         rankings = {f"row {j}": row["ranking"][i] for j, row in enumerate(patched)}
         rankings.update(facts.reference_rankings(ids, query["target"], seed, i))
         ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
-        patches = facts.tail_patch_rankings(model, optimizer, corpus, [query, facts.true_answer(query)], rankings,
-                                            tokenizer=tokenizer, ks=ks, max_length=max_length, autocast=autocast)
+        answers = [facts.model_answer(query), facts.true_answer(query)]
+        patches = facts.tail_patch_rankings(model, optimizer, corpus, answers, rankings, tokenizer=tokenizer, ks=ks,
+                                            max_length=max_length, autocast=autocast)
         for j, row in enumerate(patched):
             per_row[id(row)].append(patches[f"row {j}"])
         per_row[id(random_row)].append(patches["random"])
@@ -446,7 +463,7 @@ def run(args) -> list[dict]:
     corpus = facts.fact_corpus(llm.python_docs_corpus(limit=args.limit))
     model, tokenizer, tuned = finetuned_model(out, args.finetune_epochs, args.seed, corpus, progress=True)
     release_freed_memory()  # the fine-tuning's freed gradients and moments leave the resident set
-    queries = answer_queries(model, tokenizer)
+    queries = answer_queries(model, tokenizer, answer=args.answer)
     corpus_path = out / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
     args.model, args.gguf_file, args.corpus, args.limit = str(out / "model"), None, str(corpus_path), None
@@ -510,7 +527,7 @@ def run(args) -> list[dict]:
                    "question", "model": "SmolLM2-135M-Instruct fine-tuned "
             f"on the corpus ({tuned['steps']} steps, {tuned['seconds']:.0f}s)", "method": "if", "normalize": args.normalize,
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
-            "top_k": args.top_k, "answered_correctly": sum(q["correct"] for q in queries),
+            "top_k": args.top_k, "answer": args.answer, "answered_correctly": sum(q["correct"] for q in queries),
             "optimizer_state": config.optimizer_state is not None, "checkpoints": args.checkpoints,
             "preconditioner": "mixed" if mixed else "fim", "task_weight": args.task_weight,
             "finetune_seconds": tuned["seconds"],

@@ -48,8 +48,11 @@ SETUP_LABELS = {"model": "model", "method": "scoring",
                 "compressor": "compressor", "k": "k (floats per layer)", "damping": "damping",
                 "preconditioner": "preconditioner", "task_weight": "task weight (query share of the curvature)",
                 "documents": "training documents", "top_k": "documents listed per query", "per_token": "per-token lists",
-                "index": "ANN index candidates", "two_stage": "ranking", "answered_correctly": "questions answered correctly",
+                "index": "ANN index candidates", "two_stage": "ranking", "answer": "answer attributed",
+                "answered_correctly": "questions answered correctly",
                 "cache_seconds": "cache seconds"}
+
+ANSWER_TEXT = {"own": "the model's own answer", "true": "the planted fact's true answer"}  # `demo --answer`
 
 
 @dataclass
@@ -140,6 +143,8 @@ def _setup(meta: dict) -> list[tuple[str, str]]:
     def shown(key, value):
         if key == "method":
             return f"{METHOD_NAMES.get(value, value)}, {'unit-normalized' if meta.get('normalize') else 'raw'} scores"
+        if key == "answer" and value in ANSWER_TEXT:
+            return ANSWER_TEXT[value]
         if key == "two_stage" and isinstance(value, dict):
             return two_stage_text(value)
         if key.endswith("seconds") and isinstance(value, float):
@@ -161,7 +166,7 @@ def _query_view(n: int, result: Attribution) -> dict:
     helpful = _listed(result.helpful, target)
     top = helpful[0] if helpful else None
     return {"n": n, "prompt": str(q["prompt"]), "completion": str(q["completion"]),
-            "answer": shorten(q["completion"], SUMMARY_CHARS), "correct": q.get("correct"), "target": target,
+            "answer": shorten(q.get("model_answer", q["completion"]), SUMMARY_CHARS), "correct": q.get("correct"), "target": target,
             "target_rank": q.get("target_rank"), "helpful": helpful, "harmful": _listed(result.harmful, target),
             "top_id": top["id"] if top else None, "top_text": shorten(top["text"], SUMMARY_CHARS) if top else None,
             "tokens": [{"token": t["token"], "top": ", ".join(str(d["id"]) for d, _ in t["helpful"][:3])}
