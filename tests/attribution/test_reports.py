@@ -234,3 +234,15 @@ def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_th
     header = next(line for line in md.splitlines() if line.startswith("| method"))
     assert "tail-patch@10 (true answer)" in header and "tail-patch@5 (true answer)" not in header
     assert "0.07 ± 0.05" in next(line for line in md.splitlines() if line.startswith("| default"))
+
+
+def test_with_the_true_answer_attributed_the_table_still_shows_what_the_model_said(tmp_path):
+    """``demo --answer true``: each question's attributed completion is the planted fact's answer; the summary's
+    answer column shows the model's own ("model_answer"), the heading the attributed text, the setup which answer."""
+    results = _results()
+    results[1].query.update(model_answer=results[1].query["completion"], completion=" Isidor Quant")
+    md = write_reports(tmp_path, results, {**_meta(documents=10), "answer": "true"}, evaluation=EVALUATION)["md"].read_text()
+    rows = [line for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert "→ **a fisherman** | ✗" in rows[1] and "→ **Isidor Quant** | ✓" in rows[0]
+    assert "Velmora was founded by **Isidor Quant**" in md  # the attributed completion heads the question's lists
+    assert "answer attributed: the planted fact's true answer" in md

@@ -323,6 +323,31 @@ def test_the_true_answer_is_the_planted_facts_whatever_the_model_said():
         facts.true_answer({**query, "target": "nope"})
 
 
+def test_the_models_answer_is_the_query_itself_or_its_kept_answer():
+    query = {"id": "q", "prompt": "p", "completion": " attributed", "target": "t"}
+    assert facts.model_answer(query) is query  # the model's answer is the one attributed (`demo --answer own`)
+    said = {**query, "model_answer": " said"}
+    assert facts.model_answer(said) == {**said, "completion": " said"} and said["completion"] == " attributed"
+
+
+@pytest.mark.parametrize("answer", ["own", "true"])
+def test_the_demo_attributes_the_chosen_answer_and_keeps_the_models(tiny, answer):
+    """demo.answer_queries: the model's first line is kept as "model_answer" and checked ("correct"); the attributed
+    completion is it (own) or the planted fact's answer (true), for every fact; another choice is named."""
+    from attribution.llm import demo
+
+    model, tok = tiny
+    queries = demo.answer_queries(model, tok, max_new_tokens=3, answer=answer)
+    assert [q["target"] for q in queries] == [f.id for f in facts.FACTS]
+    for q, fact in zip(queries, facts.FACTS):
+        assert q["model_answer"].strip() and q["correct"] == facts.answered(fact, q["model_answer"])
+        assert q["completion"] == (q["model_answer"] if answer == "own" else facts.true_answer(q)["completion"])
+    assert [q["model_answer"] for q in queries] == [q["model_answer"] for q in demo.answer_queries(
+        model, tok, max_new_tokens=3, answer="own" if answer == "true" else "true")]  # the same generation either way
+    with pytest.raises(ValueError, match=r"answer must be one of \('own', 'true'\), got 'gold'"):
+        demo.answer_queries(model, tok, max_new_tokens=3, answer="gold")
+
+
 def test_the_demo_rows_summarize_all_questions_the_answered_ones_and_keep_each_value(tiny, monkeypatch):
     """demo.tail_patch_rows: every row's mean and standard error over all questions and over those answered right, on
     the model's answer and on the true one, and its per-question values, each equal to facts.tail_patch_summary of
@@ -346,6 +371,12 @@ def test_the_demo_rows_summarize_all_questions_the_answered_ones_and_keep_each_v
     random_row, source_row = demo.tail_patch_rows(model, None, tok, CORPUS, queries, [row], seed=0, max_length=16,
                                                   progress=False)
     assert [q for q, _ in asked] == queries and all(t == facts.true_answer(q) for q, t in asked)
+    asked.clear()  # the true answer attributed (`demo --answer true`): the steps are still measured on the model's
+    said = [{**q, "completion": facts.true_answer(q)["completion"], "model_answer": " said"} for q in queries]
+    demo.tail_patch_rows(model, None, tok, CORPUS, said, [{"method": "m", "ranking": [["answer", "other"]] * 5}], seed=0,
+                         max_length=16, progress=False)
+    assert [own["completion"] for own, _ in asked] == [" said"] * 5
+    assert [true for _, true in asked] == [facts.true_answer(q) for q in said]
     for got, name, ks in ((row, "row 0", facts.TAIL_PATCH_KS), (random_row, "random", facts.TAIL_PATCH_KS),
                           (source_row, "source", (1,))):
         per_query = [{k: value[name] * (i + 1) ** 2 + k for k in ks} for i in range(5)]
