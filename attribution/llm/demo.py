@@ -28,6 +28,7 @@ from grass_ops.benchmarking import limit_primitive_cache, peak_rss_bytes, releas
 from .. import llm
 from ..evaluation import facts
 from ..evaluation.fidelity import Method, measure, scores
+from ..evaluation.metrics import mean_and_standard_error
 from ..layers import find_layers
 from .commands import cache
 from .commands.attribute import attribute_queries
@@ -314,6 +315,29 @@ def summarize_tail_patches(row: dict, patches: list[dict[int, list[float]]], que
     row["tail_patch_true_per_query"] = {str(k): [values[k] for values in true] for k in true[0]}
 
 
+PAIRED = {"": "tail_patch_per_query", "_true": "tail_patch_true_per_query"}  # answer suffix -> per-question key
+
+
+def paired_with(rows: list[dict], reference: dict, name: str) -> None:
+    """Each row with per-question tail-patches (not ``reference`` itself) gains ``tail_patch@k{answer}_minus_{name}``
+    and its ``_se``: the mean over the questions of (the row's value - ``reference``'s on the same question) and its
+    standard error, on the model's answer ("") and on the true one ("_true"). Paired, a question that every method
+    moves alike (a wrong answer the steps push around by nats) cancels out, so the difference is measured more
+    tightly than two means' overlapping errors tell."""
+    for row in rows:
+        if row is reference:
+            continue
+        for suffix, key in PAIRED.items():
+            if key not in row or key not in reference:
+                continue
+            for k, values in row[key].items():
+                if k not in reference[key]:
+                    continue
+                differences = [a - b for a, b in zip(values, reference[key][k], strict=True)]
+                mean, se = mean_and_standard_error(differences)
+                row[f"tail_patch@{k}{suffix}_minus_{name}"], row[f"tail_patch@{k}{suffix}_minus_{name}_se"] = mean, se
+
+
 def recall_figure(rows: list[dict]):
     """A matplotlib figure: recall@1 and recall@5 per method as horizontal bars, each labelled with its
     value (a zero bar shows as a stub and "0.00"), the legend above the axes, long names wrapped."""
@@ -361,9 +385,24 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def notes(rows: list[dict]) -> list[str]:
+def _paired_note(patched: list[dict]) -> str:
+    """The note's sentence on each row's tail-patch at k = 5 minus BM25's, question by question (:func:`paired_with`)."""
+    parts = []
+    for suffix, answer in (("", "the model's answer"), ("_true", "the true answer")):
+        key = f"tail_patch@5{suffix}_minus_bm25"
+        listed = "; ".join(f"{r['method']}: {r[key]:+.2f} ± {r[key + '_se']:.2f}" for r in patched if r.get(key) is not None)
+        if listed:
+            parts.append(f"on {answer}, {listed}")
+    if not parts:
+        return ""
+    return (" Paired question by question (a method's value minus BM25's on the same question, mean ± standard error: "
+            "what every method moves alike cancels), at k = 5: " + "; and ".join(parts) + ".")
+
+
+def notes(rows: list[dict], answer: str = "own") -> list[str]:
     """The report's notes on what the evaluation shows: why BM25 wins (or not) here, what influence
-    means, and the untuned control; every figure is read from ``rows`` (the default first)."""
+    means, and the untuned control; every figure is read from ``rows`` (the default first). ``answer``: the
+    completion attributed (``demo --answer``)."""
     default = rows[0]
     bm25 = next((r for r in rows if r.get("scoring") == "bm25"), None)
     control = next((r for r in rows if str(r["method"]).startswith("control:")), None)
@@ -406,6 +445,10 @@ def notes(rows: list[dict]) -> list[str]:
                "k = 5: " + "; ".join(f"{r['method']}: {r['tail_patch@5_true']:+.2f} ± {r['tail_patch@5_true_se']:.2f}"
                                      for r in patched if r.get("tail_patch@5_true") is not None) + "."
                if default.get("tail_patch@5_true") is not None else "")
+            + _paired_note(patched)
+            + (" Here every question's attributed completion is the planted fact's true answer (`--answer true`), so "
+               "the true answer's tail-patch is the one that measures the attributed output; the model's own answer "
+               "may be another one." if answer == "true" else "")
             + " A method whose top documents raise the answer more than the documents that state the fact has found "
             "what the model's answer depends on, not only where the words match.")
     # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
@@ -521,6 +564,9 @@ def run(args) -> list[dict]:
         by_id = {d["id"]: d for d in docs}
         rows += tail_patch_rows(model, optimizer, tokenizer, [by_id[i] for i in ids], queries, rows, seed=args.seed,
                                 max_length=config.max_length, autocast=finetune_autocast())
+        lexical_row = next((r for r in rows if r.get("row") == "bm25" and "tail_patch_per_query" in r), None)
+        if lexical_row is not None:
+            paired_with(rows, lexical_row, "bm25")
     tail_seconds = time.perf_counter() - tail_start
     figure = plot([r for r in rows if "recall@1" in r], out / "recall.png")
     meta = {"job": f"fact tracing: {len(facts.FACTS)} invented facts planted in the corpus, each asked with a paraphrased "
@@ -535,7 +581,7 @@ def run(args) -> list[dict]:
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
     internal = ("ranks", "ranking", "row", "tail_patch_per_query", "tail_patch_true_per_query")  # facts.json only
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}
-                                                               for r in rows], plot=figure, notes=notes(rows))
+                                                               for r in rows], plot=figure, notes=notes(rows, args.answer))
     (out / "facts.json").write_text(json.dumps({"meta": meta, "queries": queries, "methods": rows}, indent=1))
     lines = [f"{len(docs)} documents ({len(docs) - len(facts.FACTS)} Python-docs paragraphs + {len(facts.FACTS)} planted "
              f"facts) cached in {summary['cache_seconds']:.0f}s; the fine-tuned model answers {meta['answered_correctly']}/"

@@ -96,6 +96,9 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
     assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 5
     assert all(np.isfinite(r[f"tail_patch@{k}"]) and r[f"tail_patch@{k}_se"] >= 0 for r in patched for k in (1, 5, 10))
+    lexical = next(r for r in patched if r.get("scoring") == "bm25")  # each row paired with BM25 question by question
+    assert all(np.isfinite(r["tail_patch@5_minus_bm25"]) and np.isfinite(r["tail_patch@5_true_minus_bm25_se"])
+               for r in patched if r is not lexical) and "tail_patch@5_minus_bm25" not in lexical
     source = next(r for r in rows if r.get("scoring") == "source")
     assert np.isfinite(source["tail_patch@1"]) and source.get("tail_patch@5") is None
     assert (tmp_path / "optimizer.pt").stat().st_size > 0  # the fine-tuning's AdamW state, kept for tail-patch

@@ -215,6 +215,34 @@ def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_th
     true = {"tail_patch@5_true": 0.04, "tail_patch@5_true_se": 0.09}
     text = " ".join(demo.notes([{**default, **true}, {**bm25, "tail_patch@5_true": -0.01, "tail_patch@5_true_se": 0.04}]))
     assert "On the planted fact's true answer instead" in text and "default: +0.04 ± 0.09; BM25: -0.01 ± 0.04." in text
+    assert "Paired question by question" not in text and "`--answer true`" not in text
+    paired = {"tail_patch@5_minus_bm25": 0.25, "tail_patch@5_minus_bm25_se": 0.05, "tail_patch@5_true_minus_bm25": 0.3,
+              "tail_patch@5_true_minus_bm25_se": 0.1}
+    text = " ".join(demo.notes([{**default, **paired}, bm25], answer="true"))
+    assert ("Paired question by question (a method's value minus BM25's on the same question, mean ± standard error: "
+            "what every method moves alike cancels), at k = 5: on the model's answer, default: +0.25 ± 0.05; and on the "
+            "true answer, default: +0.30 ± 0.10.") in text
+    assert "planted fact's true answer (`--answer true`)" in text
+
+
+def test_each_row_is_paired_with_bm25_question_by_question():
+    """demo.paired_with: each row's per-question tail-patch minus BM25's on the same question, mean and standard error,
+    on both answers; BM25 itself and a row without tail-patch gain nothing; questions must line up."""
+    from attribution.evaluation.metrics import mean_and_standard_error
+
+    bm25 = {"row": "bm25", "tail_patch_per_query": {"1": [0.0, 0.0, 0.0], "5": [1.0, 2.0, 4.0]},
+            "tail_patch_true_per_query": {"5": [0.0, 0.0, 1.0]}}
+    row = {"tail_patch_per_query": {"1": [1.0, 1.0, 1.0], "5": [2.0, 2.5, 7.0]},
+           "tail_patch_true_per_query": {"5": [1.0, 1.0, 1.0]}}
+    plain = {"method": "no tail-patch"}
+    demo.paired_with([row, bm25, plain], bm25, "bm25")
+    assert (row["tail_patch@5_minus_bm25"], row["tail_patch@5_minus_bm25_se"]) == mean_and_standard_error([1.0, 0.5, 3.0])
+    assert (row["tail_patch@1_minus_bm25"], row["tail_patch@1_minus_bm25_se"]) == (1.0, 0.0)
+    assert (row["tail_patch@5_true_minus_bm25"], row["tail_patch@5_true_minus_bm25_se"]) == mean_and_standard_error(
+        [1.0, 1.0, 0.0])
+    assert not any("minus" in key for key in bm25) and plain == {"method": "no tail-patch"}
+    with pytest.raises(ValueError):  # another count of questions: not paired silently
+        demo.paired_with([{"tail_patch_per_query": {"5": [1.0, 2.0]}}], bm25, "bm25")
 
 
 def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_them(tmp_path):
