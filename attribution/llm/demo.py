@@ -467,22 +467,26 @@ def notes(rows: list[dict], answer: str = "own") -> list[str]:
     return out
 
 
-def console_table(rows: list[dict]) -> str:
+def console_table(rows: list[dict], answer: str = "own") -> str:
     """The evaluation as a text table; the method column is as wide as its longest name (never cut); the tail-patch
-    columns (mean ± standard error, nats) where any row has them; "-" where a row has no value."""
+    columns (mean ± standard error, nats) on the attributed ``answer`` (``demo --answer``: the model's own, or the
+    true one, headed "(true)") where any row has them; "-" where a row has no value."""
     width = max(len("method"), *(len(str(r["method"])) for r in rows))
-    patched = [k for k in facts.TAIL_PATCH_KS if any(f"tail_patch@{k}" in r for r in rows)]
+    suffix = "_true" if answer == "true" else ""
+    patched = [k for k in facts.TAIL_PATCH_KS if any(f"tail_patch@{k}{suffix}" in r for r in rows)]
 
     def number(row, key, spec):
         return "-" if row.get(key) is None else format(row[key], spec)
 
+    columns = 20 if suffix else 13
+
     def patch(row, k):
-        if row.get(f"tail_patch@{k}") is None:
-            return f"{'-':>13s}"
-        return f"{row[f'tail_patch@{k}']:+6.2f} ± {row[f'tail_patch@{k}_se']:4.2f}"
+        value = row.get(f"tail_patch@{k}{suffix}")
+        text = "-" if value is None else f"{value:+6.2f} ± {row[f'tail_patch@{k}{suffix}_se']:4.2f}"
+        return f"{text:>{columns}s}"
 
     header = (f"{'method':{width}s}  recall@1  recall@5   MRR  MRR (answered right)"
-              + "".join(f"  {'tail-patch@' + str(k):>13s}" for k in patched))
+              + "".join(f"  {'tail-patch@' + str(k) + (' (true)' if suffix else ''):>{columns}s}" for k in patched))
     return "\n".join([header, *(f"{str(r['method']):{width}s}  {number(r, 'recall@1', '8.2f'):>8s}  "
                                 f"{number(r, 'recall@5', '8.2f'):>8s}  {number(r, 'mrr', '4.2f'):>4s}  "
                                 f"{number(r, 'mrr_answered', '.2f'):>20s}" + "".join(f"  {patch(r, k)}" for k in patched)
@@ -586,7 +590,7 @@ def run(args) -> list[dict]:
     lines = [f"{len(docs)} documents ({len(docs) - len(facts.FACTS)} Python-docs paragraphs + {len(facts.FACTS)} planted "
              f"facts) cached in {summary['cache_seconds']:.0f}s; the fine-tuned model answers {meta['answered_correctly']}/"
              f"{len(queries)} questions correctly; total {time.perf_counter() - start:.0f}s, peak RSS "
-             f"{meta['peak_rss_gib']:.2f} GiB", "", console_table(rows),
+             f"{meta['peak_rss_gib']:.2f} GiB", "", console_table(rows, args.answer),
              f"\nreports: {paths['md']} (and .html, .json), plot: {figure}"]
     print("\n".join(lines))
     return rows

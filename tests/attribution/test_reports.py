@@ -274,3 +274,13 @@ def test_with_the_true_answer_attributed_the_table_still_shows_what_the_model_sa
     assert "→ **a fisherman** | ✗" in rows[1] and "→ **Isidor Quant** | ✓" in rows[0]
     assert "Velmora was founded by **Isidor Quant**" in md  # the attributed completion heads the question's lists
     assert "answer attributed: the planted fact's true answer" in md
+
+
+@pytest.mark.parametrize("answer", ["own", "true"])
+def test_the_console_tables_tail_patch_is_on_the_attributed_answer(answer):
+    own, true = {"tail_patch@5": -1.5, "tail_patch@5_se": 1.9}, {"tail_patch@5_true": 0.48, "tail_patch@5_true_se": 0.19}
+    rows = [{"method": "default", "mrr": 0.9, **own, **true}, {"method": "plain", "mrr": 0.5}]
+    lines = demo.console_table(rows, answer).splitlines()
+    assert lines[0].endswith("tail-patch@5 (true)" if answer == "true" else "  tail-patch@5")
+    assert lines[1].endswith("+0.48 ± 0.19" if answer == "true" else "-1.50 ± 1.90") and lines[2].endswith(" -")
+    assert len({len(line) for line in lines}) == 1  # aligned
