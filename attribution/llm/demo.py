@@ -418,8 +418,12 @@ def notes(rows: list[dict], answer: str = "own") -> list[str]:
             "influence means. BM25 retrieves the passages that state a fact: each question and its answer share rare "
             "invented names with exactly one paragraph, so word overlap finds it. Gradient attribution answers another "
             "question: which training documents caused the model's output, i.e. whose training step changed the loss of "
-            f"this answer the most.{learned} For a wrong answer, the true source can push against it (training on it makes "
-            "the wrong answer less likely), so it may sit among the lowest scores. TrackStar (Chang et al., 2024, "
+            f"this answer the most.{learned}"
+            + (" For a wrong answer, the true source can push against it (training on it makes the wrong answer less "
+               "likely), so it may sit among the lowest scores." if answer == "own" else
+               " Each question's attributed completion is the planted fact's true answer (`--answer true`), so a "
+               "question the model answers wrong is traced to what would teach it the fact.")
+            + " TrackStar (Chang et al., 2024, "
             "'Scalable Influence and Fact Tracing for Large Language Model Pretraining') reports the same gap at scale: "
             "BM25 is better at finding passages that state a fact, gradient-based influence at finding the examples that "
             "change the model's prediction. Where the words differ (paraphrase, translation, code), word overlap has "

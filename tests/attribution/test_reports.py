@@ -222,7 +222,10 @@ def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_th
     assert ("Paired question by question (a method's value minus BM25's on the same question, mean ± standard error: "
             "what every method moves alike cancels), at k = 5: on the model's answer, default: +0.25 ± 0.05; and on the "
             "true answer, default: +0.30 ± 0.10.") in text
-    assert "planted fact's true answer (`--answer true`)" in text
+    assert "is traced to what would teach it the fact" in text and "may sit among the lowest scores" not in text
+    assert "so the true answer's tail-patch is the one that measures the attributed output" in text
+    own = " ".join(demo.notes([default, bm25]))
+    assert "may sit among the lowest scores" in own and "`--answer true`" not in own
 
 
 def test_each_row_is_paired_with_bm25_question_by_question():
