@@ -4,9 +4,8 @@
    briefly fine-tuned on that corpus (seeded, CPU; the weights are kept in ``out/model`` and reused).
 2. The corpus is cached with the CLI's default configuration (the real pipeline: store, resume,
    checksums) at two checkpoints, the untuned and the fine-tuned model (TracIn-CP), and each fact is asked
-   with a paraphrased question; the model's own answer (``--answer own``, the default) or the planted fact's
-   true answer (``--answer true``, TrackStar's fact tracing) is the completion whose training documents we look
-   for, scored with a curvature that mixes the questions' FIM into the training one (TrackStar).
+   with a paraphrased question; the planted fact's true answer (``--answer true``, the default: fact tracing) or
+   the model's own answer (``--answer own``) is the completion whose training documents we look for, scored with a curvature that mixes the questions' FIM into the training one (TrackStar).
 3. The default method's top documents per question are reported (report.md / .html / .json), with
    recall@1, recall@5 and MRR of each fact's source document, beside the other compressors and
    scorings, a lexical BM25 baseline, the untuned model and both checkpoints together, and a plot of recall per

@@ -475,7 +475,7 @@ def test_the_demo_refuses_per_token_rows_in_its_mixed_curvature_and_a_task_weigh
     out = ["demo", "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
     assert cli.build_parser().parse_args(["demo"]).task_weight == 0.5
     assert cli.build_parser().parse_args(["demo"]).checkpoints == "both"
-    assert cli.build_parser().parse_args(["demo"]).answer == "own"
+    assert cli.build_parser().parse_args(["demo"]).answer == "true"
     assert cli.main([*out, "--per-token"]) == 2
     assert "--per-token adds each answer token's row" in capsys.readouterr().err
     for bad in ("1", "-0.1", "nan"):
@@ -484,7 +484,7 @@ def test_the_demo_refuses_per_token_rows_in_its_mixed_curvature_and_a_task_weigh
         assert "--task-weight" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*out, "--answer", "gold"])
-    assert "--answer: invalid choice: 'gold' (choose from own, true)" in capsys.readouterr().err
+    assert "--answer: invalid choice: 'gold' (choose from true, own)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
 
 

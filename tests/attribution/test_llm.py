@@ -125,12 +125,15 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     assert {k: again[k] for k in ("method", "ranks", "mrr")} == {k: rows[0][k] for k in ("method", "ranks", "mrr")}
     assert "tail_patch@5" not in again
     assert (tmp_path / "model" / "config.json").stat().st_mtime_ns == mtime
-    # --answer true: the same store and model, the planted facts' answers attributed, the model's kept beside them
-    truly = cli.run([*flags, "--answer", "true", "--no-compare", "--tail-patch", "none"])[0]
+    # the default (--answer true) attributes the planted facts' answers and keeps the model's beside them; --answer own
+    # attributes the model's own, on the same store and model
+    assert facts_record["meta"]["answer"] == "true"
+    assert all(q["completion"] == facts.true_answer(q)["completion"] for q in facts_record["queries"])
+    own = cli.run([*flags, "--answer", "own", "--no-compare", "--tail-patch", "none"])[0]
     record = json.loads((tmp_path / "facts.json").read_text())
-    assert record["meta"]["answer"] == "true" and 0 < truly["mrr"] <= 1 and truly["method"] == rows[0]["method"]
-    assert all(q["completion"] == facts.true_answer(q)["completion"] for q in record["queries"])
-    assert [q["model_answer"] for q in record["queries"]] == [q["completion"] for q in facts_record["queries"]]
+    assert record["meta"]["answer"] == "own" and 0 < own["mrr"] <= 1 and own["method"] == rows[0]["method"]
+    assert [q["completion"] for q in record["queries"]] == [q["model_answer"] for q in facts_record["queries"]]
+    assert [q["model_answer"] for q in record["queries"]] == [q["model_answer"] for q in facts_record["queries"]]
     # the default (--checkpoints both): the untuned and the tuned model cached (TracIn-CP), scored with the mixed curvature
     assert "TracIn-CP" in names[0] and "mixed curvature (task weight 0.5)" in names[0]
     assert "the training FIM alone" in names[1]

@@ -44,10 +44,11 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
                             "[0, 1), so directions every question shares (the question template) weigh less (TrackStar's "
                             "mixed Hessian; `attribute --preconditioner mixed --task-weight W`); 0: the training FIM alone "
                             "(default: 0.5, equal shares)", default=DEMO_TASK_WEIGHT, type=f.task_weight),
-    f.Flag("--answer", "the completion whose training documents are sought: the model's own answer to each question "
-                       "(own: why did it say this) or the planted fact's true answer (true: which documents teach the "
-                       "fact, TrackStar's fact tracing); BM25 and every row read the same text", default="own",
-           choices=["own", "true"]),
+    f.Flag("--answer", "the completion whose training documents are sought: the planted fact's true answer (true: which "
+                       "documents teach the fact; tail-patch then measures it) or the model's own answer to each "
+                       "question (own: why did it say this); BM25 and every row read the same text (default: true: "
+                       "it traced and moved the facts better here, BENCHMARKS.md)", default="true",
+           choices=["true", "own"]),
     f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
