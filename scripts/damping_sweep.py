@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
 
     dampings = [parse_damping(d) for d in args.dampings]  # cache --damping's parser: a number or '<f>*mean'
 
-    queries = json.loads((args.demo / "facts.json").read_text())["queries"]
+    record = json.loads((args.demo / "facts.json").read_text())
+    queries = record["queries"]
     store, config, docs = load_store(str(args.store or args.demo / "store"))
     model, tokenizer = llm.load_model(str(args.demo / "model"))
     ids, targets = [d["id"] for d in docs], [q["target"] for q in queries]
@@ -78,7 +79,9 @@ def main(argv=None) -> dict:
                     measured({**setting, "documents": "whitened"}, scores / norms[None])
     best = max(rows, key=lambda r: r["mrr"])
     report = {"store": str(args.store or args.demo / "store"), "optimizer_state": config.optimizer_state is not None,
-              "store_damping": config.damping, "questions": len(queries), "documents": len(docs), "rows": rows,
+              "store_damping": config.damping, "questions": len(queries),
+              "documents": len(docs), "rows": rows,
+              "answer": record.get("meta", {}).get("answer", "own"),  # the attributed completion (demo --answer)
               "best": best, "seconds": time.perf_counter() - start}
     emit_json_report(report, args.json)
     return report

@@ -9,11 +9,12 @@ on its top 1, 5 and 10 paragraphs), beside the demo's own rows read from its fac
 
 Bergson reads the demo's own inputs, pre-tokenized (``input_ids`` and ``labels``, so that no chat template is
 added): the corpus cut at --max-length tokens as the demo caches it, every token a target; each question's prompt
-and the model's answer, the answer's tokens the targets. It runs ``bergson trackstar`` with the fine-tuning's
+and the completion the demo attributed (the planted fact's answer, or the model's with ``demo --answer own``: the
+facts.json's "answer"), its tokens the targets. It runs ``bergson trackstar`` with the fine-tuning's
 AdamW state (its second moments normalize the gradients), unit-normalized gradients, the mixed train/query
 Hessian (its default) and a 16 x 16 projection per module (256 floats for each of the 210 block linear layers,
-the demo default's k), in float32, batches of at most 4 documents. A run folder whose scores exist is reused
-(``--rerun`` starts anew).
+the demo default's k), in float32, batches of at most 4 documents. A run folder whose scores exist is reused when
+its inputs are the same bytes (``--rerun`` starts anew).
 
 Each step is evaluated on the model's answer and on the planted fact's true answer, as the demo's rows are
 (``tail_patch@k``, ``_answered`` over the questions answered right, ``_true``). The per-question values are
@@ -23,6 +24,7 @@ run d12 hold ``per_query_tail_patch`` as a list of {k: nats}, one per question.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -63,11 +65,17 @@ def pretokenized(demo: Path, work: Path, tokenizer, max_length: int) -> tuple[li
 
 
 def run_trackstar(demo: Path, work: Path, rerun: bool) -> dict:
-    """``bergson trackstar`` into work/run (skipped when its scores exist and not ``rerun``); its wall time and
-    peak RSS, or {"reused": True}."""
+    """``bergson trackstar`` into work/run (skipped when its scores exist for the same inputs, the pre-tokenized
+    corpus and questions and the demo's optimizer state, and not ``rerun``); its wall time and peak RSS, or
+    {"reused": True}."""
     run = work / "run"
-    if (run / "scores" / "scores.bin").is_file() and not rerun:
+    inputs = hashlib.sha256()
+    for path in (work / "corpus.jsonl", work / "queries.jsonl", demo / "optimizer.pt"):
+        inputs.update(path.read_bytes())
+    stamp = work / "inputs.sha256"  # the inputs whose scores run/ holds: another demo folder or --answer is rerun
+    if (run / "scores" / "scores.bin").is_file() and not rerun and stamp.is_file() and stamp.read_text() == inputs.hexdigest():
         return {"reused": True}
+    stamp.unlink(missing_ok=True)
     cmd = [str(VENV / "bin" / "bergson"), "trackstar", str(run), "--model", str(demo / "model"), "--precision", "fp32",
            "--projection_dim", "16", "--data.dataset", str(work / "corpus.jsonl"),
            "--query.dataset", str(work / "queries.jsonl"), "--optimizer_state", str(demo / "optimizer.pt"),
@@ -76,6 +84,7 @@ def run_trackstar(demo: Path, work: Path, rerun: bool) -> dict:
     result = run_measured(cmd)
     if result["status"] != 0:
         raise RuntimeError(f"bergson trackstar failed: {result['stderr_tail']}")
+    stamp.write_text(inputs.hexdigest())
     return {"seconds": result["seconds"], "peak_rss_mb": result["peak_rss_bytes"] / 2**20, "command": " ".join(cmd)}
 
 
@@ -110,15 +119,17 @@ def main(argv=None) -> dict:
                          scores, ids, targets, scoring="trackstar")
     optimizer = demo.load_optimizer(args.demo, model, first_moment=False)
     # each step evaluated on the model's answer and on the planted fact's true one, as the demo's rows are
-    patches = [facts.tail_patch_ranking(model, optimizer, corpus, [facts.model_answer(q), facts.true_answer(q)], ranking,
+    patches = [facts.tail_patch_ranking(model, optimizer, corpus, facts.tail_patch_answers(q), ranking,
                                         tokenizer=tokenizer, max_length=args.max_length,
                                         autocast=demo.finetune_autocast())
                for q, ranking in zip(queries, row["ranking"])]
     demo.summarize_tail_patches(row, patches, queries)
     keys = ("method", "recall@1", "recall@5", "mrr", *(f"tail_patch@{k}{suffix}{se}" for k in facts.TAIL_PATCH_KS
                                                        for suffix in ("", "_answered", "_true") for se in ("", "_se")))
-    ours = json.loads((args.demo / "facts.json").read_text())["methods"]
-    out = {"trackstar": {k: row.get(k) for k in keys}, "trackstar_run": trackstar,
+    record = json.loads((args.demo / "facts.json").read_text())
+    ours = record["methods"]
+    out = {"answer": record["meta"].get("answer", "own"),  # the completion attributed (facts.json before it: own)
+           "trackstar": {k: row.get(k) for k in keys}, "trackstar_run": trackstar,
            "demo_rows": [{k: r.get(k) for k in keys} for r in ours if r.get("tail_patch@5") is not None],
            "per_query_tail_patch": row["tail_patch_per_query"],
            "per_query_tail_patch_true": row["tail_patch_true_per_query"]}

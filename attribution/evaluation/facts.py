@@ -2,8 +2,8 @@
 
 Twenty invented facts (a fictional town, its founder, a year, ...) are planted in the corpus, one
 document each, written as natural paragraphs. The embedded model is briefly fine-tuned on the corpus
-(seeded, on CPU), then asked each fact with a paraphrased question; the model's own answer is the
-completion to explain. A method works when it ranks the fact's source document first: recall@1,
+(seeded, on CPU), then asked each fact with a paraphrased question; the completion to explain is the planted
+fact's true answer or the model's own (``demo --answer``). A method works when it ranks the fact's source document first: recall@1,
 recall@5 and the mean reciprocal rank (MRR) of the source document over the twenty queries.
 """
 from __future__ import annotations
@@ -354,7 +354,7 @@ def answer_log_probs(model, tokenizer, queries: list, max_length: int = 128) -> 
 def true_answer(query: dict) -> dict:
     """The demo's ``query`` (a fact's question, its "target" the fact's id) with the planted fact's own answer as
     its completion (" " + Fact.answer), whatever the model answered: tail-patch on it is TrackStar's definition
-    (does a step on the documents raise the true answer), beside the model's own answer (what is attributed)."""
+    (does a step on the documents raise the true answer), beside the model's own answer (:func:`model_answer`)."""
     fact = next((f for f in FACTS if f.id == query.get("target")), None)
     if fact is None:
         raise ValueError(f"query {query.get('id')!r}: its target {query.get('target')!r} is not a planted fact's id")
@@ -363,11 +363,21 @@ def true_answer(query: dict) -> dict:
 
 
 def model_answer(query: dict) -> dict:
-    """The demo's ``query`` with the model's own answer as its completion: its "model_answer" where the attributed
-    completion is another one (``demo --answer true`` attributes the planted fact's answer), else ``query`` itself."""
+    """The demo's ``query`` with the model's own answer as its completion: its "model_answer" (the model's first line,
+    kept beside the attributed completion, which ``demo --answer true`` makes the planted fact's answer), or
+    ``query`` itself without one (a query written before ``--answer``: its completion is the model's). An empty
+    answer is scored as the planted fact's (:func:`true_answer`), as ``--answer own`` attributes it."""
     if "model_answer" not in query:
         return query
+    if not query["model_answer"].strip():
+        return {**query, "completion": true_answer(query)["completion"]}
     return {**query, "completion": query["model_answer"]}
+
+
+def tail_patch_answers(query: dict) -> list[dict]:
+    """[the model's answer, the planted fact's true answer] of a demo ``query`` (:func:`model_answer`,
+    :func:`true_answer`): the two completions each tail-patch step is evaluated on, in this order."""
+    return [model_answer(query), true_answer(query)]
 
 
 def tail_patch(model, optimizer, docs, query, *, tokenizer, lr: float | None = None, max_length: int = 128,

@@ -5,7 +5,8 @@
 2. The corpus is cached with the CLI's default configuration (the real pipeline: store, resume,
    checksums) at two checkpoints, the untuned and the fine-tuned model (TracIn-CP), and each fact is asked
    with a paraphrased question; the planted fact's true answer (``--answer true``, the default: fact tracing) or
-   the model's own answer (``--answer own``) is the completion whose training documents we look for, scored with a curvature that mixes the questions' FIM into the training one (TrackStar).
+   the model's own answer (``--answer own``) is the completion whose training documents we look for, scored
+   with a curvature that mixes the questions' FIM into the training one (TrackStar).
 3. The default method's top documents per question are reported (report.md / .html / .json), with
    recall@1, recall@5 and MRR of each fact's source document, beside the other compressors and
    scorings, a lexical BM25 baseline, the untuned model and both checkpoints together, and a plot of recall per
@@ -32,6 +33,7 @@ from ..layers import find_layers
 from .commands import cache
 from .commands.attribute import attribute_queries
 from .commands.common import CLIError, check_out, load_store
+from .commands.demo import ANSWERS, DEFAULT_ANSWER
 from .report import write_reports
 
 
@@ -142,25 +144,21 @@ def save_folder(model, tokenizer, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"))
 
 
-ANSWERS = ("own", "true")  # `demo --answer`: the completion attributed to the corpus
-
-
-def answer_queries(model, tokenizer, max_new_tokens: int = 16, answer: str = "own") -> list[dict]:
+def answer_queries(model, tokenizer, max_new_tokens: int = 16, answer: str = DEFAULT_ANSWER) -> list[dict]:
     """Each fact's paraphrased question, completed by the model (its first line: "model_answer", and "correct"
-    whether it states the fact). The attributed "completion" is, by ``answer``, the model's own answer ("own"; the
-    fact's answer when the model's is empty) or the planted fact's true answer ("true", facts.true_answer)."""
+    whether it states the fact). The attributed "completion" is, by ``answer`` (one of :data:`ANSWERS`), the planted
+    fact's true answer ("true", facts.true_answer) or the model's own answer ("own"; the fact's answer when the
+    model's is empty: facts.model_answer)."""
     if answer not in ANSWERS:
         raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
     prompts = [facts.question_prompt(f) for f in facts.FACTS]
     answers = [a.split("\n")[0] for a in llm.complete(model, tokenizer, prompts, max_new_tokens)]
     queries = []
     for fact, prompt, said in zip(facts.FACTS, prompts, answers):
-        query = {"id": fact.id, "prompt": prompt, "completion": said if said.strip() else " " + fact.answer,
-                 "target": fact.id, "correct": facts.answered(fact, said)}
-        query["model_answer"] = query["completion"]
-        if answer == "true":
-            query["completion"] = facts.true_answer(query)["completion"]
-        queries.append(query)
+        query = {"id": fact.id, "prompt": prompt, "model_answer": said, "target": fact.id,
+                 "correct": facts.answered(fact, said)}
+        chosen = facts.true_answer(query) if answer == "true" else facts.model_answer(query)
+        queries.append({**query, "completion": chosen["completion"]})
     return queries
 
 
@@ -282,9 +280,8 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
         rankings = {f"row {j}": row["ranking"][i] for j, row in enumerate(patched)}
         rankings.update(facts.reference_rankings(ids, query["target"], seed, i))
         ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
-        answers = [facts.model_answer(query), facts.true_answer(query)]
-        patches = facts.tail_patch_rankings(model, optimizer, corpus, answers, rankings, tokenizer=tokenizer, ks=ks,
-                                            max_length=max_length, autocast=autocast)
+        patches = facts.tail_patch_rankings(model, optimizer, corpus, facts.tail_patch_answers(query), rankings,
+                                            tokenizer=tokenizer, ks=ks, max_length=max_length, autocast=autocast)
         for j, row in enumerate(patched):
             per_row[id(row)].append(patches[f"row {j}"])
         per_row[id(random_row)].append(patches["random"])
@@ -297,8 +294,8 @@ def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: li
 
 def summarize_tail_patches(row: dict, patches: list[dict[int, list[float]]], queries: list[dict]) -> None:
     """``row`` gains the tail-patch keys of :func:`tail_patch_rows` from ``patches``: per question (in ``queries``'
-    order), {k: [on the model's answer, on the true answer]} (facts.tail_patch_rankings of [query,
-    facts.true_answer(query)])."""
+    order), {k: [on the model's answer, on the true answer]} (facts.tail_patch_rankings of
+    facts.tail_patch_answers(query))."""
     own = [{k: values[0] for k, values in by_k.items()} for by_k in patches]
     true = [{k: values[1] for k, values in by_k.items()} for by_k in patches]
     summaries = {"": facts.tail_patch_summary(own), "_true": facts.tail_patch_summary(true)}
@@ -314,7 +311,7 @@ def summarize_tail_patches(row: dict, patches: list[dict[int, list[float]]], que
     row["tail_patch_true_per_query"] = {str(k): [values[k] for values in true] for k in true[0]}
 
 
-PAIRED = {"": "tail_patch_per_query", "_true": "tail_patch_true_per_query"}  # answer suffix -> per-question key
+PER_QUESTION_KEYS = {"": "tail_patch_per_query", "_true": "tail_patch_true_per_query"}  # answer's key suffix -> its key
 
 
 def paired_with(rows: list[dict], reference: dict, name: str) -> None:
@@ -326,7 +323,7 @@ def paired_with(rows: list[dict], reference: dict, name: str) -> None:
     for row in rows:
         if row is reference:
             continue
-        for suffix, key in PAIRED.items():
+        for suffix, key in PER_QUESTION_KEYS.items():
             if key not in row or key not in reference:
                 continue
             for k, values in row[key].items():
@@ -388,8 +385,7 @@ def _paired_note(patched: list[dict]) -> str:
     """The note's sentence on each row's tail-patch at k = 5 minus BM25's, question by question (:func:`paired_with`)."""
     parts = []
     for suffix, answer in (("", "the model's answer"), ("_true", "the true answer")):
-        key = f"tail_patch@5{suffix}_minus_bm25"
-        listed = "; ".join(f"{r['method']}: {r[key]:+.2f} ± {r[key + '_se']:.2f}" for r in patched if r.get(key) is not None)
+        listed = _at_k5(patched, f"tail_patch@5{suffix}_minus_bm25")
         if listed:
             parts.append(f"on {answer}, {listed}")
     if not parts:
@@ -398,7 +394,41 @@ def _paired_note(patched: list[dict]) -> str:
             "what every method moves alike cancels), at k = 5: " + "; and ".join(parts) + ".")
 
 
-def notes(rows: list[dict], answer: str = "own") -> list[str]:
+def _at_k5(rows: list[dict], key: str) -> str:
+    """"method: mean ± se; ..." of ``key`` (a tail-patch at k = 5) over the rows that have it."""
+    return "; ".join(f"{r['method']}: {r[key]:+.2f} ± {r[key + '_se']:.2f}" for r in rows if r.get(key) is not None)
+
+
+def _tail_patch_note(patched: list[dict], source: dict | None, answer: str) -> str:
+    """The note on tail-patch: what it measures, its figures at k = 5 on the attributed answer first, then on the
+    other one (the model's answer also over the questions answered right), the true source alone, and each row
+    paired with BM25."""
+    def with_source(suffix):
+        key = f"tail_patch@1{suffix}"
+        return (f" The true source alone (k = 1) gives {source[key]:+.2f} ± {source[key + '_se']:.2f}."
+                if source is not None and source.get(key) is not None else "")
+
+    true = (f" On the planted fact's true answer (TrackStar's definition: does training on the documents teach the "
+            f"fact?), at k = 5: {_at_k5(patched, 'tail_patch@5_true')}.{with_source('_true')}"
+            if _at_k5(patched, "tail_patch@5_true") else "")
+    answered = _at_k5(patched, "tail_patch@5_answered")
+    own = (f" On the model's own answer, at k = 5: {_at_k5(patched, 'tail_patch@5')}.{with_source('')}"
+           + (f" Over the questions answered right alone: {answered}. A wrong answer's true source can push that "
+              "answer down by nats (training on the fact makes the wrong answer less likely), so a method that finds "
+              "the source of a wrongly answered question loses tail-patch on the model's answer there while it gains "
+              "MRR." if answered else ""))
+    attributed = ("Each question's attributed completion is the planted fact's true answer (`--answer true`), so the "
+                  "true answer's tail-patch is the one that measures the attributed output." if answer == "true" else
+                  "Each question's attributed completion is the model's own answer (`--answer own`).")
+    return ("Tail-patch measures influence rather than retrieval (TrackStar): one training step, from the fine-tuned "
+            "model with its optimizer's state and learning rate, on a method's top k documents, and the change in the "
+            "log-probability (nats) of an answer to the question; the mean over the questions ± its standard error. "
+            + attributed + (true + own if answer == "true" else own + true) + _paired_note(patched)
+            + " A method whose top documents raise the answer more than the documents that state the fact has found "
+            "what the answer depends on, not only where the words match.")
+
+
+def notes(rows: list[dict], answer: str = DEFAULT_ANSWER) -> list[str]:
     """The report's notes on what the evaluation shows: why BM25 wins (or not) here, what influence
     means, and the untuned control; every figure is read from ``rows`` (the default first). ``answer``: the
     completion attributed (``demo --answer``)."""
@@ -416,8 +446,11 @@ def notes(rows: list[dict], answer: str = "own") -> list[str]:
             f"Why BM25 {verdict} here (MRR {bm25['mrr']:.2f} against the default's {default['mrr']:.2f}), and what "
             "influence means. BM25 retrieves the passages that state a fact: each question and its answer share rare "
             "invented names with exactly one paragraph, so word overlap finds it. Gradient attribution answers another "
-            "question: which training documents caused the model's output, i.e. whose training step changed the loss of "
-            f"this answer the most.{learned}"
+            + ("question: which training documents caused the model's output, i.e. whose training step changed the loss "
+               "of this answer the most." if answer == "own" else
+               "question: which training documents would move the model towards the answer, i.e. whose training step "
+               "changes its loss the most.")
+            + learned
             + (" For a wrong answer, the true source can push against it (training on it makes the wrong answer less "
                "likely), so it may sit among the lowest scores." if answer == "own" else
                " Each question's attributed completion is the planted fact's true answer (`--answer true`), so a "
@@ -429,31 +462,7 @@ def notes(rows: list[dict], answer: str = "own") -> list[str]:
             "nothing to match.")
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
     if default.get("tail_patch@5") is not None:
-        listed = "; ".join(f"{r['method']}: {r['tail_patch@5']:+.2f} ± {r['tail_patch@5_se']:.2f}" for r in patched)
-        source = next((r for r in rows if r.get("scoring") == "source"), None)
-        out.append(
-            "Tail-patch measures influence rather than retrieval (TrackStar): one training step, from the fine-tuned model "
-            "with its optimizer's state and learning rate, on a method's top k documents, and the change in the "
-            "log-probability (nats) of the model's own answer to the question; the mean over the questions ± its "
-            f"standard error. At k = 5: {listed}."
-            + (f" The true source alone (k = 1) gives {source['tail_patch@1']:+.2f} ± {source['tail_patch@1_se']:.2f}."
-               if source is not None else "")
-            + (" Over the questions answered right alone, at k = 5: " + "; ".join(
-                f"{r['method']}: {r['tail_patch@5_answered']:+.2f} ± {r['tail_patch@5_answered_se']:.2f}" for r in patched
-                if r.get("tail_patch@5_answered") is not None) + ". A wrong answer's true source can push that answer "
-               "down by nats (training on the fact makes the wrong answer less likely), so a method that finds the "
-               "source of a wrongly answered question loses tail-patch there while it gains MRR."
-               if default.get("tail_patch@5_answered") is not None else "")
-            + (" On the planted fact's true answer instead (TrackStar's definition; every question, the same steps), at "
-               "k = 5: " + "; ".join(f"{r['method']}: {r['tail_patch@5_true']:+.2f} ± {r['tail_patch@5_true_se']:.2f}"
-                                     for r in patched if r.get("tail_patch@5_true") is not None) + "."
-               if default.get("tail_patch@5_true") is not None else "")
-            + _paired_note(patched)
-            + (" Here every question's attributed completion is the planted fact's true answer (`--answer true`), so "
-               "the true answer's tail-patch is the one that measures the attributed output; the model's own answer "
-               "may be another one." if answer == "true" else "")
-            + " A method whose top documents raise the answer more than the documents that state the fact has found "
-            "what the model's answer depends on, not only where the words match.")
+        out.append(_tail_patch_note(patched, next((r for r in rows if r.get("scoring") == "source"), None), answer))
     # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
     tuned = next((r for r in rows if r.get("row") == "tuned"), default)
     if control is not None:
@@ -470,7 +479,7 @@ def notes(rows: list[dict], answer: str = "own") -> list[str]:
     return out
 
 
-def console_table(rows: list[dict], answer: str = "own") -> str:
+def console_table(rows: list[dict], answer: str = DEFAULT_ANSWER) -> str:
     """The evaluation as a text table; the method column is as wide as its longest name (never cut); the tail-patch
     columns (mean ± standard error, nats) on the attributed ``answer`` (``demo --answer``: the model's own, or the
     true one, headed "(true)") where any row has them; "-" where a row has no value."""

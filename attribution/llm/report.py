@@ -166,7 +166,10 @@ def _query_view(n: int, result: Attribution) -> dict:
     helpful = _listed(result.helpful, target)
     top = helpful[0] if helpful else None
     return {"n": n, "prompt": str(q["prompt"]), "completion": str(q["completion"]),
-            "answer": shorten(q.get("model_answer", q["completion"]), SUMMARY_CHARS), "correct": q.get("correct"), "target": target,
+            "answer": shorten(q.get("model_answer", q["completion"]), SUMMARY_CHARS),
+            # the model's own answer where another completion is attributed (demo --answer true)
+            "said": q["model_answer"] if q.get("model_answer", q["completion"]) != q["completion"] else None,
+            "correct": q.get("correct"), "target": target,
             "target_rank": q.get("target_rank"), "helpful": helpful, "harmful": _listed(result.harmful, target),
             "top_id": top["id"] if top else None, "top_text": shorten(top["text"], SUMMARY_CHARS) if top else None,
             "tokens": [{"token": t["token"], "top": ", ".join(str(d["id"]) for d, _ in t["helpful"][:3])}

@@ -201,30 +201,39 @@ def test_the_console_table_keeps_whole_method_names():
     assert len({len(line) for line in table.splitlines()[1:]}) == 1  # aligned columns
 
 
-def test_the_tail_patch_note_gives_the_answered_questions_where_the_rows_have_them():
+def test_the_tail_patch_note_gives_the_attributed_answer_first_and_the_answered_questions_where_rows_have_them():
     patch = {"tail_patch@5": -1.5, "tail_patch@5_se": 1.9}
     default = {"method": "default", "mrr": 0.8, **patch}
     bm25 = {"method": "BM25", "scoring": "bm25", "mrr": 0.97, **patch}
-    text = " ".join(demo.notes([default, bm25]))
-    assert "At k = 5: default: -1.50 ± 1.90; BM25: -1.50 ± 1.90." in text and "answered right alone" not in text
+    text = " ".join(demo.notes([default, bm25], answer="own"))
+    assert "On the model's own answer, at k = 5: default: -1.50 ± 1.90; BM25: -1.50 ± 1.90." in text
+    assert "answered right alone" not in text and "true answer" not in text and "Paired" not in text
     answered = {"tail_patch@5_answered": 0.24, "tail_patch@5_answered_se": 0.06}
     text = " ".join(demo.notes([{**default, **answered}, {**bm25, "tail_patch@5_answered": 0.06,
-                                                          "tail_patch@5_answered_se": 0.04}]))
-    assert "Over the questions answered right alone, at k = 5: default: +0.24 ± 0.06; BM25: +0.06 ± 0.04." in text
-    assert "true answer" not in text
-    true = {"tail_patch@5_true": 0.04, "tail_patch@5_true_se": 0.09}
-    text = " ".join(demo.notes([{**default, **true}, {**bm25, "tail_patch@5_true": -0.01, "tail_patch@5_true_se": 0.04}]))
-    assert "On the planted fact's true answer instead" in text and "default: +0.04 ± 0.09; BM25: -0.01 ± 0.04." in text
-    assert "Paired question by question" not in text and "`--answer true`" not in text
+                                                          "tail_patch@5_answered_se": 0.04}], answer="own"))
+    assert "Over the questions answered right alone: default: +0.24 ± 0.06; BM25: +0.06 ± 0.04." in text
+    true = {"tail_patch@5_true": 0.48, "tail_patch@5_true_se": 0.19}
+    rows = [{**default, **true}, {**bm25, "tail_patch@5_true": -0.01, "tail_patch@5_true_se": 0.04},
+            {"method": "source", "scoring": "source", "tail_patch@1": -2.5, "tail_patch@1_se": 2.4,
+             "tail_patch@1_true": 0.11, "tail_patch@1_true_se": 0.2}]
+    on_true = "On the planted fact's true answer (TrackStar's definition: does training on the documents teach the fact?), "
+    for answer in ("own", "true"):  # the attributed answer's figures first
+        text = " ".join(demo.notes(rows, answer=answer))
+        assert on_true + "at k = 5: default: +0.48 ± 0.19; BM25: -0.01 ± 0.04. The true source alone (k = 1) gives " \
+                         "+0.11 ± 0.20." in text
+        assert "On the model's own answer, at k = 5: default: -1.50 ± 1.90; BM25: -1.50 ± 1.90. The true source alone " \
+               "(k = 1) gives -2.50 ± 2.40." in text
+        assert (text.index(on_true) < text.index("On the model's own answer")) == (answer == "true")
+        assert ("is the planted fact's true answer (`--answer true`)" in text) == (answer == "true")
     paired = {"tail_patch@5_minus_bm25": 0.25, "tail_patch@5_minus_bm25_se": 0.05, "tail_patch@5_true_minus_bm25": 0.3,
               "tail_patch@5_true_minus_bm25_se": 0.1}
-    text = " ".join(demo.notes([{**default, **paired}, bm25], answer="true"))
+    text = " ".join(demo.notes([{**default, **paired}, bm25]))  # the default: --answer true
     assert ("Paired question by question (a method's value minus BM25's on the same question, mean ± standard error: "
             "what every method moves alike cancels), at k = 5: on the model's answer, default: +0.25 ± 0.05; and on the "
             "true answer, default: +0.30 ± 0.10.") in text
     assert "is traced to what would teach it the fact" in text and "may sit among the lowest scores" not in text
     assert "so the true answer's tail-patch is the one that measures the attributed output" in text
-    own = " ".join(demo.notes([default, bm25]))
+    own = " ".join(demo.notes([default, bm25], answer="own"))
     assert "may sit among the lowest scores" in own and "`--answer true`" not in own
 
 
@@ -276,6 +285,7 @@ def test_with_the_true_answer_attributed_the_table_still_shows_what_the_model_sa
     rows = [line for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
     assert "→ **a fisherman** | ✗" in rows[1] and "→ **Isidor Quant** | ✓" in rows[0]
     assert "Velmora was founded by **Isidor Quant**" in md  # the attributed completion heads the question's lists
+    assert "The model answered: a fisherman (wrong)." in md and "Answer: right." in md  # the right one: the same text
     assert "answer attributed: the planted fact's true answer" in md
 
 

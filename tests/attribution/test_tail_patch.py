@@ -323,11 +323,15 @@ def test_the_true_answer_is_the_planted_facts_whatever_the_model_said():
         facts.true_answer({**query, "target": "nope"})
 
 
-def test_the_models_answer_is_the_query_itself_or_its_kept_answer():
-    query = {"id": "q", "prompt": "p", "completion": " attributed", "target": "t"}
-    assert facts.model_answer(query) is query  # the model's answer is the one attributed (`demo --answer own`)
+def test_the_models_answer_is_its_kept_answer_or_the_query_itself():
+    fact = facts.FACTS[2]
+    query = {"id": "q", "prompt": "p", "completion": " attributed", "target": fact.id}
+    assert facts.model_answer(query) is query  # written before `demo --answer`: the completion was the model's
     said = {**query, "model_answer": " said"}
     assert facts.model_answer(said) == {**said, "completion": " said"} and said["completion"] == " attributed"
+    silent = {**query, "model_answer": " "}  # an empty answer is scored as the planted fact's, as --answer own has it
+    assert facts.model_answer(silent)["completion"] == facts.true_answer(silent)["completion"] == " " + fact.answer
+    assert facts.tail_patch_answers(said) == [facts.model_answer(said), facts.true_answer(said)]
 
 
 @pytest.mark.parametrize("answer", ["own", "true"])
@@ -340,11 +344,13 @@ def test_the_demo_attributes_the_chosen_answer_and_keeps_the_models(tiny, answer
     queries = demo.answer_queries(model, tok, max_new_tokens=3, answer=answer)
     assert [q["target"] for q in queries] == [f.id for f in facts.FACTS]
     for q, fact in zip(queries, facts.FACTS):
-        assert q["model_answer"].strip() and q["correct"] == facts.answered(fact, q["model_answer"])
-        assert q["completion"] == (q["model_answer"] if answer == "own" else facts.true_answer(q)["completion"])
+        assert q["correct"] == facts.answered(fact, q["model_answer"])
+        chosen = facts.model_answer(q) if answer == "own" else facts.true_answer(q)
+        assert q["completion"] == chosen["completion"] and q["completion"].strip()
+    assert answer == "true" or any(q["completion"] == q["model_answer"] for q in queries)  # the model's own words
     assert [q["model_answer"] for q in queries] == [q["model_answer"] for q in demo.answer_queries(
         model, tok, max_new_tokens=3, answer="own" if answer == "true" else "true")]  # the same generation either way
-    with pytest.raises(ValueError, match=r"answer must be one of \('own', 'true'\), got 'gold'"):
+    with pytest.raises(ValueError, match=r"answer must be one of \('true', 'own'\), got 'gold'"):
         demo.answer_queries(model, tok, max_new_tokens=3, answer="gold")
 
 

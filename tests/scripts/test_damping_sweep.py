@@ -30,6 +30,7 @@ def test_the_sweep_scores_every_setting_and_whitening_meets_unit_norms_at_a_larg
                           "mixed:0.5", "--json", str(tmp_path / "sweep.json")])
     assert json.loads((tmp_path / "sweep.json").read_text()) == report
     assert len(report["rows"]) == 2 * 2 * 3 and report["questions"] == 3 and report["documents"] == 6
+    assert report["answer"] == "own"  # a facts.json without the demo's meta: written before --answer
     settings = {(r["preconditioner"], r["damping"], r["documents"]) for r in report["rows"]}
     assert len(settings) == 12 and all(0 < r["mrr"] <= 1 for r in report["rows"])
     by = {(r["preconditioner"], r["damping"], r["documents"]): r for r in report["rows"]}

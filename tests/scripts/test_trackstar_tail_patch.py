@@ -38,3 +38,35 @@ def test_a_missing_bergson_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(script, "VENV", tmp_path / "nowhere")
     with pytest.raises(SystemExit, match="Bergson is not installed at .*nowhere.*bergson-venv.sh"):
         script.main(["--demo", str(tmp_path)])
+
+
+def test_a_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    """Bergson's scores are reused for the same pre-tokenized corpus, questions and optimizer state; other questions
+    (the demo rerun with another --answer) or a failed run start it anew."""
+    script = load_script("trackstar_tail_patch")
+    demo, work = tmp_path / "demo", tmp_path / "work"
+    demo.mkdir()
+    work.mkdir()
+    (demo / "optimizer.pt").write_bytes(b"state")
+    (work / "corpus.jsonl").write_text("corpus\n")
+    (work / "queries.jsonl").write_text("the true answers\n")
+    runs = []
+
+    def bergson(cmd, status=0):
+        runs.append(cmd)
+        (work / "run" / "scores").mkdir(parents=True, exist_ok=True)
+        (work / "run" / "scores" / "scores.bin").write_bytes(b"scores")
+        return {"status": status, "seconds": 1.0, "peak_rss_bytes": 2**20, "stderr_tail": "failed"}
+
+    monkeypatch.setattr(script, "run_measured", bergson)
+    assert script.run_trackstar(demo, work, rerun=False)["seconds"] == 1.0 and len(runs) == 1
+    assert script.run_trackstar(demo, work, rerun=False) == {"reused": True} and len(runs) == 1
+    (work / "queries.jsonl").write_text("the model's answers\n")
+    assert "seconds" in script.run_trackstar(demo, work, rerun=False) and len(runs) == 2
+    assert script.run_trackstar(demo, work, rerun=True)["seconds"] == 1.0 and len(runs) == 3
+    monkeypatch.setattr(script, "run_measured", lambda cmd: bergson(cmd, status=1))
+    (work / "queries.jsonl").write_text("other questions\n")
+    with pytest.raises(RuntimeError, match="bergson trackstar failed: failed"):
+        script.run_trackstar(demo, work, rerun=False)
+    monkeypatch.setattr(script, "run_measured", bergson)  # scores.bin of the failed run is not taken for these inputs
+    assert "seconds" in script.run_trackstar(demo, work, rerun=False) and len(runs) == 5

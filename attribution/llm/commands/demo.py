@@ -6,6 +6,8 @@ import argparse
 from . import flags as f
 from .cache import CONFIG_FLAGS, DEFAULTS
 
+ANSWERS = ("true", "own")  # `--answer`: the completion of each question attributed to the corpus (the first: default)
+DEFAULT_ANSWER = ANSWERS[0]
 DEMO_TASK_WEIGHT = 0.5  # equal shares of the training and the questions' curvature: chosen before measuring, not fitted
 
 # the cache flags the demo takes; its model and corpus are its own (the fine-tuned model, the facts' corpus)
@@ -47,8 +49,8 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
     f.Flag("--answer", "the completion whose training documents are sought: the planted fact's true answer (true: which "
                        "documents teach the fact; tail-patch then measures it) or the model's own answer to each "
                        "question (own: why did it say this); BM25 and every row read the same text (default: true: "
-                       "it traced and moved the facts better here, BENCHMARKS.md)", default="true",
-           choices=["true", "own"]),
+                       "it traced and moved the facts better here, BENCHMARKS.md)", default=DEFAULT_ANSWER,
+           choices=list(ANSWERS)),
     f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
