@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from grass_ops.atomic_files import atomic_writer, write_json_atomic
-from grass_ops.benchmarking import limit_primitive_cache, peak_rss_bytes, release_freed_memory
+from grass_ops.benchmarking import fix_mmap_threshold, limit_primitive_cache, peak_rss_bytes, release_freed_memory
 
 from .. import llm
 from ..evaluation import facts
@@ -516,6 +516,7 @@ def run(args) -> list[dict]:
                        f"{args.task_weight:g} mixes in: give --task-weight 0 (the training FIM alone) with --per-token")
     check_store_checkpoints(Path(args.store), args.checkpoints)
     limit_primitive_cache()  # before the first matmul: one oneDNN primitive per batch shape no longer piles up
+    fix_mmap_threshold()  # gradient-sized blocks are mapped and unmapped, not left in a fragmented heap
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
