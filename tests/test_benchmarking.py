@@ -53,3 +53,49 @@ def test_the_primitive_cache_limit_is_set_once_and_leaves_a_users_value(monkeypa
     for bad in (-1, 1.5, True, "64"):
         with pytest.raises(ValueError, match="capacity must be an int >= 0"):
             limit_primitive_cache(bad)
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from grass_ops.benchmarking import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+fixed = fix_mmap_threshold() if sys.argv[1] == "fixed" else None
+freed = bytearray(8 << 20)  # mapped; freeing it raises glibc's dynamic threshold to 8 MiB unless it is fixed
+del freed
+mapped = libc.mallinfo2().hblkhd
+block = bytearray(2 << 20)
+print(fixed, libc.mallinfo2().hblkhd - mapped >= 2 << 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
+def test_a_fixed_mmap_threshold_keeps_blocks_of_a_few_mib_mapped_after_a_larger_one_is_freed():
+    """In a fresh process each (the setting is process-wide): after an 8 MiB block is freed, a 2 MiB block comes
+    from the heap by default and is mapped of its own with fix_mmap_threshold(); a user's MALLOC_MMAP_THRESHOLD_
+    is left in force."""
+    import os
+    import subprocess
+    import sys
+
+    def probe(mode, **env):
+        run = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+        return run.stdout.split()
+
+    assert probe("default") == ["None", "False"]
+    assert probe("fixed") == ["True", "True"]
+    assert probe("fixed", MALLOC_MMAP_THRESHOLD_="33554432") == ["False", "False"]  # the user's 32 MiB stays
+
+
+def test_the_mmap_threshold_must_be_a_positive_number_of_bytes():
+    from grass_ops.benchmarking import fix_mmap_threshold
+
+    for bad in (0, -1, 1.5, True, "1M"):
+        with pytest.raises(ValueError, match="threshold must be a positive number of bytes"):
+            fix_mmap_threshold(bad)
