@@ -21,6 +21,10 @@ DEFAULT_AUTOCAST = "auto"
 # Raw IF scores by default (--normalize: unit-normalized gradients): chosen by the fact-tracing measurement
 # (BENCHMARKS.md, the fact-tracing table).
 DEFAULT_NORMALIZE = False
+# The main job's attributed completion of each question (`demo --answer`): the planted fact's answer, chosen by the
+# fact-tracing measurement (BENCHMARKS.md, "The fact's own answer attributed"), or the model's own.
+ANSWERS = ("true", "own")
+DEFAULT_ANSWER = ANSWERS[0]
 # --compile auto compiles the cache step when the documents to compute hold at least this many real tokens,
 # by the matmul precision (--autocast, resolved): the measured break-even of one compile of the in-backward
 # step on SmolLM2, rounded up (BENCHMARKS.md, "compile or not").

@@ -33,7 +33,7 @@ from ..layers import find_layers
 from .commands import cache
 from .commands.attribute import attribute_queries
 from .commands.common import CLIError, check_out, load_store
-from .commands.demo import ANSWERS, DEFAULT_ANSWER
+from .config import ANSWERS, DEFAULT_ANSWER
 from .report import write_reports
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ANSWERS, DEFAULT_ANSWER
 from . import flags as f
 from .cache import CONFIG_FLAGS, DEFAULTS
 
-ANSWERS = ("true", "own")  # `--answer`: the completion of each question attributed to the corpus (the first: default)
-DEFAULT_ANSWER = ANSWERS[0]
 DEMO_TASK_WEIGHT = 0.5  # equal shares of the training and the questions' curvature: chosen before measuring, not fitted
 
 # the cache flags the demo takes; its model and corpus are its own (the fine-tuned model, the facts' corpus)
