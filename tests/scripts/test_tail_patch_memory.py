@@ -1,0 +1,46 @@
+"""scripts/tail_patch_memory.py on a tiny demo folder: the demo's tail-patch over the first questions, the resident
+set after each, the peak; a folder without rankings and a count below one are refused by name."""
+import json
+import shutil
+
+import pytest
+import torch
+from script_loader import load_script
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+
+def test_each_question_is_measured_and_bad_inputs_are_named(tiny_llama, tmp_path, capsys):
+    from attribution import llm
+    from attribution.evaluation import facts
+    from attribution.llm import demo
+    from grass_ops.benchmarking import release_freed_memory
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_llama, folder / "model")
+    model, tok = llm.load_model(str(folder / "model"))
+    planted = facts.FACTS[:3]
+    words = "the a for loop lambda assert python list data privacy statement expression creates function".split()
+    corpus = [{"id": f.id, "text": " ".join(words[i:i + 4])} for i, f in enumerate(planted)]
+    corpus += [{"id": f"d{i}", "text": " ".join(words[i:i + 3])} for i in range(9)]
+    optimizer = facts.finetune_optimizer(model, demo.FINETUNE_LR)
+    facts.training_loss(model, tok, corpus[:2], 16).backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), folder / demo.OPTIMIZER_FILE)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    queries = [{"id": f.id, "prompt": "the data", "completion": " privacy statement", "model_answer": " a list",
+                "target": f.id, "correct": i % 2 == 0} for i, f in enumerate(planted)]
+    ranking = [[d["id"] for d in corpus[::-1]]] * 3
+    (folder / "facts.json").write_text(json.dumps({"queries": queries, "methods": [{"method": "m", "ranking": ranking}]}))
+    script = load_script("tail_patch_memory")
+    out = script.main(["--demo", str(folder), "--questions", "2", "--json", str(tmp_path / "memory.json")])
+    assert json.loads((tmp_path / "memory.json").read_text()) == out
+    assert (out["questions"], out["rows"], len(out["after_each_question_mib"])) == (2, 1, 2)
+    assert out["peak_mib"] >= max(out["after_each_question_mib"]) > 0 and out["seconds"] > 0
+    assert demo.release_freed_memory is release_freed_memory  # the demo's own trim is put back
+    with pytest.raises(SystemExit):
+        script.main(["--demo", str(folder), "--questions", "0"])
+    assert "--questions must be at least 1, got 0" in capsys.readouterr().err
+    (folder / "facts.json").write_text(json.dumps({"queries": queries, "methods": [{"method": "m"}]}))
+    with pytest.raises(SystemExit, match="keeps no ranking: run the demo with --tail-patch main or all"):
+        script.main(["--demo", str(folder)])
