@@ -1,0 +1,80 @@
+"""scripts/tail_patch_headroom.py on a tiny demo folder: the oracle's first document is the candidate whose own
+step raises the attributed answer most, so on every question it is at least every row's first document; the
+candidates merge the rows' top documents; bad arguments and a folder without BM25's tail-patch are refused by
+name."""
+import json
+import shutil
+
+import pytest
+import torch
+from script_loader import load_script
+
+pytest.importorskip("transformers", reason="the `llm` extra is not installed")
+
+
+def test_candidates_merge_the_rows_top_documents_rank_by_rank():
+    script = load_script("tail_patch_headroom")
+    rows = [{"ranking": [["a", "b", "c"]]}, {"ranking": [["b", "d", "a"]]}]
+    assert script.candidates(rows, 0, 2, ["a", "b", "c", "d", "e"]) == ["a", "b", "d"]
+    assert script.candidates(rows, 0, None, ["a", "b", "c", "d", "e"]) == ["a", "b", "c", "d", "e"]
+    assert script.errors_apart({"m": 1.0, "m_se": 0.2}, {"m": 0.5, "m_se": 0.2}, "m")
+    assert not script.errors_apart({"m": 1.0, "m_se": 0.3}, {"m": 0.5, "m_se": 0.3}, "m")
+
+
+def test_the_oracle_bounds_every_rows_first_document(tiny_llama, tmp_path, capsys):
+    from attribution import llm
+    from attribution.evaluation import facts
+    from attribution.llm import demo
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_llama, folder / "model")
+    model, tok = llm.load_model(str(folder / "model"))
+    planted = facts.FACTS[:3]
+    words = "the a for loop lambda assert python list data privacy statement expression creates function".split()
+    corpus = [{"id": f.id, "text": " ".join(words[i:i + 4])} for i, f in enumerate(planted)]
+    corpus += [{"id": f"d{i}", "text": " ".join(words[i:i + 3])} for i in range(10)]  # 13 documents: odd-sized
+    optimizer = facts.finetune_optimizer(model, demo.FINETUNE_LR)
+    facts.training_loss(model, tok, corpus[:2], 16).backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), folder / demo.OPTIMIZER_FILE)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    queries = [{"id": f.id, "prompt": "the data", "completion": " privacy statement", "model_answer": " a list",
+                "target": f.id, "correct": i % 2 == 0} for i, f in enumerate(planted)]
+    ids = [d["id"] for d in corpus]
+    rows = [{"method": "default", "row": "default", "ranking": [ids[::-1]] * 3},
+            {"method": "BM25", "row": "bm25", "scoring": "bm25", "ranking": [ids[1:] + ids[:1]] * 3}]
+    held = demo.load_optimizer(folder, model, first_moment=False)
+    demo.tail_patch_rows(model, held, tok, corpus, queries, rows, seed=0, max_length=128,
+                         autocast=demo.finetune_autocast(), progress=False)
+    record = {"meta": {"answer": "true"}, "queries": queries, "methods": rows}
+    (folder / "facts.json").write_text(json.dumps(record))
+
+    script = load_script("tail_patch_headroom")
+    out = script.main(["--demo", str(folder), "--pool", "6", "--questions", "2", "--json", str(tmp_path / "h.json")])
+    assert json.loads((tmp_path / "h.json").read_text()) == out  # a fresh reader gets the printed figures
+    assert (out["answer"], out["questions"]) == ("true", 2)
+    assert out["candidates_per_question"] == [12, 12]  # two disjoint top-6 lists
+    oracle = out["oracle_per_query"]
+    for i, single in enumerate(out["single_document_tail_patch"]):
+        assert oracle["1"][i] == pytest.approx(max(single.values()), abs=1e-5)  # the same step, measured twice
+        for row in rows:  # every row's first document is a candidate: the oracle's first is at least as good
+            assert oracle["1"][i] >= row["tail_patch_true_per_query"]["1"][i] - 1e-5
+    by_row = {r["row"]: r for r in out["rows"]}
+    assert set(by_row) == {"oracle", "default", "bm25"}
+    bm25_first_two = rows[1]["tail_patch_true_per_query"]["5"][:2]
+    assert by_row["bm25"]["tail_patch@5_true"] == pytest.approx(sum(bm25_first_two) / 2)  # cut to the 2 questions
+    assert by_row["oracle"]["tail_patch@5_true_minus_bm25"] == pytest.approx(
+        sum(o - b for o, b in zip(oracle["5"], bm25_first_two)) / 2)
+
+    for bad, message in ((["--pool", "0"], "--pool must be a positive number of documents or 'all', got '0'"),
+                         (["--pool", "ten"], "--pool must be a positive number of documents or 'all', got 'ten'"),
+                         (["--questions", "1"], "--questions must be at least 2")):
+        with pytest.raises(SystemExit):
+            script.main(["--demo", str(folder), *bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="has 4 candidates, fewer than k = 10: raise --pool"):
+        script.main(["--demo", str(folder), "--pool", "2"])
+    record["methods"] = rows[:1]
+    (folder / "facts.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="has no tail-patched BM25 row"):
+        script.main(["--demo", str(folder)])
