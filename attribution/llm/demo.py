@@ -247,7 +247,9 @@ def two_stage(score_matrix, lexical, candidates: int):
 
 
 COMPARE_TOKEN_BATCH = 512  # tokens per batch of the comparison pass (compressed inside the backward, as the cache)
-TAIL_PATCH_ROWS = ("default", "store", "bm25", "two-stage")  # `--tail-patch main`: the rows that get tail-patch
+# `--tail-patch main`: the rows that get tail-patch (the store's other row, an ablation of the default's curvature or
+# normalization, with `--tail-patch all`: its ten steps a question were a fifth of the job's time)
+TAIL_PATCH_ROWS = ("default", "bm25", "two-stage")
 TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 
 

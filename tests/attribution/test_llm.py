@@ -92,9 +92,10 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     retrieval = [r for r in rows if "mrr" in r]
     for r in retrieval:
         assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 < r["mrr"] <= 1 and len(r["ranks"]) == 20
-    # tail-patch (--tail-patch main): the store's two rows, BM25, two-stage and the references, mean and s.e.
+    # tail-patch (--tail-patch main): the default, BM25, two-stage and the references, mean and s.e.
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
-    assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 5
+    assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 4
+    assert all(r.get("row") != "store" for r in patched)  # the store's other row: --tail-patch all
     assert all(np.isfinite(r[f"tail_patch@{k}"]) and r[f"tail_patch@{k}_se"] >= 0 for r in patched for k in (1, 5, 10))
     lexical = next(r for r in patched if r.get("scoring") == "bm25")  # each row paired with BM25 question by question
     assert all(np.isfinite(r["tail_patch@5_minus_bm25"]) and np.isfinite(r["tail_patch@5_true_minus_bm25_se"])

@@ -54,8 +54,8 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
     f.Flag("--tail-patch", "TrackStar's influence metric (one training step on each method's top 1, 5 and 10 documents): "
-                           "main (the default, the store's other row, BM25 and two-stage, with the random and "
-                           "true-source references), all (every row) or none", default="main",
+                           "main (the default, BM25 and two-stage, with the random and true-source references), all "
+                           "(every row, the store's other row included) or none", default="main",
            choices=["main", "all", "none"]),
     f.NORMALIZE,
 ], run, defaults={key: getattr(DEFAULTS, key) for key in FIXED})
