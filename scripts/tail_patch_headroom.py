@@ -9,11 +9,11 @@ looking past these candidates. Prints JSON.
     python -m attribution.llm.cli demo --out out/llm                 # the model, optimizer.pt, corpus and facts.json
     python scripts/tail_patch_headroom.py --demo out/llm --pool 10    # candidates: every row's top 10, merged
 
-The candidates of a question are the union of the first --pool documents of each tail-patched row's ranking in
-facts.json (the default, its store, two-stage, BM25), or every document of the corpus (--pool all: about five
-times the steps). The steps are the demo's (facts.tail_patch_rankings: the fine-tuning's AdamW state, no momentum,
-each step evaluated on the model's answer and on the planted fact's). Costs about one backward and one evaluation
-per candidate and question (about 0.6 s each for SmolLM2-135M on 2 cores).
+The candidates of a question are the union of the first --pool documents of the --rows' rankings in facts.json
+(by default those that `demo --tail-patch main` steps on: the default, BM25 and two-stage), or every document of the
+corpus (--pool all: about five times the steps). The steps are the demo's (facts.tail_patch_rankings: the
+fine-tuning's AdamW state, no momentum, each step evaluated on the model's answer and on the planted fact's). Costs
+about one backward and one evaluation per candidate and question (about 0.6 s each for SmolLM2-135M on 2 cores).
 """
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--demo", type=Path, default=Path("out/llm"), help="the demo's --out folder")
     parser.add_argument("--pool", default="10",
                         help="candidates per question: each tail-patched row's first POOL documents, merged; or 'all'")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated tail-patched rows whose rankings give the candidates and that the "
+                             "output lists (default: demo --tail-patch main's, BM25 among them)")
     parser.add_argument("--questions", type=int, default=None, help="the first questions only (default: all)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document (the demo's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
@@ -92,12 +95,17 @@ def main(argv=None) -> dict:
     record = json.loads((args.demo / "facts.json").read_text())
     corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
     queries = record["queries"][: args.questions]
-    rows = [r for r in record["methods"] if r.get("ranking") and "tail_patch_true_per_query" in r
-            and r.get("scoring") not in ("random", "source")]
-    bm25 = [r for r in rows if r.get("row") == "bm25"]
-    if not bm25:
-        raise SystemExit(f"{args.demo / 'facts.json'} has no tail-patched BM25 row: run the demo with --tail-patch "
-                         "main or all")
+    wanted = args.rows.split(",") if args.rows else list(demo.TAIL_PATCH_ROWS)
+    patched = {r["row"]: r for r in record["methods"]
+               if r.get("row") and r.get("ranking") and "tail_patch_true_per_query" in r}
+    missing = [name for name in dict.fromkeys([*wanted, "bm25"]) if name not in patched]
+    if missing:
+        raise SystemExit(f"{args.demo / 'facts.json'} has no tail-patched row {', '.join(map(repr, missing))} with its "
+                         f"ranking (it has {sorted(patched)}): run the demo with --tail-patch main or all, or name "
+                         "others in --rows")
+    rows = [patched[name] for name in dict.fromkeys([*wanted, "bm25"])]
+    references = [r for r in record["methods"] if r.get("scoring") in ("random", "source")  # listed, not candidates
+                  and "tail_patch_true_per_query" in r]
     answer = record["meta"].get("answer", "own")  # the completion the rows attributed (facts.json before it: own)
     index = ANSWER_INDEX[answer]
     ks = facts.TAIL_PATCH_KS
@@ -125,7 +133,7 @@ def main(argv=None) -> dict:
     oracle_row = {"method": f"oracle: the candidates ranked by their own tail-patch on the {answer} answer",
                   "row": "oracle"}
     demo.summarize_tail_patches(oracle_row, oracle_patches, queries)
-    reference_rows = per_question_rows(rows, len(queries))
+    reference_rows = per_question_rows([*rows, *references], len(queries))
     bm25_row = next(r for r in reference_rows if r["row"] == "bm25")
     demo.paired_with([oracle_row, *reference_rows], bm25_row, "bm25")
     key_suffix = "_true" if answer == "true" else ""
@@ -133,9 +141,9 @@ def main(argv=None) -> dict:
                                                                                   "_minus_bm25_se")]
     out = {"demo": str(args.demo), "answer": answer, "pool": args.pool, "questions": len(queries),
            "candidates_per_question": sizes, "seconds": time.perf_counter() - start,
-           "rows": [{"method": r["method"], "row": r["row"], **{key: r.get(key) for key in summary_keys},
+           "rows": [{"method": r["method"], "row": r["row"], **{key: r[key] for key in summary_keys if key in r},
                      **{f"errors_apart_from_bm25@{k}": errors_apart(r, bm25_row, f"tail_patch@{k}{key_suffix}")
-                        for k in ks}} for r in [oracle_row, *reference_rows]],
+                        for k in ks if f"tail_patch@{k}{key_suffix}" in r}} for r in [oracle_row, *reference_rows]],
            "oracle_per_query": oracle_row[demo.PER_QUESTION_KEYS[key_suffix]],
            "single_document_tail_patch": singles}
     emit_json_report(out, args.json)

@@ -44,13 +44,14 @@ def test_the_oracle_bounds_every_rows_first_document(tiny_llama, tmp_path, capsy
     rows = [{"method": "default", "row": "default", "ranking": [ids[::-1]] * 3},
             {"method": "BM25", "row": "bm25", "scoring": "bm25", "ranking": [ids[1:] + ids[:1]] * 3}]
     held = demo.load_optimizer(folder, model, first_moment=False)
-    demo.tail_patch_rows(model, held, tok, corpus, queries, rows, seed=0, max_length=128,
-                         autocast=demo.finetune_autocast(), progress=False)
-    record = {"meta": {"answer": "true"}, "queries": queries, "methods": rows}
+    references = demo.tail_patch_rows(model, held, tok, corpus, queries, rows, seed=0, max_length=128,
+                                      autocast=demo.finetune_autocast(), progress=False)
+    record = {"meta": {"answer": "true"}, "queries": queries, "methods": [*rows, *references]}
     (folder / "facts.json").write_text(json.dumps(record))
 
     script = load_script("tail_patch_headroom")
-    out = script.main(["--demo", str(folder), "--pool", "6", "--questions", "2", "--json", str(tmp_path / "h.json")])
+    args = ["--demo", str(folder), "--rows", "default,bm25"]
+    out = script.main([*args, "--pool", "6", "--questions", "2", "--json", str(tmp_path / "h.json")])
     assert json.loads((tmp_path / "h.json").read_text()) == out  # a fresh reader gets the printed figures
     assert (out["answer"], out["questions"]) == ("true", 2)
     assert out["candidates_per_question"] == [12, 12]  # two disjoint top-6 lists
@@ -60,7 +61,8 @@ def test_the_oracle_bounds_every_rows_first_document(tiny_llama, tmp_path, capsy
         for row in rows:  # every row's first document is a candidate: the oracle's first is at least as good
             assert oracle["1"][i] >= row["tail_patch_true_per_query"]["1"][i] - 1e-5
     by_row = {r["row"]: r for r in out["rows"]}
-    assert set(by_row) == {"oracle", "default", "bm25"}
+    assert set(by_row) == {"oracle", "default", "bm25", "random", "source"}  # the references listed beside them
+    assert "tail_patch@5_true" not in by_row["source"] and "errors_apart_from_bm25@5" not in by_row["source"]
     bm25_first_two = rows[1]["tail_patch_true_per_query"]["5"][:2]
     assert by_row["bm25"]["tail_patch@5_true"] == pytest.approx(sum(bm25_first_two) / 2)  # cut to the 2 questions
     assert by_row["oracle"]["tail_patch@5_true_minus_bm25"] == pytest.approx(
@@ -70,11 +72,13 @@ def test_the_oracle_bounds_every_rows_first_document(tiny_llama, tmp_path, capsy
                          (["--pool", "ten"], "--pool must be a positive number of documents or 'all', got 'ten'"),
                          (["--questions", "1"], "--questions must be at least 2")):
         with pytest.raises(SystemExit):
-            script.main(["--demo", str(folder), *bad])
+            script.main([*args, *bad])
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="has 4 candidates, fewer than k = 10: raise --pool"):
-        script.main(["--demo", str(folder), "--pool", "2"])
+        script.main([*args, "--pool", "2"])
+    with pytest.raises(SystemExit, match="has no tail-patched row 'two-stage' with its ranking"):
+        script.main(["--demo", str(folder)])  # demo --tail-patch main's rows by default
     record["methods"] = rows[:1]
     (folder / "facts.json").write_text(json.dumps(record))
-    with pytest.raises(SystemExit, match="has no tail-patched BM25 row"):
-        script.main(["--demo", str(folder)])
+    with pytest.raises(SystemExit, match="has no tail-patched row 'bm25' with its ranking"):
+        script.main(["--demo", str(folder), "--rows", "default"])
