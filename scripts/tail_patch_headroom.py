@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """How much influence the demo's candidate documents hold: an oracle ranks each question's candidates by their own
 tail-patch (one step on each document alone, measured on the attributed answer), and the oracle's top 1, 5 and 10
-are tail-patched as the demo's rows are, beside them. No ranking of the same candidates can do much better than the
-oracle (a step on five documents is close to, but not exactly, the sum of five single steps), so it bounds what a
-better method could reach on issue 19's target (tail-patch@5 at least 1.2x BM25's, standard errors apart) without
-looking past these candidates. Prints JSON.
+are tail-patched as the demo's rows are, beside them. A step on k documents follows their mean loss, so to first
+order (Adam's normalization aside) it moves the answer by the mean of their single steps, and the oracle's top k are then the best k of the
+candidates: it bounds (to first order) what a better ranking of the same candidates could reach on issue 19's
+target (tail-patch@5 at least 1.2x BM25's, standard errors apart). Prints JSON.
 
     python -m attribution.llm.cli demo --out out/llm                 # the model, optimizer.pt, corpus and facts.json
     python scripts/tail_patch_headroom.py --demo out/llm --pool 10    # candidates: every row's top 10, merged
@@ -13,7 +13,8 @@ The candidates of a question are the union of the first --pool documents of the 
 (by default those that `demo --tail-patch main` steps on: the default, BM25 and two-stage), or every document of the
 corpus (--pool all: about five times the steps). The steps are the demo's (facts.tail_patch_rankings: the
 fine-tuning's AdamW state, no momentum, each step evaluated on the model's answer and on the planted fact's). Costs
-about one backward and one evaluation per candidate and question (about 0.6 s each for SmolLM2-135M on 2 cores).
+one backward and one evaluation per candidate and question: 621 s for the main job's 20 questions and about 18
+candidates each (SmolLM2-135M, 2 cores).
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ sys.path.insert(0, str(REPO))
 
 from grass_ops.benchmarking import emit_json_report, limit_primitive_cache  # noqa: E402
 
-ANSWER_INDEX = {"own": 0, "true": 1}  # facts.tail_patch_answers' order: [the model's answer, the planted fact's]
-
 
 def candidates(rows: list[dict], question: int, pool: int | None, ids: list[str]) -> list[str]:
     """The question's candidate document ids: the first ``pool`` of each row's ranking, merged rank by rank (a
@@ -39,33 +38,27 @@ def candidates(rows: list[dict], question: int, pool: int | None, ids: list[str]
     merged: dict[str, None] = {}
     for rank in range(pool):
         for row in rows:
-            ranking = row["ranking"][question]
-            if rank < len(ranking):
-                merged.setdefault(str(ranking[rank]), None)
+            merged.setdefault(str(row["ranking"][question][rank]), None)
     return list(merged)
 
 
-def errors_apart(row: dict, reference: dict, key: str) -> bool:
+def above_by_errors(row: dict, reference: dict, key: str) -> bool:
     """Whether ``row``'s mean minus its standard error lies above ``reference``'s mean plus its own (``key``, e.g.
-    "tail_patch@5_true", and ``key + "_se"``)."""
+    "tail_patch@5_true", and ``key + "_se"``): issue 19's "standard errors apart", one way."""
     return row[key] - row[key + "_se"] > reference[key] + reference[key + "_se"]
 
 
-def per_question_rows(rows: list[dict], n: int) -> list[dict]:
-    """``rows`` (facts.json's) with their per-question tail-patches cut to the first ``n`` questions and their
-    summaries recomputed from them, so that every figure of the output is over the same questions."""
-    from attribution.evaluation import facts
+def per_question_rows(rows: list[dict], queries: list[dict]) -> list[dict]:
+    """``rows`` (facts.json's) with their per-question tail-patches cut to the first len(``queries``) questions and
+    summarized again (demo.summarize_tail_patches), so that every figure of the output is over the same questions."""
     from attribution.llm import demo
 
     out = []
     for row in rows:
+        own, true = (row[demo.PER_QUESTION_KEYS[suffix]] for suffix in ("", "_true"))
+        patches = [{int(k): [own[k][i], true[k][i]] for k in own} for i in range(len(queries))]
         cut = {"method": row["method"], "row": row.get("row", row.get("scoring"))}
-        for key in demo.PER_QUESTION_KEYS.values():
-            cut[key] = {k: values[:n] for k, values in row[key].items()}
-        for suffix, key in demo.PER_QUESTION_KEYS.items():
-            for k, values in cut[key].items():
-                summary = facts.tail_patch_summary([{int(k): v} for v in values])[int(k)]
-                cut[f"tail_patch@{k}{suffix}"], cut[f"tail_patch@{k}{suffix}_se"] = summary["mean"], summary["se"]
+        demo.summarize_tail_patches(cut, patches, queries)
         out.append(cut)
     return out
 
@@ -73,17 +66,18 @@ def per_question_rows(rows: list[dict], n: int) -> list[dict]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=Path("out/llm"), help="the demo's --out folder")
-    parser.add_argument("--pool", default="10",
-                        help="candidates per question: each tail-patched row's first POOL documents, merged; or 'all'")
+    parser.add_argument("--pool", default="10", help="candidates per question: the --rows' first POOL documents, "
+                                                     "merged (at most 10: facts.json keeps each row's top 10); or 'all'")
     parser.add_argument("--rows", default=None,
-                        help="comma-separated tail-patched rows whose rankings give the candidates and that the "
-                             "output lists (default: demo --tail-patch main's, BM25 among them)")
+                        help="comma-separated tail-patched rows whose rankings give the candidates and that the output "
+                             "lists (default: demo --tail-patch main's); BM25 is always among them")
     parser.add_argument("--questions", type=int, default=None, help="the first questions only (default: all)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per document (the demo's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per document (default: the demo's, from facts.json; 128 if it has none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     pool = None if args.pool == "all" else int(args.pool) if args.pool.isdigit() else -1
-    if pool is not None and pool < 1:
+    if pool is not None and not 1 <= pool:
         parser.error(f"--pool must be a positive number of documents or 'all', got {args.pool!r}")
     if args.questions is not None and args.questions < 2:
         parser.error(f"--questions must be at least 2 (a mean with a standard error), got {args.questions}")
@@ -95,32 +89,36 @@ def main(argv=None) -> dict:
     record = json.loads((args.demo / "facts.json").read_text())
     corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
     queries = record["queries"][: args.questions]
-    wanted = args.rows.split(",") if args.rows else list(demo.TAIL_PATCH_ROWS)
+    wanted = [name.strip() for name in args.rows.split(",")] if args.rows else list(demo.TAIL_PATCH_ROWS)
+    wanted = list(dict.fromkeys([*wanted, "bm25"]))
     patched = {r["row"]: r for r in record["methods"]
                if r.get("row") and r.get("ranking") and "tail_patch_true_per_query" in r}
-    missing = [name for name in dict.fromkeys([*wanted, "bm25"]) if name not in patched]
+    missing = [name for name in wanted if name not in patched]
     if missing:
         raise SystemExit(f"{args.demo / 'facts.json'} has no tail-patched row {', '.join(map(repr, missing))} with its "
-                         f"ranking (it has {sorted(patched)}): run the demo with --tail-patch main or all, or name "
-                         "others in --rows")
-    rows = [patched[name] for name in dict.fromkeys([*wanted, "bm25"])]
+                         f"ranking (it has {sorted(patched)}): run the demo with --tail-patch main (the default, BM25 "
+                         "and two-stage) or all (every row), or name others in --rows")
+    rows = [patched[name] for name in wanted]
+    kept = min(len(ranking) for row in rows for ranking in row["ranking"])
+    if pool is not None and pool > kept:
+        parser.error(f"--pool must be at most {kept} (facts.json keeps each row's top {kept}) or 'all', got {pool}")
     references = [r for r in record["methods"] if r.get("scoring") in ("random", "source")  # listed, not candidates
                   and "tail_patch_true_per_query" in r]
-    answer = record["meta"].get("answer", "own")  # the completion the rows attributed (facts.json before it: own)
-    index = ANSWER_INDEX[answer]
     ks = facts.TAIL_PATCH_KS
+    ids = [str(d["id"]) for d in corpus]
+    pools = [candidates(rows, i, pool, ids) for i in range(len(queries))]
+    short = [q["id"] for q, pool_ids in zip(queries, pools) if len(pool_ids) < max(ks)]
+    if short:  # refused before any step, not after minutes of them
+        raise SystemExit(f"questions {short} have fewer than k = {max(ks)} candidates: raise --pool")
+    answer = record["meta"].get("answer", "own")  # the completion the rows attributed (facts.json before it: own)
+    index = list(demo.ANSWER_SUFFIXES).index(answer)  # its place in facts.tail_patch_answers' [own, true]
     model, tokenizer = llm.load_model(str(args.demo / "model"))
     optimizer = demo.load_optimizer(args.demo, model, first_moment=False)  # as the demo's tail-patch holds it
-    step = {"tokenizer": tokenizer, "max_length": args.max_length,
-            "autocast": demo.finetune_autocast()}
-    ids = [str(d["id"]) for d in corpus]
+    step = {"tokenizer": tokenizer, "max_length": args.max_length or record["meta"].get("max_length", 128),
+            "autocast": demo.recorded_autocast(record["meta"])}  # the precision the rows were stepped in
     start = time.perf_counter()
-    singles, oracle_patches, sizes = [], [], []
-    for i, query in enumerate(queries):
-        pool_ids = candidates(rows, i, pool, ids)
-        if len(pool_ids) < max(ks):
-            raise SystemExit(f"question {query['id']!r} has {len(pool_ids)} candidates, fewer than k = {max(ks)}: "
-                             "raise --pool")
+    singles, oracle_patches = [], []
+    for query, pool_ids in zip(queries, pools):
         answers = facts.tail_patch_answers(query)
         alone = facts.tail_patch_rankings(model, optimizer, corpus, answers, {d: [d] for d in pool_ids},
                                           ks=(1,), **step)
@@ -128,23 +126,25 @@ def main(argv=None) -> dict:
         oracle = sorted(pool_ids, key=lambda d: -single[d])
         oracle_patches.append(facts.tail_patch_ranking(model, optimizer, corpus, answers, oracle, ks=ks, **step))
         singles.append(single)
-        sizes.append(len(pool_ids))
         demo.release_freed_memory()
-    oracle_row = {"method": f"oracle: the candidates ranked by their own tail-patch on the {answer} answer",
-                  "row": "oracle"}
+    which = {"own": "the model's answer", "true": "the planted fact's answer"}[answer]
+    oracle_row = {"method": f"oracle: the candidates ranked by their own tail-patch on {which}", "row": "oracle"}
     demo.summarize_tail_patches(oracle_row, oracle_patches, queries)
-    reference_rows = per_question_rows([*rows, *references], len(queries))
-    bm25_row = next(r for r in reference_rows if r["row"] == "bm25")
-    demo.paired_with([oracle_row, *reference_rows], bm25_row, "bm25")
-    key_suffix = "_true" if answer == "true" else ""
-    summary_keys = [f"tail_patch@{k}{key_suffix}{part}" for k in ks for part in ("", "_se", "_minus_bm25",
-                                                                                  "_minus_bm25_se")]
-    out = {"demo": str(args.demo), "answer": answer, "pool": args.pool, "questions": len(queries),
-           "candidates_per_question": sizes, "seconds": time.perf_counter() - start,
+    listed = per_question_rows([*rows, *references], queries)
+    bm25_row = next(r for r in listed if r["row"] == "bm25")
+    demo.paired_with([oracle_row, *listed], bm25_row, "bm25")
+    suffix = demo.ANSWER_SUFFIXES[answer]
+    summary_keys = [f"tail_patch@{k}{suffix}{part}" for k in ks for part in ("", "_se", "_minus_bm25",
+                                                                              "_minus_bm25_se")]
+    out = {"demo": str(args.demo), "answer": answer, "pool": pool or "all", "rows_pooled": wanted,
+           "questions": len(queries), "max_length": step["max_length"],
+           "finetune_autocast": demo.precision_name(step["autocast"]),
+           "candidates_per_question": [len(p) for p in pools], "seconds": time.perf_counter() - start,
            "rows": [{"method": r["method"], "row": r["row"], **{key: r[key] for key in summary_keys if key in r},
-                     **{f"errors_apart_from_bm25@{k}": errors_apart(r, bm25_row, f"tail_patch@{k}{key_suffix}")
-                        for k in ks if f"tail_patch@{k}{key_suffix}" in r}} for r in [oracle_row, *reference_rows]],
-           "oracle_per_query": oracle_row[demo.PER_QUESTION_KEYS[key_suffix]],
+                     **{f"above_bm25_by_errors@{k}": above_by_errors(r, bm25_row, f"tail_patch@{k}{suffix}")
+                        for k in ks if f"tail_patch@{k}{suffix}" in r and r is not bm25_row}}
+                    for r in [oracle_row, *listed]],
+           "oracle_per_query": oracle_row[demo.PER_QUESTION_KEYS[suffix]],
            "single_document_tail_patch": singles}
     emit_json_report(out, args.json)
     return out

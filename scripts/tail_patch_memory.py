@@ -9,7 +9,11 @@ attributed"). Prints JSON.
     python scripts/tail_patch_memory.py --demo out/llm --questions 3
 
 It steps on the rankings that the demo's tail-patched rows kept in facts.json (the random and true-source
-references added as the demo adds them), with demo.tail_patch_rows itself.
+references added as the demo adds them), with demo.tail_patch_rows itself; --rows picks some of them, e.g. to time
+what one row adds:
+
+    python scripts/tail_patch_memory.py --demo out/llm --questions 2 --rows default,store,two-stage,bm25
+    python scripts/tail_patch_memory.py --demo out/llm --questions 2 --rows default,two-stage,bm25
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=Path("out/llm"), help="the demo's --out folder")
     parser.add_argument("--questions", type=int, default=3, help="the first questions whose tail-patch is run")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (facts.json's \"row\" names, e.g. "
+                                                     "default,two-stage,bm25) to step on (default: every row with a "
+                                                     "ranking); two runs time a row's share of tail-patch")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.questions < 1:
@@ -46,10 +53,15 @@ def main(argv=None) -> dict:
     record = json.loads((args.demo / "facts.json").read_text())
     corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
     queries = record["queries"][: args.questions]
-    rows = [{"method": r["method"], "ranking": r["ranking"]} for r in record["methods"]
-            if r.get("ranking") and r.get("scoring") not in ("random", "source")]
-    if not rows:
+    ranked = {r.get("row", r["method"]): r for r in record["methods"]
+              if r.get("ranking") and r.get("scoring") not in ("random", "source")}
+    if not ranked:
         raise SystemExit(f"{args.demo / 'facts.json'} keeps no ranking: run the demo with --tail-patch main or all")
+    names = [name.strip() for name in args.rows.split(",")] if args.rows else list(ranked)
+    unknown = [name for name in names if name not in ranked]
+    if unknown:
+        raise SystemExit(f"--rows names {unknown}, which facts.json has no ranking for (it has {sorted(ranked)})")
+    rows = [{"method": ranked[name]["method"], "ranking": ranked[name]["ranking"]} for name in names]
     model, tokenizer = llm.load_model(str(args.demo / "model"))
     optimizer = demo.load_optimizer(args.demo, model, first_moment=False)  # as the demo's tail-patch holds it
     after_each = []
@@ -66,7 +78,7 @@ def main(argv=None) -> dict:
                              autocast=demo.finetune_autocast(), progress=False)
     finally:
         demo.release_freed_memory = trim
-    out = {"demo": str(args.demo), "questions": len(queries), "rows": len(rows),
+    out = {"demo": str(args.demo), "questions": len(queries), "rows": len(rows), "row_names": names,
            "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "start_mib": start_mib,
            "after_each_question_mib": after_each, "peak_mib": peak_rss_bytes() / 2**20,
            "seconds": time.perf_counter() - start}

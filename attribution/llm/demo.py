@@ -43,6 +43,25 @@ def finetune_autocast():
     return torch.bfloat16 if llm.fast_bfloat16() else None
 
 
+PRECISIONS = {"bfloat16": torch.bfloat16, "none": None}  # facts.json's "finetune_autocast" -> the autocast dtype
+
+
+def precision_name(autocast) -> str:
+    """``autocast`` (a dtype or None) as facts.json records it: a key of :data:`PRECISIONS`."""
+    return next(name for name, dtype in PRECISIONS.items() if dtype == autocast)
+
+
+def recorded_autocast(meta: dict):
+    """The autocast that a facts.json's run fine-tuned and tail-patched under (its meta's "finetune_autocast"), or,
+    for a facts.json written before it was recorded, this CPU's (:func:`finetune_autocast`)."""
+    if "finetune_autocast" not in meta:
+        return finetune_autocast()
+    if meta["finetune_autocast"] not in PRECISIONS:
+        raise ValueError(f"facts.json's finetune_autocast must be one of {sorted(PRECISIONS)}, got "
+                         f"{meta['finetune_autocast']!r}")
+    return PRECISIONS[meta["finetune_autocast"]]
+
+
 OPTIMIZER_FILE = "optimizer.pt"  # the fine-tuning's AdamW state_dict(), beside the model folder
 
 
@@ -248,8 +267,13 @@ def two_stage(score_matrix, lexical, candidates: int):
 
 COMPARE_TOKEN_BATCH = 512  # tokens per batch of the comparison pass (compressed inside the backward, as the cache)
 # `--tail-patch main`: the rows that get tail-patch (the store's other row, an ablation of the default's curvature or
-# normalization, with `--tail-patch all`: its ten steps a question were a fifth of the job's time)
+# normalization, with `--tail-patch all`: its ten documents' backward passes a question are a fifth of them or more)
 TAIL_PATCH_ROWS = ("default", "bm25", "two-stage")
+
+
+def tail_patched(row: dict, choice: str) -> bool:
+    """Whether ``demo --tail-patch choice`` ("main", "all" or "none") steps on ``row``'s ranking."""
+    return choice == "all" or choice == "main" and row.get("row") in TAIL_PATCH_ROWS
 TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 
 
@@ -314,6 +338,7 @@ def summarize_tail_patches(row: dict, patches: list[dict[int, list[float]]], que
 
 
 PER_QUESTION_KEYS = {"": "tail_patch_per_query", "_true": "tail_patch_true_per_query"}  # answer's key suffix -> its key
+ANSWER_SUFFIXES = {"own": "", "true": "_true"}  # --answer -> the suffix of its tail-patch keys (tail_patch@k{suffix})
 
 
 def paired_with(rows: list[dict], reference: dict, name: str) -> None:
@@ -486,7 +511,7 @@ def console_table(rows: list[dict], answer: str = DEFAULT_ANSWER) -> str:
     columns (mean ± standard error, nats) on the attributed ``answer`` (``demo --answer``: the model's own, or the
     true one, headed "(true)") where any row has them; "-" where a row has no value."""
     width = max(len("method"), *(len(str(r["method"])) for r in rows))
-    suffix = "_true" if answer == "true" else ""
+    suffix = ANSWER_SUFFIXES[answer]
     patched = [k for k in facts.TAIL_PATCH_KS if any(f"tail_patch@{k}{suffix}" in r for r in rows)]
 
     def number(row, key, spec):
@@ -570,19 +595,19 @@ def run(args) -> list[dict]:
     for row in rows:
         if row.get("scoring") == "bm25":
             row["row"] = "bm25"
-        if args.tail_patch == "main" and row.get("row") not in TAIL_PATCH_ROWS or args.tail_patch == "none":
+        if not tail_patched(row, args.tail_patch):
             row.pop("ranking")
     correct = [q["correct"] for q in queries]
     for row in rows:  # the questions the model answers right: their gradient points at the planted fact
         row["mrr_answered"] = (sum(1.0 / r for r, c in zip(row["ranks"], correct) if c) / sum(correct)
                                if any(correct) else None)
-    tail_start = time.perf_counter()
+    tail_start, autocast = time.perf_counter(), finetune_autocast()
     if args.tail_patch != "none":
         # read back only now (not held through cache and comparison), without the first moment the step does not read
         optimizer = load_optimizer(out, model, first_moment=False)
         by_id = {d["id"]: d for d in docs}
         rows += tail_patch_rows(model, optimizer, tokenizer, [by_id[i] for i in ids], queries, rows, seed=args.seed,
-                                max_length=config.max_length, autocast=finetune_autocast())
+                                max_length=config.max_length, autocast=autocast)
         lexical_row = next((r for r in rows if r.get("row") == "bm25" and "tail_patch_per_query" in r), None)
         if lexical_row is not None:
             paired_with(rows, lexical_row, "bm25")
@@ -594,6 +619,11 @@ def run(args) -> list[dict]:
             "compressor": config.compressor, "k": config.k, "damping": config.damping, "documents": len(docs),
             "top_k": args.top_k, "answer": args.answer, "answered_correctly": sum(q["correct"] for q in queries),
             "optimizer_state": config.optimizer_state is not None, "checkpoints": args.checkpoints,
+            # the fine-tune's precision (and its tail-patch steps'), resolved on this CPU, and the CPU's kernels (torch's
+            # capability, e.g. AVX512): each kind of CPU fine-tunes another model, so runs on two kinds differ
+            # (BENCHMARKS.md, runs d16 and d17); the cache's precision as its store records it; the documents' token cut
+            "finetune_autocast": precision_name(autocast), "cache_autocast": config.autocast,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "max_length": config.max_length,
             "preconditioner": "mixed" if mixed else "fim", "task_weight": args.task_weight,
             "finetune_seconds": tuned["seconds"],
             "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,

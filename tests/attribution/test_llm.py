@@ -129,6 +129,10 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     # the default (--answer true) attributes the planted facts' answers and keeps the model's beside them; --answer own
     # attributes the model's own, on the same store and model
     assert facts_record["meta"]["answer"] == "true"
+    resolved = "bfloat16" if llm.fast_bfloat16() else "none"  # the fine-tune's precision on this CPU, recorded
+    meta = facts_record["meta"]
+    assert (meta["finetune_autocast"], meta["cache_autocast"], meta["max_length"]) == (resolved, resolved, 48)
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert all(q["completion"] == facts.true_answer(q)["completion"] for q in facts_record["queries"])
     own = cli.run([*flags, "--answer", "own", "--no-compare", "--tail-patch", "none"])[0]
     record = json.loads((tmp_path / "facts.json").read_text())

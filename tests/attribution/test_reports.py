@@ -257,6 +257,23 @@ def test_each_row_is_paired_with_bm25_question_by_question():
         demo.paired_with([{"tail_patch_per_query": {"5": [1.0, 2.0]}}], bm25, "bm25")
 
 
+def test_tail_patch_main_steps_on_the_default_bm25_and_two_stage_and_all_on_every_row():
+    rows = [{"row": name} for name in ("default", "store", "two-stage", "bm25")] + [{"method": "LoGra, cosine"}]
+    assert [demo.tail_patched(r, "main") for r in rows] == [True, False, True, True, False]
+    assert all(demo.tail_patched(r, "all") for r in rows) and not any(demo.tail_patched(r, "none") for r in rows)
+
+
+def test_the_recorded_precision_reads_back_and_an_unknown_one_is_named():
+    import torch
+
+    assert [demo.precision_name(a) for a in (torch.bfloat16, None)] == ["bfloat16", "none"]
+    assert demo.recorded_autocast({"finetune_autocast": "none"}) is None
+    assert demo.recorded_autocast({"finetune_autocast": "bfloat16"}) is torch.bfloat16
+    assert demo.recorded_autocast({}) == demo.finetune_autocast()  # written before it was recorded: this CPU's
+    with pytest.raises(ValueError, match=r"finetune_autocast must be one of \['bfloat16', 'none'\], got 'float16'"):
+        demo.recorded_autocast({"finetune_autocast": "float16"})
+
+
 def test_the_table_shows_the_answered_tail_patch_columns_only_where_a_row_has_them(tmp_path):
     patched = {**EVALUATION[0], "tail_patch@5": -1.72, "tail_patch@5_se": 1.93, "tail_patch@5_answered": 0.24,
                "tail_patch@5_answered_se": 0.06}

@@ -31,13 +31,18 @@ def test_each_question_is_measured_and_bad_inputs_are_named(tiny_llama, tmp_path
     queries = [{"id": f.id, "prompt": "the data", "completion": " privacy statement", "model_answer": " a list",
                 "target": f.id, "correct": i % 2 == 0} for i, f in enumerate(planted)]
     ranking = [[d["id"] for d in corpus[::-1]]] * 3
-    (folder / "facts.json").write_text(json.dumps({"queries": queries, "methods": [{"method": "m", "ranking": ranking}]}))
+    methods = [{"method": "m", "row": "default", "ranking": ranking}, {"method": "n", "row": "bm25", "ranking": ranking}]
+    (folder / "facts.json").write_text(json.dumps({"queries": queries, "methods": methods}))
     script = load_script("tail_patch_memory")
     out = script.main(["--demo", str(folder), "--questions", "2", "--json", str(tmp_path / "memory.json")])
     assert json.loads((tmp_path / "memory.json").read_text()) == out
-    assert (out["questions"], out["rows"], len(out["after_each_question_mib"])) == (2, 1, 2)
+    assert (out["questions"], out["rows"], len(out["after_each_question_mib"])) == (2, 2, 2)
     assert out["peak_mib"] >= max(out["after_each_question_mib"]) > 0 and out["seconds"] > 0
     assert demo.release_freed_memory is release_freed_memory  # the demo's own trim is put back
+    one = script.main(["--demo", str(folder), "--questions", "2", "--rows", " bm25"])
+    assert (one["rows"], one["row_names"]) == (1, ["bm25"])
+    with pytest.raises(SystemExit, match=r"--rows names \['store'\], which facts.json has no ranking for"):
+        script.main(["--demo", str(folder), "--rows", "default,store"])
     with pytest.raises(SystemExit):
         script.main(["--demo", str(folder), "--questions", "0"])
     assert "--questions must be at least 1, got 0" in capsys.readouterr().err
