@@ -3,10 +3,9 @@ step raises the attributed answer most, so on every question it is at least ever
 in the precision and token cut that facts.json records; the candidates merge the rows' top documents; bad arguments
 and a folder without the rows' tail-patch are refused by name, before any step."""
 import json
-import shutil
 
 import pytest
-import torch
+from demo_folder import tiny_demo_folder
 from script_loader import load_script
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
@@ -26,24 +25,9 @@ def test_candidates_merge_the_rows_top_documents_rank_by_rank():
 def demo_folder(tiny_llama, tmp_path):
     """A demo folder as `demo --tail-patch main` leaves it, on 13 documents (odd-sized): the model, its optimizer
     state, the corpus, and facts.json with two rows' top-10 rankings, their tail-patch and the references'."""
-    from attribution import llm
-    from attribution.evaluation import facts
     from attribution.llm import demo
 
-    folder = tmp_path / "demo"
-    shutil.copytree(tiny_llama, folder / "model")
-    model, tok = llm.load_model(str(folder / "model"))
-    planted = facts.FACTS[:3]
-    words = "the a for loop lambda assert python list data privacy statement expression creates function".split()
-    corpus = [{"id": f.id, "text": " ".join(words[i:i + 4])} for i, f in enumerate(planted)]
-    corpus += [{"id": f"d{i}", "text": " ".join(words[i:i + 3])} for i in range(10)]
-    optimizer = facts.finetune_optimizer(model, demo.FINETUNE_LR)
-    facts.training_loss(model, tok, corpus[:2], 16).backward()
-    optimizer.step()
-    torch.save(optimizer.state_dict(), folder / demo.OPTIMIZER_FILE)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    queries = [{"id": f.id, "prompt": "the data", "completion": " privacy statement", "model_answer": " a list",
-                "target": f.id, "correct": i % 2 == 0} for i, f in enumerate(planted)]
+    folder, model, tok, corpus, queries = tiny_demo_folder(tiny_llama, tmp_path)
     ids = [d["id"] for d in corpus]
     rows = [{"method": "default", "row": "default", "ranking": [ids[::-1][:10]] * 3},  # the demo keeps a top 10
             {"method": "BM25", "row": "bm25", "scoring": "bm25", "ranking": [(ids[1:] + ids[:1])[:10]] * 3}]

@@ -1,35 +1,19 @@
 """scripts/tail_patch_memory.py on a tiny demo folder: the demo's tail-patch over the first questions, the resident
 set after each, the peak; a folder without rankings and a count below one are refused by name."""
 import json
-import shutil
 
 import pytest
-import torch
+from demo_folder import tiny_demo_folder
 from script_loader import load_script
 
 pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
 
 def test_each_question_is_measured_and_bad_inputs_are_named(tiny_llama, tmp_path, capsys):
-    from attribution import llm
-    from attribution.evaluation import facts
     from attribution.llm import demo
     from grass_ops.benchmarking import release_freed_memory
 
-    folder = tmp_path / "demo"
-    shutil.copytree(tiny_llama, folder / "model")
-    model, tok = llm.load_model(str(folder / "model"))
-    planted = facts.FACTS[:3]
-    words = "the a for loop lambda assert python list data privacy statement expression creates function".split()
-    corpus = [{"id": f.id, "text": " ".join(words[i:i + 4])} for i, f in enumerate(planted)]
-    corpus += [{"id": f"d{i}", "text": " ".join(words[i:i + 3])} for i in range(9)]
-    optimizer = facts.finetune_optimizer(model, demo.FINETUNE_LR)
-    facts.training_loss(model, tok, corpus[:2], 16).backward()
-    optimizer.step()
-    torch.save(optimizer.state_dict(), folder / demo.OPTIMIZER_FILE)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    queries = [{"id": f.id, "prompt": "the data", "completion": " privacy statement", "model_answer": " a list",
-                "target": f.id, "correct": i % 2 == 0} for i, f in enumerate(planted)]
+    folder, _, _, corpus, queries = tiny_demo_folder(tiny_llama, tmp_path, fillers=9)
     ranking = [[d["id"] for d in corpus[::-1]]] * 3
     methods = [{"method": "m", "row": "default", "ranking": ranking}, {"method": "n", "row": "bm25", "ranking": ranking}]
     (folder / "facts.json").write_text(json.dumps({"queries": queries, "methods": methods}))
