@@ -266,6 +266,7 @@ def two_stage(score_matrix, lexical, candidates: int):
 
 
 COMPARE_TOKEN_BATCH = 512  # tokens per batch of the comparison pass (compressed inside the backward, as the cache)
+TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 # `--tail-patch main`: the rows that get tail-patch (the store's other row, an ablation of the default's curvature or
 # normalization, with `--tail-patch all`: its ten documents' backward passes a question are a fifth of them or more)
 TAIL_PATCH_ROWS = ("default", "bm25", "two-stage")
@@ -274,7 +275,6 @@ TAIL_PATCH_ROWS = ("default", "bm25", "two-stage")
 def tail_patched(row: dict, choice: str) -> bool:
     """Whether ``demo --tail-patch choice`` ("main", "all" or "none") steps on ``row``'s ranking."""
     return choice == "all" or choice == "main" and row.get("row") in TAIL_PATCH_ROWS
-TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 
 
 def tail_patch_rows(model, optimizer, tokenizer, corpus: list[dict], queries: list[dict], rows: list[dict], *,
