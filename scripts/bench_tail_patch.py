@@ -10,7 +10,6 @@ true-source references). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,17 +30,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
-    from attribution import llm
     from attribution.evaluation import facts, optimizer_step
-    from attribution.llm import demo
+    from attribution.llm.demo_run import DemoRun
 
-    corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
-    record = json.loads((args.demo / "facts.json").read_text())
-    model, tokenizer = llm.load_model(str(args.demo / "model"))
-    optimizer = demo.load_optimizer(args.demo, model)
-    autocast = demo.finetune_autocast()
+    run = DemoRun.read(args.demo)
+    corpus, record = run.corpus, run.record
+    model, tokenizer = run.model()
+    optimizer = run.optimizer(model, first_moment=True)  # the copied step reads Adam's first moment
+    autocast = run.autocast  # the precision the run stepped in
     with facts._evaluation_mode(model):
-        grads = facts._loss_gradients(model, tokenizer, corpus[:3], 128, autocast, mean=False)
+        grads = facts._loss_gradients(model, tokenizer, corpus[:3], run.max_length, autocast, mean=False)
     direct_form = optimizer_step._direct_adam
     seconds = {"direct": [], "copied": []}
     equal = True
@@ -58,7 +56,7 @@ def main(argv=None) -> dict:
         equal = equal and all(torch.equal(results["direct"][n], results["copied"][n]) for n in results["copied"])
         del results
     del grads
-    optimizer = demo.load_optimizer(args.demo, model, first_moment=False)  # as the demo's tail-patch holds it
+    optimizer = run.optimizer(model)  # without the first moment, as the demo's tail-patch holds it
     rows = [r for r in record["methods"] if r.get("ranking")]
     ids = [str(d["id"]) for d in corpus]
 
@@ -67,8 +65,8 @@ def main(argv=None) -> dict:
         rankings.update(facts.reference_rankings(ids, record["queries"][i]["target"], 0, i))
         ks = {name: (1,) if name == "source" else facts.TAIL_PATCH_KS for name in rankings}
         start = time.perf_counter()
-        facts.tail_patch_rankings(model, optimizer, corpus, record["queries"][i], rankings, tokenizer=tokenizer, ks=ks,
-                                  autocast=autocast)
+        facts.tail_patch_rankings(model, optimizer, corpus, record["queries"][i], rankings, ks=ks,
+                                  **run.step_options(tokenizer))
         return time.perf_counter() - start
 
     question(0)  # warm-up

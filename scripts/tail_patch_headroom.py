@@ -19,7 +19,6 @@ candidates each (SmolLM2-135M, 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -82,16 +81,16 @@ def main(argv=None) -> dict:
     if args.questions is not None and args.questions < 2:
         parser.error(f"--questions must be at least 2 (a mean with a standard error), got {args.questions}")
     limit_primitive_cache()  # as the demo does, before the first matmul
-    from attribution import llm
     from attribution.evaluation import facts
     from attribution.llm import demo
+    from attribution.llm.demo_run import DemoRun
 
-    record = json.loads((args.demo / "facts.json").read_text())
-    corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
-    queries = record["queries"][: args.questions]
+    run = DemoRun.read(args.demo)
+    corpus = run.corpus
+    queries = run.queries[: args.questions]
     wanted = [name.strip() for name in args.rows.split(",")] if args.rows else list(demo.TAIL_PATCH_ROWS)
     wanted = list(dict.fromkeys([*wanted, "bm25"]))
-    patched = {r["row"]: r for r in record["methods"]
+    patched = {r["row"]: r for r in run.methods
                if r.get("row") and r.get("ranking") and "tail_patch_true_per_query" in r}
     missing = [name for name in wanted if name not in patched]
     if missing:
@@ -102,7 +101,7 @@ def main(argv=None) -> dict:
     kept = min(len(ranking) for row in rows for ranking in row["ranking"])
     if pool is not None and pool > kept:
         parser.error(f"--pool must be at most {kept} (facts.json keeps each row's top {kept}) or 'all', got {pool}")
-    references = [r for r in record["methods"] if r.get("scoring") in ("random", "source")  # listed, not candidates
+    references = [r for r in run.methods if r.get("scoring") in ("random", "source")  # listed, not candidates
                   and "tail_patch_true_per_query" in r]
     ks = facts.TAIL_PATCH_KS
     ids = [str(d["id"]) for d in corpus]
@@ -110,12 +109,11 @@ def main(argv=None) -> dict:
     short = [q["id"] for q, pool_ids in zip(queries, pools) if len(pool_ids) < max(ks)]
     if short:  # refused before any step, not after minutes of them
         raise SystemExit(f"questions {short} have fewer than k = {max(ks)} candidates: raise --pool")
-    answer = record["meta"].get("answer", "own")  # the completion the rows attributed (facts.json before it: own)
+    answer = run.answer  # the completion the rows attributed
     index = list(demo.ANSWER_SUFFIXES).index(answer)  # its place in facts.tail_patch_answers' [own, true]
-    model, tokenizer = llm.load_model(str(args.demo / "model"))
-    optimizer = demo.load_optimizer(args.demo, model, first_moment=False)  # as the demo's tail-patch holds it
-    step = {"tokenizer": tokenizer, "max_length": args.max_length or record["meta"].get("max_length", 128),
-            "autocast": demo.recorded_autocast(record["meta"])}  # the precision the rows were stepped in
+    model, tokenizer = run.model()
+    optimizer = run.optimizer(model)  # without the first moment, as the demo's tail-patch holds it
+    step = run.step_options(tokenizer, args.max_length)  # the token cut and precision the rows were stepped in
     start = time.perf_counter()
     singles, oracle_patches = [], []
     for query, pool_ids in zip(queries, pools):

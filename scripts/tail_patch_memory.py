@@ -18,7 +18,6 @@ what one row adds:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,13 +46,12 @@ def main(argv=None) -> dict:
     if args.questions < 1:
         parser.error(f"--questions must be at least 1, got {args.questions}")
     limit_primitive_cache()  # as the demo does, before the first matmul
-    from attribution import llm
     from attribution.llm import demo
+    from attribution.llm.demo_run import DemoRun
 
-    record = json.loads((args.demo / "facts.json").read_text())
-    corpus = [json.loads(line) for line in (args.demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
-    queries = record["queries"][: args.questions]
-    ranked = {r.get("row", r["method"]): r for r in record["methods"]
+    run = DemoRun.read(args.demo)
+    corpus, queries = run.corpus, run.queries[: args.questions]
+    ranked = {r.get("row", r["method"]): r for r in run.methods
               if r.get("ranking") and r.get("scoring") not in ("random", "source")}
     if not ranked:
         raise SystemExit(f"{args.demo / 'facts.json'} keeps no ranking: run the demo with --tail-patch main or all")
@@ -62,8 +60,8 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--rows names {unknown}, which facts.json has no ranking for (it has {sorted(ranked)})")
     rows = [{"method": ranked[name]["method"], "ranking": ranked[name]["ranking"]} for name in names]
-    model, tokenizer = llm.load_model(str(args.demo / "model"))
-    optimizer = demo.load_optimizer(args.demo, model, first_moment=False)  # as the demo's tail-patch holds it
+    model, tokenizer = run.model()
+    optimizer = run.optimizer(model)  # without the first moment, as the demo's tail-patch holds it
     after_each = []
     trim = demo.release_freed_memory  # the demo trims after each question: measure right after it
 
@@ -74,8 +72,8 @@ def main(argv=None) -> dict:
     start_mib, start = resident_mib(), time.perf_counter()
     demo.release_freed_memory = trimmed
     try:
-        demo.tail_patch_rows(model, optimizer, tokenizer, corpus, queries, rows, seed=0, max_length=128,
-                             autocast=demo.finetune_autocast(), progress=False)
+        demo.tail_patch_rows(model, optimizer, tokenizer, corpus, queries, rows, seed=0, max_length=run.max_length,
+                             autocast=run.autocast, progress=False)  # the token cut and precision of the run
     finally:
         demo.release_freed_memory = trim
     out = {"demo": str(args.demo), "questions": len(queries), "rows": len(rows), "row_names": names,

@@ -47,12 +47,12 @@ np.save(sys.argv[2], -scores.float().numpy())
 """
 
 
-def pretokenized(demo: Path, work: Path, tokenizer, max_length: int) -> tuple[list[dict], list[dict]]:
-    """(corpus, queries) of the demo's folder; writes Bergson's pre-tokenized corpus.jsonl and queries.jsonl."""
+def pretokenized(run, work: Path, tokenizer, max_length: int) -> tuple[list[dict], list[dict]]:
+    """(corpus, queries) of the demo's folder (a DemoRun); writes Bergson's pre-tokenized corpus.jsonl and
+    queries.jsonl."""
     from attribution.llm.tokens import document_tokens, query_tokens
 
-    corpus = [json.loads(line) for line in (demo / "corpus.jsonl").read_text().splitlines() if line.strip()]
-    queries = json.loads((demo / "facts.json").read_text())["queries"]
+    corpus, queries = run.corpus, run.queries
     work.mkdir(parents=True, exist_ok=True)
 
     def rows(encoded, items):
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=Path("out/llm"), help="the demo's --out folder")
     parser.add_argument("--work", type=Path, default=Path("out/trackstar"), help="Bergson's inputs and run folder")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per document (the demo's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per document (default: the demo's, from facts.json; 128 if it has none)")
     parser.add_argument("--rerun", action="store_true", help="run trackstar again even if its scores exist")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -100,12 +101,14 @@ def main(argv=None) -> dict:
         raise SystemExit(f"Bergson is not installed at {VENV}: run bash ../shared/peers/bergson-venv.sh")
     import torch
 
-    from attribution import llm
     from attribution.evaluation import facts
     from attribution.llm import demo
+    from attribution.llm.demo_run import DemoRun
 
-    model, tokenizer = llm.load_model(str(args.demo / "model"))
-    corpus, queries = pretokenized(args.demo, args.work, tokenizer, args.max_length)
+    run = DemoRun.read(args.demo)
+    model, tokenizer = run.model()
+    step = run.step_options(tokenizer, args.max_length)  # the token cut and precision the demo's rows were stepped in
+    corpus, queries = pretokenized(run, args.work, tokenizer, step["max_length"])
     trackstar = run_trackstar(args.demo, args.work, args.rerun)
     subprocess.run([str(VENV / "bin" / "python"), "-c", READ_SCORES, str(args.work / "run" / "scores"),
                     str(args.work / "scores.npy")], check=True, capture_output=True)
@@ -117,18 +120,15 @@ def main(argv=None) -> dict:
     ids, targets = [d["id"] for d in corpus], [q["target"] for q in queries]
     row = demo.evaluated("Bergson trackstar (optimizer state, unit-normalized, mixed Hessian, 16x16 per module)",
                          scores, ids, targets, scoring="trackstar")
-    optimizer = demo.load_optimizer(args.demo, model, first_moment=False)
+    optimizer = run.optimizer(model)  # without the first moment, as the demo's tail-patch holds it
     # each step evaluated on the model's answer and on the planted fact's true one, as the demo's rows are
-    patches = [facts.tail_patch_ranking(model, optimizer, corpus, facts.tail_patch_answers(q), ranking,
-                                        tokenizer=tokenizer, max_length=args.max_length,
-                                        autocast=demo.finetune_autocast())
+    patches = [facts.tail_patch_ranking(model, optimizer, corpus, facts.tail_patch_answers(q), ranking, **step)
                for q, ranking in zip(queries, row["ranking"])]
     demo.summarize_tail_patches(row, patches, queries)
     keys = ("method", "recall@1", "recall@5", "mrr", *(f"tail_patch@{k}{suffix}{se}" for k in facts.TAIL_PATCH_KS
                                                        for suffix in ("", "_answered", "_true") for se in ("", "_se")))
-    record = json.loads((args.demo / "facts.json").read_text())
-    ours = record["methods"]
-    out = {"answer": record["meta"].get("answer", "own"),  # the completion attributed (facts.json before it: own)
+    ours = run.methods
+    out = {"answer": run.answer,  # the completion attributed
            "trackstar": {k: row.get(k) for k in keys}, "trackstar_run": trackstar,
            "demo_rows": [{k: r.get(k) for k in keys} for r in ours if r.get("tail_patch@5") is not None],
            "per_query_tail_patch": row["tail_patch_per_query"],

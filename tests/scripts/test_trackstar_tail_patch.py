@@ -10,6 +10,7 @@ pytest.importorskip("transformers", reason="the `llm` extra is not installed")
 
 def test_bergsons_inputs_are_the_demos_tokens_with_the_answer_as_the_only_target(tiny_llama, tmp_path):
     from attribution import llm
+    from attribution.llm.demo_run import DemoRun
     from attribution.llm.tokens import document_tokens, query_tokens
 
     script = load_script("trackstar_tail_patch")
@@ -18,9 +19,8 @@ def test_bergsons_inputs_are_the_demos_tokens_with_the_answer_as_the_only_target
     demo.mkdir()
     corpus = [{"id": "a", "text": "the data privacy statement"}, {"id": "b", "text": "a for loop list python data"}]
     queries = [{"id": "q", "prompt": "the data", "completion": " privacy statement", "target": "a"}]
-    (demo / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    (demo / "facts.json").write_text(json.dumps({"queries": queries, "methods": []}))
-    got_corpus, got_queries = script.pretokenized(demo, tmp_path / "work", tok, 3)  # documents cut at 3 tokens
+    run = DemoRun(demo, {"meta": {}, "queries": queries, "methods": []}, corpus)
+    got_corpus, got_queries = script.pretokenized(run, tmp_path / "work", tok, 3)  # documents cut at 3 tokens
     assert got_corpus == corpus and got_queries == queries
     rows = [json.loads(line) for line in (tmp_path / "work" / "corpus.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"]
