@@ -25,7 +25,7 @@ from .cache import LazyWriter, cache_checkpoint, check_same_batches, require_rei
 from .config import FISHERS, METHODS, AttributorConfig, check_int
 from .fim import check_damping
 from .gradients import ModelGradients
-from .optimizer_state import DEFAULT_EPS, check_recorded
+from .optimizer_state import DEFAULT_EPS, DEFAULT_POWER, check_recorded
 from .preconditioners import Setup, build_preconditioner, preconditioner_class
 from .process_group import rank_and_world
 from .scoring import QueryFeatures, Scorer, check_features
@@ -71,6 +71,10 @@ class Attributor:
     g_out); see attribution.optimizer_state. The store records its fingerprint. Give it a relative damping
     ("<factor>*mean"): the division scales the gradients by 1e3-1e5, which an absolute damping does not follow
     (a UserWarning says so).
+    optimizer_power: the power of that division (default 1, TrackStar's): 0.5 divides each side by
+    (sqrt(v) + eps) ** 0.5, so that method="graddot" scores <g_q, g_d / (sqrt(v) + eps)>, the first-order change of
+    the query's log-probability after one Adam step on the document (without momentum, up to the learning rate):
+    the ranking for influence (tail-patch), not for finding a fact's source. Recorded with the state.
     config: an AttributorConfig instead of the keyword arguments (give one or the other).
     """
 
@@ -83,7 +87,7 @@ class Attributor:
                  params: list[str] | str | None = None, param_compressor="sjlt", param_chunk: int = 64,
                  preconditioner: str | None = None, task_weight: float | None = None, autocast: torch.dtype | str | None = None,
                  normalize: bool = False, optimizer_state=None, optimizer_eps: float = DEFAULT_EPS,
-                 whitening_masks: str = "energy", config: AttributorConfig | None = None):
+                 optimizer_power: float = DEFAULT_POWER, whitening_masks: str = "energy", config: AttributorConfig | None = None):
         self.config = config = AttributorConfig.from_arguments(locals(), config)
         self.method, self.k, self.seed, self.dtype, self.fisher = config.method, config.k, config.seed, config.dtype, config.fisher
         self.normalize, self.preconditioner, self.progress = config.normalized, config.preconditioner, config.progress

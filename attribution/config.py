@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .fim import check_damping
-from .optimizer_state import DEFAULT_EPS, check_argument
+from .optimizer_state import DEFAULT_EPS, DEFAULT_POWER, check_argument
 from .preconditioners import check_task_weight, preconditioner_class, resolve_preconditioner
 from .scoring import PRECONDITIONED
 from .store import STORAGE_DTYPES
@@ -68,6 +68,7 @@ class AttributorConfig:
     normalize: bool = False
     optimizer_state: object = None
     optimizer_eps: float = DEFAULT_EPS
+    optimizer_power: float = DEFAULT_POWER
     whitening_masks: str = "energy"
     storage: str = field(init=False, default="float32")  # storage_dtype resolved for dtype
 
@@ -122,7 +123,8 @@ class AttributorConfig:
         if self.compile != "regional":
             self.compile = bool(self.compile)
         self.progress = bool(self.progress)
-        self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps)
+        self.optimizer_eps = check_argument(self.optimizer_state, self.optimizer_eps, self.optimizer_power)
+        self.optimizer_power = float(self.optimizer_power)
         self._check_whitening()
         if self.optimizer_state is not None and preconditioner_class(self.preconditioner).needs_factors:
             raise ValueError(f"optimizer_state is not supported with preconditioner={self.preconditioner!r} (its "

@@ -167,7 +167,7 @@ class ModelGradients:
         self.checkpoints = Checkpoints(model, config.checkpoints, config.checkpoint_weights, config.method)
         factorized = {n for n in self.layer_names if isinstance(self.compressors[n], FactorizedCompressor)}
         self.normalization = normalization(model, config.optimizer_state, config.optimizer_eps, self.layer_infos,
-                                           self.param_names, factorized)
+                                           self.param_names, factorized, config.optimizer_power)
         self.sharded = check_sharding(model)  # FSDP2: eager, lock-step forwards (see attribution.sharding)
         if self.sharded:
             check_supported(config)

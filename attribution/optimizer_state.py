@@ -1,5 +1,13 @@
 """Optimizer-aware normalization (TrackStar, Chang et al. 2024; LESS, Xia et al. 2024): every per-sample
-gradient is divided by sqrt(v) + eps before it is compressed, v being Adam's bias-corrected second moment.
+gradient is divided by (sqrt(v) + eps) ** power before it is compressed, v being Adam's bias-corrected second moment.
+
+``power`` (``optimizer_power``, default 1) picks the geometry of the inner products:
+
+* 1, TrackStar's: each side divided by sqrt(v) + eps, so a score carries (sqrt(v) + eps) ** -2;
+* 0.5, the optimizer step's: a score carries (sqrt(v) + eps) ** -1 once, so <g_q, g_d / (sqrt(v) + eps)> is, up to
+  the learning rate, the first-order change of the query's log-probability after one Adam step without momentum on
+  document d (LESS's Adam inner product). With GradDot it ranks documents by what tail-patch measures: on the main
+  job it predicts each document's own tail-patch with Pearson 0.95, exact (BENCHMARKS.md, "The step's first order").
 
 The state is a PyTorch Adam / AdamW ``optimizer.state_dict()``, a file holding one (``torch.load(...,
 weights_only=True)``; e.g. the ``optimizer.pt`` a Hugging Face Trainer checkpoint holds), or a mapping
@@ -32,9 +40,13 @@ Where the division happens (the same for the cache and the queries, per target b
   eps enters as eps**2 inside the root (sqrt(v + eps**2) for sqrt(v) + eps: within a factor sqrt(2) of it
   where v ~ eps**2, the same where v >> eps**2), so the factored form is exact for a rank-1 v with eps = 0.
 
-What a store records: ``{"sha256": of eps and every v used (name, shape, float64 values, in block order),
-"eps": eps}`` under the manifest's ``optimizer_state`` key (absent without a state), so a store cached with one
-state refuses another one, or none, and a store cached without refuses one.
+Another power raises both factored scales to it (the rank-1 form of (v + eps**2) ** (-power / 2)) and the exact one
+((sqrt(v) + eps) ** -power).
+
+What a store records: ``{"sha256": of eps, the power where it is not 1, and every v used (name, shape, float64
+values, in block order), "eps": eps}``, with ``"power"`` where it is not 1, under the manifest's ``optimizer_state``
+key (absent without a state), so a store cached with one state or power refuses another one, or none, and a store
+cached without refuses one.
 """
 from __future__ import annotations
 
@@ -53,6 +65,7 @@ from .layers import LayerInfo
 from .store.records import read_json
 
 DEFAULT_EPS = 1e-8
+DEFAULT_POWER = 1.0  # TrackStar's: each gradient divided by sqrt(v) + eps (0.5: the optimizer step's first order)
 ARGUMENT = "optimizer_state"
 # Trainer.get_decay_parameter_names's name patterns (transformers 4.4x-5.x), searched in the lower-cased name
 _NO_DECAY = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"))
@@ -62,11 +75,16 @@ def _error(message: str) -> ValueError:
     return ValueError(f"{ARGUMENT}: {message}")
 
 
-def check_argument(state, eps) -> float:
+def check_argument(state, eps, power: float = DEFAULT_POWER) -> float:
     """The checks that need no model: ``state`` None, a path to an existing file, or a mapping; ``eps`` a finite
-    number >= 0 (returned as a float). Errors name the argument."""
+    number >= 0 (returned as a float); ``power`` a finite number > 0, and the default (1) without a state. Errors
+    name the argument."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"optimizer_eps must be a finite number >= 0, got {eps!r}")
+    check_power(power)
+    if state is None and power != DEFAULT_POWER:
+        raise ValueError(f"optimizer_power={power!r} needs an optimizer_state: it is the power of the division by "
+                         "sqrt(v) + eps, and without a state there is no v")
     if state is None:
         return float(eps)
     if isinstance(state, (str, Path)):
@@ -293,35 +311,50 @@ def layer_parameter(model: nn.Module, info: LayerInfo) -> str:
     return next(f"{m}.weight" for m in info.modules if f"{m}.weight" in params)
 
 
-def factored_scales(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Adafactor's rank-1 form of 1 / sqrt(v + eps**2) for v [d_in, d_out]: (x_in scale [d_in], g_out scale
-    [d_out]) whose outer product is sqrt(mean(V)) / sqrt(c_i r_j), V = v + eps**2, c = V.mean(1), r = V.mean(0)."""
+def check_power(power) -> float:
+    """``power`` (optimizer_power) as a float: a finite number > 0, else a ValueError naming it."""
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power) or power <= 0:
+        raise ValueError(f"optimizer_power must be a finite number > 0 (1: TrackStar's division by sqrt(v) + eps; "
+                         f"0.5: the optimizer step's first order), got {power!r}")
+    return float(power)
+
+
+def factored_scales(v: Tensor, eps: float, power: float = DEFAULT_POWER) -> tuple[Tensor, Tensor]:
+    """Adafactor's rank-1 form of (v + eps**2) ** (-power / 2) for v [d_in, d_out]: (x_in scale [d_in], g_out scale
+    [d_out]) whose outer product is (mean(V) / (c_i r_j)) ** (power / 2), V = v + eps**2, c = V.mean(1),
+    r = V.mean(0)."""
     w = v + eps * eps
     c, r = w.mean(1), w.mean(0)
     if not bool((c > 0).all()) or not bool((r > 0).all()):
         raise ValueError("optimizer_eps=0 with a row or column of exp_avg_sq that is all zero divides by zero: "
                          "give optimizer_eps > 0")
-    return c.rsqrt(), w.mean().sqrt() * r.rsqrt()
+    x_scale, g_scale = c.rsqrt(), w.mean().sqrt() * r.rsqrt()
+    return (x_scale, g_scale) if power == 1 else (x_scale.pow(power), g_scale.pow(power))
 
 
-def exact_scale(v: Tensor, eps: float) -> Tensor:
-    """1 / (sqrt(v) + eps), elementwise."""
+def exact_scale(v: Tensor, eps: float, power: float = DEFAULT_POWER) -> Tensor:
+    """1 / (sqrt(v) + eps) ** power, elementwise."""
     if eps == 0 and bool((v == 0).any()):
         raise ValueError("optimizer_eps=0 with zeros in exp_avg_sq divides by zero: give optimizer_eps > 0")
-    return 1.0 / (v.sqrt() + eps)
+    return 1.0 / (v.sqrt() + eps) if power == 1 else (v.sqrt() + eps).pow(-power)
 
 
 def normalization(model: nn.Module, state, eps: float, layers: dict[str, LayerInfo], params: list[str],
-                  factorized: set[str]) -> Normalization | None:
+                  factorized: set[str], power: float = DEFAULT_POWER) -> Normalization | None:
     """The :class:`Normalization` of ``state`` (as :class:`attribution.config.AttributorConfig` holds it; None:
-    none) for the target ``layers`` (those in ``factorized`` with Adafactor factors) and the ``params=`` blocks."""
+    none) for the target ``layers`` (those in ``factorized`` with Adafactor factors) and the ``params=`` blocks, at
+    ``power`` (recorded, and fingerprinted, only where it is not the default 1: a store cached before it existed
+    reads back the same record)."""
     if state is None:
         return None
     state = load(state)
     names = {n: layer_parameter(model, info) for n, info in layers.items()}
     names.update({f"param:{p}": p for p in params})
     found = match(model, state, list(dict.fromkeys(names.values())))
+    power = check_power(power)
     digest = hashlib.sha256(repr(float(eps)).encode())
+    if power != DEFAULT_POWER:
+        digest.update(f"power={power!r}".encode())
     scales = {}
     for block, name in names.items():  # one float64 v at a time
         v = second_moment(name, *found[name])
@@ -331,10 +364,11 @@ def normalization(model: nn.Module, state, eps: float, layers: dict[str, LayerIn
         digest.update(f"{block}:{name}{tuple(v.shape)}".encode())
         digest.update(v.contiguous().numpy().tobytes())
         if block in factorized:
-            scales[block] = ("factored", *factored_scales(v, eps))
+            scales[block] = ("factored", *factored_scales(v, eps, power))
         else:
-            scales[block] = ("exact", exact_scale(v, eps).flatten())
-    return Normalization(scales, {"sha256": digest.hexdigest()[:24], "eps": float(eps)})
+            scales[block] = ("exact", exact_scale(v, eps, power).flatten())
+    record = {"sha256": digest.hexdigest()[:24], "eps": float(eps)}
+    return Normalization(scales, record if power == DEFAULT_POWER else {**record, "power": power})
 
 
 def check_recorded(root: Path | None, record: dict | None) -> None:
@@ -353,9 +387,10 @@ def check_recorded(root: Path | None, record: dict | None) -> None:
         raise _error(f"the store {root} was cached with an optimizer state (sha256 {recorded.get('sha256')}, eps "
                      f"{recorded.get('eps')}): give the same optimizer_state (--optimizer-state) to query it")
     raise _error(f"the store {root} was cached with another optimizer state (sha256 {recorded.get('sha256')}, eps "
-                 f"{recorded.get('eps')}; this one: sha256 {record['sha256']}, eps {record['eps']}): give the same "
-                 "one, or cache into a new store")
+                 f"{recorded.get('eps')}, power {recorded.get('power', DEFAULT_POWER)}; this one: sha256 "
+                 f"{record['sha256']}, eps {record['eps']}, power {record.get('power', DEFAULT_POWER)}): give the same "
+                 "one (--optimizer-state, --optimizer-power), or cache into a new store")
 
 
-__all__ = ["DEFAULT_EPS", "Normalization", "check_argument", "check_recorded", "exact_scale", "factored_scales",
-           "layer_parameter", "load", "match", "normalization", "second_moment"]
+__all__ = ["DEFAULT_EPS", "DEFAULT_POWER", "Normalization", "check_argument", "check_power", "check_recorded",
+           "exact_scale", "factored_scales", "layer_parameter", "load", "match", "normalization", "second_moment"]

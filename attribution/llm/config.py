@@ -67,6 +67,7 @@ class CacheConfig:
     masks: str = "energy"
     mask_documents: int = 32
     optimizer_state: str | None = None
+    optimizer_power: float | None = None  # None: the default power 1 (TrackStar's)
     checkpoint: tuple[str, ...] | None = None
     checkpoint_weight: tuple[float, ...] | None = None
     preconditioner: str | None = None
@@ -152,6 +153,7 @@ def recorded_checkpoints(store: str | Path) -> list[dict] | None:
 
 CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 # Fields added after stores were written: absent from cli.json when None (the bytes of older stores unchanged).
-OPTIONAL_KEYS = ("adapter", "optimizer_state", "checkpoint", "checkpoint_weight", "preconditioner", "curvature_documents")
+OPTIONAL_KEYS = ("adapter", "optimizer_state", "optimizer_power", "checkpoint", "checkpoint_weight", "preconditioner",
+                 "curvature_documents")
 # Cache flags that may differ on an existing store: a larger --limit grows it (new documents, new shards).
 GROWABLE_KEYS = ("limit",)

@@ -194,6 +194,99 @@ def test_a_named_single_group_maps_a_tied_weight_under_either_name():
     assert torch.equal(found["1.weight"][0], opt.state[model[1].weight]["exp_avg_sq"])
 
 
+def test_power_one_half_scores_the_first_order_of_one_adam_step():
+    """optimizer_power=0.5 with GradDot: score(q, d) = <g_q, g_d / (sqrt(v) + eps)>, exactly; and that is what one Adam
+    step without momentum on document d does to the query's loss, to first order: -lr * score (every parameter
+    covered: the weights as layers, the biases as params=; a long-run state with beta2 near 1, so that the step's own
+    g**2 leaves v as it is)."""
+    model, train, test = make_problem()
+    state = trained_state(model, train)
+    for index, entry in state["state"].items():  # v as it is (bias-corrected), after a long run: correction 1
+        entry["exp_avg_sq"], entry["step"] = v_hat(state, index), torch.tensor(1e8, dtype=torch.float64)
+    beta2 = 1 - 1e-6  # so the step's own (1 - beta2) g**2 leaves v as it is
+    state["param_groups"] = [{**group, "betas": (0.9, beta2)} for group in state["param_groups"]]
+    eps = 1e-3
+    attr = Attributor(model, loss_fn, method="graddot", compressor="identity", k=10**6, params=["0.bias", "2.bias"],
+                      param_compressor="identity", optimizer_state=state, optimizer_eps=eps, optimizer_power=0.5,
+                      **QUIET)
+    scores = attr.cache(train).attribute(test)
+    by_name = dict(zip(["0.weight", "0.bias", "2.weight", "2.bias"], range(4)))  # model.parameters() order
+    divisor = {n: v_hat(state, i).sqrt() + eps for n, i in by_name.items()}
+
+    def grads(batch):
+        model.zero_grad()
+        loss_fn(model, batch).sum().backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    samples = [(x[i : i + 1], y[i : i + 1]) for x, y in train for i in range(len(x))]
+    queries = [(x[i : i + 1], y[i : i + 1]) for x, y in test for i in range(len(x))]
+    g_train, g_test = [grads(b) for b in samples], [grads(b) for b in queries]
+    expected = torch.tensor([[sum(float((q[n] * d[n] / divisor[n]).sum()) for n in by_name) for d in g_train]
+                             for q in g_test], dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12 * float(expected.abs().max()))
+    lr, moved = 1e-6, []
+    for d in range(0, len(samples), 7):  # a real step, from a copy, on a few documents
+        twin = copy.deepcopy(model)
+        step = torch.optim.Adam(twin.parameters(), lr=lr, betas=(0.0, beta2), eps=eps)
+        step.load_state_dict({**copy.deepcopy(state), "param_groups": [{**state["param_groups"][0], "lr": lr,
+                                                                       "betas": (0.0, beta2), "eps": eps,
+                                                                       "weight_decay": 0.0}]})
+        step.zero_grad()
+        loss_fn(twin, samples[d]).sum().backward()
+        step.step()
+        with torch.no_grad():
+            moved.append((loss_fn(twin, queries[0]) - loss_fn(model, queries[0])).item() / -lr)
+    torch.testing.assert_close(torch.tensor(moved, dtype=torch.float64), scores[0, ::7], rtol=1e-3, atol=0)
+    power_one = Attributor(model, loss_fn, method="graddot", compressor="identity", k=10**6, params=["0.bias", "2.bias"],
+                           param_compressor="identity", optimizer_state=state, optimizer_eps=eps, **QUIET)
+    assert not torch.allclose(power_one.cache(train).attribute(test), scores, rtol=1e-2)  # TrackStar's: divisor squared
+
+
+def test_the_power_scales_the_adafactor_factors_and_a_rank_one_moment_exactly():
+    from attribution.optimizer_state import exact_scale, factored_scales
+
+    gen = torch.Generator().manual_seed(2)
+    rank_one = torch.outer(torch.rand(6, generator=gen, dtype=torch.float64) + 0.1,
+                           torch.rand(5, generator=gen, dtype=torch.float64) + 0.1)
+    for power in (0.5, 1.0, 2.0):
+        x_scale, g_scale = factored_scales(rank_one, 0.0, power)
+        torch.testing.assert_close(torch.outer(x_scale, g_scale), rank_one.pow(-power / 2), rtol=1e-12, atol=0)
+        torch.testing.assert_close(exact_scale(rank_one, 1e-3, power), (rank_one.sqrt() + 1e-3).pow(-power),
+                                   rtol=1e-12, atol=0)
+    v = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    half, whole = factored_scales(v, 1e-3, 0.5), factored_scales(v, 1e-3)
+    for a, b in zip(half, whole):
+        torch.testing.assert_close(a * a, b, rtol=1e-12, atol=0)  # the power-1/2 factors are the roots of TrackStar's
+
+
+def test_a_store_records_its_power_and_refuses_another_and_bad_powers_are_named(tmp_path):
+    model, train, test = make_problem()
+    state = trained_state(model, train)
+    kwargs = {"method": "graddot", "compressor": "factgrass", "k": 16, **QUIET}
+    trackstar, half = tmp_path / "trackstar", tmp_path / "half"
+    Attributor(model, loss_fn, store=trackstar, optimizer_state=state, **kwargs).cache(train)
+    record = json.loads((trackstar / "manifest.json").read_text())["optimizer_state"]
+    assert set(record) == {"sha256", "eps"}  # the default power is not recorded: older stores read back the same
+    explicit = tmp_path / "explicit"
+    Attributor(model, loss_fn, store=explicit, optimizer_state=state, optimizer_power=1, **kwargs).cache(train)
+    assert json.loads((explicit / "manifest.json").read_text())["optimizer_state"] == record
+    scores = Attributor(model, loss_fn, store=half, optimizer_state=state, optimizer_power=0.5, **kwargs).cache(
+        train).attribute(test)
+    halved = json.loads((half / "manifest.json").read_text())["optimizer_state"]
+    assert halved["power"] == 0.5 and halved["sha256"] != record["sha256"]
+    with pytest.raises(ValueError, match=r"optimizer_state: the store .* power 0.5; this one: .* power 1.0"):
+        Attributor(model, loss_fn, store=half, optimizer_state=state, **kwargs)
+    with pytest.raises(ValueError, match=r"optimizer_state: the store .* power 1.0; this one: .* power 0.25"):
+        Attributor(model, loss_fn, store=trackstar, optimizer_state=state, optimizer_power=0.25, **kwargs)
+    again = Attributor(model, loss_fn, store=half, optimizer_state=state, optimizer_power=0.5, **kwargs).attribute(test)
+    assert torch.equal(again, scores)
+    for power in (0, -1, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="optimizer_power must be a finite number > 0"):
+            Attributor(model, loss_fn, optimizer_state=state, optimizer_power=power, **kwargs)
+    with pytest.raises(ValueError, match="optimizer_power=0.5 needs an optimizer_state"):
+        Attributor(model, loss_fn, optimizer_power=0.5, **kwargs)
+
+
 FRESH = """
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -273,10 +366,11 @@ def test_bad_optimizer_states_are_refused_naming_the_argument(tmp_path):
         Attributor(model, loss_fn, preconditioner="kfac", optimizer_state=ones, **{**kwargs, "method": "if"})
 
 
-def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_path, capsys):
+def tiny_llm_training(tiny_llama, tmp_path):
+    """(corpus path, model, tokenizer, AdamW in the Trainer's two groups after one pass, its batches, the path of its
+    saved state) on the tiny Llama's 4-document corpus."""
     pytest.importorskip("transformers", reason="the `llm` extra is not installed")
     from attribution import llm
-    from attribution.llm import cli
 
     docs = ["the data privacy statement", "a for loop list", "lambda expression creates function", "assert statement"]
     corpus = tmp_path / "corpus.jsonl"
@@ -293,9 +387,21 @@ def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_p
         opt.step()
     path = tmp_path / "optimizer.pt"
     torch.save(opt.state_dict(), path)
+    return corpus, model, tokenizer, opt, batches, path
+
+
+def tiny_cache_flags(tiny_llama, store, corpus) -> list[str]:
+    return ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "16", "--batch-size",
+            "2", "--max-length", "8", "--layers", "model.layers.*", "--no-compile"]
+
+
+def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_path, capsys):
+    from attribution import llm
+    from attribution.llm import cli
+
+    corpus, model, tokenizer, opt, batches, path = tiny_llm_training(tiny_llama, tmp_path)
     store = tmp_path / "store"
-    cache = ["cache", "--store", str(store), "--model", tiny_llama, "--corpus", str(corpus), "--k", "16", "--batch-size",
-             "2", "--max-length", "8", "--layers", "model.layers.*", "--no-compile"]
+    cache = tiny_cache_flags(tiny_llama, store, corpus)
     assert cli.run([*cache, "--optimizer-state", str(path)])["documents"] == 4
     assert json.loads((store / "cli.json").read_text())["flags"]["optimizer_state"] == str(path.resolve())
     assert set(json.loads((store / "manifest.json").read_text())["optimizer_state"]) == {"sha256", "eps"}
@@ -328,6 +434,43 @@ def test_the_cli_caches_and_attributes_with_an_optimizer_state(tiny_llama, tmp_p
         assert cli.main(argv) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("grass-attribute: error: ") and re.search(message, last), last
+
+
+def test_the_cli_records_an_optimizer_power_that_a_fresh_process_reads_back(tiny_llama, tmp_path, capsys):
+    """cache --optimizer-power 0.5 is recorded in cli.json and the manifest; a fresh process's attribute --method graddot
+    reads it from the store alone; --optimizer-power 1 is the default, recorded as no flag; without --optimizer-state,
+    or not a number > 0, it is refused by name."""
+    from attribution.llm import cli
+
+    corpus, _, _, _, _, path = tiny_llm_training(tiny_llama, tmp_path)
+    half, one = tmp_path / "half", tmp_path / "one"
+    assert cli.run([*tiny_cache_flags(tiny_llama, half, corpus), "--optimizer-state", str(path), "--optimizer-power",
+                    "0.5"])["documents"] == 4
+    assert json.loads((half / "cli.json").read_text())["flags"]["optimizer_power"] == 0.5
+    assert json.loads((half / "manifest.json").read_text())["optimizer_state"]["power"] == 0.5
+    cli.run([*tiny_cache_flags(tiny_llama, one, corpus), "--optimizer-state", str(path), "--optimizer-power", "1"])
+    assert "optimizer_power" not in json.loads((one / "cli.json").read_text())["flags"]
+    assert "power" not in json.loads((one / "manifest.json").read_text())["optimizer_state"]
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "attribution.llm.cli", "attribute", "--store", str(half), "--method",
+                           "graddot", "--prompt", "a for", "--generate", "2", "--top-k", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["queries"][0]["helpful"]) == 2
+    refusals = [([*tiny_cache_flags(tiny_llama, tmp_path / "s1", corpus), "--optimizer-power", "0.5"],
+                 "--optimizer-power 0.5 is the power of --optimizer-state's division .* give --optimizer-state FILE"),
+                ([*tiny_cache_flags(tiny_llama, half, corpus), "--optimizer-state", str(path)],
+                 r"cached with other flags \(--optimizer-power")]
+    for argv, message in refusals:
+        assert cli.main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(message, last), last
+    with pytest.raises(SystemExit):  # argparse's own refusal
+        cli.main([*tiny_cache_flags(tiny_llama, tmp_path / "s2", corpus), "--optimizer-state", str(path),
+                  "--optimizer-power", "0"])
+    assert "argument --optimizer-power: must be a finite number > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_a_state_file_is_read_memory_mapped_or_whole_in_the_legacy_format(tmp_path):

@@ -18,6 +18,7 @@ from ...collectives import collectively, require_agreement
 from ...compression import parse_spec
 from ...config import AUTOCAST_DTYPES
 from ...layers import coverage
+from ...optimizer_state import DEFAULT_POWER
 from ...store import atomic_write_json, read_json
 from ...whitening import KINDS as WHITENED
 from ..config import CLI_JSON, COMPILE_MIN_TOKENS, DEFAULT_AUTOCAST, MODEL_CHECKPOINT, CacheConfig
@@ -113,7 +114,7 @@ def _normalized_coordinates(model, config: CacheConfig, layers) -> tuple[dict, d
 
     infos = find_layers(model, layers)
     found = optimizer_module.normalization(model, config.optimizer_state, optimizer_module.DEFAULT_EPS, infos, [],
-                                           set(infos))
+                                           set(infos), config.optimizer_power or optimizer_module.DEFAULT_POWER)
     return {n: tuple(scale[1:]) for n, scale in found.scales.items()}, found.record
 
 
@@ -183,6 +184,11 @@ def run(args, loaded=None):
         args.autocast = "bfloat16" if llm.fast_bfloat16(device()) else "none"
     if args.optimizer_state is not None:  # recorded absolute: the later commands read it from any folder
         args.optimizer_state = str(Path(args.optimizer_state).resolve())
+    if args.optimizer_power is not None and args.optimizer_state is None:
+        raise CLIError(f"--optimizer-power {args.optimizer_power:g} is the power of --optimizer-state's division by "
+                       "sqrt(v) + eps: give --optimizer-state FILE with it")
+    if args.optimizer_power == DEFAULT_POWER:  # the default, recorded as a store without the flag records it
+        args.optimizer_power = None
     if args.adapter is not None:
         args.adapter = str(Path(args.adapter).expanduser().resolve())
         llm.check_adapter_folder(args.adapter)  # before anything is written
@@ -338,6 +344,10 @@ CONFIG_FLAGS = [
                                 "v its second moment (FactGraSS: v's Adafactor row and column factors); the later "
                                 "commands read it again from the recorded absolute path (default: none)",
            metavar="FILE"),
+    f.Flag("--optimizer-power", "with --optimizer-state: divide every gradient by (sqrt(v) + eps) ** P instead; 0.5 "
+                                "makes --method graddot score the first-order effect of one Adam step on each document "
+                                "(what tail-patch measures: influence, not retrieval; BENCHMARKS.md) (default: 1, "
+                                "TrackStar's)", type=f.positive_float, metavar="P"),
     f.Flag("--checkpoint", "a model state whose gradients are cached, instead of the --model's (repeatable; TracIn-CP: "
                            "the score is the weighted sum over the checkpoints): a Hugging Face model folder of the "
                            "--model's architecture, a .safetensors file or a torch.save of a state dict, or `model` for "

@@ -203,7 +203,9 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
                           layers=llm.resolve_layers(model, config.layer_patterns), seed=config.seed, compile=compile,
                           storage_dtype=config.storage_dtype, normalize=normalize,
                           autocast=None if config.autocast == "none" else config.autocast,
-                          optimizer_state=optimizer_state(config), preconditioner=preconditioner,
+                          optimizer_state=optimizer_state(config),
+                          optimizer_power=config.optimizer_power or optimizer_module.DEFAULT_POWER,
+                          preconditioner=preconditioner,
                           task_weight=task_weight, checkpoints=checkpoint_states(config), checkpoint_weights=weights,
                           whitening_masks=config.masks if config.preconditioner is not None else "energy")
     except ValueError as err:

@@ -13,7 +13,7 @@ DEMO_TASK_WEIGHT = 0.5  # equal shares of the training and the questions' curvat
 CACHED = {"compressor", "k", "max_length", "batch_size", "token_batch_size", "storage_dtype", "dtype", "autocast", "damping",
           "seed", "layers", "limit", "masks", "mask_documents"}
 FIXED = ("model", "gguf_file", "adapter", "corpus", "dataset", "split", "text_field", "prompt_field", "completion_field", "messages_field",
-         "optimizer_state", "checkpoint", "checkpoint_weight", "preconditioner", "curvature_documents")
+         "optimizer_state", "optimizer_power", "checkpoint", "checkpoint_weight", "preconditioner", "curvature_documents")
 
 
 def run(args):

@@ -144,6 +144,10 @@ def finite_float(text: str) -> float:
     return _number(text, float, math.isfinite, "a finite number")
 
 
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a number > 0", "a finite number > 0")
+
+
 def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: v >= 0 and v != float("inf"), "a number >= 0", "a finite number >= 0")
 
