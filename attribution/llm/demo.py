@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -269,7 +270,37 @@ COMPARE_TOKEN_BATCH = 512  # tokens per batch of the comparison pass (compressed
 TWO_STAGE_CANDIDATES = 10  # BM25 candidates per question that the two-stage row re-ranks
 # `--tail-patch main`: the rows that get tail-patch (the store's other row, an ablation of the default's curvature or
 # normalization, with `--tail-patch all`: its ten documents' backward passes a question are a fifth of them or more)
-TAIL_PATCH_ROWS = ("default", "bm25", "two-stage")
+TAIL_PATCH_ROWS = ("default", "bm25", "two-stage", "influence")
+# the influence row: GradDot on gradients divided by (sqrt(v) + eps) ** INFLUENCE_POWER on each side, so that a score is
+# the first-order effect of one AdamW step on the document, which is what tail-patch measures (BENCHMARKS.md, "The
+# step's first order")
+INFLUENCE_POWER = 0.5
+
+
+def influence_store(store) -> Path:
+    """The influence row's store, beside the default's: ``<store>-influence``."""
+    store = Path(store)
+    return store.with_name(store.name + "-influence")
+
+
+def influence_row(args, model, tokenizer, queries: list[dict], ids: list[str], targets: list[str]) -> tuple[dict, dict]:
+    """(the influence row, its cache summary): the fine-tuned model's gradients (no other checkpoint) cached with the
+    default's compressor, k and masks into :func:`influence_store`, each divided by (sqrt(v) + eps) **
+    :data:`INFLUENCE_POWER` (v: the fine-tuning's AdamW second moment, ``args.optimizer_state``), and ranked by GradDot:
+    <g_q, g_d / (sqrt(v) + eps)>, up to the learning rate the change of the answer's log-probability after one step
+    on document d without momentum, as tail-patch takes it. ``args``: the demo's, as :func:`run` has completed them."""
+    flags = argparse.Namespace(**vars(args))
+    flags.store, flags.checkpoint, flags.checkpoint_weight = str(influence_store(args.store)), None, None
+    flags.optimizer_power = INFLUENCE_POWER
+    summary = cache.run(flags, (model, tokenizer))
+    store, config, docs = load_store(flags.store)
+    if [d["id"] for d in docs] != list(ids):
+        raise RuntimeError(f"{flags.store} holds other documents than {args.store}: remove it and run the demo again")
+    _, scores = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, method="graddot",
+                                  normalize=False)
+    label = (f"influence: GradDot on the tuned model's gradients divided by (sqrt(v) + eps) ** {INFLUENCE_POWER:g} "
+             f"(the training step's first order), {config.compressor}, {config.masks} masks, k={config.k}")
+    return evaluated(label, scores, ids, targets, row="influence"), summary
 
 
 def tail_patched(row: dict, choice: str) -> bool:
@@ -455,6 +486,21 @@ def _tail_patch_note(patched: list[dict], source: dict | None, answer: str) -> s
             "what the answer depends on, not only where the words match.")
 
 
+def _influence_note(influence: dict, default: dict, answer: str) -> str:
+    """The note on the influence row: a ranking by the training step's own first-order effect, against the default's
+    retrieval and tail-patch (every figure read from the rows)."""
+    key = f"tail_patch@5{ANSWER_SUFFIXES[answer]}"
+    moved = (f" Its top 5 move the attributed answer by {influence[key]:+.2f} ± {influence[key + '_se']:.2f} nats "
+             f"(tail-patch at k = 5), the default's by {default[key]:+.2f} ± {default[key + '_se']:.2f}."
+             if influence.get(key) is not None and default.get(key) is not None else "")
+    return ("The influence row ranks the documents by what one training step on each would do to the answer, to first "
+            "order: the gradient of the answer's log-probability against the document's gradient divided by the "
+            "optimizer's sqrt(v) + eps, which is the AdamW step (without momentum) that tail-patch takes. It finds the "
+            f"fact's source at MRR {influence['mrr']:.2f}, the default at {default['mrr']:.2f}." + moved
+            + " Finding the passage that states a fact and finding the passages whose training moves the answer "
+            "most are two rankings, and the table measures both.")
+
+
 def notes(rows: list[dict], answer: str = DEFAULT_ANSWER) -> list[str]:
     """The report's notes on what the evaluation shows: why BM25 wins (or not) here, what influence
     means, and the untuned control; every figure is read from ``rows`` (the default first). ``answer``: the
@@ -490,6 +536,9 @@ def notes(rows: list[dict], answer: str = DEFAULT_ANSWER) -> list[str]:
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
     if default.get("tail_patch@5") is not None:
         out.append(_tail_patch_note(patched, next((r for r in rows if r.get("scoring") == "source"), None), answer))
+    influence = next((r for r in rows if r.get("row") == "influence"), None)
+    if influence is not None:
+        out.append(_influence_note(influence, default, answer))
     # the fine-tuned model's row with the control's masks and damping (the comparison's), else the default
     tuned = next((r for r in rows if r.get("row") == "tuned"), default)
     if control is not None:
@@ -581,6 +630,14 @@ def run(args) -> list[dict]:
             evaluated(other_label, other, ids, targets, row="store"),
             evaluated(f"two-stage: BM25's top {TWO_STAGE_CANDIDATES} re-ranked by the default's score",
                       two_stage(score_matrix, lexical, TWO_STAGE_CANDIDATES), ids, targets, row="two-stage")]
+    influence_seconds = 0.0
+    if args.influence:  # the fine-tuned model's step, to first order: the ranking for tail-patch
+        release_freed_memory()
+        row, influence_summary = influence_row(argparse.Namespace(**{**vars(args), "optimizer_state": str(
+            out / OPTIMIZER_FILE)}), model, tokenizer, queries, ids, targets)
+        rows.append(row)
+        influence_seconds = influence_summary["cache_seconds"]
+        release_freed_memory()
     for result, rank in zip(results, rows[0]["ranks"]):
         result.query["target_rank"] = rank  # the default's rank of the true source, shown per question in the report
     compare_start = time.perf_counter()
@@ -626,7 +683,9 @@ def run(args) -> list[dict]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "max_length": config.max_length,
             "preconditioner": "mixed" if mixed else "fim", "task_weight": args.task_weight,
             "finetune_seconds": tuned["seconds"],
-            "cache_seconds": summary["cache_seconds"], "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
+            "influence": args.influence, "influence_power": INFLUENCE_POWER if args.influence else None,
+            "cache_seconds": summary["cache_seconds"], "influence_cache_seconds": influence_seconds,
+            "compare_seconds": compare_seconds, "tail_patch": args.tail_patch,
             "tail_patch_seconds": tail_seconds, "peak_rss_gib": peak_rss_bytes() / 2**30}
     internal = ("ranks", "ranking", "row", "tail_patch_per_query", "tail_patch_true_per_query")  # facts.json only
     paths = write_reports(args.out, results, meta, evaluation=[{k: v for k, v in r.items() if k not in internal}

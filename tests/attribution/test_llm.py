@@ -92,9 +92,16 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     retrieval = [r for r in rows if "mrr" in r]
     for r in retrieval:
         assert 0 <= r["recall@1"] <= r["recall@5"] <= 1 and 0 < r["mrr"] <= 1 and len(r["ranks"]) == 20
-    # tail-patch (--tail-patch main): the default, BM25, two-stage and the references, mean and s.e.
+    # the influence row: the tuned model alone, (sqrt(v) + eps) ** 0.5 on each side, GradDot, in a store of its own
+    influence = next(r for r in rows if r.get("row") == "influence")
+    assert influence["method"].startswith("influence: GradDot") and 0 < influence["mrr"] <= 1
+    influence_flags = json.loads((tmp_path / "store-influence" / "cli.json").read_text())["flags"]
+    assert influence_flags["optimizer_power"] == 0.5 and "checkpoint" not in influence_flags
+    assert influence_flags["optimizer_state"] == str((tmp_path / "optimizer.pt").resolve())
+    # tail-patch (--tail-patch main): the default, BM25, two-stage, influence and the references, mean and s.e.
     patched = [r for r in rows if r.get("tail_patch@5") is not None]
-    assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 4
+    assert {r.get("scoring") for r in patched} >= {"bm25", "random"} and rows[0] in patched and len(patched) == 5
+    assert influence in patched
     assert all(r.get("row") != "store" for r in patched)  # the store's other row: --tail-patch all
     assert all(np.isfinite(r[f"tail_patch@{k}"]) and r[f"tail_patch@{k}_se"] >= 0 for r in patched for k in (1, 5, 10))
     lexical = next(r for r in patched if r.get("scoring") == "bm25")  # each row paired with BM25 question by question
@@ -133,6 +140,8 @@ def test_embedded_smollm2_fact_tracing_demo(tmp_path, capsys):
     meta = facts_record["meta"]
     assert (meta["finetune_autocast"], meta["cache_autocast"], meta["max_length"]) == (resolved, resolved, 48)
     assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (meta["influence"], meta["influence_power"]) == (True, 0.5) and meta["influence_cache_seconds"] > 0
+    assert any(note.startswith("The influence row ranks") for note in report["notes"])
     assert all(q["completion"] == facts.true_answer(q)["completion"] for q in facts_record["queries"])
     own = cli.run([*flags, "--answer", "own", "--no-compare", "--tail-patch", "none"])[0]
     record = json.loads((tmp_path / "facts.json").read_text())

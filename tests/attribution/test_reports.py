@@ -257,9 +257,9 @@ def test_each_row_is_paired_with_bm25_question_by_question():
         demo.paired_with([{"tail_patch_per_query": {"5": [1.0, 2.0]}}], bm25, "bm25")
 
 
-def test_tail_patch_main_steps_on_the_default_bm25_and_two_stage_and_all_on_every_row():
-    rows = [{"row": name} for name in ("default", "store", "two-stage", "bm25")] + [{"method": "LoGra, cosine"}]
-    assert [demo.tail_patched(r, "main") for r in rows] == [True, False, True, True, False]
+def test_tail_patch_main_steps_on_the_default_bm25_two_stage_and_influence_and_all_on_every_row():
+    rows = [{"row": name} for name in ("default", "store", "two-stage", "bm25", "influence")] + [{"method": "LoGra"}]
+    assert [demo.tail_patched(r, "main") for r in rows] == [True, False, True, True, True, False]
     assert all(demo.tail_patched(r, "all") for r in rows) and not any(demo.tail_patched(r, "none") for r in rows)
 
 

@@ -50,11 +50,16 @@ COMMAND = f.Command("demo", "the main job: fact tracing on the embedded model, m
                        "question (own: why did it say this); BM25 and every row read the same text (default: true: "
                        "it traced and moved the facts better here, BENCHMARKS.md)", default=DEFAULT_ANSWER,
            choices=list(ANSWERS)),
+    f.Flag("--influence", "also the influence row: the fine-tuned model's gradients divided by (sqrt(v) + eps) ** 0.5 "
+                          "(v: the fine-tuning's AdamW second moment; `cache --optimizer-state --optimizer-power 0.5`) "
+                          "into <store>-influence, ranked by GradDot: the training step's first-order effect on each "
+                          "answer, what tail-patch measures (one more pass over the corpus)", default=True,
+           action=argparse.BooleanOptionalAction),
     f.Flag("--compare", "also the other compressors and scorings and the untuned model's gradients (one more pass over the "
                         "corpus per model: most of the job's time and memory)", default=True,
            action=argparse.BooleanOptionalAction),
     f.Flag("--tail-patch", "TrackStar's influence metric (one training step on each method's top 1, 5 and 10 documents): "
-                           "main (the default, BM25 and two-stage, with the random and true-source references), all "
+                           "main (the default, BM25, two-stage and influence, with the random and true-source references), all "
                            "(every row, the store's other row included) or none", default="main",
            choices=["main", "all", "none"]),
     f.NORMALIZE,
