@@ -286,9 +286,11 @@ def influence_store(store) -> Path:
 def influence_row(args, model, tokenizer, queries: list[dict], ids: list[str], targets: list[str]) -> tuple[dict, dict]:
     """(the influence row, its cache summary): the fine-tuned model's gradients (no other checkpoint) cached with the
     default's compressor, k and masks into :func:`influence_store`, each divided by (sqrt(v) + eps) **
-    :data:`INFLUENCE_POWER` (v: the fine-tuning's AdamW second moment, ``args.optimizer_state``), and ranked by GradDot:
-    <g_q, g_d / (sqrt(v) + eps)>, up to the learning rate the change of the answer's log-probability after one step
-    on document d without momentum, as tail-patch takes it. ``args``: the demo's, as :func:`run` has completed them."""
+    :data:`INFLUENCE_POWER` (v: the fine-tuning's AdamW second moment, ``args.optimizer_state``), and ranked by GradDot
+    over each document's count of target tokens: <g_q, g_d / (sqrt(v) + eps)> with g_d the gradient of d's mean token
+    loss, which is, up to the learning rate and to first order, the change of the answer's log-probability after one
+    step on document d without momentum, as tail-patch takes it (a step on k documents follows their token-weighted
+    mean). ``args``: the demo's, as :func:`run` has completed them."""
     flags = argparse.Namespace(**vars(args))
     flags.store, flags.checkpoint, flags.checkpoint_weight = str(influence_store(args.store)), None, None
     flags.optimizer_power = INFLUENCE_POWER
@@ -298,6 +300,9 @@ def influence_row(args, model, tokenizer, queries: list[dict], ids: list[str], t
         raise RuntimeError(f"{flags.store} holds other documents than {args.store}: remove it and run the demo again")
     _, scores = attribute_queries(store, config, docs, model, tokenizer, queries, args.top_k, method="graddot",
                                   normalize=False)
+    # the store holds each document's summed token loss's gradient; the step on one document follows its mean
+    tokens = torch.tensor([facts.target_tokens(tokenizer, [d], config.max_length) for d in docs], dtype=scores.dtype)
+    scores = scores / tokens
     label = (f"influence: GradDot on the tuned model's gradients divided by (sqrt(v) + eps) ** {INFLUENCE_POWER:g} "
              f"(the training step's first order), {config.compressor}, {config.masks} masks, k={config.k}")
     return evaluated(label, scores, ids, targets, row="influence"), summary
