@@ -8,14 +8,19 @@ folder. Prints JSON.
 
 Tail-patch takes one AdamW step without momentum on documents D: theta' = theta - lr * g_D / (sqrt(v) + eps) (and the
 weight decay, the same for every D), so to first order the answer's log-probability moves by
-lr * <grad log p(answer), -g_D / (sqrt(v) + eps)>. For every question and document this script forms, from the exact
-gradients (g_q: of the attributed answer's log-probability, float32; g_d: of the document's mean token loss, in the
-run's recorded precision, as the step takes it), the score <-g_q, g_d * (sqrt(v) + eps) ** -e> for e = 0 (GradDot),
-1 (the step's own geometry: ``optimizer_power=0.5`` on each side) and 2 (TrackStar's ``optimizer_power=1``), raw and
-as a cosine. Per score: the MRR of the planted fact's source and, against the headroom script's single-document
-tail-patches (``--headroom``): the mean per-question Spearman and Pearson correlation over each question's candidates,
-the pooled Pearson correlation and slope of lr * score against them (e = 1 only: the prediction in nats), and the mean
-single-document tail-patch of each score's top 1 and top 5 candidates beside the best possible (the oracle's).
+lr * <grad log p(answer), -g_D / (sqrt(v) + eps)> = lr * <g_q, g_D / (sqrt(v) + eps)>, g_q the gradient of the
+answer's loss -log p. For every question and document this script forms, from the exact gradients (g_q in float32;
+g_d of the document's mean token loss, in the run's recorded precision, as the step takes it), the score
+<g_q, g_d * (sqrt(v) + eps) ** -e> (positive: the step raises the answer) for e = 0 (GradDot), 1 (the step's own
+geometry: ``optimizer_power=0.5`` on each side) and 2 (TrackStar's ``optimizer_power=1``), raw and as a cosine. v is
+the state's bias-corrected second moment before the step (the step itself first adds its own (1 - beta2) g**2), so
+the first order is exact in the gradients, not in v.
+
+Per score: the MRR of the planted fact's source and, against the headroom script's single-document tail-patches
+(``--headroom``, measured on the same folder, answer, token cut and precision): the mean per-question Spearman and
+Pearson correlation over each question's candidates, the pooled Pearson correlation and slope of lr * score against
+them (e = 1 only: the prediction in nats), and the mean single-document tail-patch of each score's top 1 and top 5
+candidates beside the best possible (the oracle's).
 
 Cost on the main job (SmolLM2-135M, 20 questions, 116 documents, 2 cores): one backward per question and
 ceil(questions / --chunk) per document, about 6 minutes; the chunk's query gradients are held (--chunk 10: 5.4 GB).
@@ -52,8 +57,9 @@ def step_divisors(model, optimizer) -> dict:
 
 def exact_scores(model, tokenizer, queries: list[dict], corpus: list[dict], divisors: dict, *, max_length: int,
                  autocast, chunk: int) -> dict:
-    """{"scores": [3, questions, documents] of <-g_q, g_d / divisor ** e> for e = 0, 1, 2 (float64), "query_norms" and
-    "document_norms": [3, n] of ||g / divisor ** (e / 2)||, for the cosines}."""
+    """{"scores": [3, questions, documents] of <g_q, g_d / divisor ** e> for e = 0, 1, 2 (g_q of the answer's loss -log
+    p, g_d of the document's mean token loss: positive raises the answer; float32 products summed in float64),
+    "query_norms" and "document_norms": [3, n] of ||g / divisor ** (e / 2)||, for the cosines}."""
     import torch
 
     from attribution import llm
@@ -89,8 +95,8 @@ def exact_scores(model, tokenizer, queries: list[dict], corpus: list[dict], divi
                 flat, s = g[n].reshape(-1), scale[n].reshape(-1)
                 weighted = flat
                 for e in range(3):
-                    # <-g_q, g_d s^e>, with g_q of -log p: the sign makes a positive score raise the answer
-                    scores[e, rows, d] -= (held[n] @ weighted).double()
+                    # <g_q, g_d s^e>: the step -lr g_d s moves -log p by -lr <g_q, g_d s>, log p by +lr <g_q, g_d s>
+                    scores[e, rows, d] += (held[n] @ weighted).double()
                     if start == 0:
                         document_norms[e, d] += float((flat * weighted).sum())
                     weighted = weighted * s
@@ -144,6 +150,7 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from attribution.evaluation import facts
+    from attribution.llm import demo
     from attribution.llm.demo_run import DemoRun
 
     run = DemoRun.read(args.demo)
@@ -151,13 +158,17 @@ def main(argv=None) -> dict:
     singles = None
     if args.headroom is not None:
         headroom = json.loads(args.headroom.read_text())
-        if headroom.get("answer") != run.answer or Path(headroom.get("demo", "")).resolve() != args.demo.resolve():
-            raise SystemExit(f"--headroom {args.headroom} was measured on {headroom.get('demo')!r} with the {headroom.get('answer')!r} "
-                             f"answer, not on --demo {args.demo} ({run.answer!r})")
+        measured = (headroom.get("demo"), headroom.get("answer"), headroom.get("max_length", run.max_length),
+                    headroom.get("finetune_autocast", demo.precision_name(run.autocast)))
+        if (Path(measured[0] or "").resolve() != args.demo.resolve()
+                or measured[1:] != (run.answer, run.max_length, demo.precision_name(run.autocast))):
+            raise SystemExit(f"--headroom {args.headroom} was measured on {measured[0]!r} (answer, max_length, precision "
+                             f"{measured[1:]}), not on --demo {args.demo} ({run.answer!r}, {run.max_length}, "
+                             f"{demo.precision_name(run.autocast)!r})")
         singles = headroom["single_document_tail_patch"][: len(queries)]
         if len(singles) < len(queries):
             raise SystemExit(f"--headroom {args.headroom} holds {len(singles)} questions, fewer than {len(queries)}")
-    answers = [facts.tail_patch_answers(q)[list(("own", "true")).index(run.answer)] for q in queries]
+    answers = [facts.tail_patch_answers(q)[list(demo.ANSWER_SUFFIXES).index(run.answer)] for q in queries]
     model, tokenizer = run.model()
     optimizer = run.optimizer(model)
     divisors = step_divisors(model, optimizer)

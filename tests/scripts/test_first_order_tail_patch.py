@@ -36,11 +36,44 @@ def test_the_scores_are_the_exact_step_geometry(folder):
     (batch,) = llm.query_batches(tok, [answers[2]], 1, 16, pad_multiple=1)
     g_q = torch.autograd.grad(llm.chunked_sequence_loss(model, batch).sum(), [p for _, p in named])
     g_d = torch.autograd.grad(facts.training_loss(model, tok, [corpus[5]], 16), [p for _, p in named])
-    for e in range(3):
-        expected = -sum(float((a * b / divisors[n].pow(e)).sum()) for (n, _), a, b in zip(named, g_q, g_d))
+    for e in range(3):  # g_q of the answer's loss: a positive score raises the answer
+        expected = sum(float((a * b / divisors[n].pow(e)).sum()) for (n, _), a, b in zip(named, g_q, g_d))
         assert found["scores"][e, 2, 5].item() == pytest.approx(expected, rel=1e-5)
         norm = sum(float((b * b / divisors[n].pow(e)).sum()) for (n, _), b in zip(named, g_d)) ** 0.5
         assert found["document_norms"][e, 5].item() == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_step_score_predicts_a_real_steps_change_of_the_answer(folder):
+    """lr * the e = 1 score is what one AdamW step without momentum on the document does to the answer's log-probability
+    (a long-run state with beta2 near 1, so that the step's own g**2 leaves v as it is; the weight decay's shift, the
+    same for every document, cancels in the difference of two documents)."""
+    from attribution.evaluation import facts
+    from attribution.llm import demo
+    from attribution.llm.demo_run import DemoRun
+
+    script = load_script("first_order_tail_patch")
+    path, corpus, queries = folder
+    state = torch.load(path / demo.OPTIMIZER_FILE, weights_only=True)
+    beta2 = 1 - 1e-6
+    for entry in state["state"].values():
+        v = entry["exp_avg_sq"]  # after one step: zero where that step's gradient was, e.g. unseen tokens' embeddings,
+        entry["exp_avg_sq"] = v + v.mean()  # where lr / eps would be no small step: floored
+        entry["step"] = torch.tensor(1e8)
+    state["param_groups"] = [{**g, "betas": (0.9, beta2)} for g in state["param_groups"]]
+    torch.save(state, path / demo.OPTIMIZER_FILE)
+    run = DemoRun.read(path)
+    model, tok = run.model()
+    optimizer = run.optimizer(model)
+    answer = facts.true_answer(queries[0])
+    found = script.exact_scores(model, tok, [answer], corpus, script.step_divisors(model, optimizer), max_length=16,
+                                autocast=None, chunk=1)
+    lr = 1e-6  # small: the second order is negligible (Adam divides by sqrt(v): its steps are far larger than lr)
+    moved = facts.tail_patch_rankings(model, optimizer, corpus, answer, {d["id"]: [d["id"]] for d in corpus[:4]},
+                                      tokenizer=tok, ks=(1,), lr=lr, max_length=16)
+    measured = [moved[d["id"]][1] for d in corpus[:4]]
+    predicted = [lr * float(found["scores"][1, 0, j]) for j in range(4)]
+    for j in range(1, 4):
+        assert measured[j] - measured[0] == pytest.approx(predicted[j] - predicted[0], rel=0.03, abs=1e-7)
 
 
 def test_a_score_against_itself_is_perfect_and_a_foreign_headroom_is_refused(folder, tmp_path):
