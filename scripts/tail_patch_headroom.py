@@ -10,8 +10,9 @@ target (tail-patch@5 at least 1.2x BM25's, standard errors apart). Prints JSON.
     python scripts/tail_patch_headroom.py --demo out/llm --pool 10    # candidates: every row's top 10, merged
 
 The candidates of a question are the union of the first --pool documents of the --rows' rankings in facts.json
-(by default those that `demo --tail-patch main` steps on: the default, BM25 and two-stage), or every document of the
-corpus (--pool all: about five times the steps). The steps are the demo's (facts.tail_patch_rankings: the
+(by default those of `demo --tail-patch main`'s rows that facts.json has: the default, BM25, two-stage and influence;
+a run before the influence row, or with --no-influence, has the first three), or every document of the corpus
+(--pool all: about five times the steps). The steps are the demo's (facts.tail_patch_rankings: the
 fine-tuning's AdamW state, no momentum, each step evaluated on the model's answer and on the planted fact's). Costs
 one backward and one evaluation per candidate and question: 621 s for the main job's 20 questions and about 18
 candidates each (SmolLM2-135M, 2 cores).
@@ -69,7 +70,8 @@ def main(argv=None) -> dict:
                                                      "merged (at most 10: facts.json keeps each row's top 10); or 'all'")
     parser.add_argument("--rows", default=None,
                         help="comma-separated tail-patched rows whose rankings give the candidates and that the output "
-                             "lists (default: demo --tail-patch main's); BM25 is always among them")
+                             "lists (default: those of demo --tail-patch main's rows that facts.json has); BM25 is "
+                             "always among them")
     parser.add_argument("--questions", type=int, default=None, help="the first questions only (default: all)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per document (default: the demo's, from facts.json; 128 if it has none)")
@@ -88,15 +90,16 @@ def main(argv=None) -> dict:
     run = DemoRun.read(args.demo)
     corpus = run.corpus
     queries = run.queries[: args.questions]
-    wanted = [name.strip() for name in args.rows.split(",")] if args.rows else list(demo.TAIL_PATCH_ROWS)
-    wanted = list(dict.fromkeys([*wanted, "bm25"]))
     patched = {r["row"]: r for r in run.methods
                if r.get("row") and r.get("ranking") and "tail_patch_true_per_query" in r}
+    wanted = ([name.strip() for name in args.rows.split(",")] if args.rows else
+              [name for name in demo.TAIL_PATCH_ROWS if name in patched or name == "default"])
+    wanted = list(dict.fromkeys([*wanted, "bm25"]))
     missing = [name for name in wanted if name not in patched]
     if missing:
         raise SystemExit(f"{args.demo / 'facts.json'} has no tail-patched row {', '.join(map(repr, missing))} with its "
-                         f"ranking (it has {sorted(patched)}): run the demo with --tail-patch main (the default, BM25 "
-                         "and two-stage) or all (every row), or name others in --rows")
+                         f"ranking (it has {sorted(patched)}): run the demo with --tail-patch main (the default, BM25, "
+                         "two-stage and influence) or all (every row), or name others in --rows")
     rows = [patched[name] for name in wanted]
     kept = min(len(ranking) for row in rows for ranking in row["ranking"])
     if pool is not None and pool > kept:

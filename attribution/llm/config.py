@@ -80,6 +80,22 @@ class CacheConfig:
                 object.__setattr__(self, key, tuple(value))
 
     @property
+    def power(self) -> float:
+        """--optimizer-power as the Attributor takes it (None: the default, 1), checked: a value that is not a number > 0
+        (a cli.json written by hand), or one without --optimizer-state, is a UsageError naming the flag."""
+        from ..optimizer_state import DEFAULT_POWER, check_power
+
+        if self.optimizer_power is None:
+            return DEFAULT_POWER
+        if self.optimizer_state is None:
+            raise UsageError(f"--optimizer-power {self.optimizer_power!r} without --optimizer-state: it is the power of "
+                             "that state's division by sqrt(v) + eps")
+        try:
+            return check_power(self.optimizer_power)
+        except ValueError as err:
+            raise UsageError(f"--optimizer-power: {err}") from None
+
+    @property
     def layer_patterns(self) -> list[str] | None:
         """--layers as a list (None: the default layers)."""
         return None if self.layers is None else list(self.layers)

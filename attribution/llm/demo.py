@@ -279,7 +279,7 @@ INFLUENCE_POWER = 0.5
 
 def influence_store(store) -> Path:
     """The influence row's store, beside the default's: ``<store>-influence``."""
-    store = Path(store)
+    store = Path(store).resolve()  # "." or "a/.." name no folder of their own
     return store.with_name(store.name + "-influence")
 
 

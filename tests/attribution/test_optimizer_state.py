@@ -467,6 +467,14 @@ def test_the_cli_records_an_optimizer_power_that_a_fresh_process_reads_back(tiny
         assert cli.main(argv) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert re.search(message, last), last
+    from attribution.llm import UsageError
+    from attribution.llm.config import CacheConfig
+
+    assert CacheConfig().power == 1.0 and CacheConfig(optimizer_state="s.pt", optimizer_power=0.5).power == 0.5
+    for bad, message in (({"optimizer_state": "s.pt", "optimizer_power": 0}, "--optimizer-power: optimizer_power must"),
+                         ({"optimizer_power": 0.5}, "--optimizer-power 0.5 without --optimizer-state")):
+        with pytest.raises(UsageError, match=message):  # a configuration not made by the flags: named, not defaulted
+            CacheConfig(**bad).power
     with pytest.raises(SystemExit):  # argparse's own refusal
         cli.main([*tiny_cache_flags(tiny_llama, tmp_path / "s2", corpus), "--optimizer-state", str(path),
                   "--optimizer-power", "0"])

@@ -263,6 +263,17 @@ def test_tail_patch_main_steps_on_the_default_bm25_two_stage_and_influence_and_a
     assert all(demo.tail_patched(r, "all") for r in rows) and not any(demo.tail_patched(r, "none") for r in rows)
 
 
+def test_the_influence_note_reads_every_figure_from_the_rows():
+    default = {"method": "default", "row": "default", "mrr": 0.88, "tail_patch@5_true": 0.32, "tail_patch@5_true_se": 0.14}
+    influence = {"method": "influence", "row": "influence", "mrr": 0.02, "tail_patch@5_true": 0.74,
+                 "tail_patch@5_true_se": 0.2}
+    (note,) = [n for n in demo.notes([default, influence], "true") if n.startswith("The influence row")]
+    assert "MRR 0.02, the default at 0.88" in note and "+0.74 ± 0.20 nats" in note and "+0.32 ± 0.14" in note
+    assert "tail-patch at k = 5" not in demo._influence_note({**influence, "tail_patch@5_true": None}, default, "true")
+    assert demo.influence_store("out/llm/store") == demo.influence_store("out/llm/store/").resolve()
+    assert demo.influence_store(".").name.endswith("-influence")  # not a folder without a name
+
+
 def test_the_recorded_precision_reads_back_and_an_unknown_one_is_named():
     import torch
 

@@ -97,8 +97,10 @@ def test_bad_arguments_are_named_before_any_step(demo_folder, capsys):
     (folder / "facts.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match=r"questions \['fact/.*'\] have fewer than k = 10 candidates: raise --pool"):
         script.main([*args, "--pool", "5"])
+    with pytest.raises(SystemExit, match=r"have fewer than k = 10 candidates"):  # by default: the main rows it has
+        script.main(["--demo", str(folder), "--pool", "5"])  # (no two-stage nor influence row here), not a refusal
     with pytest.raises(SystemExit, match="has no tail-patched row 'two-stage' with its ranking"):
-        script.main(["--demo", str(folder)])  # demo --tail-patch main's rows by default
+        script.main(["--demo", str(folder), "--rows", "default,two-stage"])  # a row named is required
     record["methods"] = rows[:1]
     (folder / "facts.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="has no tail-patched row 'bm25' with its ranking"):

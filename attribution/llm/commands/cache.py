@@ -114,7 +114,7 @@ def _normalized_coordinates(model, config: CacheConfig, layers) -> tuple[dict, d
 
     infos = find_layers(model, layers)
     found = optimizer_module.normalization(model, config.optimizer_state, optimizer_module.DEFAULT_EPS, infos, [],
-                                           set(infos), config.optimizer_power or optimizer_module.DEFAULT_POWER)
+                                           set(infos), config.power)
     return {n: tuple(scale[1:]) for n, scale in found.scales.items()}, found.record
 
 

@@ -204,7 +204,7 @@ def attributor(model, config: CacheConfig, store, method="if", compile=False, no
                           storage_dtype=config.storage_dtype, normalize=normalize,
                           autocast=None if config.autocast == "none" else config.autocast,
                           optimizer_state=optimizer_state(config),
-                          optimizer_power=config.optimizer_power or optimizer_module.DEFAULT_POWER,
+                          optimizer_power=config.power,
                           preconditioner=preconditioner,
                           task_weight=task_weight, checkpoints=checkpoint_states(config), checkpoint_weights=weights,
                           whitening_masks=config.masks if config.preconditioner is not None else "energy")
