@@ -286,14 +286,14 @@ def influence_store(store) -> Path:
 def influence_row(args, model, tokenizer, queries: list[dict], ids: list[str], targets: list[str]) -> tuple[dict, dict]:
     """(the influence row, its cache summary): the fine-tuned model's gradients (no other checkpoint) cached with the
     default's compressor, k and masks into :func:`influence_store`, each divided by (sqrt(v) + eps) **
-    :data:`INFLUENCE_POWER` (v: the fine-tuning's AdamW second moment, ``args.optimizer_state``), and ranked by GradDot
+    :data:`INFLUENCE_POWER` (v: the fine-tuning's AdamW second moment, ``<out>/optimizer.pt``), and ranked by GradDot
     over each document's count of target tokens: <g_q, g_d / (sqrt(v) + eps)> with g_d the gradient of d's mean token
     loss, which is, up to the learning rate and to first order, the change of the answer's log-probability after one
     step on document d without momentum, as tail-patch takes it (a step on k documents follows their token-weighted
     mean). ``args``: the demo's, as :func:`run` has completed them."""
     flags = argparse.Namespace(**vars(args))
     flags.store, flags.checkpoint, flags.checkpoint_weight = str(influence_store(args.store)), None, None
-    flags.optimizer_power = INFLUENCE_POWER
+    flags.optimizer_state, flags.optimizer_power = str(Path(args.out) / OPTIMIZER_FILE), INFLUENCE_POWER
     summary = cache.run(flags, (model, tokenizer))
     store, config, docs = load_store(flags.store)
     if [d["id"] for d in docs] != list(ids):
@@ -639,8 +639,7 @@ def run(args) -> list[dict]:
     influence_seconds = 0.0
     if args.influence:  # the fine-tuned model's step, to first order: the ranking for tail-patch
         release_freed_memory()
-        row, influence_summary = influence_row(argparse.Namespace(**{**vars(args), "optimizer_state": str(
-            out / OPTIMIZER_FILE)}), model, tokenizer, queries, ids, targets)
+        row, influence_summary = influence_row(args, model, tokenizer, queries, ids, targets)
         rows.append(row)
         influence_seconds = influence_summary["cache_seconds"]
         release_freed_memory()
